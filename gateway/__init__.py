@@ -1,0 +1,3 @@
+"""A quota-enforcing API gateway."""
+
+__version__ = "0.1.0"

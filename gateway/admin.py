@@ -1,0 +1,46 @@
+"""The admin listener: health, readiness and metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class Readiness:
+    """Whether this process should receive traffic; false while it drains."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+
+READINESS = web.AppKey("readiness", Readiness)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: listening and not draining."""
+    if request.app[READINESS].ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition of this process's registry."""
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
+    """The admin application; its metrics come from `registry`."""
+    app = web.Application()
+    app[REGISTRY] = registry
+    app[READINESS] = readiness
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

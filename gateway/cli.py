@@ -1,0 +1,80 @@
+"""The `gateway` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway.config import ConfigError, GatewayConfig, json_schema, load
+
+
+def _load_or_exit(path: str) -> GatewayConfig:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import run
+
+    run(_load_or_exit(args.config))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.file)
+    print(f"{args.file}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json_schema())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo.run import run_demo
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run_demo(args.port, args.admin_port))
+    else:
+        uvloop.run(run_demo(args.port, args.admin_port))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="gateway", description="A quota-enforcing API gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("-c", "--config", required=True, help="the YAML config file")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the config file")
+    schema.set_defaults(func=_schema)
+
+    demo = sub.add_parser("demo", help="run the gateway in front of a bundled sample API")
+    demo.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gateway` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,334 @@
+"""Pydantic models of the whole YAML contract; unknown keys are refused everywhere."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+UNLIMITED = -1
+
+SubscriptionStatus = Literal[
+    "active",
+    "trialing",
+    "past_due",
+    "unpaid",
+    "canceled",
+    "incomplete",
+    "incomplete_expired",
+    "paused",
+]
+JWTAlgorithm = Literal[
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+]
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+_DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+_HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _strict_int(value: Any) -> Any:
+    # YAML gives bools for yes/no and floats for 1e3: neither is a count.
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected an integer")
+    if isinstance(value, float):
+        return int(value)
+    return value
+
+
+def _limit(value: Any) -> int:
+    if value == "unlimited" or value == UNLIMITED:
+        return UNLIMITED
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError('expected an integer or "unlimited"')
+
+
+def _duration_s(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
+    raise ValueError('expected a duration such as "30s", "15m", "12h" or "3d"')
+
+
+def _charge(value: Any) -> int | str:
+    if value == "response":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError('expected an integer or "response"')
+
+
+def _str_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("expected a name of letters, digits, '_', '-' or '.' (at most 64)")
+    return value
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER.match(value):
+        raise ValueError("expected an HTTP header name")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+        raise ValueError("expected the name of an environment variable")
+    return value
+
+
+def _network(value: Any) -> IPv4Network | IPv6Network:
+    try:
+        return ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError("expected an IP address or CIDR such as 10.0.0.0/8") from None
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+def _url_with_schemes(*schemes: str) -> AfterValidator:
+    def check(value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in schemes:
+            allowed = ", ".join(f"{s}://" for s in schemes)
+            raise ValueError(f"expected a URL starting with one of {allowed}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _methods(value: list[str]) -> list[str]:
+    upper = [m.upper() for m in value]
+    unknown = [m for m in upper if m not in HTTP_METHODS]
+    if unknown:
+        raise ValueError(f"unknown HTTP method {unknown[0]!r}")
+    return upper
+
+
+StrictInt = Annotated[int, BeforeValidator(_strict_int)]
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Port = Annotated[StrictInt, Field(ge=0, le=65535)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Limit = Annotated[int, BeforeValidator(_limit)]
+DurationS = Annotated[float, BeforeValidator(_duration_s)]
+Charge = Annotated[int | str, BeforeValidator(_charge)]
+StrList = Annotated[list[str], BeforeValidator(_str_list), Field(min_length=1)]
+Name = Annotated[str, AfterValidator(_name)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+Network = Annotated[IPv4Network | IPv6Network, BeforeValidator(_network)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+
+class TLSConfig(Model):
+    cert_file: Path
+    key_file: Path
+
+
+class ServerConfig(Model):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    workers: PositiveInt = 1
+    max_body_bytes: NonNegativeInt = 10 * 1024 * 1024
+    trusted_proxies: list[Network] = []
+    tls: TLSConfig | None = None
+    shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+
+
+class AdminConfig(Model):
+    host: str = "127.0.0.1"
+    port: Port = 9090
+    token_env: EnvName = "GATEWAY_ADMIN_TOKEN"
+
+
+class StorageConfig(Model):
+    counters: Annotated[str, _url_with_schemes("memory", "redis", "rediss")] = "memory://"
+    queue: Annotated[str, _url_with_schemes("memory", "redis", "rediss")] | None = None
+    ledger: Annotated[str, _url_with_schemes("sqlite", "postgresql", "postgres")] = (
+        "sqlite:///./gateway.db"
+    )
+    shards: Annotated[StrictInt, Field(ge=1, le=1024)] = 16
+    timeout_ms: PositiveInt = 50
+    on_counter_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+
+class PublicKeyConfig(Model):
+    kid: str
+    file: Path
+    alg: JWTAlgorithm
+
+
+class JWTConfig(Model):
+    algorithms: Annotated[list[JWTAlgorithm], Field(min_length=1)]
+    issuer: str | None = None
+    audience: StrList | None = None
+    jwks_url: HttpUrl | None = None
+    jwks_refresh_s: PositiveFloat = 300.0
+    public_keys: list[PublicKeyConfig] | None = None
+    secret_env: EnvName | None = None
+    # a claim name (URLs allowed), or a list for a path into nested claims
+    tenant_claim: StrList = ["org_id"]
+    leeway_s: Annotated[float, Field(ge=0)] = 30.0
+
+
+class APIKeysConfig(Model):
+    enabled: bool = False
+    header: HeaderName = "X-API-Key"
+
+
+class AuthConfig(Model):
+    jwt: JWTConfig | None = None
+    api_keys: APIKeysConfig = APIKeysConfig()
+    forward_tenant_header: HeaderName = "X-Tenant-Id"
+
+
+class UpstreamConfig(Model):
+    url: HttpUrl
+    ca_file: Path | None = None
+    connect_timeout_s: PositiveFloat = 2.0
+    timeout_s: PositiveFloat = 30.0
+    total_timeout_s: PositiveFloat | None = None
+    forward_authorization: bool = True
+    max_connections: PositiveInt = 256
+    preserve_host: bool = False
+
+
+class MeterConfig(Model):
+    type: Literal["counter", "gauge"]
+    period: Literal["billing_cycle", "month", "day", "hour", "none"] | None = None
+    unit: str | None = None
+    from_response_header: HeaderName | None = None
+
+
+class LimitConfig(Model):
+    limit: Limit
+    enforcement: Literal["hard", "soft"] = "hard"
+    warn_at: list[Annotated[float, Field(gt=0, le=1)]] = []
+
+
+class RateLimitConfig(Model):
+    name: Name
+    rate: PositiveInt
+    per_s: PositiveFloat = 1.0
+    burst: PositiveInt | None = None
+    scope: Literal["tenant", "route"] = "tenant"
+
+
+class PlanConfig(Model):
+    limits: dict[Name, LimitConfig] = {}
+    rate_limits: list[RateLimitConfig] = []
+    upgrade_url: HttpUrl | None = None
+    shadow: bool = False
+
+
+class SubscriptionConfig(Model):
+    allow: list[SubscriptionStatus] = ["active", "trialing"]
+    grace: dict[SubscriptionStatus, DurationS] = {}
+    deny_status: Literal[402, 403] = 402
+
+
+class BillingConfig(Model):
+    upgrade_url: HttpUrl | None = None
+
+
+class RouteMatch(Model):
+    path: str
+    methods: Annotated[list[str], Field(min_length=1), AfterValidator(_methods)] | None = None
+    host: str | None = None
+
+
+class RouteConfig(Model):
+    name: Name
+    match: RouteMatch
+    upstream: str
+    auth: Literal["required", "none"] = "required"
+    charge: dict[Name, Charge] = {}
+    charge_on: Literal["success", "not_server_error", "always"] = "success"
+    max_body_bytes: NonNegativeInt | None = None
+    websocket: bool = False
+    shadow: bool = False
+
+
+class UsageConfig(Model):
+    flush_interval_ms: PositiveInt = 50
+    spool_dir: Path | None = None
+    retention_months: PositiveInt = 24
+
+
+class StripeConfig(Model):
+    api_key_env: EnvName = "STRIPE_API_KEY"
+    webhook_secret_env: EnvName = "STRIPE_WEBHOOK_SECRET"
+    webhook_path: str = "/_gateway/stripe/webhook"
+    api_base: HttpUrl | None = None
+    meter_events_base: HttpUrl | None = None
+    mode: Literal["v1", "v2"] = "v1"
+    meter_events: dict[str, str] = {}
+    prices: dict[str, str] = {}
+    report_interval_s: PositiveFloat = 60.0
+
+
+class MetricsConfig(Model):
+    tenant_label: bool = False
+
+
+class TenantSeed(Model):
+    id: Name
+    name: str | None = None
+    plan: str
+    status: SubscriptionStatus = "active"
+    stripe_customer: str | None = None
+    billing_anchor: datetime | None = None
+    disabled: bool = False
+
+
+class GatewayConfig(Model):
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    storage: StorageConfig = StorageConfig()
+    auth: AuthConfig = AuthConfig()
+    upstreams: Annotated[dict[Name, UpstreamConfig], Field(min_length=1)]
+    meters: dict[Name, MeterConfig] = {}
+    billing: BillingConfig = BillingConfig()
+    plans: dict[Name, PlanConfig] = {}
+    subscription: SubscriptionConfig = SubscriptionConfig()
+    routes: Annotated[list[RouteConfig], Field(min_length=1)]
+    usage: UsageConfig = UsageConfig()
+    stripe: StripeConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
+    tenants: list[TenantSeed] = []

@@ -1,0 +1,87 @@
+"""A small JSON API with projects and team members: the demo's upstream."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from aiohttp import web
+
+Store = dict[str, dict[str, dict[int, dict[str, Any]]]]
+STORE = web.AppKey("store", dict)
+_IDS = web.AppKey("ids", itertools.count)
+
+
+def _tenant(request: web.Request) -> str:
+    # The gateway sets this header; the sample keeps each tenant's data apart.
+    return request.headers.get("X-Tenant-Id", "public")
+
+
+def _collection(request: web.Request, kind: str) -> dict[int, dict[str, Any]]:
+    store: Store = request.app[STORE]
+    return store.setdefault(_tenant(request), {}).setdefault(kind, {})
+
+
+async def _json_body(request: web.Request, field: str) -> str:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text='{"error": "expected a JSON body"}') from None
+    value = body.get(field) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value:
+        raise web.HTTPBadRequest(text=f'{{"error": "expected a string field \\"{field}\\""}}')
+    return value
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def list_items(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    return web.json_response({kind: list(_collection(request, kind).values())})
+
+
+async def create_item(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    field = "name" if kind == "projects" else "email"
+    value = await _json_body(request, field)
+    item = {"id": next(request.app[_IDS]), field: value, "tenant": _tenant(request)}
+    _collection(request, kind)[item["id"]] = item
+    return web.json_response(item, status=201)
+
+
+def _item_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError:
+        raise web.HTTPNotFound() from None
+
+
+async def get_item(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    item = _collection(request, kind).get(_item_id(request))
+    if item is None:
+        return web.json_response({"error": "not found"}, status=404)
+    return web.json_response(item)
+
+
+async def delete_item(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    if _collection(request, kind).pop(_item_id(request), None) is None:
+        return web.json_response({"error": "not found"}, status=404)
+    return web.Response(status=204)
+
+
+def create_sample_app() -> web.Application:
+    """The sample API: /healthz, /v1/projects[/{id}], /v1/members[/{id}]."""
+    app = web.Application()
+    app[STORE] = {}
+    app[_IDS] = itertools.count(1)
+    kinds = "{kind:projects|members}"
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get(f"/v1/{kinds}", list_items)
+    app.router.add_post(f"/v1/{kinds}", create_item)
+    app.router.add_get(f"/v1/{kinds}/{{id}}", get_item)
+    app.router.add_delete(f"/v1/{kinds}/{{id}}", delete_item)
+    return app

@@ -1,0 +1,77 @@
+"""Prometheus metrics, grouped per concern, on an injected registry.
+
+Labels are bounded by design: route names come from the config, methods are
+folded to the standard set and statuses are three-digit codes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.config.models import HTTP_METHODS
+
+_LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
+)  # fmt: skip
+
+UNMATCHED = "_unmatched"
+GATEWAY = "_gateway"
+
+
+def method_label(method: str) -> str:
+    """Fold unknown methods into one label value."""
+    return method if method in HTTP_METHODS else "OTHER"
+
+
+class ProxyMetrics:
+    """What the public listener does, per route."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from the request's arrival to the end of its response.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time from sending to the upstream to its response headers.",
+            ["upstream"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures, by upstream and kind (connect, timeout, reset, body_limit).",
+            ["upstream", "kind"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Requests being handled now.",
+            registry=registry,
+        )
+
+    def observe(self, route: str, method: str, status: int, duration_s: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(route, method_label(method), str(status)).inc()
+        self.duration.labels(route).observe(duration_s)
+
+
+class ConfigMetrics:
+    """Config reloads."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads, by result (ok, error).",
+            ["result"],
+            registry=registry,
+        )

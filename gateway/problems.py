@@ -1,0 +1,42 @@
+"""RFC 9457 problem details: every error the gateway itself answers."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "urn:quota-gateway:problem:"
+
+
+def problem(
+    status: int,
+    kind: str,
+    detail: str,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    """A problem+json response; `kind` becomes the stable `type` URI."""
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + kind,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    body.update({k: v for k, v in extra.items() if v is not None})
+    if request_id:
+        body["request_id"] = request_id
+    out_headers = dict(headers or {})
+    if request_id:
+        out_headers["X-Request-Id"] = request_id
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type=PROBLEM_JSON,
+        headers=out_headers,
+    )

@@ -1,0 +1,245 @@
+"""Forwarding to upstreams: pooled sessions, streamed bodies, mapped failures."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config.models import UpstreamConfig
+from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
+from gateway.metrics import ProxyMetrics
+from gateway.problems import problem
+
+# aiohttp adds these when the caller does not; a proxy must send only what the
+# client sent.
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# Handled by the gateway itself (it answers `100 Continue` to the client).
+_GATEWAY_HANDLED = ("expect",)
+_CHUNK_BYTES = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """A request body passed its limit while it was being streamed."""
+
+
+class _LimitedBody:
+    """The client's body as an async iterator that stops at `limit` bytes.
+
+    Raising from inside the upload makes aiohttp close the upstream
+    connection before the final chunk, so the upstream sees an aborted
+    request, never a short body that looks complete.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self._content.iter_chunked(_CHUNK_BYTES):
+            received += len(chunk)
+            if received > self._limit:
+                self.exceeded = True
+                raise BodyTooLarge
+            yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardContext:
+    """What one forwarded request needs besides the aiohttp request."""
+
+    route: str
+    request_id: str
+    max_body_bytes: int
+    drop_headers: tuple[str, ...]
+
+
+class Upstream:
+    """One upstream: its base URL and a pooled client session."""
+
+    def __init__(self, name: str, config: UpstreamConfig) -> None:
+        self.name = name
+        self.config = config
+        parts = urlsplit(config.url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.base_path = parts.path.rstrip("/")
+        self.host_header = parts.netloc
+        self._ssl: ssl.SSLContext | bool = True
+        if parts.scheme == "https" and config.ca_file:
+            self._ssl = ssl.create_default_context(cafile=str(config.ca_file))
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # Created on first use so that it binds to the running loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self.config.max_connections, limit_per_host=0, ssl=self._ssl
+                ),
+                timeout=aiohttp.ClientTimeout(
+                    total=self.config.total_timeout_s,
+                    connect=self.config.connect_timeout_s,
+                    sock_read=self.config.timeout_s,
+                ),
+                auto_decompress=False,
+                skip_auto_headers=_NO_AUTO_HEADERS,
+                # Cookies belong to the clients; a shared jar would leak them between tenants.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+            )
+        return self._session
+
+    def url(self, raw_path_qs: str) -> URL:
+        """The upstream URL, the client's path and query kept byte for byte."""
+        return URL(self.origin + self.base_path + raw_path_qs, encoded=True)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class Upstreams:
+    """All configured upstreams, closed together."""
+
+    def __init__(self, configs: Mapping[str, UpstreamConfig]) -> None:
+        self._by_name = {name: Upstream(name, cfg) for name, cfg in configs.items()}
+
+    def __getitem__(self, name: str) -> Upstream:
+        return self._by_name[name]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(u.close() for u in self._by_name.values()))
+
+
+def _failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    return "reset"
+
+
+class Forwarder:
+    """Sends a matched request to its upstream and streams the answer back."""
+
+    def __init__(self, trusted: TrustedProxies, metrics: ProxyMetrics) -> None:
+        self._trusted = trusted
+        self._metrics = metrics
+
+    def headers(self, request: web.Request, up: Upstream, ctx: ForwardContext) -> CIMultiDict[str]:
+        """The headers to send upstream for `request`."""
+        peer = request.remote or ""
+        return upstream_request_headers(
+            request.headers,
+            peer=peer,
+            trusted=self._trusted,
+            scheme=request.scheme,
+            host=request.headers.get("Host"),
+            http_version=(request.version.major, request.version.minor),
+            rid=ctx.request_id,
+            drop=(*ctx.drop_headers, *_GATEWAY_HANDLED),
+            upstream_host=None if up.config.preserve_host else up.host_header,
+        )
+
+    async def forward(
+        self, request: web.Request, up: Upstream, ctx: ForwardContext
+    ) -> web.StreamResponse:
+        """Forward `request` to `up`; errors become problem responses."""
+        length = request.content_length
+        if length is not None and length > ctx.max_body_bytes:
+            return _too_large(ctx)
+        body = _LimitedBody(request.content, ctx.max_body_bytes) if request.body_exists else None
+        headers = self.headers(request, up, ctx)
+        started = time.perf_counter()
+        try:
+            upstream_resp = await up.session.request(
+                request.method,
+                up.url(request.raw_path),
+                headers=headers,
+                data=body.__aiter__() if body else None,
+                allow_redirects=False,
+                compress=None,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if body is not None and body.exceeded:
+                self._metrics.upstream_errors.labels(up.name, "body_limit").inc()
+                return _too_large(ctx)
+            kind = _failure_kind(exc)
+            self._metrics.upstream_errors.labels(up.name, kind).inc()
+            if kind == "timeout":
+                return problem(
+                    504, "upstream-timeout", f"upstream {up.name!r} did not answer in time",
+                    request_id=ctx.request_id,
+                )  # fmt: skip
+            return problem(
+                502, "upstream-unreachable", f"upstream {up.name!r} could not be reached",
+                request_id=ctx.request_id,
+            )  # fmt: skip
+        self._metrics.upstream_duration.labels(up.name).observe(time.perf_counter() - started)
+        async with upstream_resp:
+            return await self._relay(request, upstream_resp, up, ctx, body)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream_resp: aiohttp.ClientResponse,
+        up: Upstream,
+        ctx: ForwardContext,
+        body: _LimitedBody | None,
+    ) -> web.StreamResponse:
+        headers = end_to_end(upstream_resp.headers)
+        add_via(headers, (upstream_resp.version.major, upstream_resp.version.minor))
+        headers["X-Request-Id"] = ctx.request_id
+        response = web.StreamResponse(
+            status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
+        )
+        await response.prepare(request)
+        chunks = upstream_resp.content.iter_chunked(_CHUNK_BYTES)
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # The status line is gone: the only honest signal left is to
+                # cut the connection so the client sees a truncated response.
+                kind = "body_limit" if body is not None and body.exceeded else _failure_kind(exc)
+                self._metrics.upstream_errors.labels(up.name, kind).inc()
+                _abort(request)
+                return response
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                return response  # the client left; leaving the block drops the upstream too
+        await response.write_eof()
+        return response
+
+
+def _abort(request: web.Request) -> None:
+    # aiohttp then finds the transport closing at write_eof and logs nothing.
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _too_large(ctx: ForwardContext) -> web.Response:
+    response = problem(
+        413, "body-too-large",
+        f"the request body is larger than {ctx.max_body_bytes} bytes",
+        request_id=ctx.request_id, limit=ctx.max_body_bytes,
+    )  # fmt: skip
+    # The client may still be sending; reading the rest just to discard it
+    # would cost as much as accepting it.
+    response.force_close()
+    return response

@@ -1,0 +1,202 @@
+"""Route matching: templates compiled once into a segment trie.
+
+Precedence (most specific wins): more static leading segments, then `{param}`
+over `**`, then a method list over any method, then a host over any host, then
+the earlier route in the file. A depth-first walk that tries the static child,
+then the parameter child, then `**` visits candidates in exactly that order,
+so the cost of a match depends on the path, not on the number of routes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes
+
+from gateway.config.models import RouteConfig
+
+RESERVED_PREFIX = "/_gateway/"
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+class TemplateError(ValueError):
+    """A route path template that cannot be compiled."""
+
+
+class BadPath(ValueError):
+    """A request path that must be refused rather than routed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    index: int
+    config: RouteConfig
+    params: tuple[str | None, ...]  # the parameter name of each segment, None if not one
+    methods: frozenset[str] | None
+    host: str | None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: Route
+    params: dict[str, str]
+
+
+@dataclass(slots=True)
+class _Node:
+    static: dict[str, _Node] = field(default_factory=dict)
+    param: _Node | None = None
+    here: list[Route] = field(default_factory=list)  # templates ending at this node
+    rest: list[Route] = field(default_factory=list)  # templates ending in `**` here
+
+
+def parse_template(path: str) -> list[str]:
+    """Split a route template into segments, refusing what cannot be matched."""
+    if not path.startswith("/"):
+        raise TemplateError("must start with '/'")
+    if path == RESERVED_PREFIX.rstrip("/") or path.startswith(RESERVED_PREFIX):
+        raise TemplateError(f"paths under {RESERVED_PREFIX} belong to the gateway")
+    segments = path[1:].split("/")
+    seen: set[str] = set()
+    for i, seg in enumerate(segments):
+        if seg == "**":
+            if i != len(segments) - 1:
+                raise TemplateError("'**' may only be the last segment")
+        elif seg.startswith("{") or seg.endswith("}"):
+            m = _PARAM.match(seg)
+            if not m:
+                raise TemplateError(f"bad parameter segment {seg!r}")
+            if m.group(1) in seen:
+                raise TemplateError(f"parameter {m.group(1)!r} used twice")
+            seen.add(m.group(1))
+        elif "*" in seg or "{" in seg or "}" in seg:
+            raise TemplateError(f"segment {seg!r} mixes text with a wildcard")
+        elif seg in (".", ".."):
+            raise TemplateError("dot segments cannot be matched")
+    return segments
+
+
+def split_path(raw_path: str) -> list[str]:
+    """Decode a request path into segments; `%2F` stays inside its segment.
+
+    Matching on decoded segments means an encoded spelling cannot slip past a
+    more specific route, and refusing dot segments and empty inner segments
+    means the upstream cannot normalize the path into one we did not match.
+    """
+    if not raw_path.startswith("/"):
+        raise BadPath("the request target must be an absolute path")
+    if _BAD_ESCAPE.search(raw_path):
+        raise BadPath("the path has a malformed percent-escape")
+    raw = raw_path[1:].split("/")
+    segments = []
+    for i, seg in enumerate(raw):
+        try:
+            decoded = unquote_to_bytes(seg).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadPath("the path is not UTF-8 once decoded") from None
+        if decoded in (".", ".."):
+            raise BadPath("the path has a dot segment")
+        if "\x00" in decoded:
+            raise BadPath("the path has a NUL byte")
+        if not decoded and i != len(raw) - 1:
+            raise BadPath("the path has an empty segment")
+        segments.append(decoded)
+    return segments
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+class Router:
+    """Matches (method, host, path) to the most specific route."""
+
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        self._root = _Node()
+        for index, config in enumerate(routes):
+            self._add(index, config)
+        self._sort(self._root)
+
+    def _add(self, index: int, config: RouteConfig) -> None:
+        segments = parse_template(config.match.path)
+        methods = config.match.methods
+        route = Route(
+            index=index,
+            config=config,
+            params=tuple(m.group(1) if (m := _PARAM.match(s)) else None for s in segments),
+            methods=frozenset(methods) | ({"HEAD"} if "GET" in methods else set())
+            if methods
+            else None,
+            host=config.match.host.lower() if config.match.host else None,
+        )
+        node = self._root
+        for seg in segments:
+            if seg == "**":
+                node.rest.append(route)
+                return
+            if _PARAM.match(seg):
+                node.param = node.param or _Node()
+                node = node.param
+            else:
+                node = node.static.setdefault(seg, _Node())
+        node.here.append(route)
+
+    def _sort(self, node: _Node) -> None:
+        def key(r: Route) -> tuple[bool, bool, int]:
+            return (r.methods is None, r.host is None, r.index)
+
+        node.here.sort(key=key)
+        node.rest.sort(key=key)
+        for child in node.static.values():
+            self._sort(child)
+        if node.param:
+            self._sort(node.param)
+
+    def match(self, method: str, host: str, segments: Sequence[str]) -> Match | None:
+        """Return the most specific route for a decoded path, or None."""
+        host = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else host.lower()
+        found = self._walk(self._root, segments, 0, method, host)
+        if found is None:
+            return None
+        route = found
+        params = {
+            name: segments[i] for i, name in enumerate(route.params) if name and i < len(segments)
+        }
+        return Match(route, params)
+
+    def _walk(
+        self, node: _Node, segments: Sequence[str], i: int, method: str, host: str
+    ) -> Route | None:
+        if i == len(segments):
+            if found := self._pick(node.here, method, host):
+                return found
+        else:
+            child = node.static.get(segments[i])
+            if child and (found := self._walk(child, segments, i + 1, method, host)):
+                return found
+            # a parameter never matches an empty segment (`/v1/members/` is not `{id}`)
+            if (
+                node.param
+                and segments[i]
+                and (found := self._walk(node.param, segments, i + 1, method, host))
+            ):
+                return found
+        return self._pick(node.rest, method, host)
+
+    @staticmethod
+    def _pick(routes: list[Route], method: str, host: str) -> Route | None:
+        for route in routes:
+            if route.methods is not None and method not in route.methods:
+                continue
+            if route.host is not None and not _host_matches(route.host, host):
+                continue
+            return route
+        return None

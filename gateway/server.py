@@ -1,0 +1,102 @@
+"""Running the listeners of one gateway process, and stopping them gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from typing import cast
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.admin import Readiness, create_admin_app
+from gateway.app import create_app
+from gateway.config.models import GatewayConfig, TLSConfig
+
+log = logging.getLogger("gateway")
+
+
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """TLS for the public listener."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = cast(asyncio.Server, site._server)  # aiohttp keeps the listening server here
+    return int(server.sockets[0].getsockname()[1])
+
+
+class Gateway:
+    """The public and admin listeners of one process."""
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.readiness = Readiness()
+        self._runners: list[web.AppRunner] = []
+        self.port = 0
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        """Listen on both ports; port 0 picks a free one (see `port`)."""
+        server = self.config.server
+        public = web.AppRunner(
+            create_app(self.config, self.registry),
+            access_log=None,
+            shutdown_timeout=server.shutdown_timeout_s,
+        )
+        admin = web.AppRunner(
+            create_admin_app(self.registry, self.readiness), access_log=None, shutdown_timeout=1
+        )
+        for runner in (public, admin):
+            await runner.setup()
+            self._runners.append(runner)
+        ssl_ctx = server_ssl_context(server.tls) if server.tls else None
+        site = web.TCPSite(public, server.host, server.port, ssl_context=ssl_ctx, backlog=1024)
+        admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)
+        await site.start()
+        await admin_site.start()
+        self.port, self.admin_port = _bound_port(site), _bound_port(admin_site)
+        self.readiness.ready = True
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to the shutdown timeout)."""
+        self.readiness.ready = False
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    gateway = Gateway(config)
+    await gateway.start()
+    scheme = "https" if config.server.tls else "http"
+    log.info(
+        "gateway listening on %s://%s:%d (admin on http://%s:%d)",
+        scheme, config.server.host, gateway.port, config.admin.host, gateway.admin_port,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("draining requests in flight")
+        await gateway.stop()
+
+
+def run(config: GatewayConfig) -> None:
+    """Blocking entry point: uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
