@@ -6,8 +6,6 @@ import asyncio
 import logging
 import signal
 import ssl
-from typing import cast
-
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -24,11 +22,6 @@ def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     return ctx
-
-
-def _bound_port(site: web.TCPSite) -> int:
-    server = cast(asyncio.Server, site._server)  # aiohttp keeps the listening server here
-    return int(server.sockets[0].getsockname()[1])
 
 
 class Gateway:
@@ -61,7 +54,7 @@ class Gateway:
         admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)
         await site.start()
         await admin_site.start()
-        self.port, self.admin_port = _bound_port(site), _bound_port(admin_site)
+        self.port, self.admin_port = public.addresses[0][1], admin.addresses[0][1]
         self.readiness.ready = True
 
     async def stop(self) -> None:

@@ -195,8 +195,14 @@ def _resolve_files(cfg: GatewayConfig, base: Path) -> tuple[GatewayConfig, list[
     return cfg.model_copy(update={"server": server, "upstreams": upstreams}), issues
 
 
-def parse(data: Any, file: str, base: Path | None = None) -> GatewayConfig:
-    """Validate already-parsed YAML data; `file` names the source in errors."""
+def parse(
+    data: Any, file: str, base: Path | None = None, *, check_support: bool = True
+) -> GatewayConfig:
+    """Validate already-parsed YAML data; `file` names the source in errors.
+
+    `check_support=False` skips refusing keys whose behaviour is not built yet;
+    only tests of the models themselves use it.
+    """
     if not isinstance(data, dict):
         raise ConfigError(file, [("", "expected a mapping of sections at the top level")])
     try:
@@ -206,7 +212,8 @@ def parse(data: Any, file: str, base: Path | None = None) -> GatewayConfig:
     issues = list(_references(cfg))
     cfg, file_issues = _resolve_files(cfg, base or Path.cwd())
     issues += file_issues
-    issues += unsupported(cfg)
+    if check_support:
+        issues += unsupported(cfg)
     if issues:
         raise ConfigError(file, issues)
     return cfg

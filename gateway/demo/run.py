@@ -60,7 +60,7 @@ async def run_demo(port: int, admin_port: int) -> None:
     await sample.setup()
     site = web.TCPSite(sample, "127.0.0.1", 0)
     await site.start()
-    upstream_port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    upstream_port = int(sample.addresses[0][1])
     gateway = Gateway(demo_config(upstream_port, port, admin_port))
     try:
         await gateway.start()

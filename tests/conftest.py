@@ -1,0 +1,65 @@
+"""Shared fixtures: a real upstream, in-process gateways, private servers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.config import parse
+from gateway.server import Gateway
+from tests.servers import PostgresServer, RedisServer
+from tests.upstream import Upstream, start_upstream
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
+    """A minimal config on free ports in front of `upstream_url`; `sections` override."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "upstreams": {"app": {"url": upstream_url, "connect_timeout_s": 2, "timeout_s": 5}},
+        "routes": [{"name": "all", "match": {"path": "/**"}, "upstream": "app", "auth": "none"}],
+    }
+    data.update(sections)
+    return data
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = await start_upstream()
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[MakeGateway]:
+    """Start in-process gateways from config dicts; all are stopped afterwards."""
+    started: list[Gateway] = []
+
+    async def make(data: dict[str, Any]) -> Gateway:
+        gateway = Gateway(parse(data, "test.yaml"), CollectorRegistry())
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        await gateway.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.close()

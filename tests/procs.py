@@ -1,0 +1,85 @@
+"""Gateway processes started the way users start them: `python -m gateway serve`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_LISTENING = re.compile(r"listening on \w+://[^:]+:(\d+) \(admin on http://[^:]+:(\d+)\)")
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class GatewayProcess:
+    """`python -m gateway serve -c FILE` in a child process."""
+
+    def __init__(self, config_file: Path, env: dict[str, str] | None = None) -> None:
+        self.config_file = config_file
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.admin_port = 0
+        self.log_lines: list[str] = []
+
+    def start(self, timeout_s: float = 20) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_file)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"gateway exited early:\n{''.join(self.log_lines)}")
+            self.log_lines.append(line)
+            if m := _LISTENING.search(line):
+                self.port, self.admin_port = int(m.group(1)), int(m.group(2))
+                return self
+        raise TimeoutError("gateway did not report its ports")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def status_kib(self, field: str) -> int:
+        """A memory figure from /proc (VmRSS, VmHWM) in KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM and wait for the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+        return code

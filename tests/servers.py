@@ -1,0 +1,203 @@
+"""Private Redis and PostgreSQL server processes on free ports.
+
+Started from the installed binaries so that fault tests can stop, kill, pause
+and restart them without touching the machine's shared servers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout_s}s")
+
+
+class _Process:
+    """Signals shared by both servers."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None, "server is not running"
+        self.proc.send_signal(sig)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs with its connections open."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, no chance to flush."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM and wait: a clean shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+class RedisServer(_Process):
+    """A redis-server with AOF in its own directory; data survives restarts."""
+
+    def __init__(self, *, appendonly: bool = True, extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
+        self.appendonly = appendonly
+        self.extra = extra
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (the test command installs it)"
+        args = [
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--dir", str(self.dir), "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.dir / "redis.log"), *self.extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, 10, self.proc)
+        return self
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pg_bindir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_version_key)
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    assert initdb, "PostgreSQL server binaries are not installed (the test command installs them)"
+    return Path(initdb).parent
+
+
+def _version_key(path: str) -> int:
+    try:
+        return int(Path(path).parent.parent.name)
+    except ValueError:
+        return 0
+
+
+class PostgresServer(_Process):
+    """A private postgres cluster; runs as the `postgres` user when we are root."""
+
+    _template: Path | None = None  # one initdb per test session, copied per server
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-pg-"))
+        self.data = self.dir / "data"
+        self._as_postgres = os.geteuid() == 0
+        self._bindir = _pg_bindir()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run_as(self) -> dict[str, object]:
+        if not self._as_postgres:
+            return {}
+        return {"user": "postgres", "group": "postgres", "extra_groups": []}
+
+    def _chown(self, path: Path) -> None:
+        if self._as_postgres:
+            subprocess.run(["chown", "-R", "postgres:postgres", str(path)], check=True)
+
+    def _initdb(self) -> None:
+        cls = type(self)
+        if cls._template is None or not cls._template.exists():
+            template = Path(tempfile.mkdtemp(prefix="gw-pg-template-"))
+            self._chown(template)
+            subprocess.run(
+                [str(self._bindir / "initdb"), "-D", str(template / "data"), "-U", "postgres",
+                 "-A", "trust", "-E", "UTF8", "--no-sync"],
+                check=True, stdout=subprocess.DEVNULL, **self._run_as(),  # type: ignore[call-overload]
+            )  # fmt: skip
+            cls._template = template
+        shutil.copytree(cls._template / "data", self.data)
+        self.data.chmod(0o700)
+        self._chown(self.dir)
+
+    def start(self) -> PostgresServer:
+        if not self.data.exists():
+            self._initdb()
+        args = [
+            str(self._bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+            "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+            "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+        ]  # fmt: skip
+        log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, **self._run_as())  # type: ignore[call-overload]
+        log.close()
+        _wait_ready(self, 30)
+        return self
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_ready(pg: PostgresServer, timeout_s: float) -> None:
+    assert pg.proc is not None
+    _wait_port(pg.port, timeout_s, pg.proc)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready = subprocess.run(
+            [str(pg._bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(pg.port)],
+            stdout=subprocess.DEVNULL,
+        )
+        if ready.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise TimeoutError("postgres did not become ready")
