@@ -172,7 +172,7 @@ class Forwarder:
                 allow_redirects=False,
                 compress=None,
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             if body is not None and body.exceeded:
                 self._metrics.upstream_errors.labels(up.name, "body_limit").inc()
                 return _too_large(ctx)
@@ -200,7 +200,8 @@ class Forwarder:
         body: _LimitedBody | None,
     ) -> web.StreamResponse:
         headers = end_to_end(upstream_resp.headers)
-        add_via(headers, (upstream_resp.version.major, upstream_resp.version.minor))
+        version = upstream_resp.version or aiohttp.HttpVersion11
+        add_via(headers, (version.major, version.minor))
         headers["X-Request-Id"] = ctx.request_id
         response = web.StreamResponse(
             status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
@@ -212,7 +213,7 @@ class Forwarder:
                 chunk = await anext(chunks)
             except StopAsyncIteration:
                 break
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 # The status line is gone: the only honest signal left is to
                 # cut the connection so the client sees a truncated response.
                 kind = "body_limit" if body is not None and body.exceeded else _failure_kind(exc)

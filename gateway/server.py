@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import ssl
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 

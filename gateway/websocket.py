@@ -41,7 +41,8 @@ async def _pump(
         elif msg.type is WSMsgType.PONG:
             await dst.pong(msg.data)
         elif msg.type is WSMsgType.CLOSE:
-            await dst.close(code=msg.data or WSCloseCode.OK, message=msg.extra or b"")
+            reason = msg.extra.encode() if isinstance(msg.extra, str) else msg.extra or b""
+            await dst.close(code=msg.data or WSCloseCode.OK, message=reason)
             return
         else:  # CLOSING, CLOSED, ERROR: the source is gone
             await dst.close(code=WSCloseCode.GOING_AWAY)
@@ -67,17 +68,16 @@ async def relay(
             f"upstream {up.name!r} refused the WebSocket handshake with status {exc.status}",
             request_id=request_id,
         )  # fmt: skip
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return problem(
             502, "upstream-unreachable", f"upstream {up.name!r} could not be reached",
             request_id=request_id,
         )  # fmt: skip
     async with upstream_ws:
         client_ws = web.WebSocketResponse(
-            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
-            headers={"X-Request-Id": request_id},
-            **options,
+            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), **options
         )
+        client_ws.headers["X-Request-Id"] = request_id
         await client_ws.prepare(request)
         pumps = [
             asyncio.create_task(_pump(client_ws, upstream_ws)),

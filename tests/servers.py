@@ -171,7 +171,6 @@ class PostgresServer(_Process):
         args = [
             str(self._bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
             "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-            "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
         ]  # fmt: skip
         log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, **self._run_as())  # type: ignore[call-overload]

@@ -149,7 +149,12 @@ async def test_request_ids_host_tenant_and_authorization_headers(
         "private": {"url": upstream.url, "forward_authorization": False, "preserve_host": True},
     }
     routes = [
-        {"name": "private", "match": {"path": "/private/**"}, "upstream": "private", "auth": "none"},
+        {
+            "name": "private",
+            "match": {"path": "/private/**"},
+            "upstream": "private",
+            "auth": "none",
+        },
         {"name": "all", "match": {"path": "/**"}, "upstream": "app", "auth": "none"},
     ]
     gw = await make_gateway(gateway_config(upstream.url, upstreams=upstreams, routes=routes))

@@ -27,7 +27,10 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
-        return [f"{self.file}: {path}: {msg}" if path else f"{self.file}: {msg}" for path, msg in self.issues]
+        return [
+            f"{self.file}: {path}: {msg}" if path else f"{self.file}: {msg}"
+            for path, msg in self.issues
+        ]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -46,9 +49,7 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
     return loader.construct_mapping(node)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def format_path(loc: Iterable[int | str]) -> str:
@@ -134,11 +135,14 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
                 yield f"{at}.charge.{meter}", "unknown meter"
             elif cost == "response" and not spec.from_response_header:
                 yield f"{at}.charge.{meter}", '"response" needs the meter\'s from_response_header'
-    for name, meter in cfg.meters.items():
-        if meter.type == "gauge" and meter.period is not None:
-            yield f"meters.{name}.period", "a gauge has no period"
-        if meter.type == "gauge" and meter.from_response_header:
-            yield f"meters.{name}.from_response_header", "only a counter can be charged from a response"
+    for meter_name, spec in cfg.meters.items():
+        if spec.type == "gauge" and spec.period is not None:
+            yield f"meters.{meter_name}.period", "a gauge has no period"
+        if spec.type == "gauge" and spec.from_response_header:
+            yield (
+                f"meters.{meter_name}.from_response_header",
+                "only a counter can be charged from a response",
+            )
     for plan_name, plan in cfg.plans.items():
         for meter in plan.limits:
             if meter not in cfg.meters:

@@ -79,9 +79,9 @@ def _duration_s(value: Any) -> float:
 
 def _charge(value: Any) -> int | str:
     if value == "response":
-        return value
+        return "response"
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return int(value)
     raise ValueError('expected an integer or "response"')
 
 

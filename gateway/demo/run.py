@@ -40,10 +40,10 @@ def instructions(port: int, admin_port: int) -> str:
             "Try:",
             f"  curl -s {base}/v1/projects",
             f"  curl -s -X POST {base}/v1/projects -H 'Content-Type: application/json'"
-            " -d '{\"name\": \"apollo\"}'",
+            ' -d \'{"name": "apollo"}\'',
             f"  curl -s {base}/v1/projects/1",
             f"  curl -s -X POST {base}/v1/members -H 'Content-Type: application/json'"
-            " -d '{\"email\": \"ada@example.com\"}'",
+            ' -d \'{"email": "ada@example.com"}\'',
             f"  curl -s --path-as-is {base}/v1/nowhere/../projects   # refused: 400 problem+json",
             f"  curl -s {base}/elsewhere                        # no route: 404 problem+json",
             f"  curl -s http://127.0.0.1:{admin_port}/metrics | grep gateway_requests",

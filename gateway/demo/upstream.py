@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 Store = dict[str, dict[str, dict[int, dict[str, Any]]]]
-STORE = web.AppKey("store", dict)
-_IDS = web.AppKey("ids", itertools.count)
+STORE: web.AppKey[Store] = web.AppKey("store")
+_IDS: web.AppKey[itertools.count[int]] = web.AppKey("ids")
 
 
 def _tenant(request: web.Request) -> str:
@@ -18,8 +18,7 @@ def _tenant(request: web.Request) -> str:
 
 
 def _collection(request: web.Request, kind: str) -> dict[int, dict[str, Any]]:
-    store: Store = request.app[STORE]
-    return store.setdefault(_tenant(request), {}).setdefault(kind, {})
+    return request.app[STORE].setdefault(_tenant(request), {}).setdefault(kind, {})
 
 
 async def _json_body(request: web.Request, field: str) -> str:
@@ -46,8 +45,10 @@ async def create_item(request: web.Request) -> web.Response:
     kind = request.match_info["kind"]
     field = "name" if kind == "projects" else "email"
     value = await _json_body(request, field)
-    item = {"id": next(request.app[_IDS]), field: value, "tenant": _tenant(request)}
-    _collection(request, kind)[item["id"]] = item
+    ids: itertools.count[int] = request.app[_IDS]
+    item_id = next(ids)
+    item = {"id": item_id, field: value, "tenant": _tenant(request)}
+    _collection(request, kind)[item_id] = item
     return web.json_response(item, status=201)
 
 
