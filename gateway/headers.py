@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import random
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
@@ -27,6 +28,9 @@ HOP_BY_HOP = frozenset(
 # Set by the gateway itself; a client's copy would be believed upstream.
 _SPOOFABLE = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Request ids need to be unique, not secret: a PRNG seeded from the OS per
+# process avoids a getrandom() system call on every request.
+_ids = random.Random(os.urandom(32))
 
 Address = IPv4Address | IPv6Address
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
@@ -88,7 +92,7 @@ def request_id(headers: Mapping[str, str]) -> str:
     given = headers.get("X-Request-Id")
     if given and _REQUEST_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def upstream_request_headers(

@@ -59,10 +59,35 @@ class ProxyMetrics:
             registry=registry,
         )
 
+        # Children by label values: `labels()` takes a lock and builds a key on
+        # every call, which shows on the per-request path.
+        self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+        self._upstream_durations: dict[str, Histogram] = {}
+
     def observe(self, route: str, method: str, status: int, duration_s: float) -> None:
         """Count one answered request."""
-        self.requests.labels(route, method_label(method), str(status)).inc()
-        self.duration.labels(route).observe(duration_s)
+        key = (route, method, status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self.requests.labels(route, method_label(method), str(status))
+            self._requests[key] = counter
+        counter.inc()
+        histogram = self._durations.get(route)
+        if histogram is None:
+            histogram = self._durations[route] = self.duration.labels(route)
+        histogram.observe(duration_s)
+
+    def upstream_latency(self, upstream: str, duration_s: float) -> None:
+        """Time to the upstream's response headers."""
+        histogram = self._upstream_durations.get(upstream)
+        if histogram is None:
+            histogram = self._upstream_durations[upstream] = self.upstream_duration.labels(upstream)
+        histogram.observe(duration_s)
+
+    def upstream_error(self, upstream: str, kind: str) -> None:
+        """Count one failed upstream exchange."""
+        self.upstream_errors.labels(upstream, kind).inc()
 
 
 class ConfigMetrics:

@@ -25,6 +25,10 @@ _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # Handled by the gateway itself (it answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("expect",)
 _CHUNK_BYTES = 64 * 1024
+# A response up to this size with a Content-Length is read whole and sent in
+# one write (headers and body together), and an upstream failure while reading
+# it can still be answered with a proper 502/504.
+_BUFFER_MAX_BYTES = 64 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -124,7 +128,7 @@ class Upstreams:
 
 
 def _failure_kind(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect"
@@ -173,23 +177,29 @@ class Forwarder:
                 compress=None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            if body is not None and body.exceeded:
-                self._metrics.upstream_errors.labels(up.name, "body_limit").inc()
-                return _too_large(ctx)
-            kind = _failure_kind(exc)
-            self._metrics.upstream_errors.labels(up.name, kind).inc()
-            if kind == "timeout":
-                return problem(
-                    504, "upstream-timeout", f"upstream {up.name!r} did not answer in time",
-                    request_id=ctx.request_id,
-                )  # fmt: skip
-            return problem(
-                502, "upstream-unreachable", f"upstream {up.name!r} could not be reached",
-                request_id=ctx.request_id,
-            )  # fmt: skip
-        self._metrics.upstream_duration.labels(up.name).observe(time.perf_counter() - started)
+            return self._failed(up, ctx, body, exc)
+        self._metrics.upstream_latency(up.name, time.perf_counter() - started)
         async with upstream_resp:
             return await self._relay(request, upstream_resp, up, ctx, body)
+
+    def _failed(
+        self, up: Upstream, ctx: ForwardContext, body: _LimitedBody | None, exc: BaseException
+    ) -> web.Response:
+        """The problem response for an exchange that failed before we answered."""
+        if body is not None and body.exceeded:
+            self._metrics.upstream_error(up.name, "body_limit")
+            return _too_large(ctx)
+        kind = _failure_kind(exc)
+        self._metrics.upstream_error(up.name, kind)
+        if kind == "timeout":
+            return problem(
+                504, "upstream-timeout", f"upstream {up.name!r} did not answer in time",
+                request_id=ctx.request_id,
+            )  # fmt: skip
+        return problem(
+            502, "upstream-unreachable", f"upstream {up.name!r} could not be reached",
+            request_id=ctx.request_id,
+        )  # fmt: skip
 
     async def _relay(
         self,
@@ -203,10 +213,24 @@ class Forwarder:
         version = upstream_resp.version or aiohttp.HttpVersion11
         add_via(headers, (version.major, version.minor))
         headers["X-Request-Id"] = ctx.request_id
-        response = web.StreamResponse(
-            status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
-        )
-        await response.prepare(request)
+        status, reason = upstream_resp.status, upstream_resp.reason
+        length = upstream_resp.content_length
+        if (
+            length is not None
+            and length <= _BUFFER_MAX_BYTES
+            and request.method != "HEAD"  # its Content-Length describes a body not sent
+            and status not in (204, 304)
+        ):
+            try:
+                payload = await upstream_resp.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return self._failed(up, ctx, body, exc)
+            return web.Response(body=payload, status=status, reason=reason, headers=headers)
+        response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return response  # the client left before the headers went out
         chunks = upstream_resp.content.iter_chunked(_CHUNK_BYTES)
         while True:
             try:
@@ -217,14 +241,17 @@ class Forwarder:
                 # The status line is gone: the only honest signal left is to
                 # cut the connection so the client sees a truncated response.
                 kind = "body_limit" if body is not None and body.exceeded else _failure_kind(exc)
-                self._metrics.upstream_errors.labels(up.name, kind).inc()
+                self._metrics.upstream_error(up.name, kind)
                 _abort(request)
                 return response
             try:
                 await response.write(chunk)
             except ConnectionError:
                 return response  # the client left; leaving the block drops the upstream too
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client left after the last byte
         return response
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
-from gateway.config.models import RouteConfig
+if TYPE_CHECKING:  # the config loader imports this module to check templates
+    from gateway.config.models import RouteConfig
 
 RESERVED_PREFIX = "/_gateway/"
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")

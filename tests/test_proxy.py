@@ -248,9 +248,13 @@ async def test_upstream_timeouts(upstream: Upstream, make_gateway: MakeGateway) 
         async with client.get(f"http://127.0.0.1:{gw.port}/slow?delay=3") as resp:
             assert resp.status == 504
             assert problem_of(await resp.read())["type"].endswith(":upstream-timeout")
-        # Headers already sent, then the upstream stalls: the client must see
-        # a truncated body, never a short one that looks complete.
-        async with client.get(f"http://127.0.0.1:{gw.port}/stall") as resp:
+        # A small body is read whole before answering: a stall is still a 504.
+        async with client.get(f"http://127.0.0.1:{gw.port}/stall?bytes=1000") as resp:
+            assert resp.status == 504
+        # A large body streams: once the headers are sent and the upstream
+        # stalls, the client must see a truncated body, never a short one that
+        # looks complete.
+        async with client.get(f"http://127.0.0.1:{gw.port}/stall?bytes=1000000") as resp:
             assert resp.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()

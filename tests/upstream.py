@@ -141,9 +141,9 @@ async def slow(request: web.Request) -> web.Response:
 
 
 async def stall(request: web.Request) -> web.StreamResponse:
-    """Send headers and a first chunk, then nothing."""
+    """Send headers and a first chunk of a `?bytes=N` body, then nothing."""
     response = web.StreamResponse(headers={"Content-Type": "text/plain"})
-    response.content_length = 1000
+    response.content_length = int(request.query.get("bytes", "1000"))
     await response.prepare(request)
     await response.write(b"first")
     await asyncio.sleep(30)

@@ -1,0 +1,1 @@
+"""Benchmarks: run with `bash scripts/bench` (they print figures, they assert nothing)."""

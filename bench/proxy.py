@@ -1,0 +1,119 @@
+"""Proxy throughput and latency: the gateway against a naive pass-through.
+
+Starts an upstream, the baseline proxy and `gateway serve` as separate
+processes on loopback, loads each with wrk and prints requests per second and
+latency percentiles. Usage: python -m bench.proxy [--duration S] [--connections N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def _wrk(port: int, duration_s: int, connections: int) -> dict[str, float]:
+    url = f"http://127.0.0.1:{port}/v1/projects/1?expand=members"
+    subprocess.run(["wrk", "-t1", "-c16", "-d2s", url], capture_output=True, check=True)  # warm-up
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        assert m, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        figures[f"p{pct}_ms"] = float(m.group(1)) * scale
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    figures["errors"] = float(errors.group(1)) if errors else 0.0
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per run")
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (scripts/bench installs it)")
+    up_port, base_port = _free_port(), _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "bench.servers", "upstream", str(up_port)]),
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.servers", "baseline", str(base_port),
+             f"http://127.0.0.1:{up_port}"]
+        ),
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        gw_port, admin_port = _free_port(), _free_port()
+        config = {
+            "server": {"host": "127.0.0.1", "port": gw_port},
+            "admin": {"host": "127.0.0.1", "port": admin_port},
+            "upstreams": {"app": {"url": f"http://127.0.0.1:{up_port}"}},
+            "routes": [
+                {"name": "health", "match": {"path": "/healthz"}, "upstream": "app",
+                 "auth": "none"},
+                {"name": "member", "match": {"path": "/v1/members/{id}", "methods": ["GET"]},
+                 "upstream": "app", "auth": "none"},
+                {"name": "api", "match": {"path": "/v1/**"}, "upstream": "app", "auth": "none"},
+            ],
+        }  # fmt: skip
+        path = Path(tmp) / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "-c", str(path)],
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        try:
+            for port in (up_port, base_port, gw_port):
+                _wait(port)
+            results = {
+                "upstream (direct)": _wrk(up_port, args.duration, args.connections),
+                "baseline pass-through": _wrk(base_port, args.duration, args.connections),
+                "gateway": _wrk(gw_port, args.duration, args.connections),
+            }
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(30)
+    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, GET with a 70-byte JSON answer")
+    print(f"{'target':24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for name, fig in results.items():
+        print(
+            f"{name:24} {fig['rps']:9.0f} {fig['p50_ms']:8.2f} {fig['p99_ms']:8.2f} "
+            f"{fig['errors']:8.0f}"
+        )
+    ratio = results["gateway"]["rps"] / results["baseline pass-through"]["rps"]
+    print(f"gateway / baseline throughput: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
