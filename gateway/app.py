@@ -11,11 +11,14 @@ from prometheus_client import CollectorRegistry
 
 from gateway import websocket
 from gateway.config.models import GatewayConfig
-from gateway.headers import TrustedProxies, request_id
+from gateway.headers import TrustedProxies, request_id, request_skip
 from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics
 from gateway.problems import problem
-from gateway.proxy import ForwardContext, Forwarder, Upstreams
+from gateway.proxy import Forwarder, RoutePlan, Upstreams
 from gateway.routing import RESERVED_PREFIX, BadPath, Router, split_path
+
+# Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
+_GATEWAY_HANDLED = ("Expect",)
 
 
 @dataclass(slots=True)
@@ -26,14 +29,34 @@ class Runtime:
     router: Router
     forwarder: Forwarder
     upstreams: Upstreams
+    plans: list[RoutePlan]  # by route index
 
     @classmethod
     def build(cls, config: GatewayConfig, metrics: ProxyMetrics) -> Runtime:
+        upstreams = Upstreams(config.upstreams)
+        tenant_header = config.auth.forward_tenant_header
+        plans = []
+        for route in config.routes:
+            upstream = upstreams[route.upstream]
+            drop = [tenant_header, *_GATEWAY_HANDLED]
+            if not upstream.config.forward_authorization:
+                drop.append("Authorization")
+            limit = route.max_body_bytes
+            plans.append(
+                RoutePlan(
+                    name=route.name,
+                    upstream=upstream,
+                    max_body_bytes=config.server.max_body_bytes if limit is None else limit,
+                    skip_headers=request_skip(drop),
+                    websocket=route.websocket,
+                )
+            )
         return cls(
             config=config,
             router=Router(config.routes),
             forwarder=Forwarder(TrustedProxies(config.server.trusted_proxies), metrics),
-            upstreams=Upstreams(config.upstreams),
+            upstreams=upstreams,
+            plans=plans,
         )
 
 
@@ -43,8 +66,7 @@ METRICS = web.AppKey("metrics", ProxyMetrics)
 
 async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResponse]:
     runtime = request.app[RUNTIME]
-    config = runtime.config
-    path = request.raw_path.split("?", 1)[0]
+    path = request.raw_path.partition("?")[0]
     if path.startswith(RESERVED_PREFIX):
         return GATEWAY, problem(404, "not-found", "no such gateway endpoint", request_id=rid)
     try:
@@ -54,23 +76,11 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
     match = runtime.router.match(request.method, request.headers.get("Host", ""), segments)
     if match is None:
         return UNMATCHED, problem(404, "no-route", "no route matches this request", request_id=rid)
-    route = match.route.config
-    upstream = runtime.upstreams[route.upstream]
-    drop = [config.auth.forward_tenant_header]
-    if not upstream.config.forward_authorization:
-        drop.append("Authorization")
-    ctx = ForwardContext(
-        route=route.name,
-        request_id=rid,
-        max_body_bytes=route.max_body_bytes
-        if route.max_body_bytes is not None
-        else config.server.max_body_bytes,
-        drop_headers=tuple(drop),
-    )
-    if route.websocket and websocket.is_upgrade(request):
-        headers = runtime.forwarder.headers(request, upstream, ctx)
-        return route.name, await websocket.relay(request, upstream, headers, rid)
-    return route.name, await runtime.forwarder.forward(request, upstream, ctx)
+    plan = runtime.plans[match.route.index]
+    if plan.websocket and websocket.is_upgrade(request):
+        headers = runtime.forwarder.headers(request, plan, rid)
+        return plan.name, await websocket.relay(request, plan.upstream, headers, rid)
+    return plan.name, await runtime.forwarder.forward(request, plan, rid)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

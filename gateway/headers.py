@@ -27,6 +27,7 @@ HOP_BY_HOP = frozenset(
 )
 # Set by the gateway itself; a client's copy would be believed upstream.
 _SPOOFABLE = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip")
+_REQUEST_SKIP = HOP_BY_HOP | {*_SPOOFABLE, "host", "x-request-id"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Request ids need to be unique, not secret: a PRNG seeded from the OS per
 # process avoids a getrandom() system call on every request.
@@ -44,10 +45,17 @@ def connection_tokens(headers: Headers) -> set[str]:
     return tokens
 
 
-def end_to_end(headers: Headers, *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    """Copy the end-to-end headers, dropping hop-by-hop ones and `drop`."""
-    skip = HOP_BY_HOP | connection_tokens(headers) | {d.lower() for d in drop}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in skip)
+def request_skip(drop: Iterable[str] = ()) -> frozenset[str]:
+    """Request headers not forwarded as they came: hop-by-hop, the ones the
+    gateway sets itself, and `drop` (computed once per route, not per request)."""
+    return _REQUEST_SKIP | {d.lower() for d in drop}
+
+
+def end_to_end(headers: Headers, skip: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
+    """Copy the headers not in `skip` (lowercase) nor named in `Connection`."""
+    if "Connection" in headers:
+        skip = skip | connection_tokens(headers)
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in skip])
 
 
 class TrustedProxies:
@@ -57,6 +65,8 @@ class TrustedProxies:
         self._networks = tuple(networks)
 
     def __contains__(self, addr: str) -> bool:
+        if not self._networks:
+            return False
         try:
             ip = ip_address(addr)
         except ValueError:
@@ -104,11 +114,11 @@ def upstream_request_headers(
     host: str | None,
     http_version: tuple[int, int],
     rid: str,
-    drop: Iterable[str] = (),
+    skip: frozenset[str] = _REQUEST_SKIP,
     upstream_host: str | None = None,
 ) -> CIMultiDict[str]:
-    """The headers the upstream receives for a client request."""
-    out = end_to_end(incoming, drop=[*drop, *_SPOOFABLE, "host", "x-request-id"])
+    """The headers the upstream receives for a client request; `skip` from `request_skip`."""
+    out = end_to_end(incoming, skip)
     believed = peer in trusted
     chain = trusted.chain(peer, incoming.getall("X-Forwarded-For", ()))
     out["X-Forwarded-For"] = ", ".join(chain)
@@ -130,6 +140,6 @@ def add_via(headers: CIMultiDict[str], http_version: tuple[int, int]) -> None:
     """Append this hop to `Via` (RFC 9110 7.6.3)."""
     major, minor = http_version
     hop = f"{major}.{minor} gateway" if major == 1 else f"{major} gateway"
-    existing = headers.getall("Via", ())
-    headers.popall("Via", None)
-    headers["Via"] = ", ".join([*existing, hop])
+    if "Via" in headers:
+        hop = ", ".join([*headers.popall("Via"), hop])
+    headers["Via"] = hop

@@ -22,8 +22,6 @@ from gateway.problems import problem
 # aiohttp adds these when the caller does not; a proxy must send only what the
 # client sent.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-# Handled by the gateway itself (it answers `100 Continue` to the client).
-_GATEWAY_HANDLED = ("expect",)
 _CHUNK_BYTES = 64 * 1024
 # A response up to this size with a Content-Length is read whole and sent in
 # one write (headers and body together), and an upstream failure while reading
@@ -56,16 +54,6 @@ class _LimitedBody:
                 self.exceeded = True
                 raise BodyTooLarge
             yield chunk
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardContext:
-    """What one forwarded request needs besides the aiohttp request."""
-
-    route: str
-    request_id: str
-    max_body_bytes: int
-    drop_headers: tuple[str, ...]
 
 
 class Upstream:
@@ -114,6 +102,17 @@ class Upstream:
             self._session = None
 
 
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """What forwarding on one route needs, computed once per config, not per request."""
+
+    name: str
+    upstream: Upstream
+    max_body_bytes: int
+    skip_headers: frozenset[str]  # request headers not forwarded as they came
+    websocket: bool
+
+
 class Upstreams:
     """All configured upstreams, closed together."""
 
@@ -142,30 +141,29 @@ class Forwarder:
         self._trusted = trusted
         self._metrics = metrics
 
-    def headers(self, request: web.Request, up: Upstream, ctx: ForwardContext) -> CIMultiDict[str]:
+    def headers(self, request: web.Request, plan: RoutePlan, rid: str) -> CIMultiDict[str]:
         """The headers to send upstream for `request`."""
-        peer = request.remote or ""
+        up = plan.upstream
         return upstream_request_headers(
             request.headers,
-            peer=peer,
+            peer=request.remote or "",
             trusted=self._trusted,
             scheme=request.scheme,
             host=request.headers.get("Host"),
             http_version=(request.version.major, request.version.minor),
-            rid=ctx.request_id,
-            drop=(*ctx.drop_headers, *_GATEWAY_HANDLED),
+            rid=rid,
+            skip=plan.skip_headers,
             upstream_host=None if up.config.preserve_host else up.host_header,
         )
 
-    async def forward(
-        self, request: web.Request, up: Upstream, ctx: ForwardContext
-    ) -> web.StreamResponse:
-        """Forward `request` to `up`; errors become problem responses."""
+    async def forward(self, request: web.Request, plan: RoutePlan, rid: str) -> web.StreamResponse:
+        """Forward `request` on `plan`'s route; errors become problem responses."""
+        up, limit = plan.upstream, plan.max_body_bytes
         length = request.content_length
-        if length is not None and length > ctx.max_body_bytes:
-            return _too_large(ctx)
-        body = _LimitedBody(request.content, ctx.max_body_bytes) if request.body_exists else None
-        headers = self.headers(request, up, ctx)
+        if length is not None and length > limit:
+            return _too_large(limit, rid)
+        body = _LimitedBody(request.content, limit) if request.body_exists else None
+        headers = self.headers(request, plan, rid)
         started = time.perf_counter()
         try:
             upstream_resp = await up.session.request(
@@ -177,42 +175,44 @@ class Forwarder:
                 compress=None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return self._failed(up, ctx, body, exc)
+            return self._failed(plan, rid, body, exc)
         self._metrics.upstream_latency(up.name, time.perf_counter() - started)
         async with upstream_resp:
-            return await self._relay(request, upstream_resp, up, ctx, body)
+            return await self._relay(request, upstream_resp, plan, rid, body)
 
     def _failed(
-        self, up: Upstream, ctx: ForwardContext, body: _LimitedBody | None, exc: BaseException
+        self, plan: RoutePlan, rid: str, body: _LimitedBody | None, exc: BaseException
     ) -> web.Response:
         """The problem response for an exchange that failed before we answered."""
+        up = plan.upstream
         if body is not None and body.exceeded:
             self._metrics.upstream_error(up.name, "body_limit")
-            return _too_large(ctx)
+            return _too_large(plan.max_body_bytes, rid)
         kind = _failure_kind(exc)
         self._metrics.upstream_error(up.name, kind)
         if kind == "timeout":
             return problem(
                 504, "upstream-timeout", f"upstream {up.name!r} did not answer in time",
-                request_id=ctx.request_id,
+                request_id=rid,
             )  # fmt: skip
         return problem(
             502, "upstream-unreachable", f"upstream {up.name!r} could not be reached",
-            request_id=ctx.request_id,
+            request_id=rid,
         )  # fmt: skip
 
     async def _relay(
         self,
         request: web.Request,
         upstream_resp: aiohttp.ClientResponse,
-        up: Upstream,
-        ctx: ForwardContext,
+        plan: RoutePlan,
+        rid: str,
         body: _LimitedBody | None,
     ) -> web.StreamResponse:
+        up = plan.upstream
         headers = end_to_end(upstream_resp.headers)
         version = upstream_resp.version or aiohttp.HttpVersion11
         add_via(headers, (version.major, version.minor))
-        headers["X-Request-Id"] = ctx.request_id
+        headers["X-Request-Id"] = rid
         status, reason = upstream_resp.status, upstream_resp.reason
         length = upstream_resp.content_length
         if (
@@ -224,7 +224,7 @@ class Forwarder:
             try:
                 payload = await upstream_resp.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
-                return self._failed(up, ctx, body, exc)
+                return self._failed(plan, rid, body, exc)
             return web.Response(body=payload, status=status, reason=reason, headers=headers)
         response = web.StreamResponse(status=status, reason=reason, headers=headers)
         try:
@@ -261,11 +261,10 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
-def _too_large(ctx: ForwardContext) -> web.Response:
+def _too_large(limit: int, rid: str) -> web.Response:
     response = problem(
-        413, "body-too-large",
-        f"the request body is larger than {ctx.max_body_bytes} bytes",
-        request_id=ctx.request_id, limit=ctx.max_body_bytes,
+        413, "body-too-large", f"the request body is larger than {limit} bytes",
+        request_id=rid, limit=limit,
     )  # fmt: skip
     # The client may still be sending; reading the rest just to discard it
     # would cost as much as accepting it.

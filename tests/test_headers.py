@@ -12,6 +12,7 @@ from gateway.headers import (
     connection_tokens,
     end_to_end,
     request_id,
+    request_skip,
     upstream_request_headers,
 )
 
@@ -45,7 +46,7 @@ def test_upstream_headers_for_an_untrusted_client() -> None:
     )  # fmt: skip
     out = upstream_request_headers(
         incoming, peer="192.0.2.1", trusted=TrustedProxies([]), scheme="https",
-        host="api.test", http_version=(1, 1), rid="abc", drop=["X-Tenant-Id"],
+        host="api.test", http_version=(1, 1), rid="abc", skip=request_skip(["X-Tenant-Id"]),
         upstream_host="10.0.0.5:3000",
     )  # fmt: skip
     assert dict(out) == {
