@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gateway.admin_api import ADMIN_TOKEN, PUBLIC_APP, add_admin_routes, require_token
+
 
 class Readiness:
     """Whether this process should receive traffic; false while it drains."""
@@ -35,11 +37,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
-    """The admin application; its metrics come from `registry`."""
-    app = web.Application()
+def create_admin_app(
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    public_app: web.Application,
+    token: str | None,
+) -> web.Application:
+    """The admin application; its metrics come from `registry`, tenants from `public_app`."""
+    app = web.Application(middlewares=[require_token])
     app[REGISTRY] = registry
     app[READINESS] = readiness
+    app[PUBLIC_APP] = public_app
+    if token:
+        app[ADMIN_TOKEN] = token
+    add_admin_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -10,12 +10,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import websocket
+from gateway.admission import admit
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
 from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics
 from gateway.problems import problem
 from gateway.proxy import Forwarder, RoutePlan, Upstreams
 from gateway.routing import RESERVED_PREFIX, BadPath, Router, split_path
+from gateway.services import Services, needs_services
 
 # Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("Expect",)
@@ -36,9 +38,13 @@ class Runtime:
         upstreams = Upstreams(config.upstreams)
         tenant_header = config.auth.forward_tenant_header
         plans = []
+        credentials = ["Authorization"]
+        if config.auth.api_keys.enabled:
+            # The upstream never needs the gateway's own API keys.
+            credentials.append(config.auth.api_keys.header)
         for route in config.routes:
             upstream = upstreams[route.upstream]
-            drop = [tenant_header, *_GATEWAY_HANDLED]
+            drop = [tenant_header, *_GATEWAY_HANDLED, *credentials[1:]]
             if not upstream.config.forward_authorization:
                 drop.append("Authorization")
             limit = route.max_body_bytes
@@ -48,7 +54,9 @@ class Runtime:
                     upstream=upstream,
                     max_body_bytes=config.server.max_body_bytes if limit is None else limit,
                     skip_headers=request_skip(drop),
+                    preflight_skip=request_skip([*drop, *credentials]),
                     websocket=route.websocket,
+                    auth_required=route.auth == "required",
                 )
             )
         return cls(
@@ -61,6 +69,7 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+SERVICES = web.AppKey("services", Services)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 
 
@@ -77,10 +86,29 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
     if match is None:
         return UNMATCHED, problem(404, "no-route", "no route matches this request", request_id=rid)
     plan = runtime.plans[match.route.index]
+    forwarder = runtime.forwarder
+    if _is_preflight(request):
+        # Browsers send preflights without credentials; they are never charged.
+        return plan.name, await forwarder.forward(request, plan, rid, skip=plan.preflight_skip)
+    upstream_extra: dict[str, str] | None = None
+    response_extra: dict[str, str] | None = None
+    if plan.auth_required:
+        admitted = await admit(request, request.app[SERVICES], runtime.config, rid)
+        if isinstance(admitted, web.StreamResponse):
+            return plan.name, admitted
+        upstream_extra = {runtime.config.auth.forward_tenant_header: admitted.tenant.id}
+        if admitted.warning:
+            response_extra = {"X-Quota-Warning": admitted.warning}
     if plan.websocket and websocket.is_upgrade(request):
-        headers = runtime.forwarder.headers(request, plan, rid)
+        headers = forwarder.headers(request, plan, rid, upstream_extra)
         return plan.name, await websocket.relay(request, plan.upstream, headers, rid)
-    return plan.name, await runtime.forwarder.forward(request, plan, rid)
+    return plan.name, await forwarder.forward(
+        request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra
+    )
+
+
+def _is_preflight(request: web.Request) -> bool:
+    return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -102,6 +130,17 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[RUNTIME].upstreams.close()
 
 
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[RUNTIME].config
+    if not needs_services(config):
+        yield
+        return
+    services = await Services.open(config)
+    app[SERVICES] = services
+    yield
+    await services.close()
+
+
 def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Application:
     """The public application for `config`, its metrics on `registry`."""
     app = web.Application(handler_args={"auto_decompress": False})
@@ -109,5 +148,6 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app[METRICS] = metrics
     app[RUNTIME] = Runtime.build(config, metrics)
     app.cleanup_ctx.append(_upstreams_ctx)
+    app.cleanup_ctx.append(_services_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from gateway.cli_tenants import add_parsers
 from gateway.config import ConfigError, GatewayConfig, json_schema, load
 
 
@@ -21,8 +22,13 @@ def _load_or_exit(path: str) -> GatewayConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.server import run
+    from gateway.services import StartupError
 
-    run(_load_or_exit(args.config))
+    try:
+        run(_load_or_exit(args.config))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -64,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config file")
     schema.set_defaults(func=_schema)
+
+    add_parsers(sub, _load_or_exit)
 
     demo = sub.add_parser("demo", help="run the gateway in front of a bundled sample API")
     demo.add_argument("--port", type=int, default=8080, help="public port (default 8080)")

@@ -110,7 +110,9 @@ class RoutePlan:
     upstream: Upstream
     max_body_bytes: int
     skip_headers: frozenset[str]  # request headers not forwarded as they came
+    preflight_skip: frozenset[str]  # the same, plus credentials (CORS preflights)
     websocket: bool
+    auth_required: bool
 
 
 class Upstreams:
@@ -141,10 +143,17 @@ class Forwarder:
         self._trusted = trusted
         self._metrics = metrics
 
-    def headers(self, request: web.Request, plan: RoutePlan, rid: str) -> CIMultiDict[str]:
-        """The headers to send upstream for `request`."""
+    def headers(
+        self,
+        request: web.Request,
+        plan: RoutePlan,
+        rid: str,
+        extra: Mapping[str, str] | None = None,
+        skip: frozenset[str] | None = None,
+    ) -> CIMultiDict[str]:
+        """The headers to send upstream for `request`, with `extra` set by the gateway."""
         up = plan.upstream
-        return upstream_request_headers(
+        headers = upstream_request_headers(
             request.headers,
             peer=request.remote or "",
             trusted=self._trusted,
@@ -152,18 +161,34 @@ class Forwarder:
             host=request.headers.get("Host"),
             http_version=(request.version.major, request.version.minor),
             rid=rid,
-            skip=plan.skip_headers,
+            skip=plan.skip_headers if skip is None else skip,
             upstream_host=None if up.config.preserve_host else up.host_header,
         )
+        if extra:
+            headers.update(extra)
+        return headers
 
-    async def forward(self, request: web.Request, plan: RoutePlan, rid: str) -> web.StreamResponse:
-        """Forward `request` on `plan`'s route; errors become problem responses."""
+    async def forward(
+        self,
+        request: web.Request,
+        plan: RoutePlan,
+        rid: str,
+        *,
+        upstream_extra: Mapping[str, str] | None = None,
+        response_extra: Mapping[str, str] | None = None,
+        skip: frozenset[str] | None = None,
+    ) -> web.StreamResponse:
+        """Forward `request` on `plan`'s route; errors become problem responses.
+
+        `upstream_extra` headers go to the upstream (the tenant), `response_extra`
+        to the client (warnings); `skip` replaces the route's skipped headers.
+        """
         up, limit = plan.upstream, plan.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
             return _too_large(limit, rid)
         body = _LimitedBody(request.content, limit) if request.body_exists else None
-        headers = self.headers(request, plan, rid)
+        headers = self.headers(request, plan, rid, upstream_extra, skip)
         started = time.perf_counter()
         try:
             upstream_resp = await up.session.request(
@@ -178,7 +203,7 @@ class Forwarder:
             return self._failed(plan, rid, body, exc)
         self._metrics.upstream_latency(up.name, time.perf_counter() - started)
         async with upstream_resp:
-            return await self._relay(request, upstream_resp, plan, rid, body)
+            return await self._relay(request, upstream_resp, plan, rid, body, response_extra)
 
     def _failed(
         self, plan: RoutePlan, rid: str, body: _LimitedBody | None, exc: BaseException
@@ -207,12 +232,15 @@ class Forwarder:
         plan: RoutePlan,
         rid: str,
         body: _LimitedBody | None,
+        response_extra: Mapping[str, str] | None,
     ) -> web.StreamResponse:
         up = plan.upstream
         headers = end_to_end(upstream_resp.headers)
         version = upstream_resp.version or aiohttp.HttpVersion11
         add_via(headers, (version.major, version.minor))
         headers["X-Request-Id"] = rid
+        if response_extra:
+            headers.update(response_extra)
         status, reason = upstream_resp.status, upstream_resp.reason
         length = upstream_resp.content_length
         if (

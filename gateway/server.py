@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import ssl
 
@@ -40,13 +41,15 @@ class Gateway:
     async def start(self) -> None:
         """Listen on both ports; port 0 picks a free one (see `port`)."""
         server = self.config.server
+        public_app = create_app(self.config, self.registry)
         public = web.AppRunner(
-            create_app(self.config, self.registry),
-            access_log=None,
-            shutdown_timeout=server.shutdown_timeout_s,
+            public_app, access_log=None, shutdown_timeout=server.shutdown_timeout_s
         )
+        token = os.environ.get(self.config.admin.token_env)
         admin = web.AppRunner(
-            create_admin_app(self.registry, self.readiness), access_log=None, shutdown_timeout=1
+            create_admin_app(self.registry, self.readiness, public_app, token),
+            access_log=None,
+            shutdown_timeout=1,
         )
         for runner in (public, admin):
             await runner.setup()

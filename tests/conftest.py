@@ -63,3 +63,11 @@ def postgres_server() -> Iterator[PostgresServer]:
     server = PostgresServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def shared_postgres_server() -> Iterator[PostgresServer]:
+    """One private server for the whole session: give each test its own database, never stop it."""
+    server = PostgresServer().start()
+    yield server
+    server.close()

@@ -41,6 +41,7 @@ class _Process:
     """Signals shared by both servers."""
 
     proc: subprocess.Popen[bytes] | None = None
+    stop_signal = signal.SIGTERM
 
     def _signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None, "server is not running"
@@ -62,10 +63,10 @@ class _Process:
         self.proc = None
 
     def stop(self) -> None:
-        """SIGTERM and wait: a clean shutdown."""
+        """A clean shutdown, and wait for it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -129,6 +130,9 @@ class PostgresServer(_Process):
     """A private postgres cluster; runs as the `postgres` user when we are root."""
 
     _template: Path | None = None  # one initdb per test session, copied per server
+    # SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to
+    # disconnect (a pool never does); SIGINT is the "fast" one pg_ctl uses.
+    stop_signal = signal.SIGINT
 
     def __init__(self) -> None:
         self.port = free_port()

@@ -65,7 +65,13 @@ def test_defaults_and_normalisation() -> None:
                 {"name": "a", "match": {"path": "/x", "methods": ["get"]}, "upstream": "app",
                  "auth": "none"}
             ],
-            "auth": {"jwt": {"algorithms": ["RS256"], "tenant_claim": "https://x.test/org"}},
+            "auth": {
+                "jwt": {
+                    "algorithms": ["RS256"],
+                    "jwks_url": "https://x.test/jwks.json",
+                    "tenant_claim": "https://x.test/org",
+                }
+            },
         },
         "inline.yaml",
         check_support=False,

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_demo_prints_curl_lines_that_work() -> None:
+def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--port", "0", "--admin-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        cwd=tmp_path,  # the demo's SQLite ledger is created in the working directory
+        env=env,
     )
     try:
         assert proc.stdout is not None
@@ -34,20 +39,28 @@ def test_demo_prints_curl_lines_that_work() -> None:
         ]
         for cmd, out in zip(commands, outputs, strict=True):
             assert out.returncode == 0, (cmd, out.stderr)
-        listed, created, fetched, member, bad, unrouted = (
+        listed, created, fetched, member, refused, api_key = (
             json.loads(o.stdout) for o in outputs[:6]
         )
         assert listed == {"projects": []}
-        assert created == {"id": 1, "name": "apollo", "tenant": "public"}
+        assert created == {"id": 1, "name": "apollo", "tenant": "demo"}
         assert fetched == created
         assert member["email"] == "ada@example.com"
-        assert (bad["status"], unrouted["status"]) == (400, 404)
+        assert refused["status"] == 401
+        assert api_key["key"].startswith("gk_") and api_key["tenant"] == "demo"
         assert 'gateway_requests_total{method="POST",route="api",status="201"} 1.0' in (
             outputs[6].stdout
         )
+        base = commands[0].split()[2].rsplit("/v1/", 1)[0]
+        with_key = subprocess.run(
+            ["curl", "-s", f"{base}/v1/projects", "-H", f"X-API-Key: {api_key['key']}"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        assert json.loads(with_key.stdout) == {"projects": [created]}
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(20)
         if proc.stdout is not None:
             proc.stdout.close()
     assert code == 0
+    assert (tmp_path / "gateway-demo.db").exists()

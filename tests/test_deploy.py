@@ -21,7 +21,10 @@ def test_alert_rules_use_only_exported_metrics() -> None:
         sample_name
         for metric in registry.collect()
         for sample_name in (
-            metric.name, f"{metric.name}_total", f"{metric.name}_bucket", f"{metric.name}_count"
+            metric.name,
+            f"{metric.name}_total",
+            f"{metric.name}_bucket",
+            f"{metric.name}_count",
         )
     }
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())

@@ -129,6 +129,11 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
             parse_template(route.match.path)
         except TemplateError as exc:
             yield f"{at}.match.path", str(exc)
+        if route.auth == "required" and not (cfg.auth.jwt or cfg.auth.api_keys.enabled):
+            yield (
+                f"{at}.auth",
+                '"required" needs auth.jwt or auth.api_keys.enabled (or set "auth: none")',
+            )
         for meter, cost in route.charge.items():
             spec = cfg.meters.get(meter)
             if spec is None:

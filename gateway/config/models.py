@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 UNLIMITED = -1
 
@@ -186,6 +193,9 @@ class StorageConfig(Model):
     shards: Annotated[StrictInt, Field(ge=1, le=1024)] = 16
     timeout_ms: PositiveInt = 50
     on_counter_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    # Tenants and API keys are cached in each process and invalidated by a
+    # message on change; this TTL is only the backstop for a lost message.
+    cache_ttl_s: PositiveFloat = 600.0
 
 
 class PublicKeyConfig(Model):
@@ -205,6 +215,32 @@ class JWTConfig(Model):
     # a claim name (URLs allowed), or a list for a path into nested claims
     tenant_claim: StrList = ["org_id"]
     leeway_s: Annotated[float, Field(ge=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _one_key_source_bound_to_its_algorithms(self) -> JWTConfig:
+        # Mixing HMAC with public-key algorithms is how algorithm confusion
+        # happens (a public key used as an HMAC secret): refuse it outright.
+        sources = [
+            name
+            for name in ("jwks_url", "public_keys", "secret_env")
+            if getattr(self, name) is not None
+        ]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of jwks_url, public_keys or secret_env")
+        hmac = [a for a in self.algorithms if a.startswith("HS")]
+        if self.secret_env is not None:
+            if len(hmac) != 1 or len(self.algorithms) != 1:
+                raise ValueError(
+                    "secret_env binds the secret to one algorithm: list one HS algorithm"
+                )
+        elif hmac:
+            raise ValueError(f"{hmac[0]} needs secret_env; keys from {sources[0]} are public keys")
+        for key in self.public_keys or []:
+            if key.alg not in self.algorithms:
+                raise ValueError(
+                    f"public key {key.kid!r} uses {key.alg}, which is not in algorithms"
+                )
+        return self
 
 
 class APIKeysConfig(Model):

@@ -1,7 +1,8 @@
 """Keys of the contract whose behaviour is not built yet, refused rather than ignored.
 
-A gateway that accepted `plans:` and enforced nothing would let a user believe
-that their limits hold. Each entry goes away with the release that builds it.
+A gateway that accepted `plans.*.limits` and enforced nothing would let a user
+believe that their limits hold. Each entry goes away with the release that
+builds it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ NOT_YET = "not supported yet"
 
 def unsupported(cfg: GatewayConfig) -> Iterator[tuple[str, str]]:
     """Yield (path, message) for every key set whose behaviour is not built yet."""
-    for section in ("meters", "billing", "plans", "subscription", "usage", "stripe", "tenants"):
+    for section in ("meters", "usage", "stripe"):
         if section in cfg.model_fields_set:
             yield section, NOT_YET
-    if cfg.auth.jwt is not None:
-        yield "auth.jwt", NOT_YET
-    if cfg.auth.api_keys.enabled:
-        yield "auth.api_keys.enabled", NOT_YET
+    for name, plan in cfg.plans.items():
+        for key in ("limits", "rate_limits", "shadow"):
+            if key in plan.model_fields_set:
+                yield f"plans.{name}.{key}", NOT_YET
     if cfg.metrics.tenant_label:
         yield "metrics.tenant_label", NOT_YET
     if cfg.server.workers > 1:
@@ -33,8 +34,3 @@ def unsupported(cfg: GatewayConfig) -> Iterator[tuple[str, str]]:
         for key in ("charge", "charge_on", "shadow"):
             if key in route.model_fields_set:
                 yield f"routes[{i}].{key}", NOT_YET
-        if route.auth == "required":
-            yield (
-                f"routes[{i}].auth",
-                'authentication is not supported yet: set "auth: none" on the route',
-            )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import signal
 from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
 
+from gateway.auth.jwt import mint
 from gateway.config import GatewayConfig, load
 from gateway.server import Gateway
 
@@ -31,25 +34,37 @@ def demo_config(upstream_port: int, port: int, admin_port: int) -> GatewayConfig
     )
 
 
-def instructions(port: int, admin_port: int) -> str:
+def instructions(port: int, admin_port: int, token: str, admin_token: str) -> str:
     """What to curl, printed when the demo is up."""
     base = f"http://127.0.0.1:{port}"
+    admin = f"http://127.0.0.1:{admin_port}"
+    auth = f"-H 'Authorization: Bearer {token}'"
+    json_body = "-H 'Content-Type: application/json'"
     return "\n".join(
         [
             f"The gateway is listening on {base} in front of the sample API.",
+            "Tenant 'demo' (plan free) has this token, valid for 24 hours:",
+            f"  {token}",
             "Try:",
-            f"  curl -s {base}/v1/projects",
-            f"  curl -s -X POST {base}/v1/projects -H 'Content-Type: application/json'"
-            ' -d \'{"name": "apollo"}\'',
-            f"  curl -s {base}/v1/projects/1",
-            f"  curl -s -X POST {base}/v1/members -H 'Content-Type: application/json'"
+            f"  curl -s {base}/v1/projects {auth}",
+            f'  curl -s -X POST {base}/v1/projects {auth} {json_body} -d \'{{"name": "apollo"}}\'',
+            f"  curl -s {base}/v1/projects/1 {auth}",
+            f"  curl -s -X POST {base}/v1/members {auth} {json_body}"
             ' -d \'{"email": "ada@example.com"}\'',
-            f"  curl -s --path-as-is {base}/v1/nowhere/../projects   # refused: 400 problem+json",
-            f"  curl -s {base}/elsewhere                        # no route: 404 problem+json",
-            f"  curl -s http://127.0.0.1:{admin_port}/metrics | grep gateway_requests",
+            f"  curl -s {base}/v1/projects                      # no credentials: 401",
+            f"  curl -s -X POST {admin}/admin/tenants/demo/api-keys"
+            f" -H 'Authorization: Bearer {admin_token}'   # an API key for X-API-Key",
+            f"  curl -s {admin}/metrics | grep gateway_requests",
             "Press Ctrl-C to stop.",
         ]
     )
+
+
+def _secret(name: str, size: int) -> str:
+    # A made-up secret for this run unless the user set one.
+    value = os.environ.get(name) or secrets.token_urlsafe(size)
+    os.environ[name] = value
+    return value
 
 
 async def run_demo(port: int, admin_port: int) -> None:
@@ -61,10 +76,15 @@ async def run_demo(port: int, admin_port: int) -> None:
     site = web.TCPSite(sample, "127.0.0.1", 0)
     await site.start()
     upstream_port = int(sample.addresses[0][1])
-    gateway = Gateway(demo_config(upstream_port, port, admin_port))
+    config = demo_config(upstream_port, port, admin_port)
+    assert config.auth.jwt is not None and config.auth.jwt.secret_env is not None
+    secret = _secret(config.auth.jwt.secret_env, 48)
+    admin_token = _secret(config.admin.token_env, 24)
+    token = mint(secret, "HS256", config.auth.jwt.tenant_claim, "demo", 86400)
+    gateway = Gateway(config)
     try:
         await gateway.start()
-        print(instructions(gateway.port, gateway.admin_port), flush=True)
+        print(instructions(gateway.port, gateway.admin_port, token, admin_token), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,325 @@
+"""The admin API under /admin/: tenants and API keys, behind a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.app import RUNTIME, SERVICES
+from gateway.problems import problem
+from gateway.services import Services
+from gateway.tenant_ops import (
+    TenantChangeError,
+    TenantChanges,
+    TenantOps,
+    api_key_json,
+    parse_changes,
+    tenant_json,
+)
+
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+PUBLIC_APP = web.AppKey("public_app", web.Application)  # it owns the services
+
+
+def _services(request: web.Request) -> Services:
+    services = request.app[PUBLIC_APP].get(SERVICES)
+    if services is None:
+        raise web.HTTPNotFound(
+            body=problem(
+                404, "no-tenants",
+                "this gateway keeps no tenants: configure auth.jwt or auth.api_keys",
+            ).body,
+            content_type="application/problem+json",
+        )  # fmt: skip
+    return services
+
+
+def _ops(request: web.Request) -> TenantOps:
+    services = _services(request)
+    config = request.app[PUBLIC_APP][RUNTIME].config
+    return TenantOps(config, services.ledger, services.bus)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /admin/ path needs `Authorization: Bearer <token_env's value>`."""
+    if not request.path.startswith("/admin/"):
+        return await handler(request)
+    expected = request.app.get(ADMIN_TOKEN)
+    if not expected:
+        return problem(403, "admin-disabled", "the admin token's environment variable is not set")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
+        return problem(
+            401, "unauthenticated", "the admin API needs the admin bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
+        )  # fmt: skip
+    return await handler(request)
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(
+            body=problem(400, "bad-json", "the body is not JSON").body,
+            content_type="application/problem+json",
+        ) from None
+
+
+def _invalid(exc: TenantChangeError) -> web.Response:
+    return problem(422, "invalid-change", str(exc))
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    """GET /admin/tenants?limit=&after="""
+    services = _services(request)
+    try:
+        limit = min(int(request.query.get("limit", "100")), 1000)
+    except ValueError:
+        return problem(400, "bad-query", "limit must be an integer")
+    tenants = await services.ledger.list_tenants(limit=limit, after=request.query.get("after"))
+    following = tenants[-1].id if len(tenants) == limit else None
+    return web.json_response({"tenants": [tenant_json(t) for t in tenants], "next": following})
+
+
+async def get_tenant(request: web.Request) -> web.Response:
+    """GET /admin/tenants/{id}"""
+    tenant_id = request.match_info["id"]
+    tenant = await _services(request).ledger.get_tenant(tenant_id)
+    if tenant is None:
+        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+    return web.json_response(tenant_json(tenant))
+
+
+async def put_tenant(request: web.Request) -> web.Response:
+    """PUT /admin/tenants/{id}: create, or change the fields given."""
+    ops = _ops(request)
+    try:
+        tenant, created = await ops.put(
+            request.match_info["id"], parse_changes(await _json(request))
+        )
+    except TenantChangeError as exc:
+        return _invalid(exc)
+    return web.json_response(tenant_json(tenant), status=201 if created else 200)
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    """DELETE /admin/tenants/{id}: disables the tenant."""
+    tenant_id = request.match_info["id"]
+    tenant = await _ops(request).disable(tenant_id)
+    if tenant is None:
+        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+    return web.json_response(tenant_json(tenant))
+
+
+async def create_api_key(request: web.Request) -> web.Response:
+    """POST /admin/tenants/{id}/api-keys -> {key} (shown once)."""
+    tenant_id = request.match_info["id"]
+    body = await _json(request) if request.can_read_body else {}
+    name = body.get("name") if isinstance(body, dict) else None
+    if name is not None and not isinstance(name, str):
+        return problem(422, "invalid-change", "name: expected a string")
+    created = await _ops(request).create_key(tenant_id, name)
+    if created is None:
+        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+    key, record = created
+    return web.json_response({"key": key, **api_key_json(record)}, status=201)
+
+
+async def list_api_keys(request: web.Request) -> web.Response:
+    """GET /admin/tenants/{id}/api-keys"""
+    keys = await _services(request).ledger.list_api_keys(request.match_info["id"])
+    return web.json_response({"api_keys": [api_key_json(k) for k in keys]})
+
+
+async def revoke_api_key(request: web.Request) -> web.Response:
+    """DELETE /admin/api-keys/{prefix}"""
+    prefix = request.match_info["prefix"]
+    if not await _ops(request).revoke_key(prefix):
+        return problem(404, "api-key-unknown", f"no active API key has prefix {prefix!r}")
+    return web.json_response({"prefix": prefix, "revoked": True})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /admin/openapi.json"""
+    return web.json_response(openapi_document())
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """The /admin/ routes on the admin application."""
+    app.router.add_get("/admin/tenants", list_tenants)
+    app.router.add_get("/admin/tenants/{id}", get_tenant)
+    app.router.add_put("/admin/tenants/{id}", put_tenant)
+    app.router.add_delete("/admin/tenants/{id}", delete_tenant)
+    app.router.add_post("/admin/tenants/{id}/api-keys", create_api_key)
+    app.router.add_get("/admin/tenants/{id}/api-keys", list_api_keys)
+    app.router.add_delete("/admin/api-keys/{prefix}", revoke_api_key)
+    app.router.add_get("/admin/openapi.json", openapi)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the admin API."""
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+
+    def answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        media = "application/json" if schema is not problem_ref else "application/problem+json"
+        body = {"content": {media: {"schema": schema}}} if schema else {}
+        return {"description": description, **body}
+
+    tenant_ref = {"$ref": "#/components/schemas/Tenant"}
+    key_ref = {"$ref": "#/components/schemas/ApiKey"}
+    id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    errors = {
+        "401": answer("missing or wrong admin token", problem_ref),
+        "404": answer("unknown tenant", problem_ref),
+    }
+    changes = TenantChanges.model_json_schema()
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Quota gateway admin API", "version": "1"},
+        "components": {
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "TenantChanges": changes,
+                "Tenant": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "name": {"type": ["string", "null"]},
+                        "plan": {"type": "string"},
+                        "status": {"type": "string"},
+                        "status_changed_at": {"type": "string", "format": "date-time"},
+                        "billing_anchor": {"type": ["string", "null"], "format": "date-time"},
+                        "stripe_customer": {"type": ["string", "null"]},
+                        "stripe_subscription": {"type": ["string", "null"]},
+                        "disabled": {"type": "boolean"},
+                    },
+                },
+                "ApiKey": {
+                    "type": "object",
+                    "properties": {
+                        "prefix": {"type": "string"},
+                        "tenant": {"type": "string"},
+                        "name": {"type": ["string", "null"]},
+                        "key": {"type": "string", "description": "only in the creation answer"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                        "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                    },
+                },
+            },
+        },  # fmt: skip
+        "security": [{"admin": []}],
+        "paths": {
+            "/admin/tenants": {
+                "get": {
+                    "summary": "List tenants, ordered by id",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "maximum": 1000},
+                        },
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": answer(
+                            "a page of tenants",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "tenants": {"type": "array", "items": tenant_ref},
+                                    "next": {"type": ["string", "null"]},
+                                },
+                            },
+                        )
+                    },
+                }
+            },
+            "/admin/tenants/{id}": {
+                "parameters": [id_param],
+                "get": {
+                    "summary": "One tenant",
+                    "responses": {"200": answer("the tenant", tenant_ref), **errors},
+                },
+                "put": {
+                    "summary": "Create a tenant, or change the fields given",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/TenantChanges"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": answer("changed", tenant_ref),
+                        "201": answer("created", tenant_ref),
+                        "422": answer("invalid change", problem_ref),
+                        **errors,
+                    },
+                },
+                "delete": {
+                    "summary": "Disable a tenant",
+                    "responses": {"200": answer("disabled", tenant_ref), **errors},
+                },
+            },
+            "/admin/tenants/{id}/api-keys": {
+                "parameters": [id_param],
+                "post": {
+                    "summary": "Create an API key (the key is shown once)",
+                    "requestBody": {
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"name": {"type": "string"}},
+                                }
+                            }
+                        }
+                    },
+                    "responses": {"201": answer("the new key", key_ref), **errors},
+                },
+                "get": {
+                    "summary": "The tenant's API keys (never the keys themselves)",
+                    "responses": {
+                        "200": answer(
+                            "the keys",
+                            {
+                                "type": "object",
+                                "properties": {"api_keys": {"type": "array", "items": key_ref}},
+                            },
+                        )
+                    },
+                },
+            },
+            "/admin/api-keys/{prefix}": {
+                "delete": {
+                    "summary": "Revoke an API key",
+                    "parameters": [
+                        {
+                            "name": "prefix",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {"200": answer("revoked"), **errors},
+                }
+            },
+        },  # fmt: skip
+    }

@@ -1,0 +1,1 @@
+"""Authentication: JWTs (static keys or JWKS) and API keys."""

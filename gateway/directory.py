@@ -1,0 +1,136 @@
+"""Tenants and API keys as the hot path sees them: cached in each process.
+
+The ledger is the source of truth. Entries are dropped when another process
+announces a change (see `invalidation`), within a second; the TTL is only a
+backstop for a lost message. When the ledger cannot be reached, an expired
+entry is still served: a database blip must not lock paying tenants out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from gateway.ledger.db import LedgerUnavailable
+from gateway.ledger.records import ApiKey, Tenant
+from gateway.ledger.store import Ledger
+
+log = logging.getLogger("gateway.directory")
+
+K = TypeVar("K")
+V = TypeVar("V")
+MAX_ENTRIES = 100_000
+TOUCH_INTERVAL_S = 60.0  # how often an API key's last_used_at is written
+
+
+class DirectoryUnavailable(Exception):
+    """Nothing cached and the ledger cannot be reached."""
+
+
+def _fail(future: asyncio.Future[V], exc: Exception) -> None:
+    future.set_exception(exc)
+    future.exception()  # marked retrieved: only the waiters re-raise it
+
+
+class _Cache(Generic[K, V]):
+    """A bounded TTL cache whose misses are loaded once however many ask at once."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._entries: dict[K, tuple[float, V]] = {}
+        self._loading: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K, load: Callable[[K], Awaitable[V]]) -> V:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > self._clock():
+            return entry[1]
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            value = await load(key)
+        except LedgerUnavailable as exc:
+            if entry is not None:
+                log.warning("ledger unreachable; serving a stale entry for %r", key)
+                future.set_result(entry[1])
+                return entry[1]
+            _fail(future, DirectoryUnavailable(str(exc)))
+            raise DirectoryUnavailable(str(exc)) from exc
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            _fail(future, exc)  # waiters must not hang on a loader's bug
+            raise
+        finally:
+            del self._loading[key]
+        if len(self._entries) >= MAX_ENTRIES:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (self._clock() + self._ttl_s, value)
+        future.set_result(value)
+        return value
+
+    def drop(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class Directory:
+    """Cached lookups of tenants (by id) and API keys (by prefix)."""
+
+    def __init__(
+        self, ledger: Ledger, ttl_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ledger = ledger
+        self._tenants: _Cache[str, Tenant | None] = _Cache(ttl_s, clock)
+        self._keys: _Cache[str, ApiKey | None] = _Cache(ttl_s, clock)
+        self._clock = clock
+        self._touched: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def tenant(self, tenant_id: str) -> Tenant | None:
+        """The tenant, or None if there is no such tenant."""
+        return await self._tenants.get(tenant_id, self.ledger.get_tenant)
+
+    async def api_key(self, prefix: str) -> ApiKey | None:
+        """The key record with this prefix, revoked or not; None if unknown."""
+        return await self._keys.get(prefix, self.ledger.get_api_key)
+
+    def invalidate(self, kind: str, key: str) -> None:
+        """Forget one entry: `kind` is "tenant" or "api_key"."""
+        (self._tenants if kind == "tenant" else self._keys).drop(key)
+
+    def invalidate_all(self) -> None:
+        """Forget everything (after missing invalidation messages)."""
+        self._tenants.clear()
+        self._keys.clear()
+
+    def touch(self, prefix: str) -> None:
+        """Record a key's use, at most once a minute, off the request's path."""
+        now = self._clock()
+        if now - self._touched.get(prefix, float("-inf")) < TOUCH_INTERVAL_S:
+            return
+        self._touched[prefix] = now
+        task = asyncio.create_task(self._touch(prefix))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _touch(self, prefix: str) -> None:
+        try:
+            await self.ledger.touch_api_key(prefix, datetime.now(UTC))
+        except LedgerUnavailable:
+            log.warning("could not record the use of API key %s", prefix)
+
+    async def close(self) -> None:
+        """Wait for background writes."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

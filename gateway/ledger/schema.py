@@ -1,0 +1,127 @@
+"""The ledger's migrations, written once for both dialects, and the code that applies them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+
+from gateway.ledger.db import Database, Queries
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of the schema; `statements` use the `{placeholders}` of `_TYPES`."""
+
+    version: int
+    name: str
+    statements: list[str]
+
+
+# SQLite keeps timestamps as ISO 8601 text (see db.py), which sorts in time order.
+# Keys compare bytewise on both sides so that ORDER BY and keyset pagination agree.
+_TYPES = {
+    "postgresql": {"ts": "timestamptz", "bool": "boolean", "key": 'text COLLATE "C"'},
+    "sqlite": {"ts": "TEXT", "bool": "INTEGER", "key": "TEXT"},
+}
+
+MIGRATIONS = [
+    Migration(
+        1,
+        "tenants and api keys",
+        [
+            """
+            CREATE TABLE tenants (
+                id {key} PRIMARY KEY,
+                name text NULL,
+                plan text NOT NULL,
+                status text NOT NULL,
+                status_changed_at {ts} NOT NULL,
+                billing_anchor {ts} NULL,
+                stripe_customer text NULL,
+                stripe_subscription text NULL,
+                disabled {bool} NOT NULL DEFAULT FALSE,
+                created_at {ts} NOT NULL,
+                updated_at {ts} NOT NULL
+            )
+            """,
+            """
+            CREATE UNIQUE INDEX tenants_stripe_customer ON tenants (stripe_customer)
+            WHERE stripe_customer IS NOT NULL
+            """,
+            """
+            CREATE TABLE api_keys (
+                prefix {key} PRIMARY KEY,
+                tenant_id {key} NOT NULL REFERENCES tenants (id),
+                key_hash text NOT NULL,
+                name text NULL,
+                created_at {ts} NOT NULL,
+                revoked_at {ts} NULL,
+                last_used_at {ts} NULL
+            )
+            """,
+            "CREATE INDEX api_keys_tenant_id ON api_keys (tenant_id)",
+        ],
+    ),
+]
+LATEST_VERSION = MIGRATIONS[-1].version
+
+# Any fixed number works; it only has to differ from other users of advisory locks.
+_MIGRATION_LOCK_ID = 0x6C65_6467_6572_0001  # "ledger" + 1
+_CREATE_MIGRATIONS_TABLE = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version integer PRIMARY KEY,
+        name text NOT NULL,
+        applied_at {ts} NOT NULL
+    )
+"""
+_TABLE_EXISTS = {
+    "postgresql": "SELECT to_regclass($1) IS NOT NULL",
+    "sqlite": "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)",
+}
+
+
+@cache
+def _render(statement: str, dialect: str) -> str:
+    return statement.format_map(_TYPES[dialect])
+
+
+async def _apply(db: Database, tx: Queries, migration: Migration) -> bool:
+    if db.dialect == "postgresql":
+        # Held to the end of the transaction: a second migrating process waits
+        # here, then finds the version applied and skips it.
+        await tx.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_ID)
+    # SQLite needs no lock of its own: BEGIN IMMEDIATE already serializes writers.
+    await tx.execute(_render(_CREATE_MIGRATIONS_TABLE, db.dialect))
+    done = "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)"
+    if await tx.fetchval(done, migration.version):
+        return False
+    for statement in migration.statements:
+        await tx.execute(_render(statement, db.dialect))
+    await tx.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+        migration.version,
+        migration.name,
+        datetime.now(UTC),
+    )
+    return True
+
+
+async def migrate(db: Database) -> list[int]:
+    """Apply the pending migrations in order, each in its own transaction; return their versions."""
+    applied = []
+    current = await schema_version(db)
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue  # the common case, settled without a transaction or a lock
+        async with db.transaction() as tx:
+            if await _apply(db, tx, migration):
+                applied.append(migration.version)
+    return applied
+
+
+async def schema_version(db: Database) -> int:
+    """The highest applied migration, 0 on a database never migrated."""
+    if not await db.fetchval(_TABLE_EXISTS[db.dialect], "schema_migrations"):
+        return 0
+    return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))

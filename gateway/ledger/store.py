@@ -1,0 +1,204 @@
+"""Tenants and API keys in the ledger database, the same SQL on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.ledger import schema
+from gateway.ledger.db import Database, connect
+from gateway.ledger.records import ApiKey, Tenant
+
+_TENANT_COLUMNS = (
+    "id, name, plan, status, status_changed_at, billing_anchor, stripe_customer,"
+    " stripe_subscription, disabled, created_at, updated_at"
+)
+_TENANT_VALUES = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10"  # created_at = updated_at = now
+_API_KEY_COLUMNS = "prefix, tenant_id, key_hash, name, created_at, revoked_at, last_used_at"
+
+_INSERT_TENANT = f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES ({_TENANT_VALUES})"
+_CREATE_TENANT = f"{_INSERT_TENANT} ON CONFLICT (id) DO NOTHING RETURNING id"
+_PUT_TENANT = f"""
+    {_INSERT_TENANT}
+    ON CONFLICT (id) DO UPDATE SET
+        name = excluded.name,
+        plan = excluded.plan,
+        status = excluded.status,
+        status_changed_at = CASE WHEN tenants.status = excluded.status
+            THEN tenants.status_changed_at ELSE excluded.status_changed_at END,
+        billing_anchor = excluded.billing_anchor,
+        stripe_customer = excluded.stripe_customer,
+        stripe_subscription = excluded.stripe_subscription,
+        disabled = excluded.disabled,
+        updated_at = excluded.updated_at
+    RETURNING {_TENANT_COLUMNS}
+"""
+_GET_TENANT = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = $1"
+_LIST_TENANTS = f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY id LIMIT $1"
+_LIST_TENANTS_AFTER = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id > $2 ORDER BY id LIMIT $1"
+
+_ADD_API_KEY = f"INSERT INTO api_keys ({_API_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+_GET_API_KEY = f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE prefix = $1"
+_LIST_API_KEYS = (
+    f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 ORDER BY created_at, prefix"
+)
+_REVOKE_API_KEY = (
+    "UPDATE api_keys SET revoked_at = $2 WHERE prefix = $1 AND revoked_at IS NULL RETURNING prefix"
+)
+# Touches from concurrent requests may land out of order; the clock only moves forward.
+_TOUCH_API_KEY = (
+    "UPDATE api_keys SET last_used_at = $2"
+    " WHERE prefix = $1 AND (last_used_at IS NULL OR last_used_at < $2)"
+)
+
+
+def _utc(value: datetime) -> datetime:
+    """A datetime on its way in: refused when naive, since its zone would be a guess."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"expected a timezone-aware datetime, got {value!r}")
+    return value.astimezone(UTC)
+
+
+def _maybe_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
+
+
+def _loaded(value: datetime | str | None) -> datetime | None:
+    """A timestamp column as read: asyncpg gives datetimes, SQLite gives ISO 8601 text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.astimezone(UTC)
+
+
+def _required(value: datetime | None) -> datetime:
+    assert value is not None, "a NOT NULL timestamp column was NULL"
+    return value
+
+
+def _tenant(row: dict[str, Any]) -> Tenant:
+    return Tenant(
+        id=row["id"],
+        name=row["name"],
+        plan=row["plan"],
+        status=row["status"],
+        status_changed_at=_required(_loaded(row["status_changed_at"])),
+        billing_anchor=_loaded(row["billing_anchor"]),
+        stripe_customer=row["stripe_customer"],
+        stripe_subscription=row["stripe_subscription"],
+        disabled=bool(row["disabled"]),  # SQLite has no boolean type: 0 or 1
+        created_at=_loaded(row["created_at"]),
+        updated_at=_loaded(row["updated_at"]),
+    )
+
+
+def _api_key(row: dict[str, Any]) -> ApiKey:
+    return ApiKey(
+        prefix=row["prefix"],
+        tenant_id=row["tenant_id"],
+        key_hash=row["key_hash"],
+        name=row["name"],
+        created_at=_required(_loaded(row["created_at"])),
+        revoked_at=_loaded(row["revoked_at"]),
+        last_used_at=_loaded(row["last_used_at"]),
+    )
+
+
+def _tenant_args(tenant: Tenant, now: datetime | None) -> tuple[Any, ...]:
+    return (
+        tenant.id,
+        tenant.name,
+        tenant.plan,
+        tenant.status,
+        _utc(tenant.status_changed_at),
+        _maybe_utc(tenant.billing_anchor),
+        tenant.stripe_customer,
+        tenant.stripe_subscription,
+        tenant.disabled,
+        datetime.now(UTC) if now is None else _utc(now),
+    )
+
+
+class Ledger:
+    """Tenants and API keys on a `Database`, whichever backend it is."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, url: str) -> Ledger:
+        """Connect to the ledger at `url` (sqlite:// or postgresql://); does not migrate."""
+        return cls(await connect(url))
+
+    async def close(self) -> None:
+        """Close the database connections."""
+        await self.db.close()
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied."""
+        return await schema.migrate(self.db)
+
+    async def schema_version(self) -> int:
+        """The highest applied migration, 0 before the first."""
+        return await schema.schema_version(self.db)
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        """The tenant with `tenant_id`, or None."""
+        row = await self.db.fetchrow(_GET_TENANT, tenant_id)
+        return None if row is None else _tenant(row)
+
+    async def list_tenants(self, limit: int = 1000, after: str | None = None) -> list[Tenant]:
+        """Up to `limit` tenants ordered by id, starting after the id `after`."""
+        if after is None:
+            rows = await self.db.fetch(_LIST_TENANTS, limit)
+        else:
+            rows = await self.db.fetch(_LIST_TENANTS_AFTER, limit, after)
+        return [_tenant(row) for row in rows]
+
+    async def create_tenant_if_missing(
+        self, tenant: Tenant, *, now: datetime | None = None
+    ) -> bool:
+        """Insert `tenant` unless its id exists; True if it was inserted."""
+        inserted = await self.db.fetchval(_CREATE_TENANT, *_tenant_args(tenant, now))
+        return inserted is not None
+
+    async def put_tenant(self, tenant: Tenant, *, now: datetime | None = None) -> Tenant:
+        """Insert or update every field of `tenant`; returns the row as stored.
+
+        An existing row keeps its created_at, and its status_changed_at unless
+        the status is different.
+        """
+        row = await self.db.fetchrow(_PUT_TENANT, *_tenant_args(tenant, now))
+        assert row is not None, "an upsert with RETURNING returns its row"
+        return _tenant(row)
+
+    async def add_api_key(self, key: ApiKey) -> None:
+        """Store a new key; LedgerIntegrityError if its prefix exists or its tenant does not."""
+        await self.db.execute(
+            _ADD_API_KEY,
+            key.prefix,
+            key.tenant_id,
+            key.key_hash,
+            key.name,
+            _utc(key.created_at),
+            _maybe_utc(key.revoked_at),
+            _maybe_utc(key.last_used_at),
+        )
+
+    async def get_api_key(self, prefix: str) -> ApiKey | None:
+        """The key with `prefix`, revoked or not, or None."""
+        row = await self.db.fetchrow(_GET_API_KEY, prefix)
+        return None if row is None else _api_key(row)
+
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKey]:
+        """All keys of a tenant, oldest first."""
+        return [_api_key(row) for row in await self.db.fetch(_LIST_API_KEYS, tenant_id)]
+
+    async def revoke_api_key(self, prefix: str, at: datetime) -> bool:
+        """Revoke the key at `at`; True if it existed and was still active."""
+        return await self.db.fetchval(_REVOKE_API_KEY, prefix, _utc(at)) is not None
+
+    async def touch_api_key(self, prefix: str, at: datetime) -> None:
+        """Record that the key was used at `at`; an earlier time never replaces a later one."""
+        await self.db.execute(_TOUCH_API_KEY, prefix, _utc(at))

@@ -1,0 +1,129 @@
+"""The long-lived resources behind authentication: ledger, caches, keys, bus."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gateway.auth.authenticate import Authenticator
+from gateway.auth.jwks import JWKSKeys
+from gateway.auth.jwt import JWTVerifier
+from gateway.auth.keys import KeyConfigError, KeySource, StaticKeys
+from gateway.config.models import GatewayConfig
+from gateway.directory import Directory
+from gateway.invalidation import Bus, LocalBus, RedisBus
+from gateway.ledger.db import LedgerUnavailable
+from gateway.ledger.records import Tenant
+from gateway.ledger.schema import LATEST_VERSION
+from gateway.ledger.store import Ledger
+
+log = logging.getLogger("gateway")
+
+
+class StartupError(Exception):
+    """A resource the config names cannot be used; the message says how to fix it."""
+
+
+def needs_services(config: GatewayConfig) -> bool:
+    """Whether any request or command needs tenants (and so the ledger)."""
+    auth = config.auth
+    return auth.jwt is not None or auth.api_keys.enabled or bool(config.tenants)
+
+
+async def open_ledger(config: GatewayConfig, *, migrate: bool) -> Ledger:
+    """Open the ledger; embedded SQLite migrates itself, PostgreSQL must be migrated."""
+    url = config.storage.ledger
+    try:
+        ledger = await Ledger.open(url)
+        if migrate or url.startswith("sqlite:"):
+            await ledger.migrate()
+        version = await ledger.schema_version()
+    except LedgerUnavailable as exc:
+        raise StartupError(f"storage.ledger: cannot reach the ledger: {exc}") from None
+    if version < LATEST_VERSION:
+        await ledger.close()
+        raise StartupError(
+            f"the ledger schema is at version {version} and this gateway needs "
+            f"{LATEST_VERSION}: run `gateway migrate -c <config>` first"
+        )
+    return ledger
+
+
+async def seed_tenants(config: GatewayConfig, ledger: Ledger) -> int:
+    """Create the config's seed tenants that do not exist yet; never overwrite."""
+    created = 0
+    now = datetime.now(UTC)
+    for seed in config.tenants:
+        tenant = Tenant(
+            id=seed.id,
+            name=seed.name,
+            plan=seed.plan,
+            status=seed.status,
+            status_changed_at=now,
+            billing_anchor=seed.billing_anchor,
+            stripe_customer=seed.stripe_customer,
+            disabled=seed.disabled,
+        )
+        created += await ledger.create_tenant_if_missing(tenant)
+    return created
+
+
+def make_bus(config: GatewayConfig, directory: Directory | None) -> Bus:
+    """Redis pub/sub when processes share a Redis, in-process otherwise."""
+    counters = config.storage.counters
+    if counters.startswith(("redis:", "rediss:")):
+        return RedisBus(counters, directory)
+    return LocalBus(directory)
+
+
+@dataclass
+class Services:
+    ledger: Ledger
+    directory: Directory
+    bus: Bus
+    authenticator: Authenticator
+    jwks: JWKSKeys | None
+
+    @classmethod
+    async def open(cls, config: GatewayConfig) -> Services:
+        """Everything authentication needs; raises StartupError with the fix."""
+        jwks = None
+        verifier = None
+        if config.auth.jwt is not None:
+            jwt_config = config.auth.jwt
+            keys: KeySource
+            if jwt_config.jwks_url is not None:
+                jwks = JWKSKeys(
+                    jwt_config.jwks_url, jwt_config.algorithms, jwt_config.jwks_refresh_s
+                )
+                keys = jwks
+            else:
+                try:
+                    keys = StaticKeys.from_config(jwt_config)
+                except KeyConfigError as exc:
+                    raise StartupError(f"auth.jwt: {exc}") from None
+            verifier = JWTVerifier(jwt_config, keys)
+        ledger = await open_ledger(config, migrate=False)
+        try:
+            created = await seed_tenants(config, ledger)
+        except LedgerUnavailable as exc:
+            await ledger.close()
+            raise StartupError(f"storage.ledger: {exc}") from None
+        if created:
+            log.info("created %d seed tenant(s) from the config", created)
+        directory = Directory(ledger, config.storage.cache_ttl_s)
+        api_keys = config.auth.api_keys
+        authenticator = Authenticator(
+            verifier, directory, api_keys.header if api_keys.enabled else None
+        )
+        if jwks is not None:
+            await jwks.start()
+        return cls(ledger, directory, make_bus(config, directory), authenticator, jwks)
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.stop()
+        await self.bus.close()
+        await self.directory.close()
+        await self.ledger.close()

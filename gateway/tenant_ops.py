@@ -1,0 +1,149 @@
+"""Changing tenants and API keys: one implementation for the admin API and the CLI.
+
+Every change is written to the ledger, then announced so that every gateway
+process drops its cached copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gateway.auth.apikeys import new_key
+from gateway.config.loader import format_path
+from gateway.config.models import GatewayConfig, Name, SubscriptionStatus
+from gateway.invalidation import Bus
+from gateway.ledger.records import ApiKey, Tenant
+from gateway.ledger.store import Ledger
+
+
+class TenantChangeError(ValueError):
+    """A change that cannot be applied; the message names the field."""
+
+
+class TenantChanges(BaseModel):
+    """The body of `PUT /admin/tenants/{id}`: only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    plan: Name | None = None
+    status: SubscriptionStatus | None = None
+    billing_anchor: datetime | None = None
+    stripe_customer: str | None = None
+    stripe_subscription: str | None = None
+    disabled: bool | None = None
+
+
+def parse_changes(data: Any) -> TenantChanges:
+    """Validate a change set; errors name the field, like config errors do."""
+    try:
+        return TenantChanges.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = format_path(first["loc"]) or "body"
+        raise TenantChangeError(f"{where}: {first['msg']}") from None
+
+
+def tenant_json(tenant: Tenant) -> dict[str, Any]:
+    """The API form of a tenant."""
+    return {
+        "id": tenant.id,
+        "name": tenant.name,
+        "plan": tenant.plan,
+        "status": tenant.status,
+        "status_changed_at": _iso(tenant.status_changed_at),
+        "billing_anchor": _iso(tenant.billing_anchor),
+        "stripe_customer": tenant.stripe_customer,
+        "stripe_subscription": tenant.stripe_subscription,
+        "disabled": tenant.disabled,
+        "created_at": _iso(tenant.created_at),
+        "updated_at": _iso(tenant.updated_at),
+    }
+
+
+def api_key_json(key: ApiKey) -> dict[str, Any]:
+    """The API form of a key record (never the key itself)."""
+    return {
+        "prefix": key.prefix,
+        "tenant": key.tenant_id,
+        "name": key.name,
+        "created_at": _iso(key.created_at),
+        "revoked_at": _iso(key.revoked_at),
+        "last_used_at": _iso(key.last_used_at),
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z") if moment else None
+
+
+class TenantOps:
+    """Tenant and key changes against one ledger, announced on one bus."""
+
+    def __init__(self, config: GatewayConfig, ledger: Ledger, bus: Bus) -> None:
+        self._config = config
+        self._ledger = ledger
+        self._bus = bus
+
+    async def put(self, tenant_id: str, changes: TenantChanges) -> tuple[Tenant, bool]:
+        """Create or update a tenant; (stored tenant, created)."""
+        if changes.plan is not None and changes.plan not in self._config.plans:
+            known = ", ".join(sorted(self._config.plans)) or "none"
+            raise TenantChangeError(f"plan: unknown plan {changes.plan!r} (defined: {known})")
+        current = await self._ledger.get_tenant(tenant_id)
+        given = changes.model_dump(exclude_unset=True)
+        if current is None:
+            if changes.plan is None:
+                raise TenantChangeError("plan: required for a new tenant")
+            now = datetime.now(UTC)
+            fields = {k: v for k, v in given.items() if v is not None}
+            tenant = Tenant(
+                id=tenant_id,
+                plan=changes.plan,
+                status=fields.pop("status", "active"),
+                status_changed_at=now,
+                **{k: v for k, v in fields.items() if k != "plan"},
+            )
+        else:
+            for key in ("plan", "status", "disabled"):
+                if key in given and given[key] is None:
+                    raise TenantChangeError(f"{key}: may not be null")
+            tenant = replace(current, **given)
+        stored = await self._ledger.put_tenant(tenant)
+        await self._bus.publish("tenant", tenant_id)
+        return stored, current is None
+
+    async def disable(self, tenant_id: str) -> Tenant | None:
+        """Disable (never delete: the ledger keeps its history); None if unknown."""
+        current = await self._ledger.get_tenant(tenant_id)
+        if current is None:
+            return None
+        stored = await self._ledger.put_tenant(replace(current, disabled=True))
+        await self._bus.publish("tenant", tenant_id)
+        return stored
+
+    async def create_key(self, tenant_id: str, name: str | None) -> tuple[str, ApiKey] | None:
+        """A new key for the tenant: (the key, shown once; its record); None if unknown."""
+        if await self._ledger.get_tenant(tenant_id) is None:
+            return None
+        key, prefix, digest = new_key()
+        record = ApiKey(
+            prefix=prefix,
+            tenant_id=tenant_id,
+            key_hash=digest,
+            created_at=datetime.now(UTC),
+            name=name,
+        )
+        await self._ledger.add_api_key(record)
+        await self._bus.publish("api_key", prefix)
+        return key, record
+
+    async def revoke_key(self, prefix: str) -> bool:
+        """Revoke; False if no active key has this prefix."""
+        revoked = await self._ledger.revoke_api_key(prefix, datetime.now(UTC))
+        await self._bus.publish("api_key", prefix)
+        return revoked
