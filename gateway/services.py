@@ -19,6 +19,7 @@ from gateway.ledger.schema import LATEST_VERSION
 from gateway.ledger.store import Ledger
 
 log = logging.getLogger("gateway")
+SUBSCRIBE_TIMEOUT_S = 5.0
 
 
 class StartupError(Exception):
@@ -119,7 +120,11 @@ class Services:
         )
         if jwks is not None:
             await jwks.start()
-        return cls(ledger, directory, make_bus(config, directory), authenticator, jwks)
+        bus = make_bus(config, directory)
+        # Serving before listening could miss a change made in between.
+        if isinstance(bus, RedisBus) and not await bus.wait_subscribed(SUBSCRIBE_TIMEOUT_S):
+            log.warning("not yet listening for tenant changes; caches rely on their TTL")
+        return cls(ledger, directory, bus, authenticator, jwks)
 
     async def close(self) -> None:
         if self.jwks is not None:

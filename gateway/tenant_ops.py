@@ -112,6 +112,9 @@ class TenantOps:
             for key in ("plan", "status", "disabled"):
                 if key in given and given[key] is None:
                     raise TenantChangeError(f"{key}: may not be null")
+            if given.get("status", current.status) != current.status:
+                # A grace period runs from the moment the status changed.
+                given["status_changed_at"] = datetime.now(UTC)
             tenant = replace(current, **given)
         stored = await self._ledger.put_tenant(tenant)
         await self._bus.publish("tenant", tenant_id)

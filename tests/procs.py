@@ -7,9 +7,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -31,6 +32,7 @@ class GatewayProcess:
         self.port = 0
         self.admin_port = 0
         self.log_lines: list[str] = []
+        self._drainer: threading.Thread | None = None
 
     def start(self, timeout_s: float = 20) -> GatewayProcess:
         self.proc = subprocess.Popen(
@@ -49,8 +51,18 @@ class GatewayProcess:
             self.log_lines.append(line)
             if m := _LISTENING.search(line):
                 self.port, self.admin_port = int(m.group(1)), int(m.group(2))
+                # Keep reading: a child blocked on a full stderr pipe would hang.
+                self._drainer = threading.Thread(
+                    target=self._drain, args=(self.proc.stderr,), daemon=True
+                )
+                self._drainer.start()
                 return self
         raise TimeoutError("gateway did not report its ports")
+
+    def _drain(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self.log_lines.append(line)
 
     @property
     def pid(self) -> int:
@@ -79,7 +91,9 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait(10)
-        if self.proc.stderr:
+        if self._drainer is not None:
+            self._drainer.join(10)
+        elif self.proc.stderr is not None:
             self.proc.stderr.close()
         self.proc = None
         return code
