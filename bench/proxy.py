@@ -2,22 +2,27 @@
 
 Starts an upstream, the baseline proxy and `gateway serve` as separate
 processes on loopback, loads each with wrk and prints requests per second and
-latency percentiles. Usage: python -m bench.proxy [--duration S] [--connections N]
+latency percentiles. Usage: python -m bench.proxy [--duration S] [--rounds N] [--connections N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from gateway.auth.jwt import mint
 
 
 def _free_port() -> int:
@@ -37,11 +42,14 @@ def _wait(port: int) -> None:
     raise TimeoutError(f"nothing listening on {port}")
 
 
-def _wrk(port: int, duration_s: int, connections: int) -> dict[str, float]:
+def _wrk(
+    port: int, duration_s: int, connections: int, headers: tuple[str, ...] = ()
+) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}/v1/projects/1?expand=members"
-    subprocess.run(["wrk", "-t1", "-c16", "-d2s", url], capture_output=True, check=True)  # warm-up
+    extra = [arg for header in headers for arg in ("-H", header)]
+    subprocess.run(["wrk", "-t1", "-c16", "-d2s", *extra, url], capture_output=True, check=True)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", *extra, url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
@@ -55,9 +63,32 @@ def _wrk(port: int, duration_s: int, connections: int) -> dict[str, float]:
     return figures
 
 
+SECRET = "benchmark-only-secret-" + "b" * 40
+
+
+def _gateway_config(port: int, up_port: int, auth: str, tmp: str) -> dict[str, Any]:
+    """Three routes; `auth` on the API routes ("none" or "required": JWT + tenant)."""
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": _free_port()},
+        "storage": {"ledger": f"sqlite:///{tmp}/ledger-{port}.db"},
+        "auth": {"jwt": {"algorithms": ["HS256"], "secret_env": "BENCH_JWT_SECRET"}},
+        "plans": {"starter": {}},
+        "tenants": [{"id": "bench", "plan": "starter"}],
+        "upstreams": {"app": {"url": f"http://127.0.0.1:{up_port}"}},
+        "routes": [
+            {"name": "health", "match": {"path": "/healthz"}, "upstream": "app", "auth": "none"},
+            {"name": "member", "match": {"path": "/v1/members/{id}", "methods": ["GET"]},
+             "upstream": "app", "auth": auth},
+            {"name": "api", "match": {"path": "/v1/**"}, "upstream": "app", "auth": auth},
+        ],
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per target (median shown)")
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -71,48 +102,55 @@ def main() -> None:
         ),
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        gw_port, admin_port = _free_port(), _free_port()
-        config = {
-            "server": {"host": "127.0.0.1", "port": gw_port},
-            "admin": {"host": "127.0.0.1", "port": admin_port},
-            "upstreams": {"app": {"url": f"http://127.0.0.1:{up_port}"}},
-            "routes": [
-                {"name": "health", "match": {"path": "/healthz"}, "upstream": "app",
-                 "auth": "none"},
-                {"name": "member", "match": {"path": "/v1/members/{id}", "methods": ["GET"]},
-                 "upstream": "app", "auth": "none"},
-                {"name": "api", "match": {"path": "/v1/**"}, "upstream": "app", "auth": "none"},
-            ],
-        }  # fmt: skip
-        path = Path(tmp) / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "-c", str(path)],
-                stderr=subprocess.DEVNULL,
+        gw_port, auth_port = _free_port(), _free_port()
+        for port, auth in ((gw_port, "none"), (auth_port, "required")):
+            path = Path(tmp) / f"gateway-{port}.yaml"
+            path.write_text(yaml.safe_dump(_gateway_config(port, up_port, auth, tmp)))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "gateway", "serve", "-c", str(path)],
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "BENCH_JWT_SECRET": SECRET},
+                )
             )
-        )
+        token = mint(SECRET, "HS256", ["org_id"], "bench", 3600)
+        bearer = (f"Authorization: Bearer {token}",)
         try:
-            for port in (up_port, base_port, gw_port):
+            for port in (up_port, base_port, gw_port, auth_port):
                 _wait(port)
+            targets: dict[str, tuple[int, tuple[str, ...]]] = {
+                "upstream (direct)": (up_port, ()),
+                "baseline pass-through": (base_port, ()),
+                "gateway": (gw_port, ()),
+                "gateway + JWT + tenant": (auth_port, bearer),
+            }
+            # Rounds interleave the targets so that a noisy moment on the
+            # machine hits all of them alike; each figure is the median.
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            for _ in range(args.rounds):
+                for name, (port, headers) in targets.items():
+                    runs[name].append(_wrk(port, args.duration, args.connections, headers))
             results = {
-                "upstream (direct)": _wrk(up_port, args.duration, args.connections),
-                "baseline pass-through": _wrk(base_port, args.duration, args.connections),
-                "gateway": _wrk(gw_port, args.duration, args.connections),
+                name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+                for name, rs in runs.items()
             }
         finally:
             for proc in procs:
                 proc.terminate()
                 proc.wait(30)
-    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, GET with a 70-byte JSON answer")
+    print(
+        f"\nwrk -t1 -c{args.connections} -d{args.duration}s, GET with a 70-byte JSON answer, "
+        f"median of {args.rounds} interleaved rounds"
+    )
     print(f"{'target':24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, fig in results.items():
         print(
             f"{name:24} {fig['rps']:9.0f} {fig['p50_ms']:8.2f} {fig['p99_ms']:8.2f} "
             f"{fig['errors']:8.0f}"
         )
-    ratio = results["gateway"]["rps"] / results["baseline pass-through"]["rps"]
-    print(f"gateway / baseline throughput: {ratio:.2f}")
+    baseline = results["baseline pass-through"]["rps"]
+    for name in ("gateway", "gateway + JWT + tenant"):
+        print(f"{name} / baseline throughput: {results[name]['rps'] / baseline:.2f}")
 
 
 if __name__ == "__main__":
