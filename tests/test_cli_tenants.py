@@ -39,8 +39,12 @@ def config(ledger: str, upstream_url: str = "http://127.0.0.1:9") -> dict[str, A
         upstream_url,
         storage={"ledger": ledger},
         auth={
-            "jwt": {"algorithms": ["HS256"], "secret_env": "GATEWAY_JWT_SECRET",
-                    "issuer": "https://issuer.test/", "audience": "api"},
+            "jwt": {
+                "algorithms": ["HS256"],
+                "secret_env": "GATEWAY_JWT_SECRET",
+                "issuer": "https://issuer.test/",
+                "audience": "api",
+            },
             "api_keys": {"enabled": True},
         },  # fmt: skip
         plans={"starter": {}, "pro": {}},

@@ -1,0 +1,1 @@
+"""The quota engine: pure rules (periods, GCRA, decisions) and the counter stores."""

@@ -1,0 +1,76 @@
+"""Quota periods: pure functions of (kind, anchor, now).
+
+A `billing_cycle` period runs from the tenant's billing anchor, an exact
+instant, to the same day and time of the next month. An anchor on the 29th,
+30th or 31st falls on the last day of a shorter month, and comes back to its
+own day in the months that have it (Jan 31 -> Feb 28 -> Mar 31), as Stripe
+bills. Periods are half-open: [start, end).
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+PeriodKind = Literal["billing_cycle", "month", "day", "hour", "none"]
+DEFAULT_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)  # the 1st of the month, 00:00 UTC
+# `none` never resets: one period from the epoch to the end of representable time.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FOREVER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    start: datetime
+    end: datetime
+
+    @property
+    def key(self) -> str:
+        """A stable name for the period (part of counter keys and ledger rows)."""
+        return self.start.strftime("%Y%m%dT%H%M%S")
+
+    def seconds_left(self, now: datetime) -> int:
+        """Whole seconds to the end, rounded up (for Retry-After)."""
+        left = (self.end - now).total_seconds()
+        return max(0, int(-(-left // 1)))
+
+
+def _add_months(year: int, month: int, months: int) -> tuple[int, int]:
+    index = year * 12 + (month - 1) + months
+    return index // 12, index % 12 + 1
+
+
+def _cycle_start(anchor: datetime, year: int, month: int) -> datetime:
+    """The anchor's day and time in (year, month), clamped to the month's last day."""
+    day = min(anchor.day, calendar.monthrange(year, month)[1])
+    return anchor.replace(year=year, month=month, day=day)
+
+
+def billing_cycle(anchor: datetime, now: datetime) -> Period:
+    """The billing period of an anchor that contains `now`."""
+    anchor = anchor.astimezone(UTC)
+    start = _cycle_start(anchor, now.year, now.month)
+    if start > now:
+        start = _cycle_start(anchor, *_add_months(now.year, now.month, -1))
+    end = _cycle_start(anchor, *_add_months(start.year, start.month, 1))
+    return Period(start, end)
+
+
+def period_of(kind: PeriodKind, now: datetime, anchor: datetime | None = None) -> Period:
+    """The period of `kind` containing `now` (aware, any timezone; computed in UTC)."""
+    now = now.astimezone(UTC)
+    if kind == "billing_cycle":
+        return billing_cycle(anchor or DEFAULT_ANCHOR, now)
+    if kind == "month":
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        year, month = _add_months(start.year, start.month, 1)
+        return Period(start, start.replace(year=year, month=month))
+    if kind == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return Period(start, start + timedelta(days=1))
+    if kind == "hour":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        return Period(start, start + timedelta(hours=1))
+    return Period(_EPOCH, _FOREVER)
