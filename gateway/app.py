@@ -16,7 +16,7 @@ from gateway.headers import TrustedProxies, request_id, request_skip
 from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics
 from gateway.problems import problem
 from gateway.proxy import Forwarder, RoutePlan, Upstreams
-from gateway.routing import RESERVED_PREFIX, BadPath, Router, split_path
+from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
 
 # Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
@@ -75,14 +75,14 @@ METRICS = web.AppKey("metrics", ProxyMetrics)
 
 async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResponse]:
     runtime = request.app[RUNTIME]
-    path = request.raw_path.partition("?")[0]
-    if path.startswith(RESERVED_PREFIX):
-        return GATEWAY, problem(404, "not-found", "no such gateway endpoint", request_id=rid)
     try:
-        segments = split_path(path)
+        path = parse_path(request.raw_path)
+        if path.reserved:
+            return GATEWAY, problem(404, "not-found", "no such gateway endpoint", request_id=rid)
+        host = request.headers.get("Host", "")
+        match = runtime.router.match_path(request.method, host, path)
     except BadPath as exc:
         return UNMATCHED, problem(400, "bad-path", str(exc), request_id=rid)
-    match = runtime.router.match(request.method, request.headers.get("Host", ""), segments)
     if match is None:
         return UNMATCHED, problem(404, "no-route", "no route matches this request", request_id=rid)
     plan = runtime.plans[match.route.index]

@@ -52,10 +52,17 @@ def request_skip(drop: Iterable[str] = ()) -> frozenset[str]:
 
 
 def end_to_end(headers: Headers, skip: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
-    """Copy the headers not in `skip` (lowercase) nor named in `Connection`."""
+    """Copy the headers not in `skip` (lowercase) nor named in `Connection`.
+
+    `X_Tenant_Id` is dropped with `X-Tenant-Id`: WSGI and CGI servers fold
+    `_` and `-` into the same variable, so an underscore spelling would
+    smuggle a header the gateway owns.
+    """
     if "Connection" in headers:
         skip = skip | connection_tokens(headers)
-    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in skip])
+    return CIMultiDict(
+        [(k, v) for k, v in headers.items() if k.lower().replace("_", "-") not in skip]
+    )
 
 
 class TrustedProxies:

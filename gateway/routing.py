@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # the config loader imports this module to check templates
     from gateway.config.models import RouteConfig
 
 RESERVED_PREFIX = "/_gateway/"
+_RESERVED_SEGMENT = "_gateway"
+_SLASHES = re.compile(r"[/\\]")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -64,7 +66,7 @@ def parse_template(path: str) -> list[str]:
         raise TemplateError("must start with '/'")
     if path == RESERVED_PREFIX.rstrip("/") or path.startswith(RESERVED_PREFIX):
         raise TemplateError(f"paths under {RESERVED_PREFIX} belong to the gateway")
-    segments = path[1:].split("/")
+    segments = _matchable(path[1:].split("/"))
     seen: set[str] = set()
     for i, seg in enumerate(segments):
         if seg == "**":
@@ -84,32 +86,68 @@ def parse_template(path: str) -> list[str]:
     return segments
 
 
-def split_path(raw_path: str) -> list[str]:
-    """Decode a request path into segments; `%2F` stays inside its segment.
+@dataclass(frozen=True, slots=True)
+class RequestPath:
+    """A request path as the router sees it."""
 
-    Matching on decoded segments means an encoded spelling cannot slip past a
-    more specific route, and refusing dot segments and empty inner segments
-    means the upstream cannot normalize the path into one we did not match.
+    segments: list[str]  # decoded; an encoded slash stays inside its segment
+    # The same path split at its encoded slashes and backslashes, when it has
+    # any: how an upstream that decodes them (WSGI's PATH_INFO, nginx) sees it.
+    alternate: list[str] | None
+    reserved: bool  # under /_gateway/
+
+
+def _decode(seg: str) -> str:
+    try:
+        decoded = unquote_to_bytes(seg).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPath("the path is not UTF-8 once decoded") from None
+    if "\x00" in decoded:
+        raise BadPath("the path has a NUL byte")
+    return decoded
+
+
+def _check_segments(segments: list[str], what: str) -> None:
+    for i, seg in enumerate(segments):
+        # `..;x` is `..` to servlet containers (path parameters are stripped).
+        if seg.split(";", 1)[0] in (".", ".."):
+            raise BadPath(f"{what} has a dot segment")
+        if not seg and i != len(segments) - 1:
+            raise BadPath(f"{what} has an empty segment")
+
+
+def _matchable(segments: list[str]) -> list[str]:
+    # One trailing slash does not make another route: `/v1/members/` is
+    # `/v1/members`, as most upstream frameworks read it.
+    return segments[:-1] if segments and not segments[-1] else segments
+
+
+def parse_path(target: str) -> RequestPath:
+    """Decode a request target's path for routing, refusing what an upstream could
+    read as another path: dot segments (also encoded, also `..;`), empty inner
+    segments, malformed escapes, NUL, a fragment, and the same hidden behind an
+    encoded slash or backslash.
     """
-    if not raw_path.startswith("/"):
+    if not target.startswith("/"):
         raise BadPath("the request target must be an absolute path")
-    if _BAD_ESCAPE.search(raw_path):
+    if "#" in target:  # a client never sends a fragment; a proxy would cut it off
+        raise BadPath("the request target has a fragment ('#')")
+    path = target.partition("?")[0]
+    if _BAD_ESCAPE.search(path):
         raise BadPath("the path has a malformed percent-escape")
-    raw = raw_path[1:].split("/")
-    segments = []
-    for i, seg in enumerate(raw):
-        try:
-            decoded = unquote_to_bytes(seg).decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadPath("the path is not UTF-8 once decoded") from None
-        if decoded in (".", ".."):
-            raise BadPath("the path has a dot segment")
-        if "\x00" in decoded:
-            raise BadPath("the path has a NUL byte")
-        if not decoded and i != len(raw) - 1:
-            raise BadPath("the path has an empty segment")
-        segments.append(decoded)
-    return segments
+    segments = [_decode(seg) for seg in path[1:].split("/")]
+    _check_segments(segments, "the path")
+    alternate = None
+    if any("/" in seg or "\\" in seg for seg in segments):
+        alternate = [part for seg in segments for part in _SLASHES.split(seg)]
+        _check_segments(alternate, "the path, read with its encoded slashes,")
+        alternate = _matchable(alternate)
+    return RequestPath(_matchable(segments), alternate, segments[0] == _RESERVED_SEGMENT)
+
+
+def split_path(target: str) -> list[str]:
+    """The decoded segments of a request target (see `parse_path`)."""
+    return parse_path(target).segments
 
 
 def _host_matches(pattern: str, host: str) -> bool:
@@ -162,8 +200,22 @@ class Router:
         if node.param:
             self._sort(node.param)
 
+    def match_path(self, method: str, host: str, path: RequestPath) -> Match | None:
+        """The route for a parsed path; BadPath when its encoded slashes would change it.
+
+        An upstream may or may not decode `%2F`; the gateway's decision (which
+        route, so which authentication and which charges) must be the same
+        either way, or the request is refused.
+        """
+        found = self.match(method, host, path.segments)
+        if path.alternate is not None:
+            other = self.match(method, host, path.alternate)
+            if (found and found.route.index) != (other and other.route.index):
+                raise BadPath("an encoded slash in the path would select another route")
+        return found
+
     def match(self, method: str, host: str, segments: Sequence[str]) -> Match | None:
-        """Return the most specific route for a decoded path, or None."""
+        """Return the most specific route for decoded segments, or None."""
         host = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else host.lower()
         found = self._walk(self._root, segments, 0, method, host)
         if found is None:

@@ -261,3 +261,30 @@ async def test_status_change_restarts_the_grace_clock(gateway: Gateway) -> None:
     assert code == 200 and headers["X-Quota-Warning"].startswith("subscription past_due")
     _, again = await admin(gateway, "PUT", "/admin/tenants/acme", {"name": "Acme"})
     assert again["status_changed_at"] == tenant["status_changed_at"]  # same status: kept
+
+
+async def test_path_tricks_cannot_reach_a_protected_route_unauthenticated(
+    upstream: Upstream, jwks: JWKSServer, tmp_path: Path, make_gateway: MakeGateway
+) -> None:
+    config = auth_config(upstream, jwks, tmp_path)
+    config["routes"] = [
+        {"name": "admin", "match": {"path": "/v1/admin/users"}, "upstream": "app"},
+        {"name": "user", "match": {"path": "/v1/users/{id}", "methods": ["GET"]},
+         "upstream": "app", "auth": "none"},
+        {"name": "private", "match": {"path": "/v1/**"}, "upstream": "app"},
+        {"name": "public", "match": {"path": "/**"}, "upstream": "app", "auth": "none"},
+    ]  # fmt: skip
+    gw = await make_gateway(config)
+    for target in (
+        "/v1/admin/users#",
+        "/v1/admin/users#x/y",
+        "/v1/users/42%2Fbilling",  # WSGI upstreams decode it to /v1/users/42/billing
+        "/v1/users/x%2F..%2F..%2Fadmin%2Fusers",
+        "/v1/users/..;/admin/users",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        status_line = (await reader.readline()).decode()
+        writer.close()
+        assert status_line.split()[1] == "400", (target, status_line)
+    assert upstream.seen == []

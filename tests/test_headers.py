@@ -67,3 +67,12 @@ def test_via_for_http2_and_request_ids() -> None:
     assert request_id({"X-Request-Id": "a" * 128}) == "a" * 128
     assert request_id({"X-Request-Id": "a" * 129}) != "a" * 129
     assert len(request_id({})) == 32
+
+
+def test_underscore_spellings_of_gateway_headers_are_dropped() -> None:
+    incoming = CIMultiDict(
+        [("X_Tenant_Id", "victim"), ("X_Forwarded_For", "6.6.6.6"), ("X_Real_IP", "1.1.1.1"),
+         ("X_Custom", "kept")]
+    )  # fmt: skip
+    out = end_to_end(incoming, request_skip(["X-Tenant-Id"]))
+    assert list(out.items()) == [("X_Custom", "kept")]

@@ -45,7 +45,7 @@ def problem_of(body: bytes) -> dict[str, Any]:
         "/a%2Fb/c%20d?x=1&x=2&y=%2F%3F&empty=&flag",
         "/%7Euser/caf%C3%A9/%E2%82%AC?q=a+b&q=%2B&q=",
         "/v1/items;matrix=1,2/%252F?a=%26&a=%3D&a=%25",
-        "/UPPER/%2f%2F/MiXeD?Key=Value&key=value",
+        "/UPPER/a%2fb/MiXeD?Key=Value&key=value&%23=%23",
     ],
 )
 async def test_path_and_query_reach_upstream_byte_for_byte(

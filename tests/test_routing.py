@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from gateway.config.models import RouteConfig
-from gateway.routing import BadPath, Router, TemplateError, parse_template, split_path
+from gateway.routing import (
+    BadPath,
+    Router,
+    TemplateError,
+    parse_path,
+    parse_template,
+    split_path,
+)
 
 
 def route(name: str, path: str, **match: Any) -> RouteConfig:
@@ -44,7 +51,7 @@ ROUTES = [
         ("GET", "api.test", "/v1/members/42", "member"),  # {param} beats **
         ("DELETE", "api.test", "/v1/members/42", "remove-member"),
         ("GET", "api.test", "/v1/members/42/roles", "member-any"),  # more static segments
-        ("GET", "api.test", "/v1/members/", "member-any"),  # {param} never matches empty
+        ("GET", "api.test", "/v1/members/", "members"),  # one trailing slash changes nothing
         ("PUT", "api.test", "/v1/files/a/b/c.txt", "files"),
         ("GET", "api.test", "/v1/files/a", "api"),  # method mismatch falls back
         ("GET", "api.test", "/v1/other/special", "static-deep"),
@@ -101,6 +108,12 @@ def test_matching_walks_the_path_not_the_route_list() -> None:
         ("/a/%ff", "the path is not UTF-8 once decoded"),
         ("/a/%00", "the path has a NUL byte"),
         ("a/b", "the request target must be an absolute path"),
+        ("/v1/admin/users#x", "has a fragment"),
+        ("/v1/admin/users?q=1#", "has a fragment"),
+        ("/v1/..;/admin", "the path has a dot segment"),
+        ("/v1/x%2F..%2F..%2Fadmin", "read with its encoded slashes, has a dot segment"),
+        ("/v1/x%5C..%5Cadmin", "read with its encoded slashes, has a dot segment"),
+        ("/v1/a%2f%2Fb", "read with its encoded slashes, has an empty segment"),
     ],
 )
 def test_paths_refused(raw: str, error: str) -> None:
@@ -109,9 +122,31 @@ def test_paths_refused(raw: str, error: str) -> None:
 
 
 def test_path_segments() -> None:
-    assert split_path("/") == [""]
-    assert split_path("/v1/members/") == ["v1", "members", ""]
+    assert split_path("/") == []
+    assert split_path("/v1/members/") == ["v1", "members"]
     assert split_path("/a%2Fb/c") == ["a/b", "c"]
+    assert parse_path("/a%2Fb/c?x=%2F").alternate == ["a", "b", "c"]
+    assert parse_path("/a/b").alternate is None
+    assert parse_path("/%5Fgateway/usage").reserved  # an encoded spelling is still reserved
+
+
+def test_an_encoded_slash_may_not_change_the_route() -> None:
+    router = Router(
+        [
+            route("user", "/v1/users/{id}", methods=["GET"]),
+            route("private", "/v1/**"),
+        ]
+    )
+    # Read whole, 42%2Fbilling is a user id; decoded by a WSGI upstream it is
+    # /v1/users/42/billing, another route: refused rather than guessed.
+    with pytest.raises(BadPath, match="would select another route"):
+        router.match_path("GET", "h", parse_path("/v1/users/42%2Fbilling"))
+    # Both readings reach the same route: forwarded as it came.
+    same = router.match_path("GET", "h", parse_path("/v1/files/a%2Fb"))
+    assert same is not None and same.route.name == "private"
+    assert router.match_path("GET", "h", parse_path("/")) is None
+    root = Router([route("root", "/")]).match_path("GET", "h", parse_path("/"))
+    assert root is not None and root.route.name == "root"
 
 
 @pytest.mark.parametrize(
