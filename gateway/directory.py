@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
@@ -24,6 +25,7 @@ log = logging.getLogger("gateway.directory")
 K = TypeVar("K")
 V = TypeVar("V")
 MAX_ENTRIES = 100_000
+MAX_MISSING = 10_000
 TOUCH_INTERVAL_S = 60.0  # how often an API key's last_used_at is written
 
 
@@ -37,23 +39,38 @@ def _fail(future: asyncio.Future[V], exc: Exception) -> None:
 
 
 class _Cache(Generic[K, V]):
-    """A bounded TTL cache whose misses are loaded once however many ask at once."""
+    """A bounded TTL cache whose misses are loaded once however many ask at once.
+
+    Found values and "no such key" answers are kept apart, each evicted least
+    recently used first, so that a flood of made-up keys can only evict other
+    made-up keys, never the tenants and keys in use.
+    """
 
     def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
-        self._entries: dict[K, tuple[float, V]] = {}
-        self._loading: dict[K, asyncio.Future[V]] = {}
+        self._found: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._missing: OrderedDict[K, float] = OrderedDict()
+        self._loading: dict[K, asyncio.Future[V | None]] = {}
+        # Bumped by every invalidation: a load that was in flight meanwhile
+        # may have read the old row, so its result is not kept.
+        self._generation = 0
 
-    async def get(self, key: K, load: Callable[[K], Awaitable[V]]) -> V:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > self._clock():
+    async def get(self, key: K, load: Callable[[K], Awaitable[V | None]]) -> V | None:
+        now = self._clock()
+        entry = self._found.get(key)
+        if entry is not None and entry[0] > now:
+            self._found.move_to_end(key)
             return entry[1]
+        missing_until = self._missing.get(key)
+        if missing_until is not None and missing_until > now:
+            return None
         pending = self._loading.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
         self._loading[key] = future
+        generation = self._generation
         try:
             value = await load(key)
         except LedgerUnavailable as exc:
@@ -71,17 +88,35 @@ class _Cache(Generic[K, V]):
             raise
         finally:
             del self._loading[key]
-        if len(self._entries) >= MAX_ENTRIES:
-            del self._entries[next(iter(self._entries))]
-        self._entries[key] = (self._clock() + self._ttl_s, value)
+        if generation == self._generation:
+            self._store(key, value)
         future.set_result(value)
         return value
 
+    def _store(self, key: K, value: V | None) -> None:
+        expires = self._clock() + self._ttl_s
+        if value is None:
+            self._found.pop(key, None)
+            self._missing[key] = expires
+            self._missing.move_to_end(key)
+            while len(self._missing) > MAX_MISSING:
+                self._missing.popitem(last=False)
+        else:
+            self._missing.pop(key, None)
+            self._found[key] = (expires, value)
+            self._found.move_to_end(key)
+            while len(self._found) > MAX_ENTRIES:
+                self._found.popitem(last=False)
+
     def drop(self, key: K) -> None:
-        self._entries.pop(key, None)
+        self._generation += 1
+        self._found.pop(key, None)
+        self._missing.pop(key, None)
 
     def clear(self) -> None:
-        self._entries.clear()
+        self._generation += 1
+        self._found.clear()
+        self._missing.clear()
 
 
 class Directory:
@@ -91,8 +126,8 @@ class Directory:
         self, ledger: Ledger, ttl_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ledger = ledger
-        self._tenants: _Cache[str, Tenant | None] = _Cache(ttl_s, clock)
-        self._keys: _Cache[str, ApiKey | None] = _Cache(ttl_s, clock)
+        self._tenants: _Cache[str, Tenant] = _Cache(ttl_s, clock)
+        self._keys: _Cache[str, ApiKey] = _Cache(ttl_s, clock)
         self._clock = clock
         self._touched: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
