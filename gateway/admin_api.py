@@ -52,7 +52,10 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     if not expected:
         return problem(403, "admin-disabled", "the admin token's environment variable is not set")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
+    # Bytes: compare_digest refuses non-ASCII str, and a 500 is not an answer.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
         return problem(
             401, "unauthenticated", "the admin API needs the admin bearer token",
             headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'},

@@ -101,7 +101,9 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
             response_extra = {"X-Quota-Warning": admitted.warning}
     if plan.websocket and websocket.is_upgrade(request):
         headers = forwarder.headers(request, plan, rid, upstream_extra)
-        return plan.name, await websocket.relay(request, plan.upstream, headers, rid)
+        return plan.name, await websocket.relay(
+            request, plan.upstream, headers, rid, plan.max_body_bytes
+        )
     return plan.name, await forwarder.forward(
         request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra
     )

@@ -96,7 +96,10 @@ class Services:
             keys: KeySource
             if jwt_config.jwks_url is not None:
                 jwks = JWKSKeys(
-                    jwt_config.jwks_url, jwt_config.algorithms, jwt_config.jwks_refresh_s
+                    jwt_config.jwks_url,
+                    jwt_config.algorithms,
+                    jwt_config.jwks_refresh_s,
+                    jwt_config.jwks_refetch_min_s,
                 )
                 keys = jwks
             else:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from gateway.auth.apikeys import new_key
 from gateway.config.loader import format_path
@@ -32,7 +32,7 @@ class TenantChanges(BaseModel):
     name: str | None = None
     plan: Name | None = None
     status: SubscriptionStatus | None = None
-    billing_anchor: datetime | None = None
+    billing_anchor: AwareDatetime | None = None
     stripe_customer: str | None = None
     stripe_subscription: str | None = None
     disabled: bool | None = None

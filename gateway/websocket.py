@@ -50,14 +50,27 @@ async def _pump(
 
 
 async def relay(
-    request: web.Request, up: Upstream, headers: CIMultiDict[str], request_id: str
+    request: web.Request,
+    up: Upstream,
+    headers: CIMultiDict[str],
+    request_id: str,
+    max_message_bytes: int,
 ) -> web.StreamResponse:
-    """Open the upstream WebSocket first, then accept the client with its subprotocol."""
+    """Open the upstream WebSocket first, then accept the client with its subprotocol.
+
+    Messages are limited to the route's body limit on both sides (aiohttp
+    applies it after inflating), and the client side does not negotiate
+    compression: a small deflated frame must not become gigabytes here.
+    """
     for name in _HANDSHAKE:
         headers.popall(name, None)
     offered = headers.popall("Sec-WebSocket-Protocol", [])
     protocols = [p.strip() for value in offered for p in value.split(",") if p.strip()]
-    options: dict[str, Any] = {"autoclose": False, "autoping": False, "max_msg_size": 0}
+    options: dict[str, Any] = {
+        "autoclose": False,
+        "autoping": False,
+        "max_msg_size": max_message_bytes,
+    }
     try:
         upstream_ws = await up.session.ws_connect(
             up.url(request.raw_path), headers=headers, protocols=protocols, **options
@@ -75,7 +88,9 @@ async def relay(
         )  # fmt: skip
     async with upstream_ws:
         client_ws = web.WebSocketResponse(
-            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), **options
+            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
+            compress=False,
+            **options,
         )
         client_ws.headers["X-Request-Id"] = request_id
         await client_ws.prepare(request)
@@ -85,8 +100,8 @@ async def relay(
         ]
         try:
             _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            # The other side has been sent a close frame; give it a moment to answer.
-            await asyncio.wait(pending, timeout=5)
+            if pending:  # the other side has been sent a close frame; let it answer
+                await asyncio.wait(pending, timeout=5)
         finally:
             for task in pumps:
                 task.cancel()

@@ -288,3 +288,18 @@ async def test_path_tricks_cannot_reach_a_protected_route_unauthenticated(
         writer.close()
         assert status_line.split()[1] == "400", (target, status_line)
     assert upstream.seen == []
+
+
+async def test_admin_inputs_that_used_to_fail_with_500(gateway: Gateway) -> None:
+    status, body = await admin(
+        gateway, "PUT", "/admin/tenants/acme", {"billing_anchor": "2026-01-31T10:00:00"}
+    )
+    assert status == 422 and body["detail"].startswith("billing_anchor:")
+    status, tenant = await admin(
+        gateway, "PUT", "/admin/tenants/acme", {"billing_anchor": "2026-01-31T10:00:00Z"}
+    )
+    assert (status, tenant["billing_anchor"]) == (200, "2026-01-31T10:00:00Z")
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{gateway.admin_port}/admin/tenants"
+        async with client.get(url, headers={"Authorization": "Bearer caf\u00e9"}) as resp:
+            assert resp.status == 401

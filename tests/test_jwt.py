@@ -203,3 +203,23 @@ def _bound(key: KeyPair) -> Any:
     from gateway.auth.keys import BoundKey
 
     return BoundKey(key.alg, key.private.public_key())
+
+
+async def test_refetch_gap_bounds_how_long_a_forged_kid_delays_a_rotation(
+    jwks: JWKSServer,
+) -> None:
+    config = jwt_config(jwks_url=jwks.url, jwks_refetch_min_s=0.2)
+    keys = JWKSKeys(jwks.url, config.algorithms, 300, config.jwks_refetch_min_s)
+    await keys.start()
+    try:
+        verifier = JWTVerifier(config, keys)
+        with pytest.raises(InvalidToken):  # the attacker spends the refetch
+            await verifier.verify(sign(RSA, claims(), kid="forged"))
+        rotated = rsa_key("rsa-rotated")
+        jwks.keys = [RSA.jwk, rotated.jwk]
+        with pytest.raises(InvalidToken):  # within the gap: not refetched yet
+            await verifier.verify(sign(rotated, claims()))
+        await asyncio.sleep(0.25)
+        assert (await verifier.verify(sign(rotated, claims("beta"))))[0] == "beta"
+    finally:
+        await keys.stop()

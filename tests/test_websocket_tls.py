@@ -90,3 +90,20 @@ async def test_tls_on_the_listener_and_to_an_https_upstream(
                 await client.get(f"https://localhost:{gw.port}/echo")  # client does not trust it
     finally:
         await upstream.close()
+
+
+async def test_websocket_messages_are_limited_to_the_route_body_limit(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    routes = [{**WS_ROUTES[0], "max_body_bytes": 1024}, WS_ROUTES[1]]
+    gw = await make_gateway(gateway_config(upstream.url, routes=routes))
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{gw.port}/ws"
+        async with client.ws_connect(url, compress=15) as ws:
+            assert ws.compress == 0  # the gateway does not negotiate compression
+            await ws.send_str("x" * 1000)
+            assert await ws.receive_str(timeout=5) == "echo: " + "x" * 1000
+            await ws.send_str("y" * 5000)
+            closed = await ws.receive(timeout=5)
+            assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG

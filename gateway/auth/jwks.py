@@ -33,11 +33,13 @@ class JWKSKeys:
         url: str,
         allowed: Sequence[str],
         refresh_s: float,
+        refetch_min_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self._allowed = tuple(allowed)
         self._refresh_s = refresh_s
+        self._refetch_min_s = refresh_s if refetch_min_s is None else refetch_min_s
         self._clock = clock
         self._keys: dict[str, BoundKey] = {}
         self._last_miss_fetch = float("-inf")
@@ -69,7 +71,7 @@ class JWKSKeys:
         bound = pick_key(self._keys, kid)
         if bound is None and kid is not None:
             now = self._clock()
-            if self._inflight is None and now - self._last_miss_fetch >= self._refresh_s:
+            if self._inflight is None and now - self._last_miss_fetch >= self._refetch_min_s:
                 self._last_miss_fetch = now
                 self._inflight = asyncio.create_task(self._fetch_once())
             if self._inflight is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -11,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -210,6 +210,10 @@ class JWTConfig(Model):
     audience: StrList | None = None
     jwks_url: HttpUrl | None = None
     jwks_refresh_s: PositiveFloat = 300.0
+    # Minimum gap between refetches caused by unknown `kid`s; default: the
+    # refresh interval. Lower it for an issuer that signs with a new key
+    # before publishing it; a flood still causes one fetch per gap.
+    jwks_refetch_min_s: PositiveFloat | None = None
     public_keys: list[PublicKeyConfig] | None = None
     secret_env: EnvName | None = None
     # a claim name (URLs allowed), or a list for a path into nested claims
@@ -349,7 +353,7 @@ class TenantSeed(Model):
     plan: str
     status: SubscriptionStatus = "active"
     stripe_customer: str | None = None
-    billing_anchor: datetime | None = None
+    billing_anchor: AwareDatetime | None = None
     disabled: bool = False
 
 
