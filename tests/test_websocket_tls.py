@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -12,7 +13,7 @@ from tests.certs import make_certs
 from tests.conftest import MakeGateway, gateway_config
 from tests.upstream import Upstream, start_upstream
 
-WS_ROUTES = [
+WS_ROUTES: list[dict[str, Any]] = [
     {"name": "events", "match": {"path": "/ws"}, "upstream": "app", "auth": "none",
      "websocket": True},
     {"name": "plain", "match": {"path": "/**"}, "upstream": "app", "auth": "none"},
