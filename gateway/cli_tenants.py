@@ -34,7 +34,7 @@ async def _migrate(config: GatewayConfig) -> int:
 
 async def _tenants(config: GatewayConfig, args: argparse.Namespace) -> int:
     ledger = await open_ledger(config, migrate=False)
-    bus = make_bus(config, None)
+    bus = make_bus(config, ledger, None)
     ops = TenantOps(config, ledger, bus)
     try:
         return await _tenant_command(ledger, ops, args)

@@ -1,7 +1,8 @@
 """Telling every gateway process that a tenant or an API key changed.
 
 Processes cache tenants and keys; a change made through one process's admin
-API is published on a Redis channel and every process drops its copy within
+API or the CLI is published on a Redis channel (or, without a shared Redis,
+appended to the ledger's change feed) and every process drops its copy within
 a second. A subscriber that loses its connection forgets its whole cache when
 it reconnects, because it may have missed messages meanwhile.
 """
@@ -11,17 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.directory import Directory
+from gateway.ledger.db import LedgerUnavailable
+from gateway.ledger.store import Ledger
 
 log = logging.getLogger("gateway.invalidation")
 
 CHANNEL = "gateway:invalidate"
 RECONNECT_S = 0.5
+CHANGE_POLL_S = 0.5
+PRUNE_EVERY_POLLS = 1200  # ten minutes
+CHANGE_RETENTION = timedelta(hours=1)
 
 
 class Bus(Protocol):
@@ -32,18 +39,49 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
 
-class LocalBus:
-    """One process (memory:// counters): invalidate in place."""
+class LedgerBus:
+    """Without a shared Redis (`memory://` counters): the ledger's change feed.
 
-    def __init__(self, directory: Directory | None) -> None:
+    Writers (this process's admin API, or the CLI in another process) append
+    to the feed; every serving process polls it twice a second.
+    """
+
+    def __init__(self, ledger: Ledger, directory: Directory | None) -> None:
+        self._ledger = ledger
         self._directory = directory
+        self._task: asyncio.Task[None] | None = None
+        if directory is not None:
+            self._task = asyncio.create_task(self._poll(directory), name="change-feed")
 
     async def publish(self, kind: str, key: str) -> None:
         if self._directory is not None:
             self._directory.invalidate(kind, key)
+        try:
+            await self._ledger.record_change(kind, key, datetime.now(UTC))
+        except LedgerUnavailable as exc:
+            log.warning("could not record the change of %s %s: %s", kind, key, exc)
+
+    async def _poll(self, directory: Directory) -> None:
+        last = await self._ledger.latest_change()
+        polls = 0
+        while True:
+            await asyncio.sleep(CHANGE_POLL_S)
+            polls += 1
+            try:
+                for change_id, kind, key in await self._ledger.changes_after(last):
+                    directory.invalidate(kind, key)
+                    last = change_id
+                if polls % PRUNE_EVERY_POLLS == 0:
+                    await self._ledger.prune_changes(datetime.now(UTC) - CHANGE_RETENTION)
+            except LedgerUnavailable:
+                # The feed keeps what was missed; it is read once the ledger is back.
+                continue
 
     async def close(self) -> None:
-        return None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class RedisBus:

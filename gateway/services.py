@@ -12,7 +12,7 @@ from gateway.auth.jwt import JWTVerifier
 from gateway.auth.keys import KeyConfigError, KeySource, StaticKeys
 from gateway.config.models import GatewayConfig
 from gateway.directory import Directory
-from gateway.invalidation import Bus, LocalBus, RedisBus
+from gateway.invalidation import Bus, LedgerBus, RedisBus
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.records import Tenant
 from gateway.ledger.schema import LATEST_VERSION
@@ -70,12 +70,12 @@ async def seed_tenants(config: GatewayConfig, ledger: Ledger) -> int:
     return created
 
 
-def make_bus(config: GatewayConfig, directory: Directory | None) -> Bus:
-    """Redis pub/sub when processes share a Redis, in-process otherwise."""
+def make_bus(config: GatewayConfig, ledger: Ledger, directory: Directory | None) -> Bus:
+    """Redis pub/sub when processes share a Redis, the ledger's change feed otherwise."""
     counters = config.storage.counters
     if counters.startswith(("redis:", "rediss:")):
         return RedisBus(counters, directory)
-    return LocalBus(directory)
+    return LedgerBus(ledger, directory)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Services:
         )
         if jwks is not None:
             await jwks.start()
-        bus = make_bus(config, directory)
+        bus = make_bus(config, ledger, directory)
         # Serving before listening could miss a change made in between.
         if isinstance(bus, RedisBus) and not await bus.wait_subscribed(SUBSCRIBE_TIMEOUT_S):
             log.warning("not yet listening for tenant changes; caches rely on their TTL")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from gateway.auth.jwt import JWTVerifier
 from gateway.auth.keys import StaticKeys
 from gateway.config import load, parse
+from gateway.ledger.schema import LATEST_VERSION
 from gateway.server import Gateway
 from tests.conftest import gateway_config
 from tests.procs import write_config
@@ -60,7 +63,8 @@ def test_tenant_commands_on_postgres(postgres_server: PostgresServer, tmp_path: 
     assert refused.returncode == 1
     assert "run `gateway migrate -c <config>` first" in refused.stderr
     migrated = run(path, "migrate")
-    assert (migrated.returncode, migrated.stdout) == (0, "ledger schema at version 1\n")
+    expected = f"ledger schema at version {LATEST_VERSION}\n"
+    assert (migrated.returncode, migrated.stdout) == (0, expected)
     assert run(path, "migrate").returncode == 0  # idempotent
 
     created = run(path, "tenants", "put", "beta", "--plan", "pro", "--status", "trialing")
@@ -127,3 +131,36 @@ async def test_seed_tenants_are_created_once_and_never_overwritten(
     finally:
         await restarted.stop()
     assert (tenant["plan"], tenant["name"]) == ("pro", "Acme")
+
+
+async def test_cli_changes_reach_an_embedded_gateway_within_a_second(
+    tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_JWT_SECRET", SECRET)
+    data = config(f"sqlite:///{tmp_path}/ledger.db", upstream.url)  # memory:// counters
+    data["storage"]["cache_ttl_s"] = 3600
+    path = write_config(tmp_path / "gateway.yaml", data)
+    gateway = Gateway(parse(data, "t.yaml"), CollectorRegistry())
+    await gateway.start()
+    try:
+        created = await asyncio.to_thread(run, path, "tenants", "create-key", "acme")
+        key = json.loads(created.stdout)
+        async with aiohttp.ClientSession() as client:
+
+            async def status() -> int:
+                url = f"http://127.0.0.1:{gateway.port}/v1/x"
+                async with client.get(url, headers={"X-API-Key": key["key"]}) as resp:
+                    return resp.status
+
+            assert await status() == 200  # cached for an hour from now on
+            revoked = await asyncio.to_thread(run, path, "tenants", "revoke-key", key["prefix"])
+            assert revoked.returncode == 0
+            started = time.perf_counter()
+            while await status() != 401:
+                assert time.perf_counter() - started < 2, "revocation not seen"
+                await asyncio.sleep(0.02)
+            elapsed = time.perf_counter() - started
+    finally:
+        await gateway.stop()
+    print(f"\nCLI revocation seen by the running gateway after {elapsed * 1000:.0f} ms")
+    assert elapsed < 1.0

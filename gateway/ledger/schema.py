@@ -21,8 +21,20 @@ class Migration:
 # SQLite keeps timestamps as ISO 8601 text (see db.py), which sorts in time order.
 # Keys compare bytewise on both sides so that ORDER BY and keyset pagination agree.
 _TYPES = {
-    "postgresql": {"ts": "timestamptz", "bool": "boolean", "key": 'text COLLATE "C"'},
-    "sqlite": {"ts": "TEXT", "bool": "INTEGER", "key": "TEXT"},
+    "postgresql": {
+        "ts": "timestamptz",
+        "bool": "boolean",
+        "key": 'text COLLATE "C"',
+        "serial_pk": "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    },
+    # AUTOINCREMENT: ids are never reused, even after pruning empties the table,
+    # so a reader's "everything after id N" never misses a row.
+    "sqlite": {
+        "ts": "TEXT",
+        "bool": "INTEGER",
+        "key": "TEXT",
+        "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    },
 }
 
 MIGRATIONS = [
@@ -61,6 +73,20 @@ MIGRATIONS = [
             )
             """,
             "CREATE INDEX api_keys_tenant_id ON api_keys (tenant_id)",
+        ],
+    ),
+    Migration(
+        2,
+        "change feed for processes without a shared Redis",
+        [
+            """
+            CREATE TABLE changes (
+                id {serial_pk},
+                kind text NOT NULL,
+                key text NOT NULL,
+                at {ts} NOT NULL
+            )
+            """,
         ],
     ),
 ]

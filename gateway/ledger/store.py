@@ -52,6 +52,12 @@ _TOUCH_API_KEY = (
 )
 
 
+_RECORD_CHANGE = "INSERT INTO changes (kind, key, at) VALUES ($1, $2, $3)"
+_CHANGES_AFTER = "SELECT id, kind, key FROM changes WHERE id > $1 ORDER BY id LIMIT 10000"
+_LATEST_CHANGE = "SELECT max(id) FROM changes"
+_PRUNE_CHANGES = "DELETE FROM changes WHERE at < $1"
+
+
 def _utc(value: datetime) -> datetime:
     """A datetime on its way in: refused when naive, since its zone would be a guess."""
     if value.tzinfo is None or value.utcoffset() is None:
@@ -198,6 +204,23 @@ class Ledger:
     async def revoke_api_key(self, prefix: str, at: datetime) -> bool:
         """Revoke the key at `at`; True if it existed and was still active."""
         return await self.db.fetchval(_REVOKE_API_KEY, prefix, _utc(at)) is not None
+
+    async def record_change(self, kind: str, key: str, at: datetime) -> None:
+        """Append to the change feed that processes without Redis poll."""
+        await self.db.execute(_RECORD_CHANGE, kind, key, _utc(at))
+
+    async def changes_after(self, change_id: int) -> list[tuple[int, str, str]]:
+        """(id, kind, key) of the changes after `change_id`, oldest first."""
+        rows = await self.db.fetch(_CHANGES_AFTER, change_id)
+        return [(int(row["id"]), row["kind"], row["key"]) for row in rows]
+
+    async def latest_change(self) -> int:
+        """The id of the newest change, 0 when there is none."""
+        return int(await self.db.fetchval(_LATEST_CHANGE) or 0)
+
+    async def prune_changes(self, before: datetime) -> None:
+        """Forget changes every process has had time to read."""
+        await self.db.execute(_PRUNE_CHANGES, _utc(before))
 
     async def touch_api_key(self, prefix: str, at: datetime) -> None:
         """Record that the key was used at `at`; an earlier time never replaces a later one."""
