@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import parse
 from gateway.server import Gateway
+from tests.jwt_helpers import RSA, JWKSServer
 from tests.servers import PostgresServer, RedisServer
 from tests.upstream import Upstream, start_upstream
 
@@ -49,6 +50,14 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
     yield make
     for gateway in started:
         await gateway.stop()
+
+
+@pytest.fixture
+async def jwks() -> AsyncIterator[JWKSServer]:
+    """A JWKS endpoint on port 0 serving `RSA`'s public key (see tests.jwt_helpers)."""
+    server = await JWKSServer([RSA.jwk]).start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

@@ -135,3 +135,6 @@ class JWKSServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+RSA = rsa_key()  # the key the `jwks` fixture publishes

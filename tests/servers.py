@@ -42,6 +42,19 @@ class _Process:
 
     proc: subprocess.Popen[bytes] | None = None
     stop_signal = signal.SIGTERM
+    dir: Path
+
+    def start(self) -> _Process:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Kill it and remove its files."""
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None, "server is not running"
@@ -100,14 +113,6 @@ class RedisServer(_Process):
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, 10, self.proc)
         return self
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _pg_bindir() -> Path:
@@ -181,14 +186,6 @@ class PostgresServer(_Process):
         log.close()
         _wait_ready(self, 30)
         return self
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _wait_ready(pg: PostgresServer, timeout_s: float) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from gateway.ledger.records import Tenant
 from gateway.ledger.store import Ledger
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
-from tests.jwt_helpers import JWKSServer, claims, sign
-from tests.test_jwt import RSA, forged_tokens
+from tests.jwt_helpers import RSA, JWKSServer, claims, sign
+from tests.test_jwt import forged_tokens
 from tests.upstream import Upstream
 
 ADMIN_TOKEN = "admin-" + "t" * 30
@@ -50,13 +49,6 @@ def auth_config(upstream: Upstream, jwks: JWKSServer, tmp_path: Path) -> dict[st
             {"name": "api", "match": {"path": "/**"}, "upstream": "app"},
         ],
     )
-
-
-@pytest.fixture
-async def jwks() -> AsyncIterator[JWKSServer]:
-    server = await JWKSServer([RSA.jwk]).start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from gateway.config.models import JWTConfig
 from tests.jwt_helpers import (
     AUDIENCE,
     ISSUER,
+    RSA,
     SECRET,
     JWKSServer,
     KeyPair,
@@ -32,8 +33,6 @@ from tests.jwt_helpers import (
     unsigned,
 )
 
-RSA = rsa_key()
-
 
 def jwt_config(**over: Any) -> JWTConfig:
     base: dict[str, Any] = {
@@ -45,13 +44,6 @@ def jwt_config(**over: Any) -> JWTConfig:
     }
     base.update(over)
     return JWTConfig.model_validate({k: v for k, v in base.items() if v is not None})
-
-
-@pytest.fixture
-async def jwks() -> AsyncIterator[JWKSServer]:
-    server = await JWKSServer([RSA.jwk]).start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

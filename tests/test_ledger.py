@@ -96,7 +96,9 @@ async def test_concurrent_migrations_apply_the_schema_once(ledger_url: str) -> N
     first, second = await Ledger.open(ledger_url), await Ledger.open(ledger_url)
     try:
         results = await asyncio.gather(first.migrate(), second.migrate())
-        assert sorted(results) == [[], list(range(1, LATEST_VERSION + 1))]
+        # Each migration is its own transaction, so the two may share the work;
+        # what matters is that every migration is applied exactly once.
+        assert sorted(results[0] + results[1]) == list(range(1, LATEST_VERSION + 1))
         rows = await first.db.fetchval("SELECT count(*) FROM schema_migrations")
         assert rows == LATEST_VERSION
         assert await second.schema_version() == LATEST_VERSION

@@ -161,16 +161,26 @@ def decide(
     )
 
 
+def _advertised(
+    limits: Sequence[MeterLimit], periods: Mapping[str, Period]
+) -> list[tuple[MeterLimit, Period]]:
+    """Hard, limited counters with a period: the quotas the RateLimit fields describe."""
+    return [
+        (limit, period)
+        for limit in limits
+        if limit.hard and not limit.unlimited and limit.kind == "counter"
+        and (period := periods.get(limit.meter)) is not None
+    ]  # fmt: skip
+
+
 def _policy(
     limits: Sequence[MeterLimit], periods: Mapping[str, Period], rate_limits: Sequence[RateLimit]
 ) -> str:
     """`RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): hard quotas and rate limits."""
     items = [
         f'"{limit.meter}";q={limit.limit};w={int((p.end - p.start).total_seconds())}'
-        for limit in limits
-        if limit.hard and not limit.unlimited and limit.kind == "counter"
-        and (p := periods.get(limit.meter)) is not None
-    ]  # fmt: skip
+        for limit, p in _advertised(limits, periods)
+    ]
     items += [f'"{r.name}";q={r.burst};w={r.window_s}' for r in rate_limits]
     return ", ".join(items)
 
@@ -188,10 +198,8 @@ def _ratelimit(
     items = [
         f'"{limit.meter}";r={max(0, limit.limit - used.get(limit.meter, 0))};'
         f"t={p.seconds_left(now)}"
-        for limit in limits
-        if limit.hard and not limit.unlimited and limit.kind == "counter"
-        and (p := periods.get(limit.meter)) is not None
-    ]  # fmt: skip
+        for limit, p in _advertised(limits, periods)
+    ]
     for rate_limit in rate_limits:
         tat = tats.get(rate_limit.name, now_us)
         probe = gcra(rate_limit, tat, now_us, 0)
