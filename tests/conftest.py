@@ -60,6 +60,14 @@ async def jwks() -> AsyncIterator[JWKSServer]:
     await server.stop()
 
 
+@pytest.fixture(scope="session")
+def shared_redis_server() -> Iterator[RedisServer]:
+    """One private Redis for the session's contract tests; flush it, never stop it."""
+    server = RedisServer(appendonly=False).start()
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()

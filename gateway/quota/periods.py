@@ -58,6 +58,22 @@ def billing_cycle(anchor: datetime, now: datetime) -> Period:
     return Period(start, end)
 
 
+def periods_around(
+    kind: PeriodKind, now: datetime, anchor: datetime | None = None
+) -> tuple[Period, Period, Period]:
+    """The previous, current and next periods by the caller's clock.
+
+    A counter store decides by its own clock which of them a charge falls in,
+    so a gateway whose clock is a little off at a boundary still charges the
+    period the store's clock says it is.
+    """
+    current = period_of(kind, now, anchor)
+    if kind == "none":
+        return current, current, current
+    previous = period_of(kind, current.start - timedelta(microseconds=1), anchor)
+    return previous, current, period_of(kind, current.end, anchor)
+
+
 def period_of(kind: PeriodKind, now: datetime, anchor: datetime | None = None) -> Period:
     """The period of `kind` containing `now` (aware, any timezone; computed in UTC)."""
     now = now.astimezone(UTC)

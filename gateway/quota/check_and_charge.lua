@@ -1,0 +1,113 @@
+-- check_and_charge.lua: check every bucket of one request, then charge all or none.
+-- The rules are those of gateway/quota/rules.py (`decide`); this script must
+-- agree with them exactly, and the contract tests hold it to that.
+--
+-- KEYS[1]    the request id's memo: a retry gets the first answer, charges nothing
+-- KEYS[2..]  per meter: a counter's previous, current and next period keys, or a
+--            gauge's one key; then one key per rate limit (all with one hash tag)
+-- ARGV[1]    memo TTL (ms)               ARGV[2]  how long a counter outlives its period (ms)
+-- ARGV[3]    number of meters            ARGV[4]  number of rate limits
+-- then 11 values per meter: kind ("c" counter, "g" gauge); the three periods'
+--            start and end (microseconds since the epoch; zeros for a gauge);
+--            limit (-1: unlimited); hard (1/0); cost charged now; needs_remaining (1/0)
+-- then 3 values per rate limit: emission interval (us), burst, cost
+--
+-- Returns "N <state>" for a new answer or "R <state>" for a replayed one, where
+-- <state> is "allowed now_us chosen... used... tats...", integers: the state read
+-- before charging, from which the gateway builds the full decision.
+-- The clock is Redis TIME. Numbers are written with %d: Lua's tostring keeps
+-- only 14 significant digits, and a time in microseconds has 16.
+
+local memo = redis.call('GET', KEYS[1])
+if memo then
+  return 'R ' .. memo
+end
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local memo_ttl_ms = tonumber(ARGV[1])
+local grace_ms = tonumber(ARGV[2])
+local n_meters = tonumber(ARGV[3])
+local n_rates = tonumber(ARGV[4])
+
+local k, a = 2, 5
+local allowed = 1
+local chosen, used, tats = {}, {}, {}
+local charges = {}  -- {key, cost, expire_at_ms or 0}
+
+for m = 1, n_meters do
+  local key, expire_at = nil, 0
+  if ARGV[a] == 'c' then
+    local pick = 1  -- 0-based: the current period unless the clock says otherwise
+    for i = 0, 2 do
+      local start_us = tonumber(ARGV[a + 1 + 2 * i])
+      local end_us = tonumber(ARGV[a + 2 + 2 * i])
+      if start_us <= now and now < end_us then
+        pick = i
+      end
+    end
+    key = KEYS[k + pick]
+    expire_at = math.floor(tonumber(ARGV[a + 2 + 2 * pick]) / 1000) + grace_ms
+    chosen[m] = pick
+    k = k + 3
+  else
+    key = KEYS[k]
+    chosen[m] = 0
+    k = k + 1
+  end
+  local limit = tonumber(ARGV[a + 7])
+  local hard = ARGV[a + 8] == '1'
+  local cost = tonumber(ARGV[a + 9])
+  local needs_remaining = ARGV[a + 10] == '1'
+  local current = tonumber(redis.call('GET', key) or '0')
+  used[m] = current
+  if limit >= 0 and hard then
+    if cost > 0 and current + cost > limit then
+      allowed = 0
+    elseif cost <= 0 and needs_remaining and current >= limit then
+      allowed = 0
+    end
+  end
+  if cost > 0 then
+    charges[#charges + 1] = {key, cost, expire_at}
+  end
+  a = a + 11
+end
+
+local new_tats = {}
+for r = 1, n_rates do
+  local interval = tonumber(ARGV[a])
+  local burst = tonumber(ARGV[a + 1])
+  local cost = tonumber(ARGV[a + 2])
+  local tat = tonumber(redis.call('GET', KEYS[k]) or '0')
+  tats[r] = tat
+  local new_tat = math.max(tat, now) + cost * interval
+  if new_tat - now > burst * interval then
+    allowed = 0
+  end
+  new_tats[r] = new_tat
+  k = k + 1
+  a = a + 3
+end
+
+if allowed == 1 then
+  for _, charge in ipairs(charges) do
+    redis.call('INCRBY', charge[1], charge[2])
+    if charge[3] > 0 then
+      redis.call('PEXPIREAT', charge[1], charge[3])
+    end
+  end
+  local first_rate_key = k - n_rates  -- k is one past the last rate key
+  for r = 1, n_rates do
+    local ttl_ms = math.floor((new_tats[r] - now) / 1000) + 1000
+    redis.call('SET', KEYS[first_rate_key + r - 1], string.format('%d', new_tats[r]), 'PX', ttl_ms)
+  end
+end
+
+local parts = {string.format('%d', allowed), string.format('%d', now)}
+for m = 1, n_meters do parts[#parts + 1] = string.format('%d', chosen[m]) end
+for m = 1, n_meters do parts[#parts + 1] = string.format('%d', used[m]) end
+for r = 1, n_rates do parts[#parts + 1] = string.format('%d', tats[r]) end
+local state = table.concat(parts, ' ')
+redis.call('SET', KEYS[1], state, 'PX', memo_ttl_ms)
+return 'N ' .. state

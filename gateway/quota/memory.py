@@ -1,0 +1,92 @@
+"""`memory://`: the counter store inside one process (the embedded default)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from gateway.quota import keys
+from gateway.quota.periods import Period
+from gateway.quota.store import (
+    ChargeRequest,
+    ChargeResult,
+    StoreState,
+    choose_period,
+    evaluate,
+)
+
+# One shard: the hash tags only matter to Redis, the layout stays the same.
+_SHARDS = 1
+
+
+def _meter_key(tenant: str, meter: str, period: Period | None) -> str:
+    if period is None:
+        return keys.gauge_key(tenant, _SHARDS, meter)
+    return keys.counter_key(tenant, _SHARDS, meter, period.key)
+
+
+class MemoryStore:
+    """Counters in a dict. Nothing awaits between reading and writing, so each
+    check-and-charge is atomic within the event loop, as the Lua script is in Redis."""
+
+    def __init__(self, clock_us: Callable[[], int] | None = None) -> None:
+        self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
+        self._values: dict[str, int] = {}
+        self._memo: dict[str, tuple[int, ChargeResult]] = {}
+
+    async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
+        now_us = self._clock_us()
+        memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
+        remembered = self._memo.get(memo_key)
+        if remembered is not None and remembered[0] > now_us:
+            return ChargeResult(
+                remembered[1].decision, remembered[1].now_us, remembered[1].periods, True
+            )
+        chosen = tuple(choose_period(m.periods, now_us) if m.periods else 0 for m in request.meters)
+        meter_keys = [
+            _meter_key(request.tenant, m.limit.meter, m.periods[i] if m.periods else None)
+            for m, i in zip(request.meters, chosen, strict=True)
+        ]
+        rate_keys = [
+            keys.rate_key(request.tenant, _SHARDS, limit.name, scope)
+            for limit, scope in request.rate_limits
+        ]
+        state = StoreState(
+            now_us,
+            chosen,
+            tuple(self._values.get(k, 0) for k in meter_keys),
+            tuple(self._values.get(k, 0) for k in rate_keys),
+        )
+        result = evaluate(request, state)
+        decision = result.decision
+        if decision.allowed:
+            for meter, key in zip(request.meters, meter_keys, strict=True):
+                if meter.cost > 0:
+                    self._values[key] = decision.used_after[meter.limit.meter]
+            for (limit, _), key in zip(request.rate_limits, rate_keys, strict=True):
+                self._values[key] = decision.tats_after[limit.name]
+        self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, result)
+        self._expire_memos(now_us)
+        return result
+
+    def _expire_memos(self, now_us: int) -> None:
+        # Oldest first: the dict is in insertion order, which is expiry order.
+        while self._memo:
+            first = next(iter(self._memo))
+            if self._memo[first][0] > now_us:
+                break
+            del self._memo[first]
+
+    async def adjust(self, tenant: str, meter: str, period: Period | None, delta: int) -> int:
+        key = _meter_key(tenant, meter, period)
+        self._values[key] = self._values.get(key, 0) + delta
+        return self._values[key]
+
+    async def level(self, tenant: str, meter: str, period: Period | None) -> int:
+        return self._values.get(_meter_key(tenant, meter, period), 0)
+
+    async def set_gauge(self, tenant: str, meter: str, value: int) -> None:
+        self._values[_meter_key(tenant, meter, None)] = value
+
+    async def close(self) -> None:
+        return None

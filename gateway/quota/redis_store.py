@@ -1,0 +1,151 @@
+"""`redis://`: the counter store shared by every gateway process.
+
+One Lua script (check_and_charge.lua) checks and charges all of a request's
+buckets atomically, by Redis' clock; redis-py reloads it after a NOSCRIPT
+(a restarted or flushed Redis). Every failure or a call slower than
+`storage.timeout_ms` becomes StoreUnavailable; a retry with the same request
+id replays the first answer and charges nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.quota import keys
+from gateway.quota.gcra import US_PER_S
+from gateway.quota.periods import Period
+from gateway.quota.store import (
+    ChargeRequest,
+    ChargeResult,
+    StoreState,
+    StoreUnavailable,
+    evaluate,
+)
+
+log = logging.getLogger("gateway.quota")
+POOL_CONNECTIONS = 64
+
+SCRIPT = resources.files("gateway.quota").joinpath("check_and_charge.lua").read_text()
+
+
+def _us(period: Period, end: bool) -> int:
+    moment = period.end if end else period.start
+    return int(moment.timestamp()) * US_PER_S + moment.microsecond
+
+
+class RedisStore:
+    """Counters, gauges and rate limits in Redis, keys as in `keys`."""
+
+    def __init__(self, client: aioredis.Redis, shards: int, timeout_s: float) -> None:
+        self._client = client
+        self._shards = shards
+        self._timeout_s = timeout_s
+        self._script = client.register_script(SCRIPT)
+
+    @classmethod
+    async def open(cls, url: str, shards: int, timeout_ms: int) -> RedisStore:
+        """Connect and check the eviction policy (an evicted counter is a fresh quota)."""
+        # A bounded pool whose callers wait for a free connection; the wait
+        # counts against timeout_ms like the call itself.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_CONNECTIONS, timeout=None, socket_connect_timeout=2
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        store = cls(client, shards, timeout_ms / 1000)
+        try:
+            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except ResponseError:  # CONFIG may be disabled on managed Redis
+            policy = None
+        except (RedisError, OSError) as exc:
+            await client.aclose(close_connection_pool=True)
+            raise StoreUnavailable(f"cannot reach the counter store: {exc}") from exc
+        if policy is not None and policy != "noeviction":
+            log.warning(
+                "Redis maxmemory-policy is %s: an evicted counter hands out a fresh quota; "
+                "set it to noeviction",
+                policy,
+            )
+        return store
+
+    def _encode(self, request: ChargeRequest) -> tuple[list[str], list[int | str]]:
+        tenant, shards = request.tenant, self._shards
+        key_list = [keys.memo_key(tenant, shards, request.request_id)]
+        args: list[int | str] = [
+            keys.MEMO_TTL_MS, keys.COUNTER_GRACE_MS, len(request.meters), len(request.rate_limits)
+        ]  # fmt: skip
+        for meter in request.meters:
+            limit = meter.limit
+            if meter.periods:
+                if len(meter.periods) != 3:
+                    raise ValueError("a counter needs its previous, current and next periods")
+                key_list += [
+                    keys.counter_key(tenant, shards, limit.meter, p.key) for p in meter.periods
+                ]
+                args.append("c")
+                for period in meter.periods:
+                    args += [_us(period, end=False), _us(period, end=True)]
+            else:
+                key_list.append(keys.gauge_key(tenant, shards, limit.meter))
+                args += ["g", 0, 0, 0, 0, 0, 0]
+            args += [limit.limit, int(limit.hard), meter.cost, int(meter.needs_remaining)]
+        for rate_limit, scope in request.rate_limits:
+            key_list.append(keys.rate_key(tenant, shards, rate_limit.name, scope))
+            args += [rate_limit.interval_us, rate_limit.burst, 1]
+        return key_list, args
+
+    async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
+        key_list, args = self._encode(request)
+        raw = await self._guard("check_and_charge", self._script(keys=key_list, args=args))
+        flag, *numbers = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
+        values = [int(n) for n in numbers]
+        n_meters = len(request.meters)
+        state = StoreState(
+            now_us=values[1],
+            chosen=tuple(values[2 : 2 + n_meters]),
+            used=tuple(values[2 + n_meters : 2 + 2 * n_meters]),
+            tats=tuple(values[2 + 2 * n_meters :]),
+        )
+        result = evaluate(request, state)
+        if result.decision.allowed != bool(values[0]):
+            # The script and the rules disagree: the script's answer stands
+            # (it is what was charged); the contract tests exist to prevent this.
+            log.error("counter store and rules disagree for request %s", request.request_id)
+        if flag == "R":
+            return ChargeResult(result.decision, result.now_us, result.periods, replayed=True)
+        return result
+
+    def _meter_key(self, tenant: str, meter: str, period: Period | None) -> str:
+        if period is None:
+            return keys.gauge_key(tenant, self._shards, meter)
+        return keys.counter_key(tenant, self._shards, meter, period.key)
+
+    async def _guard(self, what: str, call: Awaitable[Any]) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await call
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"{what} failed: {exc!r}") from exc
+
+    async def adjust(self, tenant: str, meter: str, period: Period | None, delta: int) -> int:
+        key = self._meter_key(tenant, meter, period)
+        return int(await self._guard("adjust", self._client.incrby(key, delta)))
+
+    async def level(self, tenant: str, meter: str, period: Period | None) -> int:
+        value = await self._guard("level", self._client.get(self._meter_key(tenant, meter, period)))
+        return int(value) if value is not None else 0
+
+    async def set_gauge(self, tenant: str, meter: str, value: int) -> None:
+        await self._guard(
+            "set_gauge", self._client.set(self._meter_key(tenant, meter, None), value)
+        )
+
+    async def close(self) -> None:
+        # The client was given its pool, so it does not close it unless told.
+        await self._client.aclose(close_connection_pool=True)

@@ -1,0 +1,122 @@
+"""The counter store contract: one atomic check-and-charge per request.
+
+Both stores (memory, Redis) read the request's state, check every bucket and
+charge all of them or none, by their own clock, and remember the answer per
+request id so that a call retried after a timeout never charges twice. The
+decision itself is always computed by `rules.decide`, from the state the
+store read, so the stores cannot disagree about what a request is told.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from gateway.quota.gcra import US_PER_S, RateLimit
+from gateway.quota.periods import Period
+from gateway.quota.rules import Decision, MeterLimit, decide
+
+
+class StoreUnavailable(Exception):
+    """The counter store failed or was too slow; the failure policy decides."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeterCharge:
+    limit: MeterLimit
+    cost: int = 0  # charged now when positive
+    needs_remaining: bool = False  # charged from the response: something must be left
+    periods: tuple[Period, ...] = ()  # counters: periods around now (see periods_around)
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    tenant: str
+    request_id: str
+    meters: tuple[MeterCharge, ...] = ()
+    rate_limits: tuple[tuple[RateLimit, str], ...] = ()  # (limit, scope: "" or a route)
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    decision: Decision
+    now_us: int  # the store's clock
+    periods: dict[str, Period]  # the period charged, per counter meter
+    replayed: bool = False  # the answer to an earlier call with this request id
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    """What a store read for a request: the input of `evaluate`."""
+
+    now_us: int
+    chosen: tuple[int, ...]  # per meter, the index of its period (0 for gauges)
+    used: tuple[int, ...]  # per meter, before charging
+    tats: tuple[int, ...]  # per rate limit, before charging
+
+
+def choose_period(periods: Sequence[Period], now_us: int) -> int:
+    """The index of the period containing the store's `now_us` (the middle one if none)."""
+    for i, period in enumerate(periods):
+        if _us(period.start) <= now_us < _us(period.end):
+            return i
+    return len(periods) // 2
+
+
+def _us(moment: datetime) -> int:
+    return int(moment.timestamp()) * US_PER_S + moment.microsecond
+
+
+def evaluate(request: ChargeRequest, state: StoreState) -> ChargeResult:
+    """The decision for `request` given the state a store read."""
+    now = datetime.fromtimestamp(state.now_us // US_PER_S, UTC).replace(
+        microsecond=state.now_us % US_PER_S
+    )
+    periods = {
+        m.limit.meter: m.periods[i] for m, i in zip(request.meters, state.chosen, strict=True)
+        if m.periods
+    }  # fmt: skip
+    decision = decide(
+        [m.limit for m in request.meters],
+        periods,
+        {m.limit.meter: used for m, used in zip(request.meters, state.used, strict=True)},
+        {m.limit.meter: m.cost for m in request.meters if m.cost > 0},
+        [limit for limit, _ in request.rate_limits],
+        _tats(request, state.tats),
+        now,
+        state.now_us,
+        needs_remaining=frozenset(m.limit.meter for m in request.meters if m.needs_remaining),
+    )
+    return ChargeResult(decision, state.now_us, periods)
+
+
+def _tats(request: ChargeRequest, tats: Sequence[int]) -> Mapping[str, int]:
+    return {limit.name: tat for (limit, _), tat in zip(request.rate_limits, tats, strict=True)}
+
+
+class CounterStore(Protocol):
+    """Where counters, gauges and rate-limit state live."""
+
+    async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
+        """Check every bucket; charge all of them or none (see module docstring)."""
+        ...
+
+    async def adjust(self, tenant: str, meter: str, period: Period | None, delta: int) -> int:
+        """Add `delta` without a check (refunds, gauge decreases, response charges).
+
+        `period` is the counter's period; None means the meter is a gauge.
+        Returns the new level.
+        """
+        ...
+
+    async def level(self, tenant: str, meter: str, period: Period | None) -> int:
+        """A counter's usage in `period`, or (period None) a gauge's level."""
+        ...
+
+    async def set_gauge(self, tenant: str, meter: str, value: int) -> None:
+        """Set a gauge's level (the admin API)."""
+        ...
+
+    async def close(self) -> None: ...

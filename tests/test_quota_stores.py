@@ -1,0 +1,187 @@
+"""One contract suite for both counter stores (memory://, redis://)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.config.models import UNLIMITED
+from gateway.quota.gcra import RateLimit
+from gateway.quota.memory import MemoryStore
+from gateway.quota.periods import Period, periods_around
+from gateway.quota.redis_store import RedisStore
+from gateway.quota.rules import MeterLimit
+from gateway.quota.store import ChargeRequest, CounterStore, MeterCharge, StoreUnavailable
+from tests.servers import RedisServer
+
+API = MeterLimit("api_calls", "counter", 3, hard=True, warn_at=(0.5,))
+SOFT = MeterLimit("api_calls", "counter", 3, hard=False)
+MEMBERS = MeterLimit("team_members", "gauge", 2, hard=True)
+TOKENS = MeterLimit("tokens", "counter", 100, hard=True)
+PER_SECOND = RateLimit("per_second", rate=2, per_s=1, burst=2)
+
+
+async def flushed(server: RedisServer, timeout_ms: int = 2000) -> RedisStore:
+    """A store on the shared private Redis, emptied first."""
+    client = aioredis.Redis.from_url(server.url)
+    await client.flushall()
+    await client.aclose()
+    return await RedisStore.open(server.url, shards=16, timeout_ms=timeout_ms)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(
+    request: pytest.FixtureRequest, shared_redis_server: RedisServer
+) -> AsyncIterator[CounterStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    redis_store = await flushed(shared_redis_server)
+    yield redis_store
+    await redis_store.close()
+
+
+def months() -> tuple[Period, ...]:
+    return periods_around("month", datetime.now(UTC))
+
+
+def charge(
+    *meters: MeterCharge, rates: tuple[RateLimit, ...] = (), request_id: str | None = None
+) -> ChargeRequest:
+    return ChargeRequest(
+        "acme", request_id or uuid.uuid4().hex, meters, tuple((r, "") for r in rates)
+    )
+
+
+def api(cost: int = 1, limit: MeterLimit = API) -> MeterCharge:
+    return MeterCharge(limit, cost=cost, periods=months())
+
+
+async def test_a_hard_quota_is_exact_and_refusals_charge_nothing(store: CounterStore) -> None:
+    results = [await store.check_and_charge(charge(api())) for _ in range(5)]
+    assert [r.decision.allowed for r in results] == [True, True, True, False, False]
+    refusal = results[3].decision.refusal
+    assert refusal is not None and (refusal.status, refusal.used, refusal.limit) == (402, 3, 3)
+    assert results[1].decision.warnings == ("api_calls 66%",)
+    current = months()[1]
+    assert results[0].periods == {"api_calls": current}
+    assert await store.level("acme", "api_calls", current) == 3
+
+
+async def test_a_retried_request_id_replays_and_charges_once(store: CounterStore) -> None:
+    first = await store.check_and_charge(charge(api(), request_id="r-1"))
+    again = await store.check_and_charge(charge(api(), request_id="r-1"))
+    assert (first.replayed, again.replayed) == (False, True)
+    assert again.decision == first.decision and again.now_us == first.now_us
+    assert await store.level("acme", "api_calls", months()[1]) == 1
+
+
+async def test_all_or_nothing_between_quota_and_rate_limit(store: CounterStore) -> None:
+    both = [await store.check_and_charge(charge(api(), rates=(PER_SECOND,))) for _ in range(3)]
+    assert [r.decision.allowed for r in both] == [True, True, False]
+    third = both[2].decision.refusal
+    assert third is not None and third.status == 429 and third.retry_after_s == 1
+    # The rate-limited third request charged no quota.
+    assert await store.level("acme", "api_calls", months()[1]) == 2
+    # Now the quota refuses while the rate limit would allow: nothing is charged there either.
+    await store.adjust("acme", "api_calls", months()[1], 1)
+    await asyncio.sleep(1.05)
+    refused = await store.check_and_charge(charge(api(), rates=(PER_SECOND,)))
+    assert refused.decision.refusal is not None and refused.decision.refusal.status == 402
+    allowed = await store.check_and_charge(charge(rates=(PER_SECOND,)))
+    assert allowed.decision.allowed  # the rate limit still had its slot
+
+
+async def test_gauges_and_adjustments(store: CounterStore) -> None:
+    add_member = MeterCharge(MEMBERS, cost=1)
+    await store.set_gauge("acme", "team_members", 2)
+    refused = await store.check_and_charge(charge(add_member))
+    assert refused.decision.refusal is not None and refused.decision.refusal.name == "team_members"
+    assert await store.adjust("acme", "team_members", None, -1) == 1
+    assert (await store.check_and_charge(charge(add_member))).decision.allowed
+    assert await store.level("acme", "team_members", None) == 2
+
+
+async def test_soft_overage_unlimited_and_response_charged_meters(store: CounterStore) -> None:
+    over = [await store.check_and_charge(charge(api(limit=SOFT))) for _ in range(4)]
+    assert all(r.decision.allowed for r in over)
+    assert over[3].decision.warnings == ("api_calls 133% (overage)",)
+    unlimited = MeterLimit("exports", "counter", UNLIMITED)
+    for _ in range(3):
+        result = await store.check_and_charge(charge(api(limit=unlimited, cost=1000)))
+        assert result.decision.allowed
+    tokens = MeterCharge(TOKENS, needs_remaining=True, periods=months())
+    assert (await store.check_and_charge(charge(tokens))).decision.allowed
+    await store.adjust("acme", "tokens", months()[1], 100)  # the response said 100
+    assert not (await store.check_and_charge(charge(tokens))).decision.allowed
+
+
+async def test_the_store_clock_picks_the_period(store: CounterStore) -> None:
+    # By the gateway's clock "current" has just ended; by the store's it is "next".
+    now = datetime.now(UTC)
+    ended = Period(now - timedelta(hours=2), now - timedelta(seconds=5))
+    following = Period(now - timedelta(seconds=5), now + timedelta(hours=1))
+    earlier = Period(now - timedelta(hours=4), now - timedelta(hours=2))
+    meter = MeterCharge(API, cost=1, periods=(earlier, ended, following))
+    result = await store.check_and_charge(charge(meter))
+    assert result.periods == {"api_calls": following}
+    assert await store.level("acme", "api_calls", following) == 1
+    assert await store.level("acme", "api_calls", ended) == 0
+
+
+async def test_concurrent_charges_are_exact(shared_redis_server: RedisServer) -> None:
+    stores = [await flushed(shared_redis_server)]
+    stores += [await RedisStore.open(shared_redis_server.url, 16, 2000) for _ in range(3)]
+    limit = MeterLimit("api_calls", "counter", 100, hard=True)
+    try:
+        results = await asyncio.gather(
+            *(stores[i % 4].check_and_charge(charge(api(limit=limit))) for i in range(500))
+        )
+        assert sum(r.decision.allowed for r in results) == 100
+        assert await stores[0].level("acme", "api_calls", months()[1]) == 100
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_flushed_script_cache_is_reloaded(shared_redis_server: RedisServer) -> None:
+    store = await flushed(shared_redis_server)
+    client = aioredis.Redis.from_url(shared_redis_server.url)
+    try:
+        assert (await store.check_and_charge(charge(api()))).decision.allowed
+        await client.script_flush()  # as after a Redis restart: NOSCRIPT on the next call
+        assert (await store.check_and_charge(charge(api()))).decision.allowed
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_stopped_or_paused_redis_is_unavailable_within_the_timeout(
+    redis_server: RedisServer,
+) -> None:
+    store = await RedisStore.open(redis_server.url, 16, timeout_ms=50)
+    try:
+        assert (await store.check_and_charge(charge(api()))).decision.allowed
+        redis_server.pause()
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable):
+            await store.check_and_charge(charge(api()))
+        paused_s = time.perf_counter() - started
+        redis_server.resume()
+        redis_server.stop()
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable):
+            await store.check_and_charge(charge(api()))
+        stopped_s = time.perf_counter() - started
+    finally:
+        redis_server.resume() if redis_server.proc else None
+        await store.close()
+    print(f"\npaused Redis: StoreUnavailable after {paused_s * 1000:.0f} ms; "
+          f"stopped: {stopped_s * 1000:.0f} ms (timeout 50 ms)")  # fmt: skip
+    assert paused_s < 0.05 + 0.5 and stopped_s < 0.05 + 0.5
