@@ -13,9 +13,12 @@ from gateway import websocket
 from gateway.admission import admit
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
-from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics
+from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics, QuotaMetrics
 from gateway.problems import problem
 from gateway.proxy import Forwarder, RoutePlan, Upstreams
+from gateway.quota.engine import QuotaEngine
+from gateway.quota.http import Metered, meter
+from gateway.quota.open import needs_quota, open_store
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
 
@@ -70,6 +73,8 @@ class Runtime:
 
 RUNTIME = web.AppKey("runtime", Runtime)
 SERVICES = web.AppKey("services", Services)
+QUOTA = web.AppKey("quota", QuotaEngine)
+QUOTA_METRICS = web.AppKey("quota_metrics", QuotaMetrics)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 
 
@@ -91,22 +96,35 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
         # Browsers send preflights without credentials; they are never charged.
         return plan.name, await forwarder.forward(request, plan, rid, skip=plan.preflight_skip)
     upstream_extra: dict[str, str] | None = None
-    response_extra: dict[str, str] | None = None
+    response_extra: list[tuple[str, str]] = []
+    metered: Metered | None = None
     if plan.auth_required:
         admitted = await admit(request, request.app[SERVICES], runtime.config, rid)
         if isinstance(admitted, web.StreamResponse):
             return plan.name, admitted
-        upstream_extra = {runtime.config.auth.forward_tenant_header: admitted.tenant.id}
+        tenant = admitted.tenant
+        upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
         if admitted.warning:
-            response_extra = {"X-Quota-Warning": admitted.warning}
+            response_extra.append(("X-Quota-Warning", admitted.warning))
+        engine = request.app.get(QUOTA)
+        if engine is not None:
+            outcome = await meter(
+                engine, tenant, match.route.index, plan.name, rid, request.app[QUOTA_METRICS]
+            )
+            if isinstance(outcome, web.StreamResponse):
+                return plan.name, outcome
+            metered = outcome
+            response_extra += outcome.headers
     if plan.websocket and websocket.is_upgrade(request):
         headers = forwarder.headers(request, plan, rid, upstream_extra)
-        return plan.name, await websocket.relay(
-            request, plan.upstream, headers, rid, plan.max_body_bytes
+        response = await websocket.relay(request, plan.upstream, headers, rid, plan.max_body_bytes)
+    else:
+        response = await forwarder.forward(
+            request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra
         )
-    return plan.name, await forwarder.forward(
-        request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra
-    )
+    if metered is not None and metered.charged is not None:
+        await request.app[QUOTA].settle(metered.charged, response.status, response.headers)
+    return plan.name, response
 
 
 def _is_preflight(request: web.Request) -> bool:
@@ -132,6 +150,17 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[RUNTIME].upstreams.close()
 
 
+async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[RUNTIME].config
+    if not needs_quota(config):
+        yield
+        return
+    engine = QuotaEngine(config, await open_store(config.storage))
+    app[QUOTA] = engine
+    yield
+    await engine.close()
+
+
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[RUNTIME].config
     if not needs_services(config):
@@ -148,8 +177,10 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app = web.Application(handler_args={"auto_decompress": False})
     metrics = ProxyMetrics(registry)
     app[METRICS] = metrics
+    app[QUOTA_METRICS] = QuotaMetrics(registry)
     app[RUNTIME] = Runtime.build(config, metrics)
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_services_ctx)
+    app.cleanup_ctx.append(_quota_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

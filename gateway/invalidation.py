@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from gateway.directory import Directory
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
+from gateway.lifecycle import stop_task
 
 log = logging.getLogger("gateway.invalidation")
 
@@ -78,10 +79,7 @@ class LedgerBus:
                 continue
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
 
 class RedisBus:
@@ -141,9 +139,6 @@ class RedisBus:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         await self._client.aclose()
         await self._listener.aclose()

@@ -90,6 +90,29 @@ class ProxyMetrics:
         self.upstream_errors.labels(upstream, kind).inc()
 
 
+class QuotaMetrics:
+    """Quota decisions, by outcome."""
+
+    OUTCOMES = (
+        "allowed", "quota_exceeded", "rate_limited", "shadow_refusal",
+        "store_error_open", "store_error_closed",
+    )  # fmt: skip
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "gateway_quota_decisions",
+            "Quota checks, by outcome: allowed, quota_exceeded, rate_limited, shadow_refusal, "
+            "store_error_open (served under fail_open), store_error_closed (answered 503).",
+            ["outcome"],
+            registry=registry,
+        )
+        self._children = {outcome: self.decisions.labels(outcome) for outcome in self.OUTCOMES}
+
+    def decided(self, outcome: str) -> None:
+        """Count one decision."""
+        self._children[outcome].inc()
+
+
 class ConfigMetrics:
     """Config reloads."""
 

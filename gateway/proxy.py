@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -175,7 +175,7 @@ class Forwarder:
         rid: str,
         *,
         upstream_extra: Mapping[str, str] | None = None,
-        response_extra: Mapping[str, str] | None = None,
+        response_extra: Sequence[tuple[str, str]] = (),
         skip: frozenset[str] | None = None,
     ) -> web.StreamResponse:
         """Forward `request` on `plan`'s route; errors become problem responses.
@@ -232,15 +232,14 @@ class Forwarder:
         plan: RoutePlan,
         rid: str,
         body: _LimitedBody | None,
-        response_extra: Mapping[str, str] | None,
+        response_extra: Sequence[tuple[str, str]],
     ) -> web.StreamResponse:
         up = plan.upstream
         headers = end_to_end(upstream_resp.headers)
         version = upstream_resp.version or aiohttp.HttpVersion11
         add_via(headers, (version.major, version.minor))
         headers["X-Request-Id"] = rid
-        if response_extra:
-            headers.update(response_extra)
+        headers.extend(response_extra)
         status, reason = upstream_resp.status, upstream_resp.reason
         length = upstream_resp.content_length
         if (

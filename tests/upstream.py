@@ -108,6 +108,16 @@ async def download(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def respond(request: web.Request) -> web.Response:
+    """Answer `?status=` (default 200) with `?tokens=` in X-Usage-Tokens."""
+    await request.read()
+    _record(request)
+    headers = {"X-Usage-Tokens": request.query["tokens"]} if "tokens" in request.query else {}
+    return web.json_response(
+        {"ok": True}, status=int(request.query.get("status", "200")), headers=headers
+    )
+
+
 async def redirect(request: web.Request) -> web.Response:
     _record(request)
     return web.Response(status=302, headers={"Location": "/elsewhere?from=redirect"})
@@ -169,6 +179,7 @@ def create_upstream_app(state: Upstream) -> web.Application:
     app.router.add_route("*", "/upload", upload)
     app.router.add_get("/download", download)
     app.router.add_get("/redirect", redirect)
+    app.router.add_route("*", "/v1/respond/{tail:.*}", respond)
     app.router.add_get("/gzip", gzipped)
     app.router.add_get("/hop", hop_by_hop)
     app.router.add_get("/slow", slow)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +10,7 @@ from collections.abc import Callable, Sequence
 import aiohttp
 
 from gateway.auth.keys import BoundKey, check_alg, keys_from_jwks, pick_key
+from gateway.lifecycle import stop_task
 
 log = logging.getLogger("gateway.jwks")
 
@@ -60,10 +60,7 @@ class JWKSKeys:
 
     async def stop(self) -> None:
         for task in (self._loop_task, self._inflight):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
         if self._session is not None:
             await self._session.close()
 

@@ -134,6 +134,8 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
                 f"{at}.auth",
                 '"required" needs auth.jwt or auth.api_keys.enabled (or set "auth: none")',
             )
+        if route.charge and route.auth == "none":
+            yield f"{at}.charge", 'charges belong to a tenant: the route needs "auth: required"'
         for meter, cost in route.charge.items():
             spec = cfg.meters.get(meter)
             if spec is None:
@@ -152,6 +154,11 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
         for meter in plan.limits:
             if meter not in cfg.meters:
                 yield f"plans.{plan_name}.limits.{meter}", "unknown meter"
+        seen: set[str] = set()
+        for j, rate_limit in enumerate(plan.rate_limits):
+            if rate_limit.name in seen:
+                yield f"plans.{plan_name}.rate_limits[{j}].name", f"duplicate {rate_limit.name!r}"
+            seen.add(rate_limit.name)
     for i, tenant in enumerate(cfg.tenants):
         if tenant.plan not in cfg.plans:
             yield f"tenants[{i}].plan", f"unknown plan {tenant.plan!r}"

@@ -51,7 +51,11 @@ class RedisStore:
 
     @classmethod
     async def open(cls, url: str, shards: int, timeout_ms: int) -> RedisStore:
-        """Connect and check the eviction policy (an evicted counter is a fresh quota)."""
+        """Connect and check the eviction policy (an evicted counter is a fresh quota).
+
+        An unreachable Redis does not stop the gateway from starting: requests
+        then get the configured failure policy until it answers.
+        """
         # A bounded pool whose callers wait for a free connection; the wait
         # counts against timeout_ms like the call itself.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -64,8 +68,8 @@ class RedisStore:
         except ResponseError:  # CONFIG may be disabled on managed Redis
             policy = None
         except (RedisError, OSError) as exc:
-            await client.aclose(close_connection_pool=True)
-            raise StoreUnavailable(f"cannot reach the counter store: {exc}") from exc
+            log.warning("counter store unreachable at start (%s); the failure policy applies", exc)
+            return store
         if policy is not None and policy != "noeviction":
             log.warning(
                 "Redis maxmemory-policy is %s: an evicted counter hands out a fresh quota; "
@@ -131,6 +135,11 @@ class RedisStore:
             async with asyncio.timeout(self._timeout_s):
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled while the timeout expired: the cancellation wins,
+                # or a retry loop would take it for an outage and go on.
+                raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"{what} failed: {exc!r}") from exc
 
     async def adjust(self, tenant: str, meter: str, period: Period | None, delta: int) -> int:

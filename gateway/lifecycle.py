@@ -1,0 +1,24 @@
+"""Stopping background tasks without trusting them to honour cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger("gateway")
+STOP_TIMEOUT_S = 2.0
+
+
+async def stop_task(task: asyncio.Task[None] | None, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Cancel `task` and wait for it, at most `timeout_s`.
+
+    A cancellation that lands while a task's own `asyncio.timeout` expires can
+    be turned into a TimeoutError (Python 3.11) and swallowed by a retry loop;
+    shutting down must not hang on that.
+    """
+    if task is None or task.done():
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.warning("background task %s did not stop within %.0fs", task.get_name(), timeout_s)

@@ -1,0 +1,275 @@
+"""Quotas on the request path: build the charge, answer refusals, settle afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gateway.config.models import UNLIMITED, GatewayConfig, RouteConfig
+from gateway.ledger.records import Tenant
+from gateway.lifecycle import stop_task
+from gateway.quota.gcra import RateLimit
+from gateway.quota.periods import Period, periods_around
+from gateway.quota.rules import MeterLimit
+from gateway.quota.store import (
+    ChargeRequest,
+    ChargeResult,
+    CounterStore,
+    MeterCharge,
+    StoreUnavailable,
+)
+
+log = logging.getLogger("gateway.quota")
+RETRY_PENDING_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlanPolicy:
+    """A plan's limits, compiled once per config."""
+
+    limits: dict[str, MeterLimit]
+    rate_limits: tuple[tuple[RateLimit, str], ...]  # (limit, scope: "tenant" or "route")
+    shadow: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCharges:
+    """A route's charges, compiled once per config."""
+
+    fixed: dict[str, int]  # positive: checked and charged before forwarding
+    after_success: dict[str, int]  # negative gauge deltas, applied after a success
+    from_response: dict[str, str]  # meter -> response header with the quantity
+    keep: str  # charge_on
+    shadow: bool
+
+    @property
+    def charges(self) -> bool:
+        return bool(self.fixed or self.after_success or self.from_response)
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """What a forwarded request was charged, for settling it."""
+
+    tenant: str
+    costs: dict[str, tuple[Period | None, int]]  # meter -> (period, cost) charged
+    response_periods: dict[str, Period | None]  # meters to charge from the response
+    route: RouteCharges
+
+
+def kept(status: int, charge_on: str) -> bool:
+    """Whether a charge stands for a response status (`charge_on`)."""
+    if charge_on == "always":
+        return True
+    if charge_on == "not_server_error":
+        return status < 500
+    return 200 <= status < 400 or status == 101
+
+
+class PendingCharges:
+    """Charges made while the store was down (fail_open), applied once it answers.
+
+    They live in this process only until the usage spool exists: a crash
+    before the store is back loses them.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str, Period | None], int] = {}
+
+    def add(self, tenant: str, meter: str, period: Period | None, cost: int) -> None:
+        key = (tenant, meter, period)
+        self._pending[key] = self._pending.get(key, 0) + cost
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def flush(self, store: CounterStore) -> None:
+        """Apply what is pending; stops at the first failure (the rest stays)."""
+        for key in list(self._pending):
+            tenant, meter, period = key
+            await store.adjust(tenant, meter, period, self._pending[key])
+            del self._pending[key]
+
+
+class QuotaEngine:
+    """Turns a config into per-request charges against one counter store."""
+
+    def __init__(self, config: GatewayConfig, store: CounterStore) -> None:
+        self.config = config
+        self.store = store
+        self.fail_open = config.storage.on_counter_store_error == "fail_open"
+        self.pending = PendingCharges()
+        self._meters = config.meters
+        self.plans = {name: self._plan(name) for name in config.plans}
+        self.routes = [self._route(route) for route in config.routes]
+        self._retry_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def _plan(self, name: str) -> PlanPolicy:
+        plan = self.config.plans[name]
+        limits = {
+            meter: MeterLimit(
+                meter,
+                self._meters[meter].type,
+                spec.limit,
+                hard=spec.enforcement == "hard",
+                warn_at=tuple(sorted(spec.warn_at)),
+            )
+            for meter, spec in plan.limits.items()
+        }
+        rates = tuple(
+            (RateLimit(r.name, r.rate, r.per_s, r.burst or r.rate), r.scope)
+            for r in plan.rate_limits
+        )
+        return PlanPolicy(limits, rates, plan.shadow)
+
+    def _route(self, route: RouteConfig) -> RouteCharges:
+        fixed, after, response = {}, {}, {}
+        for meter, cost in route.charge.items():
+            if cost == "response":
+                header = self._meters[meter].from_response_header
+                assert header is not None  # the config loader checked it
+                response[meter] = header
+            elif isinstance(cost, int) and cost > 0:
+                fixed[meter] = cost
+            elif isinstance(cost, int) and cost < 0:
+                after[meter] = cost
+        return RouteCharges(fixed, after, response, route.charge_on, route.shadow)
+
+    def _limit(self, policy: PlanPolicy, meter: str) -> MeterLimit:
+        # A meter the plan does not list is unlimited for it (still counted).
+        return policy.limits.get(meter) or MeterLimit(meter, self._meters[meter].type, UNLIMITED)
+
+    def _periods(self, meter: str, tenant: Tenant, now: datetime) -> tuple[Period, ...]:
+        spec = self._meters[meter]
+        if spec.type == "gauge":
+            return ()
+        return periods_around(spec.period or "billing_cycle", now, tenant.billing_anchor)
+
+    def request(self, tenant: Tenant, route_index: int, route_name: str) -> ChargeRequest | None:
+        """The charge request of a request on a route, or None if nothing is checked."""
+        route = self.routes[route_index]
+        policy = self.plans.get(tenant.plan)
+        if policy is None:
+            log.error("tenant %s has plan %r, which is not in the config", tenant.id, tenant.plan)
+            policy = PlanPolicy({}, (), False)
+        if not route.fixed and not route.from_response and not policy.rate_limits:
+            return None
+        now = datetime.now(UTC)
+        meters = tuple(
+            MeterCharge(
+                self._limit(policy, meter),
+                cost=route.fixed.get(meter, 0),
+                needs_remaining=meter in route.from_response,
+                periods=self._periods(meter, tenant, now),
+            )
+            for meter in sorted({*route.fixed, *route.from_response})
+        )
+        rates = tuple(
+            (limit, route_name if scope == "route" else "") for limit, scope in policy.rate_limits
+        )
+        # A fresh id per request: the store's memo makes a retry of this call
+        # idempotent, and a client's X-Request-Id may repeat.
+        return ChargeRequest(tenant.id, uuid.uuid4().hex, meters, rates)
+
+    def shadow(self, tenant: Tenant, route_index: int) -> bool:
+        """Decide and count as usual, refuse nothing."""
+        policy = self.plans.get(tenant.plan)
+        return self.routes[route_index].shadow or (policy is not None and policy.shadow)
+
+    async def check(self, request: ChargeRequest) -> ChargeResult:
+        """The store's decision; StoreUnavailable is the caller's to handle."""
+        return await self.store.check_and_charge(request)
+
+    def charged(
+        self,
+        tenant: Tenant,
+        route_index: int,
+        request: ChargeRequest | None,
+        result: ChargeResult | None,
+    ) -> Charged:
+        """What to settle later; `result` None when the store was down (fail_open)."""
+        route = self.routes[route_index]
+        costs: dict[str, tuple[Period | None, int]] = {}
+        periods = result.periods if result is not None else {}
+        for meter in request.meters if request is not None else ():
+            period = periods.get(meter.limit.meter) or (meter.periods[1] if meter.periods else None)
+            if meter.cost > 0:
+                costs[meter.limit.meter] = (period, meter.cost)
+        now = datetime.now(UTC)
+        response_periods = {
+            meter: (periods.get(meter) or self._current(meter, tenant, now))
+            for meter in route.from_response
+        }
+        return Charged(tenant.id, costs, response_periods, route)
+
+    def _current(self, meter: str, tenant: Tenant, now: datetime) -> Period | None:
+        around = self._periods(meter, tenant, now)
+        return around[1] if around else None
+
+    def spool(self, charged: Charged) -> None:
+        """fail_open: keep the charges to apply when the store is back."""
+        for meter, (period, cost) in charged.costs.items():
+            self.pending.add(charged.tenant, meter, period, cost)
+        self._schedule_retry()
+
+    async def settle(self, charged: Charged, status: int, headers: Mapping[str, str]) -> None:
+        """After the response: refunds, negative gauge deltas, response-derived charges."""
+        adjustments: list[tuple[str, Period | None, int]] = []
+        if kept(status, charged.route.keep):
+            for meter, header in charged.route.from_response.items():
+                quantity = _quantity(headers.get(header))
+                if quantity:
+                    adjustments.append((meter, charged.response_periods[meter], quantity))
+            if 200 <= status < 400 or status == 101:
+                # A gauge goes down only once the upstream did what lowers it.
+                adjustments += [(m, None, d) for m, d in charged.route.after_success.items()]
+        else:
+            adjustments += [(m, p, -cost) for m, (p, cost) in charged.costs.items()]
+        await self._apply(charged.tenant, adjustments)
+
+    async def charge_anyway(self, charged: Charged) -> None:
+        """Shadow mode: charge what the store refused to, since it is served."""
+        await self._apply(charged.tenant, [(m, p, c) for m, (p, c) in charged.costs.items()])
+
+    async def _apply(self, tenant: str, adjustments: list[tuple[str, Period | None, int]]) -> None:
+        for meter, period, delta in adjustments:
+            try:
+                await self.store.adjust(tenant, meter, period, delta)
+            except StoreUnavailable:
+                self.pending.add(tenant, meter, period, delta)
+                self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.create_task(self._retry_pending(), name="quota-pending")
+
+    async def _retry_pending(self) -> None:
+        while len(self.pending) and not self._closing:
+            try:
+                await self.pending.flush(self.store)
+            except StoreUnavailable:
+                await asyncio.sleep(RETRY_PENDING_S)
+
+    async def close(self) -> None:
+        self._closing = True
+        await stop_task(self._retry_task)
+        if len(self.pending):
+            log.warning("%d pending charge(s) could not reach the counter store", len(self.pending))
+        await self.store.close()
+
+
+def _quantity(value: str | None) -> int:
+    """A response header's quantity; anything but a non-negative integer counts as 0."""
+    if value is None:
+        return 0
+    try:
+        quantity = int(value.strip())
+    except ValueError:
+        log.warning("response quantity %r is not an integer; charged 0", value)
+        return 0
+    return max(0, quantity)

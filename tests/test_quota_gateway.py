@@ -1,0 +1,214 @@
+"""Quotas through a running gateway: 402, 429, warnings, settlement, failure policy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.auth.jwt import mint
+from gateway.quota.periods import periods_around
+from gateway.quota.redis_store import RedisStore
+from gateway.server import Gateway
+from tests.conftest import MakeGateway, gateway_config
+from tests.servers import RedisServer
+from tests.upstream import Upstream
+
+SECRET = "quota-test-secret-" + "k" * 40
+
+
+def quota_config(upstream: Upstream, tmp_path: Path, **storage: Any) -> dict[str, Any]:
+    return gateway_config(
+        upstream.url,
+        storage={"ledger": f"sqlite:///{tmp_path / 'ledger.db'}", **storage},
+        auth={"jwt": {"algorithms": ["HS256"], "secret_env": "QUOTA_JWT_SECRET"}},
+        billing={"upgrade_url": "https://example.com/billing"},
+        meters={
+            "api_calls": {"type": "counter", "period": "billing_cycle"},
+            "tokens": {"type": "counter", "from_response_header": "X-Usage-Tokens"},
+            "team_members": {"type": "gauge"},
+        },
+        plans={
+            "starter": {
+                "limits": {
+                    "api_calls": {"limit": 6, "warn_at": [0.5]},
+                    "tokens": {"limit": 100},
+                    "team_members": {"limit": 2},
+                },
+            },
+            "soft": {"limits": {"api_calls": {"limit": 2, "enforcement": "soft"}}},
+            "throttled": {"rate_limits": [{"name": "per_second", "rate": 2, "burst": 2}]},
+        },
+        tenants=[
+            {"id": "acme", "plan": "starter"},
+            {"id": "beta", "plan": "soft"},
+            {"id": "gamma", "plan": "throttled"},
+        ],
+        routes=[
+            {"name": "add-member", "match": {"methods": ["POST"], "path": "/v1/members"},
+             "upstream": "app", "charge": {"api_calls": 1, "team_members": 1}},
+            {"name": "remove-member", "match": {"methods": ["DELETE"], "path": "/v1/respond/{id}"},
+             "upstream": "app", "charge": {"api_calls": 1, "team_members": -1}},
+            {"name": "completions", "match": {"methods": ["POST"], "path": "/v1/respond/complete"},
+             "upstream": "app", "charge": {"api_calls": 1, "tokens": "response"}},
+            {"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
+             "charge": {"api_calls": 1}},
+        ],
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def gateway(
+    upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> Gateway:
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    return await make_gateway(quota_config(upstream, tmp_path))
+
+
+async def call(
+    gw: Gateway, tenant: str, method: str = "GET", path: str = "/v1/things"
+) -> tuple[int, Any, Any]:
+    token = mint(SECRET, "HS256", ["org_id"], tenant, 600)
+    async with aiohttp.ClientSession() as client:
+        async with client.request(
+            method, f"http://127.0.0.1:{gw.port}{path}",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:  # fmt: skip
+            return resp.status, resp.headers, await resp.json(content_type=None)
+
+
+async def test_a_hard_quota_answers_402_past_the_limit(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    answers = [await call(gateway, "acme") for _ in range(7)]
+    assert [status for status, _, _ in answers] == [200] * 6 + [402]
+    _, headers, _ = answers[0]
+    assert headers["RateLimit-Policy"].startswith('"api_calls";q=6;w=')
+    assert headers["RateLimit"].startswith('"api_calls";r=5;t=')
+    assert "X-Quota-Warning" not in headers
+    assert answers[2][1].getall("X-Quota-Warning") == ["api_calls 50%"]
+    status, headers, body = answers[6]
+    assert body["type"].endswith(":quota-exhausted")
+    assert (body["meter"], body["limit"], body["used"]) == ("api_calls", 6, 6)
+    assert body["upgrade_url"] == "https://example.com/billing"
+    assert body["reset_at"].endswith("Z") and int(headers["Retry-After"]) > 0
+    assert len(upstream.seen) == 6  # the refused request never reached the upstream
+
+
+async def test_failed_responses_are_refunded(gateway: Gateway, upstream: Upstream) -> None:
+    for _ in range(4):
+        status, _, _ = await call(gateway, "acme", path="/v1/respond/x?status=503")
+        assert status == 503
+    statuses = [(await call(gateway, "acme"))[0] for _ in range(7)]
+    assert statuses == [200] * 6 + [402]  # the four 503s cost nothing
+
+
+async def test_gauges_rise_before_and_fall_after_success(gateway: Gateway) -> None:
+    assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 200
+    assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 200
+    status, _, body = await call(gateway, "acme", "POST", "/v1/members")
+    assert (status, body["meter"]) == (402, "team_members")
+    # A removal that fails upstream does not lower the gauge...
+    assert (await call(gateway, "acme", "DELETE", "/v1/respond/7?status=404"))[0] == 404
+    assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 402
+    # ...one that succeeds does.
+    assert (await call(gateway, "acme", "DELETE", "/v1/respond/7"))[0] == 200
+    assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 200
+
+
+async def test_response_quantities_pass_a_hard_limit_by_one_response_at_most(
+    gateway: Gateway,
+) -> None:
+    path = "/v1/respond/complete?tokens=60"
+    assert (await call(gateway, "acme", "POST", path))[0] == 200  # 60 of 100
+    assert (await call(gateway, "acme", "POST", path))[0] == 200  # 120: charged, over by one
+    status, _, body = await call(gateway, "acme", "POST", path)
+    assert (status, body["meter"], body["used"]) == (402, "tokens", 120)
+
+
+async def test_soft_quotas_allow_overage_with_a_warning(gateway: Gateway) -> None:
+    answers = [await call(gateway, "beta") for _ in range(4)]
+    assert [status for status, _, _ in answers] == [200] * 4
+    assert answers[3][1].getall("X-Quota-Warning") == ["api_calls 200% (overage)"]
+    assert "RateLimit-Policy" not in answers[0][1]  # soft quotas are not advertised
+
+
+async def test_rate_limits_answer_429_with_retry_after(gateway: Gateway) -> None:
+    answers = [await call(gateway, "gamma") for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 429]
+    status, headers, body = answers[2]
+    assert body["type"].endswith(":rate-limited") and headers["Retry-After"] == "1"
+    assert headers["RateLimit-Policy"] == '"per_second";q=2;w=1'
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+@pytest.mark.parametrize("failure", ["stopped", "paused"])
+async def test_failure_policy_answers_within_the_timeout(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    policy: str,
+    failure: str,
+) -> None:
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    storage = {"counters": redis_server.url, "timeout_ms": 50, "on_counter_store_error": policy}
+    gw = await make_gateway(quota_config(upstream, tmp_path, **storage))
+    assert (await call(gw, "acme"))[0] == 200
+    if failure == "paused":
+        redis_server.pause()
+    else:
+        redis_server.stop()
+    try:
+        started = time.perf_counter()
+        status, _, body = await call(gw, "acme")
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    finally:
+        if failure == "paused":
+            redis_server.resume()
+    print(f"\n{policy}, Redis {failure}: {status} after {elapsed_ms:.0f} ms (timeout 50 ms)")
+    seen = (status, body, round(elapsed_ms))
+    if policy == "fail_closed":
+        assert status == 503 and body["type"].endswith(":counter-store-unavailable"), seen
+    else:
+        assert status == 200, seen
+    # The timeout plus a generous margin: a slow CI machine must not fail this,
+    # a gateway that waits for Redis (seconds, or forever) must.
+    assert elapsed_ms < 50 + 950, seen
+
+
+async def test_fail_open_charges_reach_the_store_once_it_is_back(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+) -> None:
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    gw = await make_gateway(
+        quota_config(
+            upstream, tmp_path,
+            counters=redis_server.url, timeout_ms=50, on_counter_store_error="fail_open",
+        )
+    )  # fmt: skip
+    assert (await call(gw, "acme"))[0] == 200
+    redis_server.stop()
+    assert [(await call(gw, "acme"))[0] for _ in range(3)] == [200, 200, 200]
+    redis_server.start()  # with its data (AOF)
+    store = await RedisStore.open(redis_server.url, 16, 500)
+    try:
+        period = periods_around("billing_cycle", datetime.now(UTC))[1]
+        deadline = time.monotonic() + 10
+        while await store.level("acme", "api_calls", period) != 4:
+            assert time.monotonic() < deadline, "pending charges never arrived"
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+    # And the quota counts them: 4 used, 2 left of 6.
+    assert [(await call(gw, "acme"))[0] for _ in range(3)] == [200, 200, 402]
