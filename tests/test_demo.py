@@ -39,10 +39,11 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
         ]
         for cmd, out in zip(commands, outputs, strict=True):
             assert out.returncode == 0, (cmd, out.stderr)
-        listed, created, fetched, member, refused, api_key = (
-            json.loads(o.stdout) for o in outputs[:6]
-        )
-        assert listed == {"projects": []}
+        head, _, body = outputs[0].stdout.replace("\r\n", "\n").partition("\n\n")
+        assert 'RateLimit-Policy: "api_calls";q=1000;w=' in head
+        assert '"per_second";q=20;w=1' in head
+        created, fetched, member, refused, api_key = (json.loads(o.stdout) for o in outputs[1:6])
+        assert json.loads(body) == {"projects": []}
         assert created == {"id": 1, "name": "apollo", "tenant": "demo"}
         assert fetched == created
         assert member["email"] == "ada@example.com"

@@ -46,7 +46,7 @@ def instructions(port: int, admin_port: int, token: str, admin_token: str) -> st
             "Tenant 'demo' (plan free) has this token, valid for 24 hours:",
             f"  {token}",
             "Try:",
-            f"  curl -s {base}/v1/projects {auth}",
+            f"  curl -si {base}/v1/projects {auth}            # see RateLimit-Policy, RateLimit",
             f'  curl -s -X POST {base}/v1/projects {auth} {json_body} -d \'{{"name": "apollo"}}\'',
             f"  curl -s {base}/v1/projects/1 {auth}",
             f"  curl -s -X POST {base}/v1/members {auth} {json_body}"
