@@ -8,8 +8,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.app import RUNTIME, SERVICES
+from gateway.app import QUOTA, RUNTIME, SERVICES
+from gateway.ledger.records import Tenant
 from gateway.problems import problem
+from gateway.quota.engine import QuotaEngine
+from gateway.quota.usage import current_period, usage_view
 from gateway.services import Services
 from gateway.tenant_ops import (
     TenantChangeError,
@@ -147,6 +150,62 @@ async def revoke_api_key(request: web.Request) -> web.Response:
     return web.json_response({"prefix": prefix, "revoked": True})
 
 
+def _engine(request: web.Request) -> QuotaEngine:
+    engine = request.app[PUBLIC_APP].get(QUOTA)
+    if engine is None:
+        raise web.HTTPNotFound(
+            body=problem(404, "no-quotas", "no route charges and no plan rate-limits").body,
+            content_type="application/problem+json",
+        )
+    return engine
+
+
+async def _tenant_and_meter(request: web.Request) -> tuple[Tenant, str] | web.Response:
+    tenant_id, meter = request.match_info["id"], request.match_info.get("meter", "")
+    tenant = await _services(request).ledger.get_tenant(tenant_id)
+    if tenant is None:
+        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+    if meter and meter not in _engine(request).config.meters:
+        return problem(404, "meter-unknown", f"meter {meter!r} is not in the config")
+    return tenant, meter
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    """GET /admin/tenants/{id}/usage"""
+    found = await _tenant_and_meter(request)
+    if isinstance(found, web.Response):
+        return found
+    return web.json_response(await usage_view(_engine(request), found[0]))
+
+
+async def put_gauge(request: web.Request) -> web.Response:
+    """PUT /admin/tenants/{id}/gauges/{meter} {"value": N}"""
+    found = await _tenant_and_meter(request)
+    if isinstance(found, web.Response):
+        return found
+    tenant, meter = found
+    engine = _engine(request)
+    if engine.config.meters[meter].type != "gauge":
+        return problem(422, "invalid-change", f"{meter} is a counter; reset it instead")
+    body = await _json(request)
+    value = body.get("value") if isinstance(body, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return problem(422, "invalid-change", "value: expected a non-negative integer")
+    await engine.store.set_level(tenant.id, meter, None, value)
+    return web.json_response(await usage_view(engine, tenant))
+
+
+async def reset_meter(request: web.Request) -> web.Response:
+    """POST /admin/tenants/{id}/meters/{meter}/reset: the current period starts again from 0."""
+    found = await _tenant_and_meter(request)
+    if isinstance(found, web.Response):
+        return found
+    tenant, meter = found
+    engine = _engine(request)
+    await engine.store.set_level(tenant.id, meter, current_period(engine, tenant, meter), 0)
+    return web.json_response(await usage_view(engine, tenant))
+
+
 async def openapi(request: web.Request) -> web.Response:
     """GET /admin/openapi.json"""
     return web.json_response(openapi_document())
@@ -161,6 +220,9 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/admin/tenants/{id}/api-keys", create_api_key)
     app.router.add_get("/admin/tenants/{id}/api-keys", list_api_keys)
     app.router.add_delete("/admin/api-keys/{prefix}", revoke_api_key)
+    app.router.add_get("/admin/tenants/{id}/usage", get_usage)
+    app.router.add_put("/admin/tenants/{id}/gauges/{meter}", put_gauge)
+    app.router.add_post("/admin/tenants/{id}/meters/{meter}/reset", reset_meter)
     app.router.add_get("/admin/openapi.json", openapi)
 
 
@@ -176,6 +238,7 @@ def openapi_document() -> dict[str, Any]:
     tenant_ref = {"$ref": "#/components/schemas/Tenant"}
     key_ref = {"$ref": "#/components/schemas/ApiKey"}
     id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    meter_param = {"name": "meter", "in": "path", "required": True, "schema": {"type": "string"}}
     errors = {
         "401": answer("missing or wrong admin token", problem_ref),
         "404": answer("unknown tenant", problem_ref),
@@ -309,6 +372,39 @@ def openapi_document() -> dict[str, Any]:
                         )
                     },
                 },
+            },
+            "/admin/tenants/{id}/usage": {
+                "get": {
+                    "summary": "The tenant's meters now: used, limit, remaining, state",
+                    "parameters": [id_param],
+                    "responses": {"200": answer("the usage view"), **errors},
+                }
+            },
+            "/admin/tenants/{id}/gauges/{meter}": {
+                "put": {
+                    "summary": "Set a gauge's level",
+                    "parameters": [id_param, meter_param],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"value": {"type": "integer", "minimum": 0}},
+                                    "required": ["value"],
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"200": answer("the usage view"), **errors},
+                }
+            },
+            "/admin/tenants/{id}/meters/{meter}/reset": {
+                "post": {
+                    "summary": "Start the meter's current period again from 0",
+                    "parameters": [id_param, meter_param],
+                    "responses": {"200": answer("the usage view"), **errors},
+                }
             },
             "/admin/api-keys/{prefix}": {
                 "delete": {

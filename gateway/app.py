@@ -19,6 +19,7 @@ from gateway.proxy import Forwarder, RoutePlan, Upstreams
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.http import Metered, meter
 from gateway.quota.open import needs_quota, open_store
+from gateway.quota.usage import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
 
@@ -83,7 +84,7 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
     try:
         path = parse_path(request.raw_path)
         if path.reserved:
-            return GATEWAY, problem(404, "not-found", "no such gateway endpoint", request_id=rid)
+            return GATEWAY, await _gateway_endpoint(request, path.segments, rid)
         host = request.headers.get("Host", "")
         match = runtime.router.match_path(request.method, host, path)
     except BadPath as exc:
@@ -125,6 +126,22 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
     if metered is not None and metered.charged is not None:
         await request.app[QUOTA].settle(metered.charged, response.status, response.headers)
     return plan.name, response
+
+
+async def _gateway_endpoint(
+    request: web.Request, segments: list[str], rid: str
+) -> web.StreamResponse:
+    """Paths under /_gateway/: the calling tenant's own usage."""
+    engine = request.app.get(QUOTA)
+    services = request.app.get(SERVICES)
+    if segments != ["_gateway", "usage"] or engine is None or services is None:
+        return problem(404, "not-found", "no such gateway endpoint", request_id=rid)
+    if request.method not in ("GET", "HEAD"):
+        return problem(405, "method-not-allowed", "use GET", request_id=rid)
+    admitted = await admit(request, services, request.app[RUNTIME].config, rid)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
+    return web.json_response(await usage_view(engine, admitted.tenant))
 
 
 def _is_preflight(request: web.Request) -> bool:

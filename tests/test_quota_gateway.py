@@ -67,6 +67,7 @@ async def gateway(
     upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
 ) -> Gateway:
     monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "quota-admin")
     return await make_gateway(quota_config(upstream, tmp_path))
 
 
@@ -212,3 +213,42 @@ async def test_fail_open_charges_reach_the_store_once_it_is_back(
         await store.close()
     # And the quota counts them: 4 used, 2 left of 6.
     assert [(await call(gw, "acme"))[0] for _ in range(3)] == [200, 200, 402]
+
+
+async def admin(gw: Gateway, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as client:
+        async with client.request(
+            method, f"http://127.0.0.1:{gw.admin_port}{path}", json=body,
+            headers={"Authorization": "Bearer quota-admin"},
+        ) as resp:  # fmt: skip
+            return resp.status, await resp.json(content_type=None)
+
+
+async def test_usage_view_gauges_and_resets(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(4):
+        assert (await call(gateway, "acme"))[0] == 200
+    status, view = await admin(gateway, "GET", "/admin/tenants/acme/usage")
+    assert status == 200
+    assert (view["tenant"], view["plan"], view["status"]) == ("acme", "starter", "active")
+    calls = view["meters"]["api_calls"]
+    assert (calls["used"], calls["limit"], calls["remaining"], calls["state"]) == (
+        4, 6, 2, "warning"
+    )  # fmt: skip
+    assert calls["period"] == view["period"]  # a billing_cycle counter
+    assert view["meters"]["team_members"]["period"] is None
+    # The tenant sees the same through the public listener.
+    status, _, own = await call(gateway, "acme", path="/_gateway/usage")
+    assert (status, own["meters"]["api_calls"]["used"]) == (200, 4)
+    status, set_view = await admin(
+        gateway, "PUT", "/admin/tenants/acme/gauges/team_members", {"value": 2}
+    )
+    assert (status, set_view["meters"]["team_members"]["state"]) == (200, "exhausted")
+    assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 402
+    status, reset = await admin(gateway, "POST", "/admin/tenants/acme/meters/api_calls/reset")
+    assert (status, reset["meters"]["api_calls"]["used"]) == (200, 0)
+    bad = await admin(gateway, "PUT", "/admin/tenants/acme/gauges/api_calls", {"value": 1})
+    assert bad[0] == 422
+    assert (await admin(gateway, "GET", "/admin/tenants/ghost/usage"))[0] == 404
+    assert (await admin(gateway, "POST", "/admin/tenants/acme/meters/nope/reset"))[0] == 404

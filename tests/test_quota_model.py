@@ -92,7 +92,7 @@ def stateful_test(server: RedisServer) -> type[RuleBasedStateMachine]:
 
         @rule(value=st.integers(0, 4))
         def set_gauge(self, value: int) -> None:
-            self._run(lambda store: store.set_gauge("acme", "members", value))
+            self._run(lambda store: store.set_level("acme", "members", None, value))
             self.model[self._slot("members")] = value
 
         @rule()

@@ -100,7 +100,7 @@ async def test_all_or_nothing_between_quota_and_rate_limit(store: CounterStore) 
 
 async def test_gauges_and_adjustments(store: CounterStore) -> None:
     add_member = MeterCharge(MEMBERS, cost=1)
-    await store.set_gauge("acme", "team_members", 2)
+    await store.set_level("acme", "team_members", None, 2)
     refused = await store.check_and_charge(charge(add_member))
     assert refused.decision.refusal is not None and refused.decision.refusal.name == "team_members"
     assert await store.adjust("acme", "team_members", None, -1) == 1

@@ -144,6 +144,10 @@ class QuotaEngine:
         # A meter the plan does not list is unlimited for it (still counted).
         return policy.limits.get(meter) or MeterLimit(meter, self._meters[meter].type, UNLIMITED)
 
+    def meter_limit(self, tenant: Tenant, meter: str) -> MeterLimit:
+        """The limit of `meter` for the tenant's plan."""
+        return self._limit(self.plans.get(tenant.plan) or PlanPolicy({}, (), False), meter)
+
     def _periods(self, meter: str, tenant: Tenant, now: datetime) -> tuple[Period, ...]:
         spec = self._meters[meter]
         if spec.type == "gauge":

@@ -85,8 +85,8 @@ class MemoryStore:
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:
         return self._values.get(_meter_key(tenant, meter, period), 0)
 
-    async def set_gauge(self, tenant: str, meter: str, value: int) -> None:
-        self._values[_meter_key(tenant, meter, None)] = value
+    async def set_level(self, tenant: str, meter: str, period: Period | None, value: int) -> None:
+        self._values[_meter_key(tenant, meter, period)] = value
 
     async def close(self) -> None:
         return None

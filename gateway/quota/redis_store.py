@@ -150,9 +150,9 @@ class RedisStore:
         value = await self._guard("level", self._client.get(self._meter_key(tenant, meter, period)))
         return int(value) if value is not None else 0
 
-    async def set_gauge(self, tenant: str, meter: str, value: int) -> None:
+    async def set_level(self, tenant: str, meter: str, period: Period | None, value: int) -> None:
         await self._guard(
-            "set_gauge", self._client.set(self._meter_key(tenant, meter, None), value)
+            "set_level", self._client.set(self._meter_key(tenant, meter, period), value)
         )
 
     async def close(self) -> None:

@@ -115,8 +115,8 @@ class CounterStore(Protocol):
         """A counter's usage in `period`, or (period None) a gauge's level."""
         ...
 
-    async def set_gauge(self, tenant: str, meter: str, value: int) -> None:
-        """Set a gauge's level (the admin API)."""
+    async def set_level(self, tenant: str, meter: str, period: Period | None, value: int) -> None:
+        """Set a gauge's level, or a counter's usage in `period` (admin: gauges, resets)."""
         ...
 
     async def close(self) -> None: ...

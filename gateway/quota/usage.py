@@ -1,0 +1,50 @@
+"""The usage view: a tenant's meters as the counters see them now."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.ledger.records import Tenant
+from gateway.quota.engine import QuotaEngine
+from gateway.quota.periods import Period, period_of
+from gateway.quota.rules import meter_state
+from gateway.subscription import iso_utc
+
+
+def current_period(engine: QuotaEngine, tenant: Tenant, meter: str) -> Period | None:
+    """The counter's period now (None for a gauge)."""
+    spec = engine.config.meters[meter]
+    if spec.type == "gauge":
+        return None
+    return period_of(spec.period or "billing_cycle", datetime.now(UTC), tenant.billing_anchor)
+
+
+async def usage_view(engine: QuotaEngine, tenant: Tenant) -> dict[str, Any]:
+    """`{tenant, plan, status, period, meters: {name: {used, limit, remaining, ...}}}`."""
+    policy = engine.plans.get(tenant.plan)
+    cycle = period_of("billing_cycle", datetime.now(UTC), tenant.billing_anchor)
+    meters: dict[str, Any] = {}
+    for name in sorted(engine.config.meters):
+        limit = engine.meter_limit(tenant, name)
+        period = current_period(engine, tenant, name)
+        used = await engine.store.level(tenant.id, name, period)
+        meters[name] = {
+            "type": limit.kind,
+            "used": used,
+            "limit": None if limit.unlimited else limit.limit,
+            "remaining": None if limit.unlimited else max(0, limit.limit - used),
+            "enforcement": "hard" if limit.hard else "soft",
+            "state": meter_state(limit, used),
+            "period": {"start": iso_utc(period.start), "end": iso_utc(period.end)}
+            if period and engine.config.meters[name].period != "none"
+            else None,
+        }
+    return {
+        "tenant": tenant.id,
+        "plan": tenant.plan,
+        "status": tenant.status,
+        "shadow": policy.shadow if policy else False,
+        "period": {"start": iso_utc(cycle.start), "end": iso_utc(cycle.end)},
+        "meters": meters,
+    }
