@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import websocket
+from gateway import idempotency, websocket
 from gateway.admission import admit
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
@@ -99,6 +99,7 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
     upstream_extra: dict[str, str] | None = None
     response_extra: list[tuple[str, str]] = []
     metered: Metered | None = None
+    claim: idempotency.Claim | None = None
     if plan.auth_required:
         admitted = await admit(request, request.app[SERVICES], runtime.config, rid)
         if isinstance(admitted, web.StreamResponse):
@@ -109,10 +110,18 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
             response_extra.append(("X-Quota-Warning", admitted.warning))
         engine = request.app.get(QUOTA)
         if engine is not None:
+            claimed = await idempotency.claim(
+                request, engine.store, tenant.id, plan.max_body_bytes, rid
+            )
+            if isinstance(claimed, web.StreamResponse):  # replayed, 409, 422...
+                return plan.name, claimed
+            claim = claimed
             outcome = await meter(
                 engine, tenant, match.route.index, plan.name, rid, request.app[QUOTA_METRICS]
             )
             if isinstance(outcome, web.StreamResponse):
+                if claim is not None:
+                    await idempotency.finish(engine.store, claim, None)
                 return plan.name, outcome
             metered = outcome
             response_extra += outcome.headers
@@ -121,10 +130,13 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
         response = await websocket.relay(request, plan.upstream, headers, rid, plan.max_body_bytes)
     else:
         response = await forwarder.forward(
-            request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra
-        )
+            request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra,
+            data=claim.body if claim is not None else None,
+        )  # fmt: skip
     if metered is not None and metered.charged is not None:
         await request.app[QUOTA].settle(metered.charged, response.status, response.headers)
+    if claim is not None:
+        await idempotency.finish(request.app[QUOTA].store, claim, response)
     return plan.name, response
 
 

@@ -177,17 +177,21 @@ class Forwarder:
         upstream_extra: Mapping[str, str] | None = None,
         response_extra: Sequence[tuple[str, str]] = (),
         skip: frozenset[str] | None = None,
+        data: bytes | None = None,
     ) -> web.StreamResponse:
         """Forward `request` on `plan`'s route; errors become problem responses.
 
         `upstream_extra` headers go to the upstream (the tenant), `response_extra`
-        to the client (warnings); `skip` replaces the route's skipped headers.
+        to the client (warnings); `skip` replaces the route's skipped headers;
+        `data` is a body already read (and checked against the limit).
         """
         up, limit = plan.upstream, plan.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
             return _too_large(limit, rid)
-        body = _LimitedBody(request.content, limit) if request.body_exists else None
+        body = (
+            _LimitedBody(request.content, limit) if request.body_exists and data is None else None
+        )
         headers = self.headers(request, plan, rid, upstream_extra, skip)
         started = time.perf_counter()
         try:
@@ -195,7 +199,7 @@ class Forwarder:
                 request.method,
                 up.url(request.raw_path),
                 headers=headers,
-                data=body.__aiter__() if body else None,
+                data=body.__aiter__() if body else data,
                 allow_redirects=False,
                 compress=None,
             )

@@ -252,3 +252,46 @@ async def test_usage_view_gauges_and_resets(
     assert bad[0] == 422
     assert (await admin(gateway, "GET", "/admin/tenants/ghost/usage"))[0] == 404
     assert (await admin(gateway, "POST", "/admin/tenants/acme/meters/nope/reset"))[0] == 404
+
+
+async def idempotent_post(
+    gw: Gateway, key: str, body: bytes, path: str = "/v1/things"
+) -> tuple[int, Any, Any]:
+    token = mint(SECRET, "HS256", ["org_id"], "acme", 600)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(
+            f"http://127.0.0.1:{gw.port}{path}", data=body,
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+        ) as resp:  # fmt: skip
+            return resp.status, resp.headers, await resp.json(content_type=None)
+
+
+async def test_idempotency_key_replays_once_and_refuses_another_payload(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    first = await idempotent_post(gateway, "order-1", b'{"amount": 10}')
+    again = await idempotent_post(gateway, "order-1", b'{"amount": 10}')
+    assert first[0] == again[0] == 200
+    assert again[2] == first[2] and again[1]["Idempotent-Replayed"] == "true"
+    assert [s.body for s in upstream.seen] == [b'{"amount": 10}']  # the upstream saw it once
+    other = await idempotent_post(gateway, "order-1", b'{"amount": 99}')
+    assert (other[0], other[2]["type"].rsplit(":", 1)[1]) == (422, "idempotency-key-reused")
+    assert len(upstream.seen) == 1  # and never saw the other payload
+    _, view = await admin(gateway, "GET", "/admin/tenants/acme/usage")
+    assert view["meters"]["api_calls"]["used"] == 1  # the replay was not charged
+
+
+async def test_idempotency_key_in_flight_and_unstorable_answers(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    slow_path = "/v1/respond/s?delay=0.5"
+    slow = asyncio.create_task(idempotent_post(gateway, "k-slow", b"{}", slow_path))
+    await asyncio.sleep(0.2)
+    status, _, body = await idempotent_post(gateway, "k-slow", b"{}", slow_path)
+    assert (status, body["type"].rsplit(":", 1)[1]) == (409, "idempotency-key-in-flight")
+    await slow
+    # A 5xx is not stored: the retry is forwarded (and charged) again.
+    for _ in range(2):
+        status, _, _ = await idempotent_post(gateway, "k-fail", b"{}", "/v1/respond/x?status=503")
+        assert status == 503
+    assert sum(1 for s in upstream.seen if s.raw_path.startswith("/v1/respond/x")) == 2

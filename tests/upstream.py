@@ -109,8 +109,9 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 async def respond(request: web.Request) -> web.Response:
-    """Answer `?status=` (default 200) with `?tokens=` in X-Usage-Tokens."""
+    """Answer `?status=` (default 200) with `?tokens=` in X-Usage-Tokens, after `?delay=`."""
     await request.read()
+    await asyncio.sleep(float(request.query.get("delay", "0")))
     _record(request)
     headers = {"X-Usage-Tokens": request.query["tokens"]} if "tokens" in request.query else {}
     return web.json_response(

@@ -37,5 +37,9 @@ def rate_key(tenant: str, shards: int, name: str, scope: str) -> str:
     return f"{PREFIX}:{tag(tenant, shards)}:r:{tenant}:{name}{suffix}"
 
 
+def idempotency_key(tenant: str, shards: int, key_hash: str) -> str:
+    return f"{PREFIX}:{tag(tenant, shards)}:i:{tenant}:{key_hash}"
+
+
 def memo_key(tenant: str, shards: int, request_id: str) -> str:
     return f"{PREFIX}:{tag(tenant, shards)}:m:{tenant}:{request_id}"

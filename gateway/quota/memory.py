@@ -33,6 +33,7 @@ class MemoryStore:
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
         self._values: dict[str, int] = {}
         self._memo: dict[str, tuple[int, ChargeResult]] = {}
+        self._records: dict[str, tuple[int, str]] = {}  # Idempotency-Key records, expiry in us
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         now_us = self._clock_us()
@@ -87,6 +88,26 @@ class MemoryStore:
 
     async def set_level(self, tenant: str, meter: str, period: Period | None, value: int) -> None:
         self._values[_meter_key(tenant, meter, period)] = value
+
+    async def idempotency_begin(
+        self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int
+    ) -> str | None:
+        key = keys.idempotency_key(tenant, _SHARDS, key_hash)
+        now_us = self._clock_us()
+        held = self._records.get(key)
+        if held is not None and held[0] > now_us:
+            return held[1]
+        self._records[key] = (now_us + in_flight_ms * 1000, f"P|{fingerprint}")
+        return None
+
+    async def idempotency_finish(
+        self, tenant: str, key_hash: str, record: str | None, ttl_ms: int
+    ) -> None:
+        key = keys.idempotency_key(tenant, _SHARDS, key_hash)
+        if record is None:
+            self._records.pop(key, None)
+        else:
+            self._records[key] = (self._clock_us() + ttl_ms * 1000, record)
 
     async def close(self) -> None:
         return None

@@ -155,6 +155,26 @@ class RedisStore:
             "set_level", self._client.set(self._meter_key(tenant, meter, period), value)
         )
 
+    async def idempotency_begin(
+        self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int
+    ) -> str | None:
+        key = keys.idempotency_key(tenant, self._shards, key_hash)
+        claim = self._client.set(key, f"P|{fingerprint}", nx=True, px=in_flight_ms)
+        if await self._guard("idempotency", claim):
+            return None
+        held = await self._guard("idempotency", self._client.get(key))
+        # Released between the two calls: as good as in flight, the client retries.
+        return held.decode() if held is not None else f"P|{fingerprint}"
+
+    async def idempotency_finish(
+        self, tenant: str, key_hash: str, record: str | None, ttl_ms: int
+    ) -> None:
+        key = keys.idempotency_key(tenant, self._shards, key_hash)
+        if record is None:
+            await self._guard("idempotency", self._client.delete(key))
+        else:
+            await self._guard("idempotency", self._client.set(key, record, px=ttl_ms))
+
     async def close(self) -> None:
         # The client was given its pool, so it does not close it unless told.
         await self._client.aclose(close_connection_pool=True)

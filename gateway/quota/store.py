@@ -119,4 +119,17 @@ class CounterStore(Protocol):
         """Set a gauge's level, or a counter's usage in `period` (admin: gauges, resets)."""
         ...
 
+    async def idempotency_begin(
+        self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int
+    ) -> str | None:
+        """Claim an Idempotency-Key. None: claimed, go ahead; otherwise the stored
+        record ("P|<fingerprint>" while in flight, "D|<fingerprint>|<response>" once done)."""
+        ...
+
+    async def idempotency_finish(
+        self, tenant: str, key_hash: str, record: str | None, ttl_ms: int
+    ) -> None:
+        """Store the final record, or (None) release the claim so a retry goes through."""
+        ...
+
     async def close(self) -> None: ...

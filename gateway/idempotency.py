@@ -1,0 +1,147 @@
+"""`Idempotency-Key`: a retried request gets the first answer, uncharged.
+
+The first request with a key claims it (scoped to the tenant; the record
+holds a hash of method, path and body), is forwarded and charged, and its
+response is stored for 24 hours when it is small enough. A retry with the
+same payload gets that response replayed; the same key with another payload
+gets 422; a retry while the first is still in flight gets 409. A response
+that cannot be stored (too large, streamed, or a 5xx) releases the key, so
+the retry is forwarded and charged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.problems import problem
+from gateway.quota.store import CounterStore, StoreUnavailable
+
+HEADER = "Idempotency-Key"
+MAX_KEY_CHARS = 255
+MAX_STORED_BYTES = 64 * 1024
+RECORD_TTL_MS = 24 * 3600 * 1000
+IN_FLIGHT_MS = 5 * 60 * 1000  # a claim outlives any upstream exchange
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    tenant: str
+    key_hash: str
+    fingerprint: str
+    body: bytes  # the request body, read to be hashed; forwarded as it is
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None when it passes `limit`."""
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def claim(
+    request: web.Request, store: CounterStore, tenant: str, limit: int, rid: str
+) -> Claim | web.StreamResponse | None:
+    """None without the header; a Claim to go ahead; or the answer to give instead."""
+    key = request.headers.get(HEADER)
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_KEY_CHARS:
+        return problem(
+            400,
+            "bad-idempotency-key",
+            f"{HEADER} must be 1-{MAX_KEY_CHARS} characters",
+            request_id=rid,
+        )
+    body = await read_body(request, limit)
+    if body is None:
+        response = problem(
+            413,
+            "body-too-large",
+            f"the request body is larger than {limit} bytes",
+            request_id=rid,
+            limit=limit,
+        )
+        response.force_close()
+        return response
+    digest = hashlib.sha256()
+    for part in (request.method.encode(), b"\n", request.raw_path.encode(), b"\n", body):
+        digest.update(part)
+    fingerprint = digest.hexdigest()
+    key_hash = hashlib.sha256(key.encode()).hexdigest()
+    try:
+        held = await store.idempotency_begin(tenant, key_hash, fingerprint, IN_FLIGHT_MS)
+    except StoreUnavailable:
+        return problem(
+            503,
+            "counter-store-unavailable",
+            f"{HEADER} cannot be honoured right now; retry shortly",
+            request_id=rid,
+            headers={"Retry-After": "1"},
+        )
+    if held is None:
+        return Claim(tenant, key_hash, fingerprint, body)
+    state, held_fingerprint, stored = (held.split("|", 2) + [""])[:3]
+    if held_fingerprint != fingerprint:
+        return problem(
+            422,
+            "idempotency-key-reused",
+            f"this {HEADER} was used for another request (method, path or body differ)",
+            request_id=rid,
+        )
+    if state == "P":
+        return problem(
+            409,
+            "idempotency-key-in-flight",
+            f"a request with this {HEADER} is still being processed",
+            request_id=rid,
+            headers={"Retry-After": "1"},
+        )
+    return replay(stored, rid)
+
+
+def record(fingerprint: str, response: web.StreamResponse) -> str | None:
+    """The stored form of a response, or None when it cannot be stored."""
+    if type(response) is not web.Response or response.status >= 500:
+        return None
+    body = response.body
+    if not isinstance(body, bytes) or len(body) > MAX_STORED_BYTES:
+        return None
+    payload = {
+        "status": response.status,
+        "reason": response.reason,
+        "headers": [[k, v] for k, v in response.headers.items() if k.lower() != "x-request-id"],
+        "body": base64.b64encode(body).decode(),
+    }
+    return f"D|{fingerprint}|{json.dumps(payload, separators=(',', ':'))}"
+
+
+def replay(stored: str, rid: str) -> web.Response:
+    """The stored response again, marked as a replay."""
+    payload = json.loads(stored)
+    response = web.Response(
+        status=payload["status"], reason=payload["reason"], body=base64.b64decode(payload["body"])
+    )
+    for name, value in payload["headers"]:
+        if name.lower() not in ("content-length", "date"):
+            response.headers.add(name, value)
+    response.headers["X-Request-Id"] = rid
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def finish(store: CounterStore, claim: Claim, response: web.StreamResponse | None) -> None:
+    """Store the response (or release the key when there is none to store)."""
+    stored = record(claim.fingerprint, response) if response is not None else None
+    try:
+        await store.idempotency_finish(claim.tenant, claim.key_hash, stored, RECORD_TTL_MS)
+    except StoreUnavailable:
+        pass  # the claim expires by itself; a retry then goes through
