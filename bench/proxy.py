@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from gateway.auth.jwt import mint
+from tests.servers import RedisServer
 
 
 def _free_port() -> int:
@@ -66,21 +67,32 @@ def _wrk(
 SECRET = "benchmark-only-secret-" + "b" * 40
 
 
-def _gateway_config(port: int, up_port: int, auth: str, tmp: str) -> dict[str, Any]:
-    """Three routes; `auth` on the API routes ("none" or "required": JWT + tenant)."""
+def _gateway_config(
+    port: int, up_port: int, auth: str, tmp: str, redis_url: str | None = None
+) -> dict[str, Any]:
+    """Three routes; `auth` on the API routes ("none" or "required": JWT + tenant);
+    with `redis_url`, a quota and a rate limit in that Redis on every API request."""
+    quota = redis_url is not None
+    charge = {"charge": {"api_calls": 1}} if quota else {}
     return {
         "server": {"host": "127.0.0.1", "port": port},
         "admin": {"host": "127.0.0.1", "port": _free_port()},
-        "storage": {"ledger": f"sqlite:///{tmp}/ledger-{port}.db"},
+        "storage": {"ledger": f"sqlite:///{tmp}/ledger-{port}.db",
+                    **({"counters": redis_url, "timeout_ms": 1000} if quota else {})},
         "auth": {"jwt": {"algorithms": ["HS256"], "secret_env": "BENCH_JWT_SECRET"}},
-        "plans": {"starter": {}},
+        **({"meters": {"api_calls": {"type": "counter"}}} if quota else {}),
+        "plans": {"starter": {
+            "limits": {"api_calls": {"limit": 10**12, "warn_at": [0.8]}},
+            "rate_limits": [{"name": "per_second", "rate": 10**6, "burst": 10**6}],
+        } if quota else {}},
         "tenants": [{"id": "bench", "plan": "starter"}],
         "upstreams": {"app": {"url": f"http://127.0.0.1:{up_port}"}},
         "routes": [
             {"name": "health", "match": {"path": "/healthz"}, "upstream": "app", "auth": "none"},
             {"name": "member", "match": {"path": "/v1/members/{id}", "methods": ["GET"]},
-             "upstream": "app", "auth": auth},
-            {"name": "api", "match": {"path": "/v1/**"}, "upstream": "app", "auth": auth},
+             "upstream": "app", "auth": auth, **charge},
+            {"name": "api", "match": {"path": "/v1/**"}, "upstream": "app", "auth": auth,
+             **charge},
         ],
     }  # fmt: skip
 
@@ -102,10 +114,15 @@ def main() -> None:
         ),
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        gw_port, auth_port = _free_port(), _free_port()
-        for port, auth in ((gw_port, "none"), (auth_port, "required")):
+        gw_port, auth_port, quota_port = _free_port(), _free_port(), _free_port()
+        redis = RedisServer(appendonly=False).start()
+        gateways = (
+            (gw_port, "none", None), (auth_port, "required", None),
+            (quota_port, "required", redis.url),
+        )  # fmt: skip
+        for port, auth, redis_url in gateways:
             path = Path(tmp) / f"gateway-{port}.yaml"
-            path.write_text(yaml.safe_dump(_gateway_config(port, up_port, auth, tmp)))
+            path.write_text(yaml.safe_dump(_gateway_config(port, up_port, auth, tmp, redis_url)))
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "gateway", "serve", "-c", str(path)],
@@ -116,13 +133,14 @@ def main() -> None:
         token = mint(SECRET, "HS256", ["org_id"], "bench", 3600)
         bearer = (f"Authorization: Bearer {token}",)
         try:
-            for port in (up_port, base_port, gw_port, auth_port):
+            for port in (up_port, base_port, gw_port, auth_port, quota_port):
                 _wait(port)
             targets: dict[str, tuple[int, tuple[str, ...]]] = {
                 "upstream (direct)": (up_port, ()),
                 "baseline pass-through": (base_port, ()),
                 "gateway": (gw_port, ()),
                 "gateway + JWT + tenant": (auth_port, bearer),
+                "gateway + JWT + quota": (quota_port, bearer),
             }
             # Rounds interleave the targets so that a noisy moment on the
             # machine hits all of them alike; each figure is the median.
@@ -138,6 +156,7 @@ def main() -> None:
             for proc in procs:
                 proc.terminate()
                 proc.wait(30)
+            redis.close()
     print(
         f"\nwrk -t1 -c{args.connections} -d{args.duration}s, GET with a 70-byte JSON answer, "
         f"median of {args.rounds} interleaved rounds"
@@ -149,7 +168,7 @@ def main() -> None:
             f"{fig['errors']:8.0f}"
         )
     baseline = results["baseline pass-through"]["rps"]
-    for name in ("gateway", "gateway + JWT + tenant"):
+    for name in ("gateway", "gateway + JWT + tenant", "gateway + JWT + quota"):
         print(f"{name} / baseline throughput: {results[name]['rps'] / baseline:.2f}")
 
 

@@ -86,9 +86,12 @@ def stateful_test(server: RedisServer) -> type[RuleBasedStateMachine]:
         @rule(meter=st.sampled_from(sorted(METERS)), delta=st.integers(-3, 3))
         def adjust(self, meter: str, delta: int) -> None:
             period = self._periods()[1] if METERS[meter].kind == "counter" else None
-            levels = self._run(lambda store: store.adjust("acme", meter, period, delta))
+            operation = uuid.uuid4().hex
+            applied = self._run(
+                lambda store: store.apply_once("acme", operation, [(meter, period, delta)])
+            )
+            assert applied == [True, True]
             self.model[self._slot(meter)] = self.model.get(self._slot(meter), 0) + delta
-            assert levels == [self.model[self._slot(meter)]] * 2
 
         @rule(value=st.integers(0, 4))
         def set_gauge(self, value: int) -> None:

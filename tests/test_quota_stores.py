@@ -90,7 +90,7 @@ async def test_all_or_nothing_between_quota_and_rate_limit(store: CounterStore) 
     # The rate-limited third request charged no quota.
     assert await store.level("acme", "api_calls", months()[1]) == 2
     # Now the quota refuses while the rate limit would allow: nothing is charged there either.
-    await store.adjust("acme", "api_calls", months()[1], 1)
+    await store.apply_once("acme", "op-1", [("api_calls", months()[1], 1)])
     await asyncio.sleep(1.05)
     refused = await store.check_and_charge(charge(api(), rates=(PER_SECOND,)))
     assert refused.decision.refusal is not None and refused.decision.refusal.status == 402
@@ -103,9 +103,21 @@ async def test_gauges_and_adjustments(store: CounterStore) -> None:
     await store.set_level("acme", "team_members", None, 2)
     refused = await store.check_and_charge(charge(add_member))
     assert refused.decision.refusal is not None and refused.decision.refusal.name == "team_members"
-    assert await store.adjust("acme", "team_members", None, -1) == 1
+    assert await store.apply_once("acme", "remove-1", [("team_members", None, -1)])
+    assert await store.level("acme", "team_members", None) == 1
     assert (await store.check_and_charge(charge(add_member))).decision.allowed
     assert await store.level("acme", "team_members", None) == 2
+
+
+async def test_writes_apply_once_per_operation(store: CounterStore) -> None:
+    period = months()[1]
+    assert await store.apply_once("acme", "op-a", [("api_calls", period, 2)])
+    assert not await store.apply_once("acme", "op-a", [("api_calls", period, 2)])
+    # An operation id a check_and_charge already used counts as done: a charge
+    # spooled after a timeout is not applied on top of the one that ran late.
+    assert (await store.check_and_charge(charge(api(), request_id="late"))).decision.allowed
+    assert not await store.apply_once("acme", "late", [("api_calls", period, 1)])
+    assert await store.level("acme", "api_calls", period) == 3
 
 
 async def test_soft_overage_unlimited_and_response_charged_meters(store: CounterStore) -> None:
@@ -118,7 +130,7 @@ async def test_soft_overage_unlimited_and_response_charged_meters(store: Counter
         assert result.decision.allowed
     tokens = MeterCharge(TOKENS, needs_remaining=True, periods=months())
     assert (await store.check_and_charge(charge(tokens))).decision.allowed
-    await store.adjust("acme", "tokens", months()[1], 100)  # the response said 100
+    await store.apply_once("acme", "resp-1", [("tokens", months()[1], 100)])  # the response said
     assert not (await store.check_and_charge(charge(tokens))).decision.allowed
 
 

@@ -16,6 +16,7 @@ from gateway.quota.gcra import RateLimit
 from gateway.quota.periods import Period, periods_around
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import (
+    Adjustment,
     ChargeRequest,
     ChargeResult,
     CounterStore,
@@ -56,6 +57,7 @@ class Charged:
     """What a forwarded request was charged, for settling it."""
 
     tenant: str
+    operation_id: str  # the charge's request id; settlement writes derive from it
     costs: dict[str, tuple[Period | None, int]]  # meter -> (period, cost) charged
     response_periods: dict[str, Period | None]  # meters to charge from the response
     route: RouteCharges
@@ -71,28 +73,28 @@ def kept(status: int, charge_on: str) -> bool:
 
 
 class PendingCharges:
-    """Charges made while the store was down (fail_open), applied once it answers.
+    """Writes the store could not take (fail_open, or a failed settlement), retried.
 
-    They live in this process only until the usage spool exists: a crash
-    before the store is back loses them.
+    Each carries its operation id, so a write that did reach the store before
+    its call timed out is not applied twice. They live in this process only
+    until the usage spool exists: a crash before the store is back loses them.
     """
 
     def __init__(self) -> None:
-        self._pending: dict[tuple[str, str, Period | None], int] = {}
+        self._pending: dict[str, tuple[str, list[Adjustment]]] = {}
 
-    def add(self, tenant: str, meter: str, period: Period | None, cost: int) -> None:
-        key = (tenant, meter, period)
-        self._pending[key] = self._pending.get(key, 0) + cost
+    def add(self, operation_id: str, tenant: str, adjustments: list[Adjustment]) -> None:
+        self._pending[operation_id] = (tenant, adjustments)
 
     def __len__(self) -> int:
         return len(self._pending)
 
     async def flush(self, store: CounterStore) -> None:
         """Apply what is pending; stops at the first failure (the rest stays)."""
-        for key in list(self._pending):
-            tenant, meter, period = key
-            await store.adjust(tenant, meter, period, self._pending[key])
-            del self._pending[key]
+        for operation_id in list(self._pending):
+            tenant, adjustments = self._pending[operation_id]
+            await store.apply_once(tenant, operation_id, adjustments)
+            del self._pending[operation_id]
 
 
 class QuotaEngine:
@@ -209,21 +211,23 @@ class QuotaEngine:
             meter: (periods.get(meter) or self._current(meter, tenant, now))
             for meter in route.from_response
         }
-        return Charged(tenant.id, costs, response_periods, route)
+        operation_id = request.request_id if request is not None else uuid.uuid4().hex
+        return Charged(tenant.id, operation_id, costs, response_periods, route)
 
     def _current(self, meter: str, tenant: Tenant, now: datetime) -> Period | None:
         around = self._periods(meter, tenant, now)
         return around[1] if around else None
 
     def spool(self, charged: Charged) -> None:
-        """fail_open: keep the charges to apply when the store is back."""
-        for meter, (period, cost) in charged.costs.items():
-            self.pending.add(charged.tenant, meter, period, cost)
+        """fail_open: apply the charges when the store is back, under the request's own
+        id, so that a check_and_charge which did run after its timeout is not doubled."""
+        adjustments = [(m, p, cost) for m, (p, cost) in charged.costs.items()]
+        self.pending.add(charged.operation_id, charged.tenant, adjustments)
         self._schedule_retry()
 
     async def settle(self, charged: Charged, status: int, headers: Mapping[str, str]) -> None:
         """After the response: refunds, negative gauge deltas, response-derived charges."""
-        adjustments: list[tuple[str, Period | None, int]] = []
+        adjustments: list[Adjustment] = []
         if kept(status, charged.route.keep):
             for meter, header in charged.route.from_response.items():
                 quantity = _quantity(headers.get(header))
@@ -234,19 +238,20 @@ class QuotaEngine:
                 adjustments += [(m, None, d) for m, d in charged.route.after_success.items()]
         else:
             adjustments += [(m, p, -cost) for m, (p, cost) in charged.costs.items()]
-        await self._apply(charged.tenant, adjustments)
+        if adjustments:
+            await self._apply(f"{charged.operation_id}:settle", charged.tenant, adjustments)
 
     async def charge_anyway(self, charged: Charged) -> None:
         """Shadow mode: charge what the store refused to, since it is served."""
-        await self._apply(charged.tenant, [(m, p, c) for m, (p, c) in charged.costs.items()])
+        adjustments = [(m, p, c) for m, (p, c) in charged.costs.items()]
+        await self._apply(f"{charged.operation_id}:shadow", charged.tenant, adjustments)
 
-    async def _apply(self, tenant: str, adjustments: list[tuple[str, Period | None, int]]) -> None:
-        for meter, period, delta in adjustments:
-            try:
-                await self.store.adjust(tenant, meter, period, delta)
-            except StoreUnavailable:
-                self.pending.add(tenant, meter, period, delta)
-                self._schedule_retry()
+    async def _apply(self, operation_id: str, tenant: str, adjustments: list[Adjustment]) -> None:
+        try:
+            await self.store.apply_once(tenant, operation_id, adjustments)
+        except StoreUnavailable:
+            self.pending.add(operation_id, tenant, adjustments)
+            self._schedule_retry()
 
     def _schedule_retry(self) -> None:
         if self._retry_task is None or self._retry_task.done():

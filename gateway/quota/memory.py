@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gateway.quota import keys
 from gateway.quota.periods import Period
 from gateway.quota.store import (
+    Adjustment,
     ChargeRequest,
     ChargeResult,
     StoreState,
@@ -32,17 +33,16 @@ class MemoryStore:
     def __init__(self, clock_us: Callable[[], int] | None = None) -> None:
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
         self._values: dict[str, int] = {}
-        self._memo: dict[str, tuple[int, ChargeResult]] = {}
+        self._memo: dict[str, tuple[int, ChargeResult | None]] = {}  # None: apply_once
         self._records: dict[str, tuple[int, str]] = {}  # Idempotency-Key records, expiry in us
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         now_us = self._clock_us()
         memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
         remembered = self._memo.get(memo_key)
-        if remembered is not None and remembered[0] > now_us:
-            return ChargeResult(
-                remembered[1].decision, remembered[1].now_us, remembered[1].periods, True
-            )
+        if remembered is not None and remembered[0] > now_us and remembered[1] is not None:
+            first = remembered[1]
+            return ChargeResult(first.decision, first.now_us, first.periods, True)
         chosen = tuple(choose_period(m.periods, now_us) if m.periods else 0 for m in request.meters)
         meter_keys = [
             _meter_key(request.tenant, m.limit.meter, m.periods[i] if m.periods else None)
@@ -78,10 +78,19 @@ class MemoryStore:
                 break
             del self._memo[first]
 
-    async def adjust(self, tenant: str, meter: str, period: Period | None, delta: int) -> int:
-        key = _meter_key(tenant, meter, period)
-        self._values[key] = self._values.get(key, 0) + delta
-        return self._values[key]
+    async def apply_once(
+        self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
+    ) -> bool:
+        now_us = self._clock_us()
+        memo_key = keys.memo_key(tenant, _SHARDS, operation_id)
+        remembered = self._memo.get(memo_key)
+        if remembered is not None and remembered[0] > now_us:
+            return False
+        for meter, period, delta in adjustments:
+            key = _meter_key(tenant, meter, period)
+            self._values[key] = self._values.get(key, 0) + delta
+        self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, None)
+        return True
 
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:
         return self._values.get(_meter_key(tenant, meter, period), 0)

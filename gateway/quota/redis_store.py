@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -22,6 +22,7 @@ from gateway.quota import keys
 from gateway.quota.gcra import US_PER_S
 from gateway.quota.periods import Period
 from gateway.quota.store import (
+    Adjustment,
     ChargeRequest,
     ChargeResult,
     StoreState,
@@ -33,6 +34,7 @@ log = logging.getLogger("gateway.quota")
 POOL_CONNECTIONS = 64
 
 SCRIPT = resources.files("gateway.quota").joinpath("check_and_charge.lua").read_text()
+APPLY_ONCE = resources.files("gateway.quota").joinpath("apply_once.lua").read_text()
 
 
 def _us(period: Period, end: bool) -> int:
@@ -48,6 +50,7 @@ class RedisStore:
         self._shards = shards
         self._timeout_s = timeout_s
         self._script = client.register_script(SCRIPT)
+        self._apply_once = client.register_script(APPLY_ONCE)
 
     @classmethod
     async def open(cls, url: str, shards: int, timeout_ms: int) -> RedisStore:
@@ -142,9 +145,17 @@ class RedisStore:
                 raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"{what} failed: {exc!r}") from exc
 
-    async def adjust(self, tenant: str, meter: str, period: Period | None, delta: int) -> int:
-        key = self._meter_key(tenant, meter, period)
-        return int(await self._guard("adjust", self._client.incrby(key, delta)))
+    async def apply_once(
+        self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
+    ) -> bool:
+        key_list = [keys.memo_key(tenant, self._shards, operation_id)]
+        args: list[int] = [keys.MEMO_TTL_MS]
+        for meter, period, delta in adjustments:
+            key_list.append(self._meter_key(tenant, meter, period))
+            expire_at = _us(period, end=True) // 1000 + keys.COUNTER_GRACE_MS if period else 0
+            args += [delta, expire_at]
+        applied = await self._guard("apply_once", self._apply_once(keys=key_list, args=args))
+        return bool(applied)
 
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:
         value = await self._guard("level", self._client.get(self._meter_key(tenant, meter, period)))

@@ -18,6 +18,8 @@ from gateway.quota.gcra import US_PER_S, RateLimit
 from gateway.quota.periods import Period
 from gateway.quota.rules import Decision, MeterLimit, decide
 
+Adjustment = tuple[str, Period | None, int]  # (meter, its period or None for a gauge, delta)
+
 
 class StoreUnavailable(Exception):
     """The counter store failed or was too slow; the failure policy decides."""
@@ -103,11 +105,14 @@ class CounterStore(Protocol):
         """Check every bucket; charge all of them or none (see module docstring)."""
         ...
 
-    async def adjust(self, tenant: str, meter: str, period: Period | None, delta: int) -> int:
-        """Add `delta` without a check (refunds, gauge decreases, response charges).
+    async def apply_once(
+        self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
+    ) -> bool:
+        """Apply (meter, period, delta) adjustments unless `operation_id` already ran.
 
-        `period` is the counter's period; None means the meter is a gauge.
-        Returns the new level.
+        Every write after the check goes through here: a call that timed out
+        may still run on the store, and retrying it must not count twice. An
+        operation id that a check_and_charge used counts as already run.
         """
         ...
 
