@@ -295,3 +295,29 @@ async def test_idempotency_key_in_flight_and_unstorable_answers(
         status, _, _ = await idempotent_post(gateway, "k-fail", b"{}", "/v1/respond/x?status=503")
         assert status == 503
     assert sum(1 for s in upstream.seen if s.raw_path.startswith("/v1/respond/x")) == 2
+
+
+async def test_a_request_refused_503_is_never_charged_even_if_its_check_runs_late(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+) -> None:
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    gw = await make_gateway(
+        quota_config(upstream, tmp_path, counters=redis_server.url, timeout_ms=50)
+    )
+    assert (await call(gw, "acme"))[0] == 200
+    redis_server.pause()  # the next check is sent, and stalls in Redis
+    try:
+        assert (await call(gw, "acme"))[0] == 503
+    finally:
+        redis_server.resume()  # the stalled check now runs and charges...
+    store = await RedisStore.open(redis_server.url, 16, 500)
+    try:
+        period = periods_around("billing_cycle", datetime.now(UTC))[1]
+        await asyncio.sleep(1.5)  # ...and the void that follows undoes it
+        assert await store.level("acme", "api_calls", period) == 1
+    finally:
+        await store.close()

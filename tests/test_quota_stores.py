@@ -197,3 +197,21 @@ async def test_stopped_or_paused_redis_is_unavailable_within_the_timeout(
     print(f"\npaused Redis: StoreUnavailable after {paused_s * 1000:.0f} ms; "
           f"stopped: {stopped_s * 1000:.0f} ms (timeout 50 ms)")  # fmt: skip
     assert paused_s < 0.05 + 0.5 and stopped_s < 0.05 + 0.5
+
+
+async def test_a_voided_request_charges_nothing_whenever_it_runs(store: CounterStore) -> None:
+    period = months()[1]
+    # It ran and charged before the caller gave up: the charge is undone.
+    ran = charge(api(), request_id="ran-late")
+    assert (await store.check_and_charge(ran)).decision.allowed
+    await store.void(ran)
+    assert await store.level("acme", "api_calls", period) == 0
+    # It had not run yet: when it does, it charges nothing.
+    pending = charge(api(), request_id="not-yet")
+    await store.void(pending)
+    with pytest.raises(StoreUnavailable):
+        await store.check_and_charge(pending)
+    assert await store.level("acme", "api_calls", period) == 0
+    # A second void changes nothing.
+    await store.void(ran)
+    assert await store.level("acme", "api_calls", period) == 0

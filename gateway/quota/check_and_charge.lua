@@ -7,7 +7,10 @@
 --            gauge's one key; then one key per rate limit (all with one hash tag)
 -- ARGV[1]    memo TTL (ms)               ARGV[2]  how long a counter outlives its period (ms)
 -- ARGV[3]    number of meters            ARGV[4]  number of rate limits
--- then 11 values per meter: kind ("c" counter, "g" gauge); the three periods'
+-- ARGV[5]    "check", or "void": the caller gave up on this request (a timeout,
+--            answered 503); if the check has not run it never will (a marker is
+--            left in the memo), and if it ran and charged, its charges are undone
+-- then (from ARGV[6]) 11 values per meter: kind ("c" counter, "g" gauge); the three periods'
 --            start and end (microseconds since the epoch; zeros for a gauge);
 --            limit (-1: unlimited); hard (1/0); cost charged now; needs_remaining (1/0)
 -- then 3 values per rate limit: emission interval (us), burst, cost
@@ -19,18 +22,46 @@
 -- only 14 significant digits, and a time in microseconds has 16.
 
 local memo = redis.call('GET', KEYS[1])
+local memo_ttl_ms = tonumber(ARGV[1])
+local n_meters = tonumber(ARGV[3])
+
+if ARGV[5] == 'void' then
+  if not memo then
+    redis.call('SET', KEYS[1], 'V', 'PX', memo_ttl_ms)
+  elseif string.sub(memo, 1, 2) == '1 ' then
+    -- It ran and charged: undo the meters' charges in the periods it chose.
+    local fields = {}
+    for field in string.gmatch(memo, '%S+') do fields[#fields + 1] = field end
+    local k, a = 2, 6
+    for m = 1, n_meters do
+      local key = KEYS[k]
+      if ARGV[a] == 'c' then
+        key = KEYS[k + tonumber(fields[2 + m])]
+        k = k + 3
+      else
+        k = k + 1
+      end
+      local cost = tonumber(ARGV[a + 9])
+      if cost > 0 then
+        redis.call('DECRBY', key, cost)
+      end
+      a = a + 11
+    end
+    redis.call('SET', KEYS[1], 'V', 'PX', memo_ttl_ms)
+  end
+  return 'V'
+end
+
 if memo then
   return 'R ' .. memo
 end
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local memo_ttl_ms = tonumber(ARGV[1])
 local grace_ms = tonumber(ARGV[2])
-local n_meters = tonumber(ARGV[3])
 local n_rates = tonumber(ARGV[4])
 
-local k, a = 2, 5
+local k, a = 2, 6
 local allowed = 1
 local chosen, used, tats = {}, {}, {}
 local charges = {}  -- {key, cost, expire_at_ms or 0}

@@ -82,15 +82,22 @@ class PendingCharges:
 
     def __init__(self) -> None:
         self._pending: dict[str, tuple[str, list[Adjustment]]] = {}
+        self._voids: dict[str, ChargeRequest] = {}
+
+    def void(self, request: ChargeRequest) -> None:
+        self._voids[request.request_id] = request
 
     def add(self, operation_id: str, tenant: str, adjustments: list[Adjustment]) -> None:
         self._pending[operation_id] = (tenant, adjustments)
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._voids)
 
     async def flush(self, store: CounterStore) -> None:
         """Apply what is pending; stops at the first failure (the rest stays)."""
+        for request_id in list(self._voids):
+            await store.void(self._voids[request_id])
+            del self._voids[request_id]
         for operation_id in list(self._pending):
             tenant, adjustments = self._pending[operation_id]
             await store.apply_once(tenant, operation_id, adjustments)
@@ -217,6 +224,11 @@ class QuotaEngine:
     def _current(self, meter: str, tenant: Tenant, now: datetime) -> Period | None:
         around = self._periods(meter, tenant, now)
         return around[1] if around else None
+
+    def void(self, request: ChargeRequest) -> None:
+        """fail_closed after a failed check: undo it if it ran, or stop it from running."""
+        self.pending.void(request)
+        self._schedule_retry()
 
     def spool(self, charged: Charged) -> None:
         """fail_open: apply the charges when the store is back, under the request's own

@@ -76,6 +76,7 @@ async def meter(
     except StoreUnavailable:
         if not engine.fail_open:
             metrics.decided("store_error_closed")
+            engine.void(request)  # refused: it must charge nothing, even if it ran late
             return problem(
                 503, "counter-store-unavailable",
                 "quotas cannot be checked right now; retry shortly",

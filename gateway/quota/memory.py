@@ -12,6 +12,7 @@ from gateway.quota.store import (
     ChargeRequest,
     ChargeResult,
     StoreState,
+    StoreUnavailable,
     choose_period,
     evaluate,
 )
@@ -33,15 +34,20 @@ class MemoryStore:
     def __init__(self, clock_us: Callable[[], int] | None = None) -> None:
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
         self._values: dict[str, int] = {}
-        self._memo: dict[str, tuple[int, ChargeResult | None]] = {}  # None: apply_once
+        # request id -> (expiry in us, its first answer, or "applied"/"void" markers)
+        self._memo: dict[str, tuple[int, ChargeResult | str]] = {}
         self._records: dict[str, tuple[int, str]] = {}  # Idempotency-Key records, expiry in us
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         now_us = self._clock_us()
         memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
         remembered = self._memo.get(memo_key)
-        if remembered is not None and remembered[0] > now_us and remembered[1] is not None:
+        if remembered is not None and remembered[0] > now_us:
             first = remembered[1]
+            if isinstance(first, str):
+                raise StoreUnavailable(
+                    f"request {request.request_id} was already settled otherwise"
+                )
             return ChargeResult(first.decision, first.now_us, first.periods, True)
         chosen = tuple(choose_period(m.periods, now_us) if m.periods else 0 for m in request.meters)
         meter_keys = [
@@ -78,6 +84,20 @@ class MemoryStore:
                 break
             del self._memo[first]
 
+    async def void(self, request: ChargeRequest) -> None:
+        now_us = self._clock_us()
+        memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
+        remembered = self._memo.get(memo_key)
+        first = remembered[1] if remembered is not None and remembered[0] > now_us else None
+        if isinstance(first, ChargeResult) and first.decision.allowed:
+            for meter in request.meters:
+                if meter.cost > 0:
+                    period = first.periods.get(meter.limit.meter)
+                    key = _meter_key(request.tenant, meter.limit.meter, period)
+                    self._values[key] = self._values.get(key, 0) - meter.cost
+        if not isinstance(first, str):
+            self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, "void")
+
     async def apply_once(
         self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
     ) -> bool:
@@ -89,7 +109,7 @@ class MemoryStore:
         for meter, period, delta in adjustments:
             key = _meter_key(tenant, meter, period)
             self._values[key] = self._values.get(key, 0) + delta
-        self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, None)
+        self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, "applied")
         return True
 
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:

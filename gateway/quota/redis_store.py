@@ -143,11 +143,14 @@ class RedisStore:
             )
         return store
 
-    def _encode(self, request: ChargeRequest) -> tuple[list[str], list[int | str]]:
+    def _encode(
+        self, request: ChargeRequest, mode: str = "check"
+    ) -> tuple[list[str], list[int | str]]:
         tenant, shards = request.tenant, self._shards
         key_list = [keys.memo_key(tenant, shards, request.request_id)]
         args: list[int | str] = [
-            keys.MEMO_TTL_MS, keys.COUNTER_GRACE_MS, len(request.meters), len(request.rate_limits)
+            keys.MEMO_TTL_MS, keys.COUNTER_GRACE_MS, len(request.meters),
+            len(request.rate_limits), mode,
         ]  # fmt: skip
         for meter in request.meters:
             limit = meter.limit
@@ -173,6 +176,10 @@ class RedisStore:
         key_list, args = self._encode(request)
         raw = await self._guard("check_and_charge", self._checks.call(key_list, args))
         flag, *numbers = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
+        if not numbers or not numbers[0].isdigit():
+            # The memo holds another operation's marker (voided, or applied by
+            # apply_once): this request id must not charge now.
+            raise StoreUnavailable(f"request {request.request_id} was already settled otherwise")
         values = [int(n) for n in numbers]
         n_meters = len(request.meters)
         state = StoreState(
@@ -206,6 +213,10 @@ class RedisStore:
                 # or a retry loop would take it for an outage and go on.
                 raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"{what} failed: {exc!r}") from exc
+
+    async def void(self, request: ChargeRequest) -> None:
+        key_list, args = self._encode(request, mode="void")
+        await self._guard("void", self._checks.call(key_list, args))
 
     async def apply_once(
         self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]

@@ -105,6 +105,11 @@ class CounterStore(Protocol):
         """Check every bucket; charge all of them or none (see module docstring)."""
         ...
 
+    async def void(self, request: ChargeRequest) -> None:
+        """The caller gave up on `request` (it timed out and was refused): make sure it
+        charges nothing, whether its check_and_charge ran already or runs later."""
+        ...
+
     async def apply_once(
         self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
     ) -> bool:
