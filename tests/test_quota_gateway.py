@@ -321,3 +321,18 @@ async def test_a_request_refused_503_is_never_charged_even_if_its_check_runs_lat
         assert await store.level("acme", "api_calls", period) == 1
     finally:
         await store.close()
+
+
+async def test_a_plan_change_keeps_the_usage_and_applies_the_new_limits_at_once(
+    gateway: Gateway,
+) -> None:
+    for _ in range(4):
+        assert (await call(gateway, "acme"))[0] == 200  # 4 of starter's 6
+    status, tenant = await admin(gateway, "PUT", "/admin/tenants/acme", {"plan": "soft"})
+    assert (status, tenant["plan"]) == (200, "soft")
+    status, headers, _ = await call(gateway, "acme")  # soft: 2, used 4 -> overage
+    assert status == 200
+    assert headers.getall("X-Quota-Warning") == ["api_calls 250% (overage)"]
+    await admin(gateway, "PUT", "/admin/tenants/acme", {"plan": "starter"})
+    statuses = [(await call(gateway, "acme"))[0] for _ in range(2)]
+    assert statuses == [200, 402]  # 5 used, the 6th allowed, then starter's hard limit
