@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,28 @@ async def gateway(
     monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "quota-admin")
     return await make_gateway(quota_config(upstream, tmp_path))
+
+
+RedisGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def redis_gateway(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+) -> RedisGateway:
+    """A gateway whose counters live in the test's private Redis (timeout 50 ms)."""
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+
+    async def make(**storage: Any) -> Gateway:
+        return await make_gateway(
+            quota_config(upstream, tmp_path, counters=redis_server.url, timeout_ms=50, **storage)
+        )
+
+    return make
 
 
 async def call(
@@ -150,17 +173,9 @@ async def test_rate_limits_answer_429_with_retry_after(gateway: Gateway) -> None
 @pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
 @pytest.mark.parametrize("failure", ["stopped", "paused"])
 async def test_failure_policy_answers_within_the_timeout(
-    upstream: Upstream,
-    tmp_path: Path,
-    make_gateway: MakeGateway,
-    monkeypatch: pytest.MonkeyPatch,
-    redis_server: RedisServer,
-    policy: str,
-    failure: str,
+    redis_gateway: RedisGateway, redis_server: RedisServer, policy: str, failure: str
 ) -> None:
-    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
-    storage = {"counters": redis_server.url, "timeout_ms": 50, "on_counter_store_error": policy}
-    gw = await make_gateway(quota_config(upstream, tmp_path, **storage))
+    gw = await redis_gateway(on_counter_store_error=policy)
     assert (await call(gw, "acme"))[0] == 200
     if failure == "paused":
         redis_server.pause()
@@ -298,16 +313,9 @@ async def test_idempotency_key_in_flight_and_unstorable_answers(
 
 
 async def test_a_request_refused_503_is_never_charged_even_if_its_check_runs_late(
-    upstream: Upstream,
-    tmp_path: Path,
-    make_gateway: MakeGateway,
-    monkeypatch: pytest.MonkeyPatch,
-    redis_server: RedisServer,
+    redis_gateway: RedisGateway, redis_server: RedisServer
 ) -> None:
-    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
-    gw = await make_gateway(
-        quota_config(upstream, tmp_path, counters=redis_server.url, timeout_ms=50)
-    )
+    gw = await redis_gateway()
     assert (await call(gw, "acme"))[0] == 200
     redis_server.pause()  # the next check is sent, and stalls in Redis
     try:
