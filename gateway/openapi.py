@@ -1,0 +1,205 @@
+"""The OpenAPI 3.1 description of the admin API (`GET /admin/openapi.json`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.tenant_ops import TenantChanges
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the admin API."""
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+
+    def answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        media = "application/json" if schema is not problem_ref else "application/problem+json"
+        body = {"content": {media: {"schema": schema}}} if schema else {}
+        return {"description": description, **body}
+
+    tenant_ref = {"$ref": "#/components/schemas/Tenant"}
+    key_ref = {"$ref": "#/components/schemas/ApiKey"}
+    id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    meter_param = {"name": "meter", "in": "path", "required": True, "schema": {"type": "string"}}
+    errors = {
+        "401": answer("missing or wrong admin token", problem_ref),
+        "404": answer("unknown tenant", problem_ref),
+    }
+    changes = TenantChanges.model_json_schema()
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Quota gateway admin API", "version": "1"},
+        "components": {
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "TenantChanges": changes,
+                "Tenant": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "name": {"type": ["string", "null"]},
+                        "plan": {"type": "string"},
+                        "status": {"type": "string"},
+                        "status_changed_at": {"type": "string", "format": "date-time"},
+                        "billing_anchor": {"type": ["string", "null"], "format": "date-time"},
+                        "stripe_customer": {"type": ["string", "null"]},
+                        "stripe_subscription": {"type": ["string", "null"]},
+                        "disabled": {"type": "boolean"},
+                    },
+                },
+                "ApiKey": {
+                    "type": "object",
+                    "properties": {
+                        "prefix": {"type": "string"},
+                        "tenant": {"type": "string"},
+                        "name": {"type": ["string", "null"]},
+                        "key": {"type": "string", "description": "only in the creation answer"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                        "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                    },
+                },
+            },
+        },  # fmt: skip
+        "security": [{"admin": []}],
+        "paths": {
+            "/admin/tenants": {
+                "get": {
+                    "summary": "List tenants, ordered by id",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "maximum": 1000},
+                        },
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": answer(
+                            "a page of tenants",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "tenants": {"type": "array", "items": tenant_ref},
+                                    "next": {"type": ["string", "null"]},
+                                },
+                            },
+                        )
+                    },
+                }
+            },
+            "/admin/tenants/{id}": {
+                "parameters": [id_param],
+                "get": {
+                    "summary": "One tenant",
+                    "responses": {"200": answer("the tenant", tenant_ref), **errors},
+                },
+                "put": {
+                    "summary": "Create a tenant, or change the fields given",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/TenantChanges"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": answer("changed", tenant_ref),
+                        "201": answer("created", tenant_ref),
+                        "422": answer("invalid change", problem_ref),
+                        **errors,
+                    },
+                },
+                "delete": {
+                    "summary": "Disable a tenant",
+                    "responses": {"200": answer("disabled", tenant_ref), **errors},
+                },
+            },
+            "/admin/tenants/{id}/api-keys": {
+                "parameters": [id_param],
+                "post": {
+                    "summary": "Create an API key (the key is shown once)",
+                    "requestBody": {
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"name": {"type": "string"}},
+                                }
+                            }
+                        }
+                    },
+                    "responses": {"201": answer("the new key", key_ref), **errors},
+                },
+                "get": {
+                    "summary": "The tenant's API keys (never the keys themselves)",
+                    "responses": {
+                        "200": answer(
+                            "the keys",
+                            {
+                                "type": "object",
+                                "properties": {"api_keys": {"type": "array", "items": key_ref}},
+                            },
+                        )
+                    },
+                },
+            },
+            "/admin/tenants/{id}/usage": {
+                "get": {
+                    "summary": "The tenant's meters now: used, limit, remaining, state",
+                    "parameters": [id_param],
+                    "responses": {"200": answer("the usage view"), **errors},
+                }
+            },
+            "/admin/tenants/{id}/gauges/{meter}": {
+                "put": {
+                    "summary": "Set a gauge's level",
+                    "parameters": [id_param, meter_param],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"value": {"type": "integer", "minimum": 0}},
+                                    "required": ["value"],
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"200": answer("the usage view"), **errors},
+                }
+            },
+            "/admin/tenants/{id}/meters/{meter}/reset": {
+                "post": {
+                    "summary": "Start the meter's current period again from 0",
+                    "parameters": [id_param, meter_param],
+                    "responses": {"200": answer("the usage view"), **errors},
+                }
+            },
+            "/admin/api-keys/{prefix}": {
+                "delete": {
+                    "summary": "Revoke an API key",
+                    "parameters": [
+                        {
+                            "name": "prefix",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {"200": answer("revoked"), **errors},
+                }
+            },
+        },  # fmt: skip
+    }
