@@ -111,7 +111,7 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
         engine = request.app.get(QUOTA)
         if engine is not None:
             claimed = await idempotency.claim(
-                request, engine.store, tenant.id, plan.max_body_bytes, rid
+                request, engine.store, tenant.id, plan.max_body_bytes, rid, engine.fail_open
             )
             if isinstance(claimed, web.StreamResponse):  # replayed, 409, 422...
                 return plan.name, claimed

@@ -14,12 +14,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway.problems import problem
 from gateway.quota.store import CounterStore, StoreUnavailable
+
+log = logging.getLogger("gateway.idempotency")
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255
@@ -34,6 +37,7 @@ class Claim:
     key_hash: str
     fingerprint: str
     body: bytes  # the request body, read to be hashed; forwarded as it is
+    active: bool = True  # False: the store was down (fail_open), nothing to record
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
@@ -48,9 +52,15 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
 
 
 async def claim(
-    request: web.Request, store: CounterStore, tenant: str, limit: int, rid: str
+    request: web.Request,
+    store: CounterStore,
+    tenant: str,
+    limit: int,
+    rid: str,
+    fail_open: bool = False,
 ) -> Claim | web.StreamResponse | None:
-    """None without the header; a Claim to go ahead; or the answer to give instead."""
+    """None without the header; a Claim to go ahead (inactive under fail_open with
+    the store down: served without the guarantee); or the answer to give instead."""
     key = request.headers.get(HEADER)
     if key is None:
         return None
@@ -80,6 +90,9 @@ async def claim(
     try:
         held = await store.idempotency_begin(tenant, key_hash, fingerprint, IN_FLIGHT_MS)
     except StoreUnavailable:
+        if fail_open:
+            log.warning("counter store down: %s not honoured for tenant %s", HEADER, tenant)
+            return Claim(tenant, key_hash, fingerprint, body, active=False)
         return problem(
             503,
             "counter-store-unavailable",
@@ -140,6 +153,8 @@ def replay(stored: str, rid: str) -> web.Response:
 
 async def finish(store: CounterStore, claim: Claim, response: web.StreamResponse | None) -> None:
     """Store the response (or release the key when there is none to store)."""
+    if not claim.active:
+        return
     stored = record(claim.fingerprint, response) if response is not None else None
     try:
         await store.idempotency_finish(claim.tenant, claim.key_hash, stored, RECORD_TTL_MS)

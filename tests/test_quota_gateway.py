@@ -55,6 +55,9 @@ def quota_config(upstream: Upstream, tmp_path: Path, **storage: Any) -> dict[str
              "upstream": "app", "charge": {"api_calls": 1, "team_members": 1}},
             {"name": "remove-member", "match": {"methods": ["DELETE"], "path": "/v1/respond/{id}"},
              "upstream": "app", "charge": {"api_calls": 1, "team_members": -1}},
+            {"name": "invite", "match": {"methods": ["POST"], "path": "/v1/respond/invite"},
+             "upstream": "app", "charge": {"api_calls": 1, "team_members": 1},
+             "charge_on": "not_server_error"},
             {"name": "completions", "match": {"methods": ["POST"], "path": "/v1/respond/complete"},
              "upstream": "app", "charge": {"api_calls": 1, "tokens": "response"}},
             {"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
@@ -344,3 +347,21 @@ async def test_a_plan_change_keeps_the_usage_and_applies_the_new_limits_at_once(
     await admin(gateway, "PUT", "/admin/tenants/acme", {"plan": "starter"})
     statuses = [(await call(gateway, "acme"))[0] for _ in range(2)]
     assert statuses == [200, 402]  # 5 used, the 6th allowed, then starter's hard limit
+
+
+async def test_a_failed_gauge_increase_is_refunded_whatever_charge_on_keeps(
+    gateway: Gateway,
+) -> None:
+    for _ in range(3):  # "already a member": the counter charge is kept, the gauge is not
+        assert (await call(gateway, "acme", "POST", "/v1/respond/invite?status=409"))[0] == 409
+    _, view = await admin(gateway, "GET", "/admin/tenants/acme/usage")
+    assert (view["meters"]["team_members"]["used"], view["meters"]["api_calls"]["used"]) == (0, 3)
+
+
+async def test_idempotency_keys_are_served_under_fail_open_with_the_store_down(
+    redis_gateway: RedisGateway, redis_server: RedisServer
+) -> None:
+    gw = await redis_gateway(on_counter_store_error="fail_open")
+    redis_server.stop()
+    status, headers, _ = await idempotent_post(gw, "pay-1", b'{"amount": 5}')
+    assert status == 200 and "Idempotent-Replayed" not in headers

@@ -215,3 +215,25 @@ async def test_a_voided_request_charges_nothing_whenever_it_runs(store: CounterS
     # A second void changes nothing.
     await store.void(ran)
     assert await store.level("acme", "api_calls", period) == 0
+
+
+async def test_a_refused_late_check_does_not_block_the_spooled_charge(
+    store: CounterStore,
+) -> None:
+    period = months()[1]
+    await store.apply_once("acme", "fill", [("api_calls", period, 3)])  # the quota is used up
+    refused = charge(api(), request_id="served-open")
+    assert not (await store.check_and_charge(refused)).decision.allowed  # ran late, refused
+    # The request was served under fail_open: its spooled charge must still count.
+    assert await store.apply_once("acme", "served-open", [("api_calls", period, 1)])
+    assert await store.level("acme", "api_calls", period) == 4
+
+
+async def test_a_void_gives_back_the_rate_limit_slot(store: CounterStore) -> None:
+    first = charge(rates=(PER_SECOND,), request_id="slot-1")
+    second = charge(rates=(PER_SECOND,), request_id="slot-2")
+    assert (await store.check_and_charge(first)).decision.allowed
+    assert (await store.check_and_charge(second)).decision.allowed
+    assert not (await store.check_and_charge(charge(rates=(PER_SECOND,)))).decision.allowed
+    await store.void(second)  # answered 503: its slot comes back
+    assert (await store.check_and_charge(charge(rates=(PER_SECOND,)))).decision.allowed

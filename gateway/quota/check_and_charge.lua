@@ -47,6 +47,16 @@ if ARGV[5] == 'void' then
       end
       a = a + 11
     end
+    -- and give back the rate limits' slots (GCRA: move the TAT back by cost * T)
+    for r = 1, tonumber(ARGV[4]) do
+      local tat = redis.call('GET', KEYS[k])
+      if tat then
+        local back = tonumber(tat) - tonumber(ARGV[a + 2]) * tonumber(ARGV[a])
+        redis.call('SET', KEYS[k], string.format('%d', back), 'KEEPTTL')
+      end
+      k = k + 1
+      a = a + 3
+    end
     redis.call('SET', KEYS[1], 'V', 'PX', memo_ttl_ms)
   end
   return 'V'

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gateway.config.models import UNLIMITED, GatewayConfig, RouteConfig
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import stop_task
+from gateway.quota import keys
 from gateway.quota.gcra import RateLimit
 from gateway.quota.periods import Period, periods_around
 from gateway.quota.rules import MeterLimit
@@ -80,28 +82,43 @@ class PendingCharges:
     until the usage spool exists: a crash before the store is back loses them.
     """
 
-    def __init__(self) -> None:
-        self._pending: dict[str, tuple[str, list[Adjustment]]] = {}
-        self._voids: dict[str, ChargeRequest] = {}
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._pending: dict[str, tuple[float, str, list[Adjustment]]] = {}
+        self._voids: dict[str, tuple[float, ChargeRequest]] = {}
+        self.dropped = 0
 
     def void(self, request: ChargeRequest) -> None:
-        self._voids[request.request_id] = request
+        self._voids[request.request_id] = (self._clock(), request)
 
     def add(self, operation_id: str, tenant: str, adjustments: list[Adjustment]) -> None:
-        self._pending[operation_id] = (tenant, adjustments)
+        self._pending[operation_id] = (self._clock(), tenant, adjustments)
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._voids)
 
     async def flush(self, store: CounterStore) -> None:
         """Apply what is pending; stops at the first failure (the rest stays)."""
+        self._expire()
         for request_id in list(self._voids):
-            await store.void(self._voids[request_id])
+            await store.void(self._voids[request_id][1])
             del self._voids[request_id]
         for operation_id in list(self._pending):
-            tenant, adjustments = self._pending[operation_id]
+            _, tenant, adjustments = self._pending[operation_id]
             await store.apply_once(tenant, operation_id, adjustments)
             del self._pending[operation_id]
+
+    def _expire(self) -> None:
+        # Past the store's memory of operation ids, a retry could count twice
+        # (or a void find nothing to undo): drop them and say so, which keeps
+        # the stated bound instead of a silent wrong count.
+        oldest = self._clock() - keys.MEMO_TTL_MS / 1000
+        for table in (self._pending, self._voids):
+            for operation_id in [op for op, entry in table.items() if entry[0] < oldest]:
+                del table[operation_id]
+                self.dropped += 1
+                log.error("dropped pending counter-store write %s after %ds", operation_id,
+                          keys.MEMO_TTL_MS // 1000)  # fmt: skip
 
 
 class QuotaEngine:
@@ -240,12 +257,21 @@ class QuotaEngine:
     async def settle(self, charged: Charged, status: int, headers: Mapping[str, str]) -> None:
         """After the response: refunds, negative gauge deltas, response-derived charges."""
         adjustments: list[Adjustment] = []
+        succeeded = 200 <= status < 400 or status == 101
+        if kept(status, charged.route.keep) and not succeeded:
+            # A gauge is a level, not a charge: a member the upstream did not
+            # add must not be counted, whatever charge_on keeps of the counters.
+            adjustments += [
+                (m, p, -cost)
+                for m, (p, cost) in charged.costs.items()
+                if self._meters[m].type == "gauge"
+            ]
         if kept(status, charged.route.keep):
             for meter, header in charged.route.from_response.items():
                 quantity = _quantity(headers.get(header))
                 if quantity:
                     adjustments.append((meter, charged.response_periods[meter], quantity))
-            if 200 <= status < 400 or status == 101:
+            if succeeded:
                 # A gauge goes down only once the upstream did what lowers it.
                 adjustments += [(m, None, d) for m, d in charged.route.after_success.items()]
         else:

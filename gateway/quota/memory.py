@@ -95,6 +95,10 @@ class MemoryStore:
                     period = first.periods.get(meter.limit.meter)
                     key = _meter_key(request.tenant, meter.limit.meter, period)
                     self._values[key] = self._values.get(key, 0) - meter.cost
+            for limit, scope in request.rate_limits:
+                key = keys.rate_key(request.tenant, _SHARDS, limit.name, scope)
+                if key in self._values:
+                    self._values[key] -= limit.interval_us
         if not isinstance(first, str):
             self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, "void")
 
@@ -105,7 +109,10 @@ class MemoryStore:
         memo_key = keys.memo_key(tenant, _SHARDS, operation_id)
         remembered = self._memo.get(memo_key)
         if remembered is not None and remembered[0] > now_us:
-            return False
+            first = remembered[1]
+            # A check that ran and was refused charged nothing: apply then.
+            if not (isinstance(first, ChargeResult) and not first.decision.allowed):
+                return False
         for meter, period, delta in adjustments:
             key = _meter_key(tenant, meter, period)
             self._values[key] = self._values.get(key, 0) + delta

@@ -190,9 +190,12 @@ class RedisStore:
         )
         result = evaluate(request, state)
         if result.decision.allowed != bool(values[0]):
-            # The script and the rules disagree: the script's answer stands
-            # (it is what was charged); the contract tests exist to prevent this.
+            # Never tell a client something other than what was charged: undo
+            # whatever the script did and let the failure policy answer. The
+            # contract tests and the state machine exist so this never happens.
             log.error("counter store and rules disagree for request %s", request.request_id)
+            await self.void(request)
+            raise StoreUnavailable("the counter store and the rules disagree")
         if flag == "R":
             return ChargeResult(result.decision, result.now_us, result.periods, replayed=True)
         return result
