@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.problems import problem
+from gateway.proxy import LimitedBody, too_large
 from gateway.quota.store import CounterStore, StoreUnavailable
 
 log = logging.getLogger("gateway.idempotency")
@@ -38,17 +39,6 @@ class Claim:
     fingerprint: str
     body: bytes  # the request body, read to be hashed; forwarded as it is
     active: bool = True  # False: the store was down (fail_open), nothing to record
-
-
-async def read_body(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None when it passes `limit`."""
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def claim(
@@ -71,17 +61,9 @@ async def claim(
             f"{HEADER} must be 1-{MAX_KEY_CHARS} characters",
             request_id=rid,
         )
-    body = await read_body(request, limit)
+    body = await LimitedBody(request.content, limit).read()
     if body is None:
-        response = problem(
-            413,
-            "body-too-large",
-            f"the request body is larger than {limit} bytes",
-            request_id=rid,
-            limit=limit,
-        )
-        response.force_close()
-        return response
+        return too_large(limit, rid)
     digest = hashlib.sha256()
     for part in (request.method.encode(), b"\n", request.raw_path.encode(), b"\n", body):
         digest.update(part)

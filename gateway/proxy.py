@@ -33,7 +33,7 @@ class BodyTooLarge(Exception):
     """A request body passed its limit while it was being streamed."""
 
 
-class _LimitedBody:
+class LimitedBody:
     """The client's body as an async iterator that stops at `limit` bytes.
 
     Raising from inside the upload makes aiohttp close the upstream
@@ -45,6 +45,13 @@ class _LimitedBody:
         self._content = content
         self._limit = limit
         self.exceeded = False
+
+    async def read(self) -> bytes | None:
+        """The whole body, or None when it passes the limit (to hash it before sending)."""
+        try:
+            return b"".join([chunk async for chunk in self])
+        except BodyTooLarge:
+            return None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         received = 0
@@ -188,10 +195,8 @@ class Forwarder:
         up, limit = plan.upstream, plan.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
-            return _too_large(limit, rid)
-        body = (
-            _LimitedBody(request.content, limit) if request.body_exists and data is None else None
-        )
+            return too_large(limit, rid)
+        body = LimitedBody(request.content, limit) if request.body_exists and data is None else None
         headers = self.headers(request, plan, rid, upstream_extra, skip)
         started = time.perf_counter()
         try:
@@ -210,13 +215,13 @@ class Forwarder:
             return await self._relay(request, upstream_resp, plan, rid, body, response_extra)
 
     def _failed(
-        self, plan: RoutePlan, rid: str, body: _LimitedBody | None, exc: BaseException
+        self, plan: RoutePlan, rid: str, body: LimitedBody | None, exc: BaseException
     ) -> web.Response:
         """The problem response for an exchange that failed before we answered."""
         up = plan.upstream
         if body is not None and body.exceeded:
             self._metrics.upstream_error(up.name, "body_limit")
-            return _too_large(plan.max_body_bytes, rid)
+            return too_large(plan.max_body_bytes, rid)
         kind = _failure_kind(exc)
         self._metrics.upstream_error(up.name, kind)
         if kind == "timeout":
@@ -235,7 +240,7 @@ class Forwarder:
         upstream_resp: aiohttp.ClientResponse,
         plan: RoutePlan,
         rid: str,
-        body: _LimitedBody | None,
+        body: LimitedBody | None,
         response_extra: Sequence[tuple[str, str]],
     ) -> web.StreamResponse:
         up = plan.upstream
@@ -292,7 +297,8 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
-def _too_large(limit: int, rid: str) -> web.Response:
+def too_large(limit: int, rid: str) -> web.Response:
+    """413 for a body over `limit`; the connection is closed after it."""
     response = problem(
         413, "body-too-large", f"the request body is larger than {limit} bytes",
         request_id=rid, limit=limit,
