@@ -15,6 +15,7 @@ from gateway.problems import problem
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.usage import current_period, usage_view
 from gateway.services import Services
+from gateway.subscription import iso_utc
 from gateway.tenant_ops import (
     TenantChangeError,
     TenantOps,
@@ -206,6 +207,36 @@ async def reset_meter(request: web.Request) -> web.Response:
     return web.json_response(await usage_view(engine, tenant))
 
 
+async def add_credit(request: web.Request) -> web.Response:
+    """POST /admin/tenants/{id}/credits {"meter": M, "quantity": N}: this period's quota + N."""
+    tenant_id = request.match_info["id"]
+    body = await _json(request)
+    meter = body.get("meter") if isinstance(body, dict) else None
+    quantity = body.get("quantity") if isinstance(body, dict) else None
+    if not isinstance(meter, str):
+        return problem(422, "invalid-change", "meter: expected a meter name")
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity == 0:
+        return problem(422, "invalid-change", "quantity: expected a non-zero integer")
+    try:
+        credit = await _ops(request).credit(tenant_id, meter, quantity)
+    except TenantChangeError as exc:
+        return _invalid(exc)
+    if credit is None:
+        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+    tenant = await _services(request).ledger.get_tenant(tenant_id)
+    assert tenant is not None
+    return web.json_response(
+        {
+            "tenant": tenant_id,
+            "meter": meter,
+            "quantity": quantity,
+            "period": {"start": iso_utc(credit.period_start), "end": iso_utc(credit.period_end)},
+            "credited": tenant.credited(meter, credit.period_start),
+        },
+        status=201,
+    )
+
+
 async def openapi(request: web.Request) -> web.Response:
     """GET /admin/openapi.json"""
     return web.json_response(openapi_document())
@@ -223,4 +254,5 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/tenants/{id}/usage", get_usage)
     app.router.add_put("/admin/tenants/{id}/gauges/{meter}", put_gauge)
     app.router.add_post("/admin/tenants/{id}/meters/{meter}/reset", reset_meter)
+    app.router.add_post("/admin/tenants/{id}/credits", add_credit)
     app.router.add_get("/admin/openapi.json", openapi)

@@ -24,7 +24,8 @@ def openapi_document() -> dict[str, Any]:
         "401": answer("missing or wrong admin token", problem_ref),
         "404": answer("unknown tenant", problem_ref),
     }
-    changes = TenantChanges.model_json_schema()
+    changes = TenantChanges.model_json_schema(ref_template="#/components/schemas/{model}")
+    nested = changes.pop("$defs", {})
     return {
         "openapi": "3.1.0",
         "info": {"title": "Quota gateway admin API", "version": "1"},
@@ -32,6 +33,7 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "TenantChanges": changes,
+                **nested,
                 "Tenant": {
                     "type": "object",
                     "properties": {
@@ -44,6 +46,10 @@ def openapi_document() -> dict[str, Any]:
                         "stripe_customer": {"type": ["string", "null"]},
                         "stripe_subscription": {"type": ["string", "null"]},
                         "disabled": {"type": "boolean"},
+                        "overrides": {
+                            "type": "object",
+                            "additionalProperties": {"$ref": "#/components/schemas/LimitConfig"},
+                        },
                     },
                 },
                 "ApiKey": {
@@ -185,6 +191,35 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Start the meter's current period again from 0",
                     "parameters": [id_param, meter_param],
                     "responses": {"200": answer("the usage view"), **errors},
+                }
+            },
+            "/admin/tenants/{id}/credits": {
+                "post": {
+                    "summary": "Add to the tenant's quota of a counter for its current period",
+                    "parameters": [id_param],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "meter": {"type": "string"},
+                                        "quantity": {
+                                            "type": "integer",
+                                            "description": "negative takes back earlier credit",
+                                        },
+                                    },
+                                    "required": ["meter", "quantity"],
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "201": answer("the credit, its period and the period's total"),
+                        "422": answer("invalid credit", problem_ref),
+                        **errors,
+                    },
                 }
             },
             "/admin/api-keys/{prefix}": {

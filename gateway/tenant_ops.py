@@ -14,10 +14,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from gateway.auth.apikeys import new_key
 from gateway.config.loader import format_path
-from gateway.config.models import GatewayConfig, Name, SubscriptionStatus
+from gateway.config.models import GatewayConfig, LimitConfig, Name, SubscriptionStatus
 from gateway.invalidation import Bus
-from gateway.ledger.records import ApiKey, Tenant
+from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
 from gateway.ledger.store import Ledger
+from gateway.quota.periods import period_of
 
 
 class TenantChangeError(ValueError):
@@ -36,6 +37,9 @@ class TenantChanges(BaseModel):
     stripe_customer: str | None = None
     stripe_subscription: str | None = None
     disabled: bool | None = None
+    # The tenant's own limits, replacing its plan's for the meters named; the
+    # whole map is replaced ({} removes every override).
+    overrides: dict[Name, LimitConfig] | None = None
 
 
 def parse_changes(data: Any) -> TenantChanges:
@@ -60,6 +64,14 @@ def tenant_json(tenant: Tenant) -> dict[str, Any]:
         "stripe_customer": tenant.stripe_customer,
         "stripe_subscription": tenant.stripe_subscription,
         "disabled": tenant.disabled,
+        "overrides": {
+            meter: {
+                "limit": "unlimited" if o.limit < 0 else o.limit,
+                "enforcement": o.enforcement,
+                "warn_at": list(o.warn_at),
+            }
+            for meter, o in sorted(tenant.overrides.items())
+        },
         "created_at": _iso(tenant.created_at),
         "updated_at": _iso(tenant.updated_at),
     }
@@ -96,6 +108,8 @@ class TenantOps:
             raise TenantChangeError(f"plan: unknown plan {changes.plan!r} (defined: {known})")
         current = await self._ledger.get_tenant(tenant_id)
         given = changes.model_dump(exclude_unset=True)
+        if changes.overrides is not None:
+            given["overrides"] = self._overrides(changes.overrides)
         if current is None:
             if changes.plan is None:
                 raise TenantChangeError("plan: required for a new tenant")
@@ -109,7 +123,7 @@ class TenantOps:
                 **{k: v for k, v in fields.items() if k != "plan"},
             )
         else:
-            for key in ("plan", "status", "disabled"):
+            for key in ("plan", "status", "disabled", "overrides"):
                 if key in given and given[key] is None:
                     raise TenantChangeError(f"{key}: may not be null")
             if given.get("status", current.status) != current.status:
@@ -119,6 +133,42 @@ class TenantOps:
         stored = await self._ledger.put_tenant(tenant)
         await self._bus.publish("tenant", tenant_id)
         return stored, current is None
+
+    def _overrides(self, given: dict[str, LimitConfig]) -> dict[str, LimitOverride]:
+        unknown = sorted(set(given) - set(self._config.meters))
+        if unknown:
+            known = ", ".join(sorted(self._config.meters)) or "none"
+            raise TenantChangeError(
+                f"overrides.{unknown[0]}: unknown meter {unknown[0]!r} (defined: {known})"
+            )
+        return {
+            meter: LimitOverride(spec.limit, spec.enforcement, tuple(sorted(spec.warn_at)))
+            for meter, spec in given.items()
+        }
+
+    async def credit(self, tenant_id: str, meter: str, quantity: int) -> Credit | None:
+        """Add `quantity` to the tenant's quota of `meter` for the current period; None if
+        the tenant is unknown. A negative quantity takes back credit, never below none."""
+        spec = self._config.meters.get(meter)
+        if spec is None:
+            raise TenantChangeError(f"meter: unknown meter {meter!r}")
+        if spec.type != "counter":
+            raise TenantChangeError(f"meter: {meter} is a gauge; credits are for counters")
+        current = await self._ledger.get_tenant(tenant_id)
+        if current is None:
+            return None
+        period = period_of(
+            spec.period or "billing_cycle", datetime.now(UTC), current.billing_anchor
+        )
+        already = current.credited(meter, period.start)
+        if already + quantity < 0:
+            raise TenantChangeError(
+                f"quantity: {quantity} would take back more than the {already} credited"
+            )
+        credit = Credit(meter, period.start, period.end, quantity)
+        await self._ledger.add_credit(tenant_id, credit)
+        await self._bus.publish("tenant", tenant_id)
+        return credit
 
     async def disable(self, tenant_id: str) -> Tenant | None:
         """Disable (never delete: the ledger keeps its history); None if unknown."""

@@ -24,6 +24,7 @@ from gateway.ledger import (
     connect,
 )
 from gateway.ledger.db import SqliteDatabase, sqlite_path
+from gateway.ledger.records import Credit, LimitOverride
 from gateway.ledger.schema import MIGRATIONS
 from tests.servers import PostgresServer
 
@@ -158,6 +159,27 @@ async def test_datetimes_round_trip_exactly_in_utc(ledger: Ledger) -> None:
     assert found == [changed, anchor, T0, anchor, changed]
     assert all(d is not None and d.tzinfo is UTC for d in found)
     assert stored.billing_anchor == datetime(1999, 12, 31, 17, 30, 0, 1, tzinfo=UTC)
+
+
+async def test_overrides_and_current_credits_round_trip(ledger: Ledger) -> None:
+    overrides = {
+        "api_calls": LimitOverride(5000, "soft", (0.5, 0.9)),
+        "seats": LimitOverride(-1),
+    }
+    await ledger.put_tenant(tenant(overrides=overrides), now=T0)
+    ended = Credit("api_calls", T0 - timedelta(days=29), T0, 7)
+    current = Credit("api_calls", T0, T0 + timedelta(days=31), 100)
+    for credit in (ended, current, replace(current, quantity=-40)):
+        await ledger.add_credit("acme", credit, now=T0)
+    stored = await ledger.get_tenant("acme", now=T0)
+    assert stored is not None and stored.overrides == overrides
+    assert stored.credits == (current, replace(current, quantity=-40))
+    assert stored.credited("api_calls", T0) == 60
+    assert stored.credited("api_calls", ended.period_start) == 0  # over: not loaded
+    cleared = await ledger.put_tenant(replace(stored, overrides={}))
+    assert cleared.overrides == {}
+    with pytest.raises(LedgerIntegrityError):
+        await ledger.add_credit("ghost", current)
 
 
 async def test_naive_datetimes_are_refused(ledger: Ledger) -> None:

@@ -147,6 +147,24 @@ async def test_the_store_clock_picks_the_period(store: CounterStore) -> None:
     assert await store.level("acme", "api_calls", ended) == 0
 
 
+async def test_credits_raise_the_limit_of_their_own_period_only(store: CounterStore) -> None:
+    now = datetime.now(UTC)
+    ended = Period(now - timedelta(hours=2), now - timedelta(seconds=5))
+    following = Period(now - timedelta(seconds=5), now + timedelta(hours=1))
+    earlier = Period(now - timedelta(hours=4), now - timedelta(hours=2))
+    # The gateway's "current" period is over by the store's clock: its credit of 10
+    # must not apply to the period the store charges, which has a credit of 2.
+    periods = (earlier, ended, following)
+    credited = MeterCharge(API, cost=1, periods=periods, credits=(0, 10, 2))
+    results = [await store.check_and_charge(charge(credited)) for _ in range(6)]
+    assert [r.decision.allowed for r in results] == [True] * 5 + [False]
+    refusal = results[5].decision.refusal
+    assert refusal is not None and (refusal.limit, refusal.used) == (5, 5)
+    unlimited = MeterLimit("api_calls", "counter", UNLIMITED)
+    free = MeterCharge(unlimited, cost=1, periods=periods, credits=(0, 0, 2))
+    assert (await store.check_and_charge(charge(free))).decision.allowed
+
+
 async def test_concurrent_charges_are_exact(shared_redis_server: RedisServer) -> None:
     stores = [await flushed(shared_redis_server)]
     stores += [await RedisStore.open(shared_redis_server.url, 16, 2000) for _ in range(3)]

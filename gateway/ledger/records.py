@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LimitOverride:
+    """One tenant's own limit for a meter, in place of its plan's."""
+
+    limit: int  # -1: unlimited
+    enforcement: str = "hard"  # or "soft"
+    warn_at: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """A one-off addition to a tenant's quota of a meter for one period."""
+
+    meter: str
+    period_start: datetime
+    period_end: datetime
+    quantity: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,8 +38,17 @@ class Tenant:
     stripe_customer: str | None = None
     stripe_subscription: str | None = None
     disabled: bool = False
+    overrides: dict[str, LimitOverride] = field(default_factory=dict)  # meter -> its limit
+    # Credits of periods not over yet; loaded by `Ledger.get_tenant` only.
+    credits: tuple[Credit, ...] = ()
     created_at: datetime | None = None  # set by the ledger
     updated_at: datetime | None = None  # set by the ledger
+
+    def credited(self, meter: str, period_start: datetime) -> int:
+        """What the tenant was credited for `meter` in the period starting at `period_start`."""
+        return sum(
+            c.quantity for c in self.credits if c.meter == meter and c.period_start == period_start
+        )
 
 
 @dataclass(frozen=True, slots=True)

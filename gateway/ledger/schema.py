@@ -89,6 +89,25 @@ MIGRATIONS = [
             """,
         ],
     ),
+    Migration(
+        3,
+        "per-tenant limit overrides and quota credits",
+        [
+            "ALTER TABLE tenants ADD COLUMN overrides text NULL",
+            """
+            CREATE TABLE credits (
+                id {serial_pk},
+                tenant_id {key} NOT NULL REFERENCES tenants (id),
+                meter text NOT NULL,
+                period_start {ts} NOT NULL,
+                period_end {ts} NOT NULL,
+                quantity bigint NOT NULL,
+                created_at {ts} NOT NULL
+            )
+            """,
+            "CREATE INDEX credits_tenant_period ON credits (tenant_id, period_end)",
+        ],
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.ledger import schema
 from gateway.ledger.db import Database, connect
-from gateway.ledger.records import ApiKey, Tenant
+from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
 
 _TENANT_COLUMNS = (
     "id, name, plan, status, status_changed_at, billing_anchor, stripe_customer,"
-    " stripe_subscription, disabled, created_at, updated_at"
+    " stripe_subscription, disabled, overrides, created_at, updated_at"
 )
-_TENANT_VALUES = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10"  # created_at = updated_at = now
+_TENANT_VALUES = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11"  # created_at = updated_at
 _API_KEY_COLUMNS = "prefix, tenant_id, key_hash, name, created_at, revoked_at, last_used_at"
 
 _INSERT_TENANT = f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES ({_TENANT_VALUES})"
@@ -30,6 +32,7 @@ _PUT_TENANT = f"""
         stripe_customer = excluded.stripe_customer,
         stripe_subscription = excluded.stripe_subscription,
         disabled = excluded.disabled,
+        overrides = excluded.overrides,
         updated_at = excluded.updated_at
     RETURNING {_TENANT_COLUMNS}
 """
@@ -51,6 +54,15 @@ _TOUCH_API_KEY = (
     " WHERE prefix = $1 AND (last_used_at IS NULL OR last_used_at < $2)"
 )
 
+
+_CREDIT_COLUMNS = "meter, period_start, period_end, quantity"
+_ADD_CREDIT = (
+    f"INSERT INTO credits (tenant_id, {_CREDIT_COLUMNS}, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6)"
+)
+_CURRENT_CREDITS = (
+    f"SELECT {_CREDIT_COLUMNS} FROM credits WHERE tenant_id = $1 AND period_end > $2 ORDER BY id"
+)
 
 _RECORD_CHANGE = "INSERT INTO changes (kind, key, at) VALUES ($1, $2, $3)"
 _CHANGES_AFTER = "SELECT id, kind, key FROM changes WHERE id > $1 ORDER BY id LIMIT 10000"
@@ -94,8 +106,39 @@ def _tenant(row: dict[str, Any]) -> Tenant:
         stripe_customer=row["stripe_customer"],
         stripe_subscription=row["stripe_subscription"],
         disabled=bool(row["disabled"]),  # SQLite has no boolean type: 0 or 1
+        overrides=_overrides(row["overrides"]),
         created_at=_loaded(row["created_at"]),
         updated_at=_loaded(row["updated_at"]),
+    )
+
+
+def _overrides(text: str | None) -> dict[str, LimitOverride]:
+    """The overrides column, JSON text: `{meter: {limit, enforcement, warn_at}}`."""
+    if not text:
+        return {}
+    return {
+        meter: LimitOverride(spec["limit"], spec["enforcement"], tuple(spec["warn_at"]))
+        for meter, spec in json.loads(text).items()
+    }
+
+
+def _overrides_text(overrides: dict[str, LimitOverride]) -> str | None:
+    if not overrides:
+        return None
+    return json.dumps(
+        {
+            meter: {"limit": o.limit, "enforcement": o.enforcement, "warn_at": list(o.warn_at)}
+            for meter, o in sorted(overrides.items())
+        }
+    )
+
+
+def _credit(row: dict[str, Any]) -> Credit:
+    return Credit(
+        meter=row["meter"],
+        period_start=_required(_loaded(row["period_start"])),
+        period_end=_required(_loaded(row["period_end"])),
+        quantity=int(row["quantity"]),
     )
 
 
@@ -122,6 +165,7 @@ def _tenant_args(tenant: Tenant, now: datetime | None) -> tuple[Any, ...]:
         tenant.stripe_customer,
         tenant.stripe_subscription,
         tenant.disabled,
+        _overrides_text(tenant.overrides),
         datetime.now(UTC) if now is None else _utc(now),
     )
 
@@ -149,10 +193,28 @@ class Ledger:
         """The highest applied migration, 0 before the first."""
         return await schema.schema_version(self.db)
 
-    async def get_tenant(self, tenant_id: str) -> Tenant | None:
-        """The tenant with `tenant_id`, or None."""
+    async def get_tenant(self, tenant_id: str, *, now: datetime | None = None) -> Tenant | None:
+        """The tenant with `tenant_id` and its credits for periods not over at `now`, or None."""
         row = await self.db.fetchrow(_GET_TENANT, tenant_id)
-        return None if row is None else _tenant(row)
+        if row is None:
+            return None
+        at = datetime.now(UTC) if now is None else _utc(now)
+        credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
+        return replace(_tenant(row), credits=tuple(_credit(c) for c in credits))
+
+    async def add_credit(
+        self, tenant_id: str, credit: Credit, *, now: datetime | None = None
+    ) -> None:
+        """Record a credit; LedgerIntegrityError if the tenant does not exist."""
+        await self.db.execute(
+            _ADD_CREDIT,
+            tenant_id,
+            credit.meter,
+            _utc(credit.period_start),
+            _utc(credit.period_end),
+            credit.quantity,
+            datetime.now(UTC) if now is None else _utc(now),
+        )
 
     async def list_tenants(self, limit: int = 1000, after: str | None = None) -> list[Tenant]:
         """Up to `limit` tenants ordered by id, starting after the id `after`."""
@@ -170,7 +232,7 @@ class Ledger:
         return inserted is not None
 
     async def put_tenant(self, tenant: Tenant, *, now: datetime | None = None) -> Tenant:
-        """Insert or update every field of `tenant`; returns the row as stored.
+        """Insert or update every field of `tenant` but its credits; returns the row as stored.
 
         An existing row keeps its created_at, and its status_changed_at unless
         the status is different.

@@ -10,9 +10,10 @@
 -- ARGV[5]    "check", or "void": the caller gave up on this request (a timeout,
 --            answered 503); if the check has not run it never will (a marker is
 --            left in the memo), and if it ran and charged, its charges are undone
--- then (from ARGV[6]) 11 values per meter: kind ("c" counter, "g" gauge); the three periods'
+-- then (from ARGV[6]) 14 values per meter: kind ("c" counter, "g" gauge); the three periods'
 --            start and end (microseconds since the epoch; zeros for a gauge);
---            limit (-1: unlimited); hard (1/0); cost charged now; needs_remaining (1/0)
+--            limit (-1: unlimited); hard (1/0); cost charged now; needs_remaining (1/0);
+--            the three periods' credits, added to a limited meter's limit (zeros for a gauge)
 -- then 3 values per rate limit: emission interval (us), burst, cost
 --
 -- Returns "N <state>" for a new answer or "R <state>" for a replayed one, where
@@ -45,7 +46,7 @@ if ARGV[5] == 'void' then
       if cost > 0 then
         redis.call('DECRBY', key, cost)
       end
-      a = a + 11
+      a = a + 14
     end
     -- and give back the rate limits' slots (GCRA: move the TAT back by cost * T)
     for r = 1, tonumber(ARGV[4]) do
@@ -97,6 +98,9 @@ for m = 1, n_meters do
     k = k + 1
   end
   local limit = tonumber(ARGV[a + 7])
+  if limit >= 0 then
+    limit = limit + tonumber(ARGV[a + 11 + chosen[m]])
+  end
   local hard = ARGV[a + 8] == '1'
   local cost = tonumber(ARGV[a + 9])
   local needs_remaining = ARGV[a + 10] == '1'
@@ -112,7 +116,7 @@ for m = 1, n_meters do
   if cost > 0 then
     charges[#charges + 1] = {key, cost, expire_at}
   end
-  a = a + 11
+  a = a + 14
 end
 
 local new_tats = {}

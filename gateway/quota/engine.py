@@ -166,13 +166,19 @@ class QuotaEngine:
                 after[meter] = cost
         return RouteCharges(fixed, after, response, route.charge_on, route.shadow)
 
-    def _limit(self, policy: PlanPolicy, meter: str) -> MeterLimit:
+    def _limit(self, policy: PlanPolicy, tenant: Tenant, meter: str) -> MeterLimit:
+        override = tenant.overrides.get(meter)
+        if override is not None:
+            return MeterLimit(
+                meter, self._meters[meter].type, override.limit,
+                hard=override.enforcement == "hard", warn_at=tuple(sorted(override.warn_at)),
+            )  # fmt: skip
         # A meter the plan does not list is unlimited for it (still counted).
         return policy.limits.get(meter) or MeterLimit(meter, self._meters[meter].type, UNLIMITED)
 
     def meter_limit(self, tenant: Tenant, meter: str) -> MeterLimit:
-        """The limit of `meter` for the tenant's plan."""
-        return self._limit(self.plans.get(tenant.plan) or PlanPolicy({}, (), False), meter)
+        """The limit of `meter` for the tenant: its override, else its plan's (credits aside)."""
+        return self._limit(self.plans.get(tenant.plan) or PlanPolicy({}, (), False), tenant, meter)
 
     def _periods(self, meter: str, tenant: Tenant, now: datetime) -> tuple[Period, ...]:
         spec = self._meters[meter]
@@ -192,10 +198,11 @@ class QuotaEngine:
         now = datetime.now(UTC)
         meters = tuple(
             MeterCharge(
-                self._limit(policy, meter),
+                self._limit(policy, tenant, meter),
                 cost=route.fixed.get(meter, 0),
                 needs_remaining=meter in route.from_response,
-                periods=self._periods(meter, tenant, now),
+                periods=(periods := self._periods(meter, tenant, now)),
+                credits=tuple(credit_of(tenant, meter, p) for p in periods),
             )
             for meter in sorted({*route.fixed, *route.from_response})
         )
@@ -308,6 +315,11 @@ class QuotaEngine:
         if len(self.pending):
             log.warning("%d pending charge(s) could not reach the counter store", len(self.pending))
         await self.store.close()
+
+
+def credit_of(tenant: Tenant, meter: str, period: Period | None) -> int:
+    """What the tenant was credited for `meter` in `period` (counters only)."""
+    return 0 if period is None else tenant.credited(meter, period.start)
 
 
 def _quantity(value: str | None) -> int:

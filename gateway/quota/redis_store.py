@@ -167,6 +167,7 @@ class RedisStore:
                 key_list.append(keys.gauge_key(tenant, shards, limit.meter))
                 args += ["g", 0, 0, 0, 0, 0, 0]
             args += [limit.limit, int(limit.hard), meter.cost, int(meter.needs_remaining)]
+            args += list(meter.credits) if meter.periods and meter.credits else [0, 0, 0]
         for rate_limit, scope in request.rate_limits:
             key_list.append(keys.rate_key(tenant, shards, rate_limit.name, scope))
             args += [rate_limit.interval_us, rate_limit.burst, 1]

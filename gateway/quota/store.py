@@ -10,7 +10,7 @@ store read, so the stores cannot disagree about what a request is told.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -31,6 +31,7 @@ class MeterCharge:
     cost: int = 0  # charged now when positive
     needs_remaining: bool = False  # charged from the response: something must be left
     periods: tuple[Period, ...] = ()  # counters: periods around now (see periods_around)
+    credits: tuple[int, ...] = ()  # per period: what the tenant was credited on top of the limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ def evaluate(request: ChargeRequest, state: StoreState) -> ChargeResult:
         if m.periods
     }  # fmt: skip
     decision = decide(
-        [m.limit for m in request.meters],
+        [_credited(m, i) for m, i in zip(request.meters, state.chosen, strict=True)],
         periods,
         {m.limit.meter: used for m, used in zip(request.meters, state.used, strict=True)},
         {m.limit.meter: m.cost for m in request.meters if m.cost > 0},
@@ -92,6 +93,17 @@ def evaluate(request: ChargeRequest, state: StoreState) -> ChargeResult:
         needs_remaining=frozenset(m.limit.meter for m in request.meters if m.needs_remaining),
     )
     return ChargeResult(decision, state.now_us, periods)
+
+
+def credited(limit: MeterLimit, credit: int) -> MeterLimit:
+    """`limit` raised by a credit; an unlimited meter stays unlimited."""
+    if limit.unlimited or not credit:
+        return limit
+    return replace(limit, limit=limit.limit + credit)
+
+
+def _credited(meter: MeterCharge, chosen: int) -> MeterLimit:
+    return credited(meter.limit, meter.credits[chosen] if meter.credits else 0)
 
 
 def _tats(request: ChargeRequest, tats: Sequence[int]) -> Mapping[str, int]:

@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.ledger.records import Tenant
-from gateway.quota.engine import QuotaEngine
+from gateway.quota.engine import QuotaEngine, credit_of
 from gateway.quota.periods import Period, period_of
 from gateway.quota.rules import meter_state
+from gateway.quota.store import credited
 from gateway.subscription import iso_utc
 
 
@@ -26,8 +27,9 @@ async def usage_view(engine: QuotaEngine, tenant: Tenant) -> dict[str, Any]:
     cycle = period_of("billing_cycle", datetime.now(UTC), tenant.billing_anchor)
     meters: dict[str, Any] = {}
     for name in sorted(engine.config.meters):
-        limit = engine.meter_limit(tenant, name)
         period = current_period(engine, tenant, name)
+        credit = credit_of(tenant, name, period)
+        limit = credited(engine.meter_limit(tenant, name), credit)
         used = await engine.store.level(tenant.id, name, period)
         meters[name] = {
             "type": limit.kind,
@@ -35,6 +37,8 @@ async def usage_view(engine: QuotaEngine, tenant: Tenant) -> dict[str, Any]:
             "limit": None if limit.unlimited else limit.limit,
             "remaining": None if limit.unlimited else max(0, limit.limit - used),
             "enforcement": "hard" if limit.hard else "soft",
+            "credit": credit,
+            "override": name in tenant.overrides,
             "state": meter_state(limit, used),
             "period": {"start": iso_utc(period.start), "end": iso_utc(period.end)}
             if period and engine.config.meters[name].period != "none"
