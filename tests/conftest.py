@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from gateway.config import parse
 from gateway.server import Gateway
 from tests.jwt_helpers import RSA, JWKSServer
-from tests.servers import PostgresServer, RedisServer
+from tests.servers import PostgresServer, RedisCluster, RedisServer
 from tests.upstream import Upstream, start_upstream
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -66,6 +66,14 @@ def shared_redis_server() -> Iterator[RedisServer]:
     server = RedisServer(appendonly=False).start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster() -> Iterator[RedisCluster]:
+    """One private three-node Redis Cluster for the session; flush it, never stop it."""
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture

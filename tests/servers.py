@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,6 +23,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too, so at most 55535."""
+    for _ in range(100):
+        port = random.randrange(20_000, 55_535)
+        try:
+            for candidate in (port, port + 10_000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
@@ -113,6 +128,52 @@ class RedisServer(_Process):
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, 10, self.proc)
         return self
+
+
+_CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-node-timeout", "5000")
+
+
+class RedisCluster:
+    """Three redis-server primaries made one Redis Cluster by `redis-cli --cluster create`."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        self.nodes = [RedisServer(appendonly=False, extra=_CLUSTER_ARGS) for _ in range(nodes)]
+        for node in self.nodes:
+            node.port = _cluster_port()
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.extra = (*node.extra, "--cluster-config-file", str(node.dir / "nodes.conf"))
+            node.start()
+        cli = shutil.which("redis-cli")
+        assert cli, "redis-cli is not installed (the test command installs redis-server)"
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not all(self._ready(node) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    @staticmethod
+    def _ready(node: RedisServer) -> bool:
+        cli = shutil.which("redis-cli") or "redis-cli"
+        out = subprocess.run(
+            [cli, "-p", str(node.port), "cluster", "info"], capture_output=True, text=True
+        ).stdout
+        return "cluster_state:ok" in out
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
 
 
 def _pg_bindir() -> Path:

@@ -27,22 +27,25 @@ TOKENS = MeterLimit("tokens", "counter", 100, hard=True)
 PER_SECOND = RateLimit("per_second", rate=2, per_s=1, burst=2)
 
 
-async def flushed(server: RedisServer, timeout_ms: int = 2000) -> RedisStore:
-    """A store on the shared private Redis, emptied first."""
-    client = aioredis.Redis.from_url(server.url)
-    await client.flushall()
-    await client.aclose()
-    return await RedisStore.open(server.url, shards=16, timeout_ms=timeout_ms)
+async def flushed(*servers: RedisServer, timeout_ms: int = 2000) -> RedisStore:
+    """A store on the shared private Redis (or every node of a cluster), emptied first."""
+    for server in servers:
+        client = aioredis.Redis.from_url(server.url)
+        await client.flushall()
+        await client.aclose()
+    return await RedisStore.open(servers[0].url, shards=16, timeout_ms=timeout_ms)
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(
-    request: pytest.FixtureRequest, shared_redis_server: RedisServer
-) -> AsyncIterator[CounterStore]:
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    redis_store = await flushed(shared_redis_server)
+    if request.param == "redis":
+        servers = [request.getfixturevalue("shared_redis_server")]
+    else:
+        servers = request.getfixturevalue("shared_redis_cluster").nodes
+    redis_store = await flushed(*servers)
     yield redis_store
     await redis_store.close()
 

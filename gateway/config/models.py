@@ -193,6 +193,8 @@ class StorageConfig(Model):
     shards: Annotated[StrictInt, Field(ge=1, le=1024)] = 16
     timeout_ms: PositiveInt = 50
     on_counter_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    # Whether `counters` is a Redis Cluster node (any one of them); null asks it at start.
+    redis_cluster: bool | None = None
     # Tenants and API keys are cached in each process and invalidated by a
     # message on change; this TTL is only the backstop for a lost message.
     cache_ttl_s: PositiveFloat = 600.0

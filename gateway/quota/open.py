@@ -19,4 +19,6 @@ async def open_store(storage: StorageConfig) -> CounterStore:
     """`memory://` or `redis://` from `storage.counters`."""
     if storage.counters.startswith("memory:"):
         return MemoryStore()
-    return await RedisStore.open(storage.counters, storage.shards, storage.timeout_ms)
+    return await RedisStore.open(
+        storage.counters, storage.shards, storage.timeout_ms, storage.redis_cluster
+    )

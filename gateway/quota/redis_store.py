@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.lifecycle import stop_task
@@ -38,6 +39,8 @@ POOL_CONNECTIONS = 64
 SCRIPT = resources.files("gateway.quota").joinpath("check_and_charge.lua").read_text()
 APPLY_ONCE = resources.files("gateway.quota").joinpath("apply_once.lua").read_text()
 
+Client = aioredis.Redis | RedisCluster
+
 
 class _Pipeliner:
     """Script calls made while a round trip is under way go together in the next one.
@@ -47,7 +50,7 @@ class _Pipeliner:
     Entries that hit NOSCRIPT never ran, so resending them is safe.
     """
 
-    def __init__(self, client: aioredis.Redis, source: str) -> None:
+    def __init__(self, client: Client, source: str) -> None:
         self._client = client
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
@@ -92,7 +95,9 @@ class _Pipeliner:
     async def _send(self, calls: list[tuple[list[str], list[int | str]]]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for key_list, args in calls:
-            pipe.evalsha(self._sha, len(key_list), *key_list, *args)
+            # execute_command, not evalsha: a cluster pipeline refuses the
+            # latter by name, yet routes the command by its keys all the same.
+            pipe.execute_command("EVALSHA", self._sha, len(key_list), *key_list, *args)
         return list(await pipe.execute(raise_on_error=False))
 
     async def close(self) -> None:
@@ -107,7 +112,7 @@ def _us(period: Period, end: bool) -> int:
 class RedisStore:
     """Counters, gauges and rate limits in Redis, keys as in `keys`."""
 
-    def __init__(self, client: aioredis.Redis, shards: int, timeout_s: float) -> None:
+    def __init__(self, client: Client, shards: int, timeout_s: float) -> None:
         self._client = client
         self._shards = shards
         self._timeout_s = timeout_s
@@ -115,18 +120,30 @@ class RedisStore:
         self._apply_once = client.register_script(APPLY_ONCE)
 
     @classmethod
-    async def open(cls, url: str, shards: int, timeout_ms: int) -> RedisStore:
+    async def open(
+        cls, url: str, shards: int, timeout_ms: int, cluster: bool | None = None
+    ) -> RedisStore:
         """Connect and check the eviction policy (an evicted counter is a fresh quota).
 
-        An unreachable Redis does not stop the gateway from starting: requests
+        `cluster` None asks the server whether it is a Redis Cluster node. An
+        unreachable Redis does not stop the gateway from starting: requests
         then get the configured failure policy until it answers.
         """
-        # A bounded pool whose callers wait for a free connection; the wait
-        # counts against timeout_ms like the call itself.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_CONNECTIONS, timeout=None, socket_connect_timeout=2
-        )
-        client = aioredis.Redis(connection_pool=pool)
+        if cluster is None:
+            cluster = await is_cluster(url)
+        client: Client
+        if cluster:
+            # One pool per node, each with this many connections at most.
+            client = RedisCluster.from_url(
+                url, max_connections=POOL_CONNECTIONS, socket_connect_timeout=2
+            )
+        else:
+            # A bounded pool whose callers wait for a free connection; the wait
+            # counts against timeout_ms like the call itself.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=POOL_CONNECTIONS, timeout=None, socket_connect_timeout=2
+            )
+            client = aioredis.Redis(connection_pool=pool)
         store = cls(client, shards, timeout_ms / 1000)
         try:
             policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
@@ -265,5 +282,26 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._checks.close()
-        # The client was given its pool, so it does not close it unless told.
-        await self._client.aclose(close_connection_pool=True)
+        if isinstance(self._client, RedisCluster):
+            await self._client.aclose()
+        else:
+            # The client was given its pool, so it does not close it unless told.
+            await self._client.aclose(close_connection_pool=True)
+
+
+async def is_cluster(url: str) -> bool:
+    """Whether the Redis at `url` is a Redis Cluster node; False (with a warning) if it
+    cannot be asked, in which case `storage.redis_cluster` should say."""
+    probe = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        info = await probe.info("cluster")
+    except (RedisError, OSError) as exc:
+        log.warning(
+            "could not ask %s whether it is a Redis Cluster (%s): using it as a single Redis; "
+            "set storage.redis_cluster to say",
+            url.split("@")[-1], exc,
+        )  # fmt: skip
+        return False
+    finally:
+        await probe.aclose()
+    return bool(info.get("cluster_enabled"))
