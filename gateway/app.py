@@ -22,6 +22,7 @@ from gateway.quota.open import needs_quota, open_store
 from gateway.quota.usage import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
+from gateway.usage.events import EventContext
 
 # Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("Expect",)
@@ -116,8 +117,9 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
             if isinstance(claimed, web.StreamResponse):  # replayed, 409, 422...
                 return plan.name, claimed
             claim = claimed
+            context = EventContext(plan.name, request.method, rid)
             outcome = await meter(
-                engine, tenant, match.route.index, plan.name, rid, request.app[QUOTA_METRICS]
+                engine, tenant, match.route.index, context, request.app[QUOTA_METRICS]
             )
             if isinstance(outcome, web.StreamResponse):
                 if claim is not None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
+import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config import parse
+from gateway.ledger import Ledger
 from gateway.server import Gateway
 from tests.jwt_helpers import RSA, JWKSServer
 from tests.servers import PostgresServer, RedisCluster, RedisServer
@@ -96,3 +101,36 @@ def shared_postgres_server() -> Iterator[PostgresServer]:
     server = PostgresServer().start()
     yield server
     server.close()
+
+
+@asynccontextmanager
+async def fresh_database(server: PostgresServer) -> AsyncIterator[str]:
+    """A new empty database on `server`, dropped afterwards; yields its DSN."""
+    name = f"ledger_{uuid4().hex}"
+    admin = await asyncpg.connect(server.dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield server.dsn.rsplit("/", 1)[0] + "/" + name
+        finally:
+            await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("shared_postgres_server")
+    async with fresh_database(server) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
+    ledger = await Ledger.open(ledger_url)
+    await ledger.migrate()
+    yield ledger
+    await ledger.close()

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
-import asyncpg
 import pytest
 
 from gateway.ledger import (
@@ -42,39 +38,6 @@ def tenant(tenant_id: str = "acme", **fields: Any) -> Tenant:
 
 def api_key(prefix: str, tenant_id: str = "acme", **fields: Any) -> ApiKey:
     return replace(_API_KEY, prefix=prefix, tenant_id=tenant_id, **fields)
-
-
-@asynccontextmanager
-async def fresh_database(server: PostgresServer) -> AsyncIterator[str]:
-    """A new empty database on `server`, dropped afterwards; yields its DSN."""
-    name = f"ledger_{uuid4().hex}"
-    admin = await asyncpg.connect(server.dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        try:
-            yield server.dsn.rsplit("/", 1)[0] + "/" + name
-        finally:
-            await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    server: PostgresServer = request.getfixturevalue("shared_postgres_server")
-    async with fresh_database(server) as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
-    ledger = await Ledger.open(ledger_url)
-    await ledger.migrate()
-    yield ledger
-    await ledger.close()
 
 
 def test_migration_versions_count_up_from_one() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from datetime import UTC, datetime
@@ -56,6 +56,16 @@ class Queries(Protocol):
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """The first column of the first row, or None."""
+        ...
+
+    async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Run one statement once per row of arguments."""
+        ...
+
+    async def copy_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """Bulk-load rows into `table` (COPY on PostgreSQL)."""
         ...
 
 
@@ -138,6 +148,16 @@ class _PgQueries:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         with _PG_BOUNDARY:
             return await self._target.fetchval(sql, *args)
+
+    async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        with _PG_BOUNDARY:
+            await self._target.executemany(sql, rows)
+
+    async def copy_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        with _PG_BOUNDARY:
+            await self._target.copy_records_to_table(table, records=rows, columns=list(columns))
 
 
 class PostgresDatabase(_PgQueries):
@@ -277,6 +297,17 @@ class _SqliteQueries:
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._statement(_fetch_value, sql, args)
+
+    async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        sql = _sqlite_sql(sql)
+        params = [tuple(_sqlite_param(arg) for arg in row) for row in rows]
+        await self._run(lambda conn: conn.executemany(sql, params).close())
+
+    async def copy_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        await self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
 
 class SqliteDatabase(_SqliteQueries):

@@ -26,6 +26,8 @@ _TYPES = {
         "bool": "boolean",
         "key": 'text COLLATE "C"',
         "serial_pk": "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        # Monthly partitions, created ahead and dropped past retention by the worker.
+        "partitioned_by_time": "PARTITION BY RANGE (at)",
     },
     # AUTOINCREMENT: ids are never reused, even after pruning empties the table,
     # so a reader's "everything after id N" never misses a row.
@@ -34,6 +36,7 @@ _TYPES = {
         "bool": "INTEGER",
         "key": "TEXT",
         "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "partitioned_by_time": "",
     },
 }
 
@@ -106,6 +109,51 @@ MIGRATIONS = [
             )
             """,
             "CREATE INDEX credits_tenant_period ON credits (tenant_id, period_end)",
+        ],
+    ),
+    Migration(
+        4,
+        "usage events and their rollups",
+        [
+            # The time is part of the key: a unique key on a partitioned table
+            # must include the partition column, and an event's time is fixed
+            # with its id when the charge is made.
+            """
+            CREATE TABLE usage_events (
+                at {ts} NOT NULL,
+                id text NOT NULL,
+                tenant_id {key} NOT NULL,
+                meter text NOT NULL,
+                quantity bigint NOT NULL,
+                period_start {ts} NOT NULL,
+                kind text NOT NULL,
+                route text NOT NULL,
+                method text NOT NULL,
+                status integer NOT NULL,
+                request_id text NOT NULL,
+                PRIMARY KEY (at, id)
+            ) {partitioned_by_time}
+            """,
+            """
+            CREATE TABLE usage_totals (
+                tenant_id {key} NOT NULL,
+                meter {key} NOT NULL,
+                period_start {ts} NOT NULL,
+                quantity bigint NOT NULL,
+                events bigint NOT NULL,
+                PRIMARY KEY (tenant_id, meter, period_start)
+            )
+            """,
+            """
+            CREATE TABLE usage_hourly (
+                tenant_id {key} NOT NULL,
+                meter {key} NOT NULL,
+                hour {ts} NOT NULL,
+                quantity bigint NOT NULL,
+                events bigint NOT NULL,
+                PRIMARY KEY (tenant_id, meter, hour)
+            )
+            """,
         ],
     ),
 ]

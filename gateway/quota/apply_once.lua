@@ -1,11 +1,17 @@
--- apply_once.lua: apply a list of adjustments at most once per operation id.
+-- apply_once.lua: apply a list of adjustments at most once per operation id, and
+-- append a usage event per adjustment to the shard's stream in the same step.
 --
 -- KEYS[1]    the operation's memo key (the same memo as check_and_charge.lua's,
 --            so a charge whose check_and_charge did run late is not applied again;
 --            a check that ran and was refused charged nothing, so that one applies)
--- KEYS[2..]  the counter or gauge keys to adjust
+-- KEYS[2..n-1] the counter or gauge keys to adjust
+-- KEYS[n]    the shard's usage stream
 -- ARGV[1]    memo TTL (ms)
--- ARGV[2..]  per key: the delta, then the key's expiry (ms since the epoch, 0: none)
+-- ARGV[2]    the events' shared JSON members (tenant, route, ...); "" records no events
+-- ARGV[3]    the operation id: each event's id is "<operation id>:<meter>"
+-- ARGV[4..]  per key, 5 values: the delta; the key's expiry (ms since the epoch, 0: none);
+--            the meter; its period's start (us since the epoch, 0 for a gauge); the
+--            event's kind
 --
 -- Returns 1 when applied, 0 when the operation had already happened.
 
@@ -13,12 +19,21 @@ local memo = redis.call('GET', KEYS[1])
 if memo and string.sub(memo, 1, 2) ~= '0 ' then
   return 0
 end
-for i = 2, #KEYS do
-  local delta = tonumber(ARGV[2 * i - 2])
-  local expire_at = tonumber(ARGV[2 * i - 1])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+for i = 2, #KEYS - 1 do
+  local a = 4 + (i - 2) * 5
+  local delta = tonumber(ARGV[a])
+  local expire_at = tonumber(ARGV[a + 1])
   redis.call('INCRBY', KEYS[i], delta)
   if expire_at > 0 then
     redis.call('PEXPIREAT', KEYS[i], expire_at)
+  end
+  if ARGV[2] ~= '' and delta ~= 0 then
+    local event = string.format(
+      '{"id":"%s:%s","m":"%s","q":%d,"at":%d,"p":%d,"k":"%s",%s}',
+      ARGV[3], ARGV[a + 2], ARGV[a + 2], delta, now, tonumber(ARGV[a + 3]), ARGV[a + 4], ARGV[2])
+    redis.call('XADD', KEYS[#KEYS], '*', 'e', event)
   end
 end
 redis.call('SET', KEYS[1], 'applied', 'PX', tonumber(ARGV[1]))

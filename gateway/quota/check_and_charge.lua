@@ -1,19 +1,24 @@
--- check_and_charge.lua: check every bucket of one request, then charge all or none.
+-- check_and_charge.lua: check every bucket of one request, then charge all or none,
+-- and append a usage event per charge to the shard's stream in the same step.
 -- The rules are those of gateway/quota/rules.py (`decide`); this script must
 -- agree with them exactly, and the contract tests hold it to that.
 --
 -- KEYS[1]    the request id's memo: a retry gets the first answer, charges nothing
 -- KEYS[2..]  per meter: a counter's previous, current and next period keys, or a
---            gauge's one key; then one key per rate limit (all with one hash tag)
+--            gauge's one key; then one key per rate limit; last, the shard's usage
+--            stream (all with one hash tag)
 -- ARGV[1]    memo TTL (ms)               ARGV[2]  how long a counter outlives its period (ms)
 -- ARGV[3]    number of meters            ARGV[4]  number of rate limits
 -- ARGV[5]    "check", or "void": the caller gave up on this request (a timeout,
 --            answered 503); if the check has not run it never will (a marker is
 --            left in the memo), and if it ran and charged, its charges are undone
--- then (from ARGV[6]) 14 values per meter: kind ("c" counter, "g" gauge); the three periods'
+-- ARGV[6]    the events' shared JSON members (tenant, route, ...); "" records no events
+-- ARGV[7]    the operation id: each event's id is "<operation id>:<meter>"
+-- then (from ARGV[8]) 15 values per meter: kind ("c" counter, "g" gauge); the three periods'
 --            start and end (microseconds since the epoch; zeros for a gauge);
 --            limit (-1: unlimited); hard (1/0); cost charged now; needs_remaining (1/0);
---            the three periods' credits, added to a limited meter's limit (zeros for a gauge)
+--            the three periods' credits, added to a limited meter's limit (zeros for a
+--            gauge); the meter's name
 -- then 3 values per rate limit: emission interval (us), burst, cost
 --
 -- Returns "N <state>" for a new answer or "R <state>" for a replayed one, where
@@ -21,6 +26,23 @@
 -- before charging, from which the gateway builds the full decision.
 -- The clock is Redis TIME. Numbers are written with %d: Lua's tostring keeps
 -- only 14 significant digits, and a time in microseconds has 16.
+
+local M = 15  -- values per meter
+local FIRST = 8  -- the first meter's first value
+
+local function clock()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
+
+-- One usage event on the stream (the shape of gateway/usage/events.py).
+local function record(id_suffix, meter, quantity, at, period_start, kind)
+  if ARGV[6] == '' then return end
+  local event = string.format(
+    '{"id":"%s:%s%s","m":"%s","q":%d,"at":%d,"p":%d,"k":"%s",%s}',
+    ARGV[7], meter, id_suffix, meter, quantity, at, period_start, kind, ARGV[6])
+  redis.call('XADD', KEYS[#KEYS], '*', 'e', event)
+end
 
 local memo = redis.call('GET', KEYS[1])
 local memo_ttl_ms = tonumber(ARGV[1])
@@ -33,11 +55,15 @@ if ARGV[5] == 'void' then
     -- It ran and charged: undo the meters' charges in the periods it chose.
     local fields = {}
     for field in string.gmatch(memo, '%S+') do fields[#fields + 1] = field end
-    local k, a = 2, 6
+    local now = clock()
+    local k, a = 2, FIRST
     for m = 1, n_meters do
       local key = KEYS[k]
+      local period_start = 0
       if ARGV[a] == 'c' then
-        key = KEYS[k + tonumber(fields[2 + m])]
+        local pick = tonumber(fields[2 + m])
+        key = KEYS[k + pick]
+        period_start = tonumber(ARGV[a + 1 + 2 * pick])
         k = k + 3
       else
         k = k + 1
@@ -45,8 +71,9 @@ if ARGV[5] == 'void' then
       local cost = tonumber(ARGV[a + 9])
       if cost > 0 then
         redis.call('DECRBY', key, cost)
+        record(':void', ARGV[a + 14], -cost, now, period_start, 'void')
       end
-      a = a + 14
+      a = a + M
     end
     -- and give back the rate limits' slots (GCRA: move the TAT back by cost * T)
     for r = 1, tonumber(ARGV[4]) do
@@ -67,18 +94,17 @@ if memo then
   return 'R ' .. memo
 end
 
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now = clock()
 local grace_ms = tonumber(ARGV[2])
 local n_rates = tonumber(ARGV[4])
 
-local k, a = 2, 6
+local k, a = 2, FIRST
 local allowed = 1
 local chosen, used, tats = {}, {}, {}
-local charges = {}  -- {key, cost, expire_at_ms or 0}
+local charges = {}  -- {key, cost, expire_at_ms or 0, meter, period start (us), kind}
 
 for m = 1, n_meters do
-  local key, expire_at = nil, 0
+  local key, expire_at, period_start = nil, 0, 0
   if ARGV[a] == 'c' then
     local pick = 1  -- 0-based: the current period unless the clock says otherwise
     for i = 0, 2 do
@@ -89,6 +115,7 @@ for m = 1, n_meters do
       end
     end
     key = KEYS[k + pick]
+    period_start = tonumber(ARGV[a + 1 + 2 * pick])
     expire_at = math.floor(tonumber(ARGV[a + 2 + 2 * pick]) / 1000) + grace_ms
     chosen[m] = pick
     k = k + 3
@@ -114,9 +141,10 @@ for m = 1, n_meters do
     end
   end
   if cost > 0 then
-    charges[#charges + 1] = {key, cost, expire_at}
+    local kind = ARGV[a] == 'c' and 'charge' or 'gauge'
+    charges[#charges + 1] = {key, cost, expire_at, ARGV[a + 14], period_start, kind}
   end
-  a = a + 14
+  a = a + M
 end
 
 local new_tats = {}
@@ -141,6 +169,7 @@ if allowed == 1 then
     if charge[3] > 0 then
       redis.call('PEXPIREAT', charge[1], charge[3])
     end
+    record('', charge[4], charge[2], now, charge[5], charge[6])
   end
   local first_rate_key = k - n_rates  -- k is one past the last rate key
   for r = 1, n_rates do

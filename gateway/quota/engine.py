@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from gateway.config.models import UNLIMITED, GatewayConfig, RouteConfig
@@ -25,6 +25,7 @@ from gateway.quota.store import (
     MeterCharge,
     StoreUnavailable,
 )
+from gateway.usage.events import EventContext
 
 log = logging.getLogger("gateway.quota")
 RETRY_PENDING_S = 1.0
@@ -63,6 +64,7 @@ class Charged:
     costs: dict[str, tuple[Period | None, int]]  # meter -> (period, cost) charged
     response_periods: dict[str, Period | None]  # meters to charge from the response
     route: RouteCharges
+    context: EventContext  # for the usage events of its settlement
 
 
 def kept(status: int, charge_on: str) -> bool:
@@ -84,15 +86,21 @@ class PendingCharges:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._pending: dict[str, tuple[float, str, list[Adjustment]]] = {}
+        self._pending: dict[str, tuple[float, str, list[Adjustment], EventContext]] = {}
         self._voids: dict[str, tuple[float, ChargeRequest]] = {}
         self.dropped = 0
 
     def void(self, request: ChargeRequest) -> None:
         self._voids[request.request_id] = (self._clock(), request)
 
-    def add(self, operation_id: str, tenant: str, adjustments: list[Adjustment]) -> None:
-        self._pending[operation_id] = (self._clock(), tenant, adjustments)
+    def add(
+        self,
+        operation_id: str,
+        tenant: str,
+        adjustments: list[Adjustment],
+        context: EventContext,
+    ) -> None:
+        self._pending[operation_id] = (self._clock(), tenant, adjustments, context)
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._voids)
@@ -104,8 +112,8 @@ class PendingCharges:
             await store.void(self._voids[request_id][1])
             del self._voids[request_id]
         for operation_id in list(self._pending):
-            _, tenant, adjustments = self._pending[operation_id]
-            await store.apply_once(tenant, operation_id, adjustments)
+            _, tenant, adjustments, context = self._pending[operation_id]
+            await store.apply_once(tenant, operation_id, adjustments, context)
             del self._pending[operation_id]
 
     def _expire(self) -> None:
@@ -186,7 +194,9 @@ class QuotaEngine:
             return ()
         return periods_around(spec.period or "billing_cycle", now, tenant.billing_anchor)
 
-    def request(self, tenant: Tenant, route_index: int, route_name: str) -> ChargeRequest | None:
+    def request(
+        self, tenant: Tenant, route_index: int, context: EventContext
+    ) -> ChargeRequest | None:
         """The charge request of a request on a route, or None if nothing is checked."""
         route = self.routes[route_index]
         policy = self.plans.get(tenant.plan)
@@ -207,11 +217,12 @@ class QuotaEngine:
             for meter in sorted({*route.fixed, *route.from_response})
         )
         rates = tuple(
-            (limit, route_name if scope == "route" else "") for limit, scope in policy.rate_limits
+            (limit, context.route if scope == "route" else "")
+            for limit, scope in policy.rate_limits
         )
         # A fresh id per request: the store's memo makes a retry of this call
         # idempotent, and a client's X-Request-Id may repeat.
-        return ChargeRequest(tenant.id, uuid.uuid4().hex, meters, rates)
+        return ChargeRequest(tenant.id, uuid.uuid4().hex, meters, rates, context)
 
     def shadow(self, tenant: Tenant, route_index: int) -> bool:
         """Decide and count as usual, refuse nothing."""
@@ -228,6 +239,7 @@ class QuotaEngine:
         route_index: int,
         request: ChargeRequest | None,
         result: ChargeResult | None,
+        context: EventContext,
     ) -> Charged:
         """What to settle later; `result` None when the store was down (fail_open)."""
         route = self.routes[route_index]
@@ -243,7 +255,7 @@ class QuotaEngine:
             for meter in route.from_response
         }
         operation_id = request.request_id if request is not None else uuid.uuid4().hex
-        return Charged(tenant.id, operation_id, costs, response_periods, route)
+        return Charged(tenant.id, operation_id, costs, response_periods, route, context)
 
     def _current(self, meter: str, tenant: Tenant, now: datetime) -> Period | None:
         around = self._periods(meter, tenant, now)
@@ -258,7 +270,7 @@ class QuotaEngine:
         """fail_open: apply the charges when the store is back, under the request's own
         id, so that a check_and_charge which did run after its timeout is not doubled."""
         adjustments = [(m, p, cost) for m, (p, cost) in charged.costs.items()]
-        self.pending.add(charged.operation_id, charged.tenant, adjustments)
+        self.pending.add(charged.operation_id, charged.tenant, adjustments, charged.context)
         self._schedule_retry()
 
     async def settle(self, charged: Charged, status: int, headers: Mapping[str, str]) -> None:
@@ -284,18 +296,32 @@ class QuotaEngine:
         else:
             adjustments += [(m, p, -cost) for m, (p, cost) in charged.costs.items()]
         if adjustments:
-            await self._apply(f"{charged.operation_id}:settle", charged.tenant, adjustments)
+            context = replace(charged.context, status=status)
+            await self._apply(
+                f"{charged.operation_id}:settle", charged.tenant, adjustments, context
+            )
 
     async def charge_anyway(self, charged: Charged) -> None:
         """Shadow mode: charge what the store refused to, since it is served."""
         adjustments = [(m, p, c) for m, (p, c) in charged.costs.items()]
-        await self._apply(f"{charged.operation_id}:shadow", charged.tenant, adjustments)
+        await self._apply(
+            f"{charged.operation_id}:shadow", charged.tenant, adjustments, charged.context
+        )
 
-    async def _apply(self, operation_id: str, tenant: str, adjustments: list[Adjustment]) -> None:
+    async def _apply(
+        self, operation_id: str, tenant: str, adjustments: list[Adjustment], context: EventContext
+    ) -> None:
+        # One adjustment per meter and period: an event id is the operation's and the meter's.
+        merged: dict[tuple[str, Period | None], int] = {}
+        for meter, period, delta in adjustments:
+            merged[meter, period] = merged.get((meter, period), 0) + delta
+        adjustments = [(m, p, d) for (m, p), d in merged.items() if d]
+        if not adjustments:
+            return
         try:
-            await self.store.apply_once(tenant, operation_id, adjustments)
+            await self.store.apply_once(tenant, operation_id, adjustments, context)
         except StoreUnavailable:
-            self.pending.add(operation_id, tenant, adjustments)
+            self.pending.add(operation_id, tenant, adjustments, context)
             self._schedule_retry()
 
     def _schedule_retry(self) -> None:

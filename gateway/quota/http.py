@@ -14,6 +14,7 @@ from gateway.quota.engine import Charged, QuotaEngine
 from gateway.quota.rules import Decision, Refusal
 from gateway.quota.store import StoreUnavailable
 from gateway.subscription import iso_utc
+from gateway.usage.events import EventContext
 
 
 @dataclass
@@ -62,15 +63,16 @@ async def meter(
     engine: QuotaEngine,
     tenant: Tenant,
     route_index: int,
-    route_name: str,
-    rid: str,
+    context: EventContext,
     metrics: QuotaMetrics,
 ) -> Metered | web.Response:
     """Check and charge a request, or the response that refuses it."""
-    request = engine.request(tenant, route_index, route_name)
+    rid = context.request_id
+    request = engine.request(tenant, route_index, context)
     if request is None:  # nothing to check now; maybe something to settle
         charges = engine.routes[route_index].charges
-        return Metered(engine.charged(tenant, route_index, None, None) if charges else None)
+        charged = engine.charged(tenant, route_index, None, None, context) if charges else None
+        return Metered(charged)
     try:
         result = await engine.check(request)
     except StoreUnavailable:
@@ -83,7 +85,7 @@ async def meter(
                 request_id=rid, headers={"Retry-After": "1"},
             )  # fmt: skip
         metrics.decided("store_error_open")
-        charged = engine.charged(tenant, route_index, request, None)
+        charged = engine.charged(tenant, route_index, request, None, context)
         engine.spool(charged)
         return Metered(charged)
     decision = result.decision
@@ -93,10 +95,10 @@ async def meter(
             return refusal_response(engine, tenant, decision.refusal, decision, rid)
         # Shadow: what would have been refused is served and counted as usual.
         metrics.decided("shadow_refusal")
-        charged = engine.charged(tenant, route_index, request, result)
+        charged = engine.charged(tenant, route_index, request, result, context)
         await engine.charge_anyway(charged)
         return Metered(charged)
     metrics.decided("allowed")
     headers = rate_limit_fields(decision)
     headers += [("X-Quota-Warning", warning) for warning in decision.warnings]
-    return Metered(engine.charged(tenant, route_index, request, result), headers)
+    return Metered(engine.charged(tenant, route_index, request, result, context), headers)

@@ -16,6 +16,7 @@ from gateway.quota.store import (
     choose_period,
     evaluate,
 )
+from gateway.usage.events import EventContext, UsageEvent, adjustment_kind, to_us
 
 # One shard: the hash tags only matter to Redis, the layout stays the same.
 _SHARDS = 1
@@ -31,8 +32,12 @@ class MemoryStore:
     """Counters in a dict. Nothing awaits between reading and writing, so each
     check-and-charge is atomic within the event loop, as the Lua script is in Redis."""
 
-    def __init__(self, clock_us: Callable[[], int] | None = None) -> None:
+    def __init__(self, clock_us: Callable[[], int] | None = None, record: bool = True) -> None:
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
+        self._record = record
+        # The in-process usage queue: appended in the same step as the charge,
+        # drained into the ledger by the recorder (gateway/usage/recorder.py).
+        self.events: list[UsageEvent] = []
         self._values: dict[str, int] = {}
         # request id -> (expiry in us, its first answer, or "applied"/"void" markers)
         self._memo: dict[str, tuple[int, ChargeResult | str]] = {}
@@ -67,9 +72,13 @@ class MemoryStore:
         result = evaluate(request, state)
         decision = result.decision
         if decision.allowed:
-            for meter, key in zip(request.meters, meter_keys, strict=True):
+            for meter, key, i in zip(request.meters, meter_keys, chosen, strict=True):
                 if meter.cost > 0:
                     self._values[key] = decision.used_after[meter.limit.meter]
+                    period = meter.periods[i] if meter.periods else None
+                    kind = "charge" if period else "gauge"
+                    self._event(request.tenant, request.context, request.request_id,
+                                meter.limit.meter, meter.cost, now_us, period, kind)  # fmt: skip
             for (limit, _), key in zip(request.rate_limits, rate_keys, strict=True):
                 self._values[key] = decision.tats_after[limit.name]
         self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, result)
@@ -95,6 +104,9 @@ class MemoryStore:
                     period = first.periods.get(meter.limit.meter)
                     key = _meter_key(request.tenant, meter.limit.meter, period)
                     self._values[key] = self._values.get(key, 0) - meter.cost
+                    self._event(request.tenant, request.context, request.request_id,
+                                meter.limit.meter, -meter.cost, now_us, period, "void",
+                                suffix=":void")  # fmt: skip
             for limit, scope in request.rate_limits:
                 key = keys.rate_key(request.tenant, _SHARDS, limit.name, scope)
                 if key in self._values:
@@ -103,7 +115,11 @@ class MemoryStore:
             self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, "void")
 
     async def apply_once(
-        self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
+        self,
+        tenant: str,
+        operation_id: str,
+        adjustments: Sequence[Adjustment],
+        context: EventContext | None = None,
     ) -> bool:
         now_us = self._clock_us()
         memo_key = keys.memo_key(tenant, _SHARDS, operation_id)
@@ -116,8 +132,33 @@ class MemoryStore:
         for meter, period, delta in adjustments:
             key = _meter_key(tenant, meter, period)
             self._values[key] = self._values.get(key, 0) + delta
+            if context is not None and delta:
+                kind = adjustment_kind(period is None, delta, operation_id)
+                self._event(tenant, context, operation_id, meter, delta, now_us, period, kind)
         self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, "applied")
         return True
+
+    def _event(
+        self,
+        tenant: str,
+        context: EventContext,
+        operation_id: str,
+        meter: str,
+        quantity: int,
+        now_us: int,
+        period: Period | None,
+        kind: str,
+        suffix: str = "",
+    ) -> None:
+        if not self._record:
+            return
+        self.events.append(
+            UsageEvent(
+                f"{operation_id}:{meter}{suffix}", tenant, meter, quantity, now_us,
+                to_us(period.start) if period else 0, kind, context.route, context.method,
+                context.status, context.request_id,
+            )
+        )  # fmt: skip
 
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:
         return self._values.get(_meter_key(tenant, meter, period), 0)

@@ -22,7 +22,6 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.lifecycle import stop_task
 from gateway.quota import keys
-from gateway.quota.gcra import US_PER_S
 from gateway.quota.periods import Period
 from gateway.quota.store import (
     Adjustment,
@@ -32,6 +31,7 @@ from gateway.quota.store import (
     StoreUnavailable,
     evaluate,
 )
+from gateway.usage.events import EventContext, adjustment_kind, to_us
 
 log = logging.getLogger("gateway.quota")
 POOL_CONNECTIONS = 64
@@ -104,16 +104,12 @@ class _Pipeliner:
         await stop_task(self._flusher)
 
 
-def _us(period: Period, end: bool) -> int:
-    moment = period.end if end else period.start
-    return int(moment.timestamp()) * US_PER_S + moment.microsecond
-
-
 class RedisStore:
     """Counters, gauges and rate limits in Redis, keys as in `keys`."""
 
-    def __init__(self, client: Client, shards: int, timeout_s: float) -> None:
+    def __init__(self, client: Client, shards: int, timeout_s: float, record: bool = True) -> None:
         self._client = client
+        self._record = record  # append usage events to the shards' streams
         self._shards = shards
         self._timeout_s = timeout_s
         self._checks = _Pipeliner(client, SCRIPT)
@@ -167,7 +163,8 @@ class RedisStore:
         key_list = [keys.memo_key(tenant, shards, request.request_id)]
         args: list[int | str] = [
             keys.MEMO_TTL_MS, keys.COUNTER_GRACE_MS, len(request.meters),
-            len(request.rate_limits), mode,
+            len(request.rate_limits), mode, self._event_fields(tenant, request.context),
+            request.request_id,
         ]  # fmt: skip
         for meter in request.meters:
             limit = meter.limit
@@ -179,16 +176,21 @@ class RedisStore:
                 ]
                 args.append("c")
                 for period in meter.periods:
-                    args += [_us(period, end=False), _us(period, end=True)]
+                    args += [to_us(period.start), to_us(period.end)]
             else:
                 key_list.append(keys.gauge_key(tenant, shards, limit.meter))
                 args += ["g", 0, 0, 0, 0, 0, 0]
             args += [limit.limit, int(limit.hard), meter.cost, int(meter.needs_remaining)]
             args += list(meter.credits) if meter.periods and meter.credits else [0, 0, 0]
+            args.append(limit.meter)
         for rate_limit, scope in request.rate_limits:
             key_list.append(keys.rate_key(tenant, shards, rate_limit.name, scope))
             args += [rate_limit.interval_us, rate_limit.burst, 1]
+        key_list.append(keys.stream_key(tenant, shards))
         return key_list, args
+
+    def _event_fields(self, tenant: str, context: EventContext | None) -> str:
+        return context.fields(tenant) if self._record and context is not None else ""
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         key_list, args = self._encode(request)
@@ -240,14 +242,22 @@ class RedisStore:
         await self._guard("void", self._checks.call(key_list, args))
 
     async def apply_once(
-        self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
+        self,
+        tenant: str,
+        operation_id: str,
+        adjustments: Sequence[Adjustment],
+        context: EventContext | None = None,
     ) -> bool:
         key_list = [keys.memo_key(tenant, self._shards, operation_id)]
-        args: list[int] = [keys.MEMO_TTL_MS]
+        args: list[int | str] = [
+            keys.MEMO_TTL_MS, self._event_fields(tenant, context), operation_id
+        ]  # fmt: skip
         for meter, period, delta in adjustments:
             key_list.append(self._meter_key(tenant, meter, period))
-            expire_at = _us(period, end=True) // 1000 + keys.COUNTER_GRACE_MS if period else 0
-            args += [delta, expire_at]
+            expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
+            kind = adjustment_kind(period is None, delta, operation_id)
+            args += [delta, expire_at, meter, to_us(period.start) if period else 0, kind]
+        key_list.append(keys.stream_key(tenant, self._shards))
         applied = await self._guard("apply_once", self._apply_once(keys=key_list, args=args))
         return bool(applied)
 

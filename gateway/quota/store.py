@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Protocol
 
-from gateway.quota.gcra import US_PER_S, RateLimit
+from gateway.quota.gcra import RateLimit
 from gateway.quota.periods import Period
 from gateway.quota.rules import Decision, MeterLimit, decide
+from gateway.usage.events import EventContext, from_us, to_us
 
 Adjustment = tuple[str, Period | None, int]  # (meter, its period or None for a gauge, delta)
 
@@ -40,6 +40,7 @@ class ChargeRequest:
     request_id: str
     meters: tuple[MeterCharge, ...] = ()
     rate_limits: tuple[tuple[RateLimit, str], ...] = ()  # (limit, scope: "" or a route)
+    context: EventContext = EventContext()  # carried by the usage events of its charges
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,20 +64,14 @@ class StoreState:
 def choose_period(periods: Sequence[Period], now_us: int) -> int:
     """The index of the period containing the store's `now_us` (the middle one if none)."""
     for i, period in enumerate(periods):
-        if _us(period.start) <= now_us < _us(period.end):
+        if to_us(period.start) <= now_us < to_us(period.end):
             return i
     return len(periods) // 2
 
 
-def _us(moment: datetime) -> int:
-    return int(moment.timestamp()) * US_PER_S + moment.microsecond
-
-
 def evaluate(request: ChargeRequest, state: StoreState) -> ChargeResult:
     """The decision for `request` given the state a store read."""
-    now = datetime.fromtimestamp(state.now_us // US_PER_S, UTC).replace(
-        microsecond=state.now_us % US_PER_S
-    )
+    now = from_us(state.now_us)
     periods = {
         m.limit.meter: m.periods[i] for m, i in zip(request.meters, state.chosen, strict=True)
         if m.periods
@@ -114,7 +109,8 @@ class CounterStore(Protocol):
     """Where counters, gauges and rate-limit state live."""
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
-        """Check every bucket; charge all of them or none (see module docstring)."""
+        """Check every bucket; charge all of them or none (see module docstring), and
+        record a usage event per charge in the same step."""
         ...
 
     async def void(self, request: ChargeRequest) -> None:
@@ -123,9 +119,14 @@ class CounterStore(Protocol):
         ...
 
     async def apply_once(
-        self, tenant: str, operation_id: str, adjustments: Sequence[Adjustment]
+        self,
+        tenant: str,
+        operation_id: str,
+        adjustments: Sequence[Adjustment],
+        context: EventContext | None = None,
     ) -> bool:
-        """Apply (meter, period, delta) adjustments unless `operation_id` already ran.
+        """Apply (meter, period, delta) adjustments unless `operation_id` already ran,
+        recording a usage event per adjustment (none when `context` is None).
 
         Every write after the check goes through here: a call that timed out
         may still run on the store, and retrying it must not count twice. An

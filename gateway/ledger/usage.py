@@ -1,0 +1,180 @@
+"""Usage events in the ledger: idempotent batch inserts and the rollups they feed.
+
+A batch is bulk-loaded into a staging table (COPY on PostgreSQL), then moved
+with `INSERT ... ON CONFLICT DO NOTHING RETURNING`: only the rows that were
+new come back, and only those are added to the rollups, in the same
+transaction and in key order (so that concurrent writers never deadlock). A
+redelivered event therefore changes nothing. On PostgreSQL `usage_events` is
+partitioned by month; partitions are created before the first event of a
+month is written and dropped past the retention.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from gateway.ledger.db import Database, Queries
+from gateway.ledger.store import _loaded, _required, _utc
+from gateway.usage.events import UsageEvent
+
+COLUMNS = (
+    "at", "id", "tenant_id", "meter", "quantity", "period_start", "kind", "route", "method",
+    "status", "request_id",
+)  # fmt: skip
+_COLUMN_LIST = ", ".join(COLUMNS)
+_STAGING = {
+    "postgresql": (
+        "CREATE TEMP TABLE IF NOT EXISTS usage_staging (LIKE usage_events) ON COMMIT DELETE ROWS"
+    ),
+    "sqlite": "CREATE TEMP TABLE IF NOT EXISTS usage_staging AS SELECT * FROM usage_events WHERE 0",
+}
+# "WHERE true": SQLite would otherwise read ON CONFLICT as part of the SELECT.
+_MOVE = f"""
+    INSERT INTO usage_events ({_COLUMN_LIST})
+    SELECT {_COLUMN_LIST} FROM usage_staging WHERE true
+    ON CONFLICT DO NOTHING
+    RETURNING tenant_id, meter, period_start, at, quantity
+"""
+_ADD_TOTAL = """
+    INSERT INTO usage_totals (tenant_id, meter, period_start, quantity, events)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (tenant_id, meter, period_start) DO UPDATE SET
+        quantity = usage_totals.quantity + excluded.quantity,
+        events = usage_totals.events + excluded.events
+"""
+_ADD_HOURLY = """
+    INSERT INTO usage_hourly (tenant_id, meter, hour, quantity, events)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (tenant_id, meter, hour) DO UPDATE SET
+        quantity = usage_hourly.quantity + excluded.quantity,
+        events = usage_hourly.events + excluded.events
+"""
+_TOTAL = (
+    "SELECT quantity FROM usage_totals WHERE tenant_id = $1 AND meter = $2 AND period_start = $3"
+)
+_TOTALS_OF_PERIOD = "SELECT tenant_id, meter, quantity FROM usage_totals WHERE period_start = $1"
+_HOURLY = """
+    SELECT hour, quantity, events FROM usage_hourly
+    WHERE tenant_id = $1 AND meter = $2 AND hour >= $3 AND hour < $4 ORDER BY hour
+"""
+_PARTITIONS = """
+    SELECT child.relname AS name FROM pg_inherits
+    JOIN pg_class parent ON parent.oid = pg_inherits.inhparent
+    JOIN pg_class child ON child.oid = pg_inherits.inhrelid
+    WHERE parent.relname = 'usage_events'
+"""
+_PARTITION_NAME = re.compile(r"^usage_events_(\d{4})_(\d{2})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    inserted: int
+    duplicates: int
+
+
+def month_start(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_month(start: datetime) -> datetime:
+    return (start + timedelta(days=32)).replace(day=1)
+
+
+class UsageLedger:
+    """Usage events, totals per tenant/meter/period and hourly history on one `Database`."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._partitions: set[datetime] = set()  # month starts known to exist
+
+    async def write(self, events: Sequence[UsageEvent]) -> Written:
+        """Insert the events not in the ledger yet and add them to the rollups, atomically."""
+        if not events:
+            return Written(0, 0)
+        if self.db.dialect == "postgresql":
+            await self.ensure_partitions({month_start(e.at) for e in events})
+        rows = [_row(event) for event in events]
+        async with self.db.transaction() as tx:
+            await tx.execute(_STAGING[self.db.dialect])
+            if self.db.dialect == "sqlite":
+                await tx.execute("DELETE FROM usage_staging")
+            await tx.copy_rows("usage_staging", COLUMNS, rows)
+            new = await tx.fetch(_MOVE)
+            await _add_rollups(tx, new)
+        return Written(len(new), len(events) - len(new))
+
+    async def ensure_partitions(self, months: Iterable[datetime]) -> None:
+        """Create the monthly partitions of `usage_events` that do not exist (PostgreSQL)."""
+        if self.db.dialect != "postgresql":
+            return
+        for start in sorted(set(months) - self._partitions):
+            await self.db.execute(
+                f"CREATE TABLE IF NOT EXISTS {_partition(start)} PARTITION OF usage_events"
+                f" FOR VALUES FROM ('{start.isoformat()}') TO ('{next_month(start).isoformat()}')"
+            )
+            self._partitions.add(start)
+
+    async def drop_partitions_before(self, cutoff: datetime) -> list[str]:
+        """Drop the monthly partitions that end at or before `cutoff`; their names."""
+        if self.db.dialect != "postgresql":
+            return []
+        dropped = []
+        for row in await self.db.fetch(_PARTITIONS):
+            match = _PARTITION_NAME.match(row["name"])
+            if match is None:
+                continue
+            start = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
+            if next_month(start) <= cutoff:
+                await self.db.execute(f"DROP TABLE IF EXISTS {row['name']}")
+                self._partitions.discard(start)
+                dropped.append(row["name"])
+        return sorted(dropped)
+
+    async def total(self, tenant: str, meter: str, period_start: datetime) -> int:
+        """The ledger's total of `meter` for the tenant in the period starting then."""
+        value = await self.db.fetchval(_TOTAL, tenant, meter, _utc(period_start))
+        return int(value or 0)
+
+    async def totals_of_period(self, period_start: datetime) -> dict[tuple[str, str], int]:
+        """(tenant, meter) -> total, for every counter whose period starts at `period_start`."""
+        rows = await self.db.fetch(_TOTALS_OF_PERIOD, _utc(period_start))
+        return {(row["tenant_id"], row["meter"]): int(row["quantity"]) for row in rows}
+
+    async def hourly(
+        self, tenant: str, meter: str, since: datetime, until: datetime
+    ) -> list[tuple[datetime, int, int]]:
+        """(hour, quantity, events) of the hours in [since, until) that have any."""
+        rows = await self.db.fetch(_HOURLY, tenant, meter, _utc(since), _utc(until))
+        return [(_required(_loaded(r["hour"])), int(r["quantity"]), int(r["events"])) for r in rows]
+
+
+def _partition(start: datetime) -> str:
+    return f"usage_events_{start.year:04d}_{start.month:02d}"
+
+
+def _row(event: UsageEvent) -> tuple[Any, ...]:
+    return (
+        event.at, event.id, event.tenant, event.meter, event.quantity, event.period_start,
+        event.kind, event.route, event.method, event.status, event.request_id,
+    )  # fmt: skip
+
+
+async def _add_rollups(tx: Queries, new: list[dict[str, Any]]) -> None:
+    totals: dict[tuple[str, str, datetime], list[int]] = {}
+    hours: dict[tuple[str, str, datetime], list[int]] = {}
+    for row in new:
+        at = _required(_loaded(row["at"]))
+        period = _required(_loaded(row["period_start"]))
+        hour = at.replace(minute=0, second=0, microsecond=0)
+        for table, key in ((totals, (row["tenant_id"], row["meter"], period)),
+                           (hours, (row["tenant_id"], row["meter"], hour))):  # fmt: skip
+            sums = table.setdefault(key, [0, 0])
+            sums[0] += int(row["quantity"])
+            sums[1] += 1
+    # Key order: two writers touching the same rows lock them in the same order.
+    await tx.executemany(_ADD_TOTAL, [(*key, *sums) for key, sums in sorted(totals.items())])
+    await tx.executemany(_ADD_HOURLY, [(*key, *sums) for key, sums in sorted(hours.items())])

@@ -1,0 +1,1 @@
+"""Usage events: recorded off the hot path, written once into the ledger."""
