@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from aiohttp.typedefs import Handler
 
 from gateway.app import QUOTA, RUNTIME, SERVICES
 from gateway.ledger.records import Tenant
+from gateway.ledger.usage import UsageLedger
 from gateway.openapi import openapi_document
 from gateway.problems import problem
 from gateway.quota.engine import QuotaEngine
@@ -176,7 +178,50 @@ async def get_usage(request: web.Request) -> web.Response:
     found = await _tenant_and_meter(request)
     if isinstance(found, web.Response):
         return found
-    return web.json_response(await usage_view(_engine(request), found[0]))
+    ledger = UsageLedger(_services(request).ledger.db)
+    return web.json_response(await usage_view(_engine(request), found[0], ledger))
+
+
+HISTORY_MAX = timedelta(days=93)
+
+
+async def get_hourly(request: web.Request) -> web.Response:
+    """GET /admin/tenants/{id}/usage/{meter}/hourly?since=&until= (ISO 8601; default 24 h)"""
+    found = await _tenant_and_meter(request)
+    if isinstance(found, web.Response):
+        return found
+    tenant, meter = found
+    now = datetime.now(UTC)
+    try:
+        until = _instant(request.query.get("until")) or now
+        since = _instant(request.query.get("since")) or until - timedelta(hours=24)
+    except ValueError as exc:
+        return problem(400, "bad-query", str(exc))
+    if not since < until or until - since > HISTORY_MAX:
+        return problem(400, "bad-query", "since must be before until, at most 93 days apart")
+    ledger = UsageLedger(_services(request).ledger.db)
+    hours = await ledger.hourly(tenant.id, meter, since, until)
+    return web.json_response(
+        {
+            "tenant": tenant.id,
+            "meter": meter,
+            "since": iso_utc(since),
+            "until": iso_utc(until),
+            "hours": [{"hour": iso_utc(h), "quantity": q, "events": n} for h, q, n in hours],
+        }
+    )
+
+
+def _instant(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone")
+    return moment.astimezone(UTC)
 
 
 async def put_gauge(request: web.Request) -> web.Response:
@@ -252,6 +297,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/tenants/{id}/api-keys", list_api_keys)
     app.router.add_delete("/admin/api-keys/{prefix}", revoke_api_key)
     app.router.add_get("/admin/tenants/{id}/usage", get_usage)
+    app.router.add_get("/admin/tenants/{id}/usage/{meter}/hourly", get_hourly)
     app.router.add_put("/admin/tenants/{id}/gauges/{meter}", put_gauge)
     app.router.add_post("/admin/tenants/{id}/meters/{meter}/reset", reset_meter)
     app.router.add_post("/admin/tenants/{id}/credits", add_credit)

@@ -13,16 +13,19 @@ from gateway import idempotency, websocket
 from gateway.admission import admit
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
+from gateway.ledger.usage import UsageLedger
 from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics, QuotaMetrics
 from gateway.problems import problem
 from gateway.proxy import Forwarder, RoutePlan, Upstreams
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.http import Metered, meter
+from gateway.quota.memory import MemoryStore
 from gateway.quota.open import needs_quota, open_store
 from gateway.quota.usage import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
 from gateway.usage.events import EventContext
+from gateway.usage.recorder import Recorder
 
 # Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("Expect",)
@@ -186,10 +189,19 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
     if not needs_quota(config):
         yield
         return
-    engine = QuotaEngine(config, await open_store(config.storage))
+    services = app.get(SERVICES)
+    store = await open_store(config.storage, record=services is not None)
+    engine = QuotaEngine(config, store)
     app[QUOTA] = engine
+    recorder = None
+    if isinstance(store, MemoryStore) and services is not None:
+        usage = UsageLedger(services.ledger.db)
+        recorder = Recorder(store.events, usage, config.usage.flush_interval_ms / 1000)
+        recorder.start()
     yield
     await engine.close()
+    if recorder is not None:
+        await recorder.close()
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:

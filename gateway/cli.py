@@ -32,6 +32,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from gateway.services import StartupError
+    from gateway.usage.run import run_worker
+
+    try:
+        asyncio.run(run_worker(_load_or_exit(args.config), args.consumer))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.file)
     print(f"{args.file}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
@@ -63,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("-c", "--config", required=True, help="the YAML config file")
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="write usage events from the queue into the ledger")
+    worker.add_argument("-c", "--config", required=True, help="the YAML config file")
+    worker.add_argument(
+        "--consumer", help="this worker's name in the consumer group (default: the host name)"
+    )
+    worker.set_defaults(func=_worker)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")

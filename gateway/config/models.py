@@ -331,6 +331,8 @@ class UsageConfig(Model):
     flush_interval_ms: PositiveInt = 50
     spool_dir: Path | None = None
     retention_months: PositiveInt = 24
+    # `gateway worker` serves /metrics and /healthz here (host: admin.host).
+    worker_port: Port = 9091
 
 
 class StripeConfig(Model):

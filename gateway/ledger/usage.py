@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.ledger.db import Database, Queries
@@ -80,8 +80,10 @@ def month_start(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def next_month(start: datetime) -> datetime:
-    return (start + timedelta(days=32)).replace(day=1)
+def add_months(start: datetime, months: int) -> datetime:
+    """The first of the month `months` after (or before) the month starting at `start`."""
+    index = start.year * 12 + start.month - 1 + months
+    return start.replace(year=index // 12, month=index % 12 + 1, day=1)
 
 
 class UsageLedger:
@@ -112,9 +114,10 @@ class UsageLedger:
         if self.db.dialect != "postgresql":
             return
         for start in sorted(set(months) - self._partitions):
+            end = add_months(start, 1)
             await self.db.execute(
                 f"CREATE TABLE IF NOT EXISTS {_partition(start)} PARTITION OF usage_events"
-                f" FOR VALUES FROM ('{start.isoformat()}') TO ('{next_month(start).isoformat()}')"
+                f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
             )
             self._partitions.add(start)
 
@@ -128,7 +131,7 @@ class UsageLedger:
             if match is None:
                 continue
             start = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
-            if next_month(start) <= cutoff:
+            if add_months(start, 1) <= cutoff:
                 await self.db.execute(f"DROP TABLE IF EXISTS {row['name']}")
                 self._partitions.discard(start)
                 dropped.append(row["name"])

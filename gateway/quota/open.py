@@ -15,10 +15,10 @@ def needs_quota(config: GatewayConfig) -> bool:
     )
 
 
-async def open_store(storage: StorageConfig) -> CounterStore:
-    """`memory://` or `redis://` from `storage.counters`."""
+async def open_store(storage: StorageConfig, record: bool = True) -> CounterStore:
+    """`memory://` or `redis://` from `storage.counters`; `record`: keep usage events."""
     if storage.counters.startswith("memory:"):
-        return MemoryStore()
+        return MemoryStore(record=record)
     return await RedisStore.open(
-        storage.counters, storage.shards, storage.timeout_ms, storage.redis_cluster
+        storage.counters, storage.shards, storage.timeout_ms, storage.redis_cluster, record
     )

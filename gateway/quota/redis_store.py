@@ -117,7 +117,12 @@ class RedisStore:
 
     @classmethod
     async def open(
-        cls, url: str, shards: int, timeout_ms: int, cluster: bool | None = None
+        cls,
+        url: str,
+        shards: int,
+        timeout_ms: int,
+        cluster: bool | None = None,
+        record: bool = True,
     ) -> RedisStore:
         """Connect and check the eviction policy (an evicted counter is a fresh quota).
 
@@ -125,22 +130,8 @@ class RedisStore:
         unreachable Redis does not stop the gateway from starting: requests
         then get the configured failure policy until it answers.
         """
-        if cluster is None:
-            cluster = await is_cluster(url)
-        client: Client
-        if cluster:
-            # One pool per node, each with this many connections at most.
-            client = RedisCluster.from_url(
-                url, max_connections=POOL_CONNECTIONS, socket_connect_timeout=2
-            )
-        else:
-            # A bounded pool whose callers wait for a free connection; the wait
-            # counts against timeout_ms like the call itself.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=POOL_CONNECTIONS, timeout=None, socket_connect_timeout=2
-            )
-            client = aioredis.Redis(connection_pool=pool)
-        store = cls(client, shards, timeout_ms / 1000)
+        client = await redis_client(url, cluster)
+        store = cls(client, shards, timeout_ms / 1000, record)
         try:
             policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
         except ResponseError:  # CONFIG may be disabled on managed Redis
@@ -292,11 +283,32 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._checks.close()
-        if isinstance(self._client, RedisCluster):
-            await self._client.aclose()
-        else:
-            # The client was given its pool, so it does not close it unless told.
-            await self._client.aclose(close_connection_pool=True)
+        await close_client(self._client)
+
+
+async def redis_client(url: str, cluster: bool | None) -> Client:
+    """A client for a single Redis or (`cluster` True, or None and the server says so) a
+    Redis Cluster, with a bounded pool (per node)."""
+    if cluster is None:
+        cluster = await is_cluster(url)
+    if cluster:
+        return RedisCluster.from_url(
+            url, max_connections=POOL_CONNECTIONS, socket_connect_timeout=2
+        )
+    # A bounded pool whose callers wait for a free connection; the wait
+    # counts against the caller's timeout like the call itself.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=POOL_CONNECTIONS, timeout=None, socket_connect_timeout=2
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def close_client(client: Client) -> None:
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        # The client was given its pool, so it does not close it unless told.
+        await client.aclose(close_connection_pool=True)
 
 
 async def is_cluster(url: str) -> bool:

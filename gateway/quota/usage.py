@@ -6,11 +6,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.ledger.records import Tenant
+from gateway.ledger.usage import UsageLedger
 from gateway.quota.engine import QuotaEngine, credit_of
 from gateway.quota.periods import Period, period_of
 from gateway.quota.rules import meter_state
 from gateway.quota.store import credited
 from gateway.subscription import iso_utc
+from gateway.usage.events import EPOCH
 
 
 def current_period(engine: QuotaEngine, tenant: Tenant, meter: str) -> Period | None:
@@ -21,8 +23,11 @@ def current_period(engine: QuotaEngine, tenant: Tenant, meter: str) -> Period | 
     return period_of(spec.period or "billing_cycle", datetime.now(UTC), tenant.billing_anchor)
 
 
-async def usage_view(engine: QuotaEngine, tenant: Tenant) -> dict[str, Any]:
-    """`{tenant, plan, status, period, meters: {name: {used, limit, remaining, ...}}}`."""
+async def usage_view(
+    engine: QuotaEngine, tenant: Tenant, ledger: UsageLedger | None = None
+) -> dict[str, Any]:
+    """`{tenant, plan, status, period, meters: {name: {used, limit, remaining, ...}}}`;
+    with `ledger`, each meter's `recorded` is what the ledger holds for the same period."""
     policy = engine.plans.get(tenant.plan)
     cycle = period_of("billing_cycle", datetime.now(UTC), tenant.billing_anchor)
     meters: dict[str, Any] = {}
@@ -44,6 +49,9 @@ async def usage_view(engine: QuotaEngine, tenant: Tenant) -> dict[str, Any]:
             if period and engine.config.meters[name].period != "none"
             else None,
         }
+        if ledger is not None:
+            start = period.start if period else EPOCH
+            meters[name]["recorded"] = await ledger.total(tenant.id, name, start)
     return {
         "tenant": tenant.id,
         "plan": tenant.plan,

@@ -1,0 +1,205 @@
+"""`gateway worker`: moves usage events from the shard streams into the ledger.
+
+Each round reads a batch from every shard, writes it in one ledger
+transaction (idempotent: a redelivered event is a duplicate, not a second
+charge) and acknowledges the entries only after the commit. A batch the
+ledger refuses (Postgres down) is retried as it is until it commits; nothing
+is acknowledged meanwhile, so a worker killed at any point loses nothing.
+Housekeeping runs every few seconds: reclaim entries left by dead consumers,
+trim the streams, create next month's partition and drop expired ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.exceptions import RedisError
+
+from gateway.ledger.db import LedgerUnavailable
+from gateway.ledger.usage import UsageLedger, add_months, month_start
+from gateway.usage.events import UsageEvent, decode
+from gateway.usage.streams import Entry, UsageStreams
+
+log = logging.getLogger("gateway.usage")
+
+BATCH_EVENTS = 5000  # per shard and round
+STALE_MS = 30_000  # an entry unacknowledged this long belongs to a dead consumer
+HOUSEKEEPING_S = 5.0
+RETRY_S = 0.5
+
+
+class WorkerMetrics:
+    """What the worker does, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lag = Gauge(
+            "gateway_usage_lag_events",
+            "Usage events in the streams not yet written to the ledger.",
+            registry=registry,
+        )
+        self.batch = Histogram(
+            "gateway_usage_batch_events",
+            "Events per ledger write.",
+            buckets=(1, 10, 100, 1000, 5000, 20000, 80000),
+            registry=registry,
+        )
+        self.inserted = Counter(
+            "gateway_usage_inserted_events", "Events written to the ledger.", registry=registry
+        )
+        self.duplicates = Counter(
+            "gateway_usage_duplicate_events",
+            "Redelivered events the ledger already had.",
+            registry=registry,
+        )
+        self.errors = Counter(
+            "gateway_usage_errors",
+            "Failures, by kind (ledger, queue, malformed).",
+            ["kind"],
+            registry=registry,
+        )
+
+
+@dataclass
+class Settings:
+    batch_events: int = BATCH_EVENTS
+    stale_ms: int = STALE_MS
+    housekeeping_s: float = HOUSEKEEPING_S
+    idle_sleep_s: float = 0.05
+    retention_months: int = 24
+
+
+class Worker:
+    """One consumer of the `ledger` group on every shard."""
+
+    def __init__(
+        self,
+        streams: UsageStreams,
+        ledger: UsageLedger,
+        metrics: WorkerMetrics,
+        settings: Settings | None = None,
+    ) -> None:
+        self.streams = streams
+        self.ledger = ledger
+        self.metrics = metrics
+        self.settings = settings or Settings()
+        self._stopping = asyncio.Event()
+        self._last_housekeeping = 0.0
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from `run`."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Until stopped: this consumer's own pending entries first, then new ones."""
+        await self._until_done(self.streams.ensure_groups)
+        await self._drain(pending=True)
+        while not self._stopping.is_set():
+            moved = await self.round()
+            if time.monotonic() - self._last_housekeeping > self.settings.housekeeping_s:
+                await self.housekeeping()
+            if not moved:
+                try:
+                    async with asyncio.timeout(self.settings.idle_sleep_s):
+                        await self._stopping.wait()
+                except TimeoutError:
+                    pass
+
+    async def _drain(self, pending: bool) -> None:
+        while not self._stopping.is_set() and await self.round(pending=pending):
+            pass
+
+    async def round(self, pending: bool = False) -> int:
+        """Read one batch from every shard and write it; the number of entries handled."""
+        try:
+            reads = await asyncio.gather(
+                *(
+                    self.streams.read(shard, self.settings.batch_events, pending)
+                    for shard in range(self.streams.shards)
+                )
+            )
+        except (RedisError, OSError) as exc:
+            self.metrics.errors.labels("queue").inc()
+            log.warning("usage streams unreadable (%s); retrying", exc)
+            await asyncio.sleep(RETRY_S)
+            return 0
+        entries = [entry for batch in reads for entry in batch]
+        await self.write(entries)
+        return len(entries)
+
+    async def write(self, entries: Sequence[Entry]) -> None:
+        """Write the entries' events, then acknowledge them; retried until it commits."""
+        if not entries:
+            return
+        events: list[UsageEvent] = []
+        for entry in entries:
+            try:
+                events.append(decode(entry.raw))
+            except ValueError:
+                # Kept in the log, acknowledged: a malformed entry can never be written,
+                # and left pending it would stop the stream from ever being trimmed.
+                self.metrics.errors.labels("malformed").inc()
+                log.error("malformed usage entry %s on shard %d: %r", entry.entry_id,
+                          entry.shard, entry.raw[:500])  # fmt: skip
+        while True:
+            try:
+                written = await self.ledger.write(events)
+                break
+            except LedgerUnavailable as exc:
+                self.metrics.errors.labels("ledger").inc()
+                log.warning("ledger unavailable (%s); retrying %d events", exc, len(events))
+                await asyncio.sleep(RETRY_S)
+        self.metrics.batch.observe(len(events))
+        self.metrics.inserted.inc(written.inserted)
+        self.metrics.duplicates.inc(written.duplicates)
+        by_shard: dict[int, list[str]] = {}
+        for entry in entries:
+            by_shard.setdefault(entry.shard, []).append(entry.entry_id)
+        # Committed: a failure to acknowledge only means a redelivery, which
+        # the ledger recognises.
+        await self._until_done(
+            lambda: asyncio.gather(*(self.streams.ack(s, ids) for s, ids in by_shard.items()))
+        )
+
+    async def housekeeping(self) -> None:
+        """Reclaim stale entries, trim, keep partitions ahead and expire old ones; metrics."""
+        self._last_housekeeping = time.monotonic()
+        try:
+            for shard in range(self.streams.shards):
+                stale = await self.streams.claim_stale(
+                    shard, self.settings.stale_ms, self.settings.batch_events
+                )
+                if stale:
+                    log.info("reclaimed %d stale usage entries on shard %d", len(stale), shard)
+                    await self.write(stale)
+                await self.streams.trim(shard)
+            lag = [await self.streams.lag(shard) for shard in range(self.streams.shards)]
+            self.metrics.lag.set(sum(lag))
+        except (RedisError, OSError) as exc:
+            self.metrics.errors.labels("queue").inc()
+            log.warning("usage stream housekeeping failed (%s)", exc)
+        try:
+            this_month = month_start(datetime.now(UTC))
+            await self.ledger.ensure_partitions([this_month, add_months(this_month, 1)])
+            cutoff = add_months(this_month, -self.settings.retention_months)
+            for name in await self.ledger.drop_partitions_before(cutoff):
+                log.info("dropped usage partition %s (past usage.retention_months)", name)
+        except LedgerUnavailable as exc:
+            self.metrics.errors.labels("ledger").inc()
+            log.warning("ledger housekeeping failed (%s)", exc)
+
+    async def _until_done(self, call: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            try:
+                await call()
+                return
+            except (RedisError, OSError) as exc:
+                self.metrics.errors.labels("queue").inc()
+                log.warning("usage streams unavailable (%s); retrying", exc)
+                await asyncio.sleep(RETRY_S)

@@ -1,0 +1,161 @@
+"""Usage events from served traffic into the ledger: embedded, and through the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from gateway.ledger import Ledger
+from gateway.ledger.usage import UsageLedger
+from gateway.quota import keys
+from gateway.quota.periods import period_of
+from gateway.server import Gateway
+from gateway.usage.events import EPOCH, decode
+from gateway.usage.streams import UsageStreams
+from gateway.usage.worker import Settings, Worker, WorkerMetrics
+from tests.conftest import MakeGateway, fresh_database
+from tests.servers import PostgresServer, RedisServer
+from tests.test_quota_gateway import SECRET, admin, call, quota_config
+from tests.upstream import Upstream
+
+SHARDS = 16
+# (method, path, status): what `traffic` does and the answers it expects.
+TRAFFIC = [
+    ("GET", "/v1/things", 200),
+    ("GET", "/v1/things", 200),
+    ("GET", "/v1/respond/x?status=503", 503),  # charged, then refunded
+    ("GET", "/v1/respond/x?status=503", 503),
+    ("POST", "/v1/members", 200),
+    ("POST", "/v1/members", 200),
+    ("DELETE", "/v1/respond/7", 200),  # team_members -1 after success
+    ("POST", "/v1/respond/complete?tokens=60", 200),
+    ("GET", "/v1/things", 402),  # api_calls used up: no event
+]
+EXPECTED = {"api_calls": 6, "team_members": 1, "tokens": 60}
+EXPECTED_EVENTS = {"charge": 8, "refund": 2, "gauge": 3, "response": 1}
+
+
+async def traffic(gw: Gateway) -> None:
+    for method, path, status in TRAFFIC:
+        assert (await call(gw, "acme", method, path))[0] == status, (method, path)
+
+
+async def ledger_totals(usage: UsageLedger) -> dict[str, int]:
+    period = period_of("billing_cycle", datetime.now(UTC), None).start
+    return {
+        "api_calls": await usage.total("acme", "api_calls", period),
+        "team_members": await usage.total("acme", "team_members", EPOCH),
+        "tokens": await usage.total("acme", "tokens", period),
+    }
+
+
+async def event_kinds(ledger: Ledger) -> dict[str, int]:
+    rows = await ledger.db.fetch("SELECT kind, count(*) AS n FROM usage_events GROUP BY kind")
+    return {row["kind"]: int(row["n"]) for row in rows}
+
+
+async def eventually(check: Any, timeout_s: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_embedded_gateway_writes_its_usage_into_the_ledger(
+    upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "quota-admin")
+    gw = await make_gateway(quota_config(upstream, tmp_path))
+    await traffic(gw)
+
+    async def recorded() -> bool:
+        _, view = await admin(gw, "GET", "/admin/tenants/acme/usage")
+        return all(view["meters"][m]["recorded"] == EXPECTED[m] for m in EXPECTED)
+
+    await eventually(recorded)  # within a flush interval or so
+    _, view = await admin(gw, "GET", "/admin/tenants/acme/usage")
+    assert {m: view["meters"][m]["used"] for m in EXPECTED} == EXPECTED
+    status, history = await admin(gw, "GET", "/admin/tenants/acme/usage/api_calls/hourly")
+    assert status == 200 and sum(h["quantity"] for h in history["hours"]) == 6
+    bad = await admin(gw, "GET", "/admin/tenants/acme/usage/api_calls/hourly?since=yesterday")
+    assert bad[0] == 400
+    await gw.stop()
+    ledger = await Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        assert await ledger_totals(UsageLedger(ledger.db)) == EXPECTED
+        assert await event_kinds(ledger) == EXPECTED_EVENTS
+    finally:
+        await ledger.close()
+
+
+@pytest.fixture
+async def pg_ledger(shared_postgres_server: PostgresServer) -> AsyncIterator[tuple[str, Ledger]]:
+    async with fresh_database(shared_postgres_server) as dsn:
+        ledger = await Ledger.open(dsn)
+        await ledger.migrate()
+        yield dsn, ledger
+        await ledger.close()
+
+
+def worker_for(client: aioredis.Redis, ledger: Ledger, name: str, **settings: Any) -> Worker:
+    streams = UsageStreams(client, SHARDS, name)
+    return Worker(streams, UsageLedger(ledger.db), WorkerMetrics(CollectorRegistry()),
+                  Settings(idle_sleep_s=0.01, **settings))  # fmt: skip
+
+
+async def test_the_worker_moves_redis_usage_into_postgres_once(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    pg_ledger: tuple[str, Ledger],
+) -> None:
+    dsn, ledger = pg_ledger
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    config = quota_config(upstream, tmp_path, counters=redis_server.url, ledger=dsn)
+    gw = await make_gateway(config)
+    client = aioredis.Redis.from_url(redis_server.url)
+    # A worker that dies after reading (and, for half of it, after writing) but
+    # before acknowledging: its entries stay pending.
+    dead = worker_for(client, ledger, "dead")
+    await dead.streams.ensure_groups()
+    await traffic(gw)
+    stream = keys.stream_key("acme", SHARDS)
+    assert await client.xlen(stream) == sum(EXPECTED_EVENTS.values())
+    shard = keys.shard_of("acme", SHARDS)
+    taken = await dead.streams.read(shard, 1000)
+    half = [decode(entry.raw) for entry in taken[: len(taken) // 2]]
+    written_before_crash = await UsageLedger(ledger.db).write(half)
+    assert written_before_crash.inserted == len(taken) // 2
+
+    live = worker_for(client, ledger, "live", stale_ms=0)
+    task = asyncio.create_task(live.run())
+    usage = UsageLedger(ledger.db)
+    try:
+        await live.housekeeping()  # reclaims the dead consumer's entries
+        await eventually(lambda: _equal(ledger_totals(usage), EXPECTED))
+        assert await event_kinds(ledger) == EXPECTED_EVENTS
+        assert live.metrics.duplicates._value.get() == len(taken) // 2
+        await live.housekeeping()  # everything acknowledged: the stream is trimmed
+        assert await client.xlen(stream) == 0
+        partitions = await ledger.db.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'usage_events'::regclass"
+        )
+        assert partitions >= 2  # this month and the next, created ahead
+    finally:
+        live.stop()
+        await task
+        await client.aclose()
+
+
+async def _equal(totals: Any, expected: dict[str, int]) -> bool:
+    return bool(await totals == expected)
