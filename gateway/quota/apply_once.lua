@@ -7,7 +7,7 @@
 -- KEYS[2..n-1] the counter or gauge keys to adjust
 -- KEYS[n]    the shard's usage stream
 -- ARGV[1]    memo TTL (ms)
--- ARGV[2]    the events' shared JSON members (tenant, route, ...); "" records no events
+-- ARGV[2]    the events' shared trailing fields (tenant, route, ...); "" records no events
 -- ARGV[3]    the operation id: each event's id is "<operation id>:<meter>"
 -- ARGV[4..]  per key, 5 values: the delta; the key's expiry (ms since the epoch, 0: none);
 --            the meter; its period's start (us since the epoch, 0 for a gauge); the
@@ -30,8 +30,8 @@ for i = 2, #KEYS - 1 do
     redis.call('PEXPIREAT', KEYS[i], expire_at)
   end
   if ARGV[2] ~= '' and delta ~= 0 then
-    local event = string.format(
-      '{"id":"%s:%s","m":"%s","q":%d,"at":%d,"p":%d,"k":"%s",%s}',
+    -- The wire form of gateway/usage/events.py, as in check_and_charge.lua.
+    local event = string.format('v1\31%s:%s\31%s\31%d\31%d\31%d\31%s\31%s',
       ARGV[3], ARGV[a + 2], ARGV[a + 2], delta, now, tonumber(ARGV[a + 3]), ARGV[a + 4], ARGV[2])
     redis.call('XADD', KEYS[#KEYS], '*', 'e', event)
   end

@@ -12,7 +12,7 @@
 -- ARGV[5]    "check", or "void": the caller gave up on this request (a timeout,
 --            answered 503); if the check has not run it never will (a marker is
 --            left in the memo), and if it ran and charged, its charges are undone
--- ARGV[6]    the events' shared JSON members (tenant, route, ...); "" records no events
+-- ARGV[6]    the events' shared trailing fields (tenant, route, ...); "" records no events
 -- ARGV[7]    the operation id: each event's id is "<operation id>:<meter>"
 -- then (from ARGV[8]) 15 values per meter: kind ("c" counter, "g" gauge); the three periods'
 --            start and end (microseconds since the epoch; zeros for a gauge);
@@ -35,11 +35,12 @@ local function clock()
   return tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
 
--- One usage event on the stream (the shape of gateway/usage/events.py).
+-- One usage event on the stream, fields separated by \31 (the wire form of
+-- gateway/usage/events.py): version, id, meter, quantity, time, period, kind, then
+-- the shared fields.
 local function record(id_suffix, meter, quantity, at, period_start, kind)
   if ARGV[6] == '' then return end
-  local event = string.format(
-    '{"id":"%s:%s%s","m":"%s","q":%d,"at":%d,"p":%d,"k":"%s",%s}',
+  local event = string.format('v1\31%s:%s%s\31%s\31%d\31%d\31%d\31%s\31%s',
     ARGV[7], meter, id_suffix, meter, quantity, at, period_start, kind, ARGV[6])
   redis.call('XADD', KEYS[#KEYS], '*', 'e', event)
 end

@@ -5,19 +5,24 @@ it (the request's charge id, or a settlement's id derived from it) and the
 meter, so a redelivered or replayed event is recognisable. Its time (the
 counter store's clock) picks the ledger partition and is part of its identity.
 
-On the wire (a Redis stream entry's `e` field, or a spool line) an event is a
-small JSON object; the Lua scripts write the same shape.
+On the wire (a Redis stream entry's `e` field, or a spool line) an event is
+one line of fields separated by the unit separator (0x1F), which no name,
+route, method or request id can contain: `v1`, id, meter, quantity, time (us),
+period start (us), kind, tenant, route, method, status, request id. The Lua
+scripts write the same; splitting it costs a tenth of parsing JSON, and the
+worker parses every event.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from gateway.quota.gcra import US_PER_S
 
+SEP = "\x1f"
+VERSION = "v1"
+FIELDS = 12
 GAUGE_PERIOD_US = 0  # a gauge has no period; its rollup row starts at the epoch
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -32,10 +37,9 @@ class EventContext:
     status: int = 0  # the response status, once known (settlement events)
 
     def fields(self, tenant: str) -> str:
-        """The JSON members shared by the request's events, for the Lua scripts to append."""
-        members = {"t": tenant, "r": self.route, "x": self.method, "s": self.status,
-                   "rid": self.request_id}  # fmt: skip
-        return json.dumps(members, separators=(",", ":"))[1:-1]
+        """The trailing wire fields shared by the request's events, for the scripts to append."""
+        return SEP.join((tenant, _clean(self.route), _clean(self.method), str(self.status),
+                         _clean(self.request_id)))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,26 +66,30 @@ class UsageEvent:
 
     def encode(self) -> str:
         """The wire form (the scripts write the same)."""
-        return json.dumps(
-            {"id": self.id, "m": self.meter, "q": self.quantity, "at": self.at_us,
-             "p": self.period_start_us, "k": self.kind, "t": self.tenant, "r": self.route,
-             "x": self.method, "s": self.status, "rid": self.request_id},
-            separators=(",", ":"),
-        )  # fmt: skip
+        head = (VERSION, self.id, self.meter, str(self.quantity), str(self.at_us),
+                str(self.period_start_us), self.kind)  # fmt: skip
+        context = EventContext(self.route, self.method, self.request_id, self.status)
+        return SEP.join(head) + SEP + context.fields(self.tenant)
+
+
+def _clean(value: str) -> str:
+    return value.replace(SEP, "?")
+
+
+def split(raw: str | bytes) -> list[str]:
+    """The wire fields of an event; ValueError if it is not one."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    parts = text.split(SEP)
+    if len(parts) != FIELDS or parts[0] != VERSION:
+        raise ValueError(f"not a usage event: {text!r:.200}")
+    return parts
 
 
 def decode(raw: str | bytes) -> UsageEvent:
     """An event from its wire form; ValueError if it is not one."""
-    try:
-        data: dict[str, Any] = json.loads(raw)
-        return UsageEvent(
-            id=str(data["id"]), tenant=str(data["t"]), meter=str(data["m"]),
-            quantity=int(data["q"]), at_us=int(data["at"]), period_start_us=int(data["p"]),
-            kind=str(data["k"]), route=str(data.get("r", "")), method=str(data.get("x", "")),
-            status=int(data.get("s", 0)), request_id=str(data.get("rid", "")),
-        )  # fmt: skip
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not a usage event: {raw!r:.200}") from exc
+    _, id_, meter, quantity, at, period, kind, tenant, route, method, status, rid = split(raw)
+    return UsageEvent(id_, tenant, meter, int(quantity), int(at), int(period), kind, route,
+                      method, int(status), rid)  # fmt: skip
 
 
 def from_us(us: int) -> datetime:

@@ -25,19 +25,27 @@ GROUP = "ledger"
 @dataclass(frozen=True, slots=True)
 class Entry:
     shard: int
-    entry_id: str
+    entry_id: bytes | str  # as Redis gave it
     raw: bytes
 
 
 def _entries(shard: int, reply: Any) -> list[Entry]:
-    """Entries from an XREADGROUP or XAUTOCLAIM reply's [(id, {field: value})] list."""
+    """Entries from a reply's [(id, fields)] list; fields a dict, or (XREADGROUP, read
+    raw) a flat [name, value, ...] list."""
     found = []
     for entry_id, fields in reply or ():
         if fields is None:  # deleted (trimmed) while pending: nothing to deliver
             continue
-        raw = fields.get(b"e")
-        found.append(Entry(shard, _text(entry_id), raw if raw is not None else b""))
+        if isinstance(fields, dict):
+            raw = fields.get(b"e", b"")
+        else:
+            raw = fields[1] if len(fields) == 2 and fields[0] == b"e" else b""
+        found.append(Entry(shard, entry_id, raw))
     return found
+
+
+def _raw(response: Any, **options: Any) -> Any:
+    return response
 
 
 def _text(value: bytes | str) -> str:
@@ -49,6 +57,9 @@ class UsageStreams:
 
     def __init__(self, client: Client, shards: int, consumer: str, group: str = GROUP) -> None:
         self._client = client
+        # The worker reads every event through here: skip redis-py's per-entry
+        # dicts and take the reply as it comes (see `_entries`).
+        client.set_response_callback("XREADGROUP", _raw)
         self.shards = shards
         self.consumer = consumer
         self.group = group
@@ -72,8 +83,8 @@ class UsageStreams:
         )  # fmt: skip
         if not reply:
             return []
-        # RESP2 gives [[stream, entries]]; RESP3 a {stream: [entries]} mapping.
-        entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
+        # Raw, RESP2 gives [[stream, entries]] and RESP3 a {stream: entries} map.
+        entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))
         return _entries(shard, entries)
 
     async def claim_stale(self, shard: int, min_idle_ms: int, count: int) -> list[Entry]:
@@ -83,7 +94,7 @@ class UsageStreams:
         )
         return _entries(shard, reply[1])
 
-    async def ack(self, shard: int, entry_ids: list[str]) -> None:
+    async def ack(self, shard: int, entry_ids: list[bytes | str]) -> None:
         if entry_ids:
             await self._client.xack(keys.shard_stream(shard), self.group, *entry_ids)
 

@@ -23,8 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from gateway.ledger.db import LedgerUnavailable
-from gateway.ledger.usage import UsageLedger, add_months, month_start
-from gateway.usage.events import UsageEvent, decode
+from gateway.ledger.usage import UsageLedger, add_months, month_start, wire_row
 from gateway.usage.streams import Entry, UsageStreams
 
 log = logging.getLogger("gateway.usage")
@@ -97,26 +96,39 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Until stopped: this consumer's own pending entries first, then new ones."""
-        await self._until_done(self.streams.ensure_groups)
-        await self._drain(pending=True)
-        while not self._stopping.is_set():
-            moved = await self.round()
-            if time.monotonic() - self._last_housekeeping > self.settings.housekeeping_s:
-                await self.housekeeping()
-            if not moved:
-                try:
-                    async with asyncio.timeout(self.settings.idle_sleep_s):
-                        await self._stopping.wait()
-                except TimeoutError:
-                    pass
+        """Until stopped: this consumer's own pending entries first, then new ones.
 
-    async def _drain(self, pending: bool) -> None:
-        while not self._stopping.is_set() and await self.round(pending=pending):
+        The next batch is read while the current one is being written, so the
+        ledger's work and ours overlap; entries read but not yet written stay
+        pending for this consumer, and a restart reads them again first.
+        """
+        await self._until_done(self.streams.ensure_groups)
+        while not self._stopping.is_set() and await self.round(pending=True):
             pass
+        reading = asyncio.create_task(self._read())
+        try:
+            while not self._stopping.is_set():
+                entries = await reading
+                reading = asyncio.create_task(self._read())
+                await self.write(entries)
+                if time.monotonic() - self._last_housekeeping > self.settings.housekeeping_s:
+                    await self.housekeeping()
+                if not entries:
+                    try:
+                        async with asyncio.timeout(self.settings.idle_sleep_s):
+                            await self._stopping.wait()
+                    except TimeoutError:
+                        pass
+        finally:
+            reading.cancel()
 
     async def round(self, pending: bool = False) -> int:
         """Read one batch from every shard and write it; the number of entries handled."""
+        entries = await self._read(pending)
+        await self.write(entries)
+        return len(entries)
+
+    async def _read(self, pending: bool = False) -> list[Entry]:
         try:
             reads = await asyncio.gather(
                 *(
@@ -128,19 +140,17 @@ class Worker:
             self.metrics.errors.labels("queue").inc()
             log.warning("usage streams unreadable (%s); retrying", exc)
             await asyncio.sleep(RETRY_S)
-            return 0
-        entries = [entry for batch in reads for entry in batch]
-        await self.write(entries)
-        return len(entries)
+            return []
+        return [entry for batch in reads for entry in batch]
 
     async def write(self, entries: Sequence[Entry]) -> None:
         """Write the entries' events, then acknowledge them; retried until it commits."""
         if not entries:
             return
-        events: list[UsageEvent] = []
+        rows: list[tuple[Any, ...]] = []
         for entry in entries:
             try:
-                events.append(decode(entry.raw))
+                rows.append(wire_row(entry.raw))
             except ValueError:
                 # Kept in the log, acknowledged: a malformed entry can never be written,
                 # and left pending it would stop the stream from ever being trimmed.
@@ -149,16 +159,16 @@ class Worker:
                           entry.shard, entry.raw[:500])  # fmt: skip
         while True:
             try:
-                written = await self.ledger.write(events)
+                written = await self.ledger.write_rows(rows)
                 break
             except LedgerUnavailable as exc:
                 self.metrics.errors.labels("ledger").inc()
-                log.warning("ledger unavailable (%s); retrying %d events", exc, len(events))
+                log.warning("ledger unavailable (%s); retrying %d events", exc, len(rows))
                 await asyncio.sleep(RETRY_S)
-        self.metrics.batch.observe(len(events))
+        self.metrics.batch.observe(len(rows))
         self.metrics.inserted.inc(written.inserted)
         self.metrics.duplicates.inc(written.duplicates)
-        by_shard: dict[int, list[str]] = {}
+        by_shard: dict[int, list[bytes | str]] = {}
         for entry in entries:
             by_shard.setdefault(entry.shard, []).append(entry.entry_id)
         # Committed: a failure to acknowledge only means a redelivery, which
