@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
 from gateway.usage.events import EventContext
 from gateway.usage.recorder import Recorder
+from gateway.usage.restore import restore_shards
 
 # Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("Expect",)
@@ -191,13 +193,19 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     services = app.get(SERVICES)
     store = await open_store(config.storage, record=services is not None)
-    engine = QuotaEngine(config, store)
-    app[QUOTA] = engine
+    restorer = None
     recorder = None
-    if isinstance(store, MemoryStore) and services is not None:
+    if services is not None:
         usage = UsageLedger(services.ledger.db)
-        recorder = Recorder(store.events, usage, config.usage.flush_interval_ms / 1000)
-        recorder.start()
+        restorer = functools.partial(restore_shards, store, usage, config.meters)
+        if isinstance(store, MemoryStore):
+            recorder = Recorder(store.events, usage, config.usage.flush_interval_ms / 1000)
+            recorder.start()
+    elif isinstance(store, MemoryStore):
+        await store.restore(0, [])  # no ledger: nothing to restore from
+    engine = QuotaEngine(config, store, restorer)
+    await engine.prepare()
+    app[QUOTA] = engine
     yield
     await engine.close()
     if recorder is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import uuid4
 
 import asyncpg
@@ -14,12 +14,21 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import parse
 from gateway.ledger import Ledger
+from gateway.quota.store import CounterStore
 from gateway.server import Gateway
 from tests.jwt_helpers import RSA, JWKSServer
 from tests.servers import PostgresServer, RedisCluster, RedisServer
 from tests.upstream import Upstream, start_upstream
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
+StoreT = TypeVar("StoreT", bound=CounterStore)
+
+
+async def whole(store: StoreT) -> StoreT:
+    """`store` with every shard marked whole (restored, from an empty ledger)."""
+    for shard in await store.lost():
+        await store.restore(shard, [])
+    return store
 
 
 def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
@@ -134,3 +143,15 @@ async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
     await ledger.migrate()
     yield ledger
     await ledger.close()
+
+
+PgLedger = tuple[str, Ledger]
+
+
+@pytest.fixture
+async def pg_ledger(shared_postgres_server: PostgresServer) -> AsyncIterator[PgLedger]:
+    async with fresh_database(shared_postgres_server) as dsn:
+        ledger = await Ledger.open(dsn)
+        await ledger.migrate()
+        yield dsn, ledger
+        await ledger.close()

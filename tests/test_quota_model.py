@@ -21,6 +21,7 @@ from gateway.quota.periods import Period
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import ChargeRequest, CounterStore, MeterCharge
+from tests.conftest import whole
 from tests.servers import RedisServer
 
 METERS = {
@@ -30,6 +31,10 @@ METERS = {
 }
 
 
+async def whole_redis(url: str) -> RedisStore:
+    return await whole(await RedisStore.open(url, 16, 5000))
+
+
 def stateful_test(server: RedisServer) -> type[RuleBasedStateMachine]:
     class Stores(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -37,8 +42,8 @@ def stateful_test(server: RedisServer) -> type[RuleBasedStateMachine]:
             self.loop = asyncio.new_event_loop()
             self.loop.run_until_complete(self._flush())
             self.stores: list[CounterStore] = [
-                MemoryStore(),
-                self.loop.run_until_complete(RedisStore.open(server.url, 16, 5000)),
+                self.loop.run_until_complete(whole(MemoryStore())),
+                self.loop.run_until_complete(whole_redis(server.url)),
             ]
             self.period_index = 0
             self.base = datetime.now(UTC)  # fixed: a period's key must not drift

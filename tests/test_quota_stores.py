@@ -18,6 +18,7 @@ from gateway.quota.periods import Period, periods_around
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import ChargeRequest, CounterStore, MeterCharge, StoreUnavailable
+from tests.conftest import whole
 from tests.servers import RedisServer
 
 API = MeterLimit("api_calls", "counter", 3, hard=True, warn_at=(0.5,))
@@ -33,13 +34,13 @@ async def flushed(*servers: RedisServer, timeout_ms: int = 2000) -> RedisStore:
         client = aioredis.Redis.from_url(server.url)
         await client.flushall()
         await client.aclose()
-    return await RedisStore.open(servers[0].url, shards=16, timeout_ms=timeout_ms)
+    return await whole(await RedisStore.open(servers[0].url, shards=16, timeout_ms=timeout_ms))
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
     if request.param == "memory":
-        yield MemoryStore()
+        yield await whole(MemoryStore())
         return
     if request.param == "redis":
         servers = [request.getfixturevalue("shared_redis_server")]
@@ -198,7 +199,7 @@ async def test_a_flushed_script_cache_is_reloaded(shared_redis_server: RedisServ
 async def test_stopped_or_paused_redis_is_unavailable_within_the_timeout(
     redis_server: RedisServer,
 ) -> None:
-    store = await RedisStore.open(redis_server.url, 16, timeout_ms=50)
+    store = await whole(await RedisStore.open(redis_server.url, 16, timeout_ms=50))
     try:
         assert (await store.check_and_charge(charge(api()))).decision.allowed
         redis_server.pause()

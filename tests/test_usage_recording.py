@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from gateway.server import Gateway
 from gateway.usage.events import EPOCH, decode
 from gateway.usage.streams import UsageStreams
 from gateway.usage.worker import Settings, Worker, WorkerMetrics
-from tests.conftest import MakeGateway, fresh_database
-from tests.servers import PostgresServer, RedisServer
+from tests.conftest import MakeGateway, PgLedger
+from tests.servers import RedisServer
 from tests.test_quota_gateway import SECRET, admin, call, quota_config
 from tests.upstream import Upstream
 
@@ -96,15 +95,6 @@ async def test_the_embedded_gateway_writes_its_usage_into_the_ledger(
         await ledger.close()
 
 
-@pytest.fixture
-async def pg_ledger(shared_postgres_server: PostgresServer) -> AsyncIterator[tuple[str, Ledger]]:
-    async with fresh_database(shared_postgres_server) as dsn:
-        ledger = await Ledger.open(dsn)
-        await ledger.migrate()
-        yield dsn, ledger
-        await ledger.close()
-
-
 def worker_for(client: aioredis.Redis, ledger: Ledger, name: str, **settings: Any) -> Worker:
     streams = UsageStreams(client, SHARDS, name)
     return Worker(streams, UsageLedger(ledger.db), WorkerMetrics(CollectorRegistry()),
@@ -117,7 +107,7 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
     make_gateway: MakeGateway,
     monkeypatch: pytest.MonkeyPatch,
     redis_server: RedisServer,
-    pg_ledger: tuple[str, Ledger],
+    pg_ledger: PgLedger,
 ) -> None:
     dsn, ledger = pg_ledger
     monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)

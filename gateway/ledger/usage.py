@@ -72,6 +72,10 @@ _ADD_TOTAL = """
         quantity = usage_totals.quantity + excluded.quantity,
         events = usage_totals.events + excluded.events
 """
+_RECENT_TOTALS = """
+    SELECT tenant_id, meter, period_start, quantity FROM usage_totals
+    WHERE period_start >= $1 OR period_start = $2
+"""
 _ADD_HOURLY = """
     INSERT INTO usage_hourly (tenant_id, meter, hour, quantity, events)
     VALUES ($1, $2, $3, $4, $5)
@@ -180,6 +184,15 @@ class UsageLedger:
         """(tenant, meter) -> total, for every counter whose period starts at `period_start`."""
         rows = await self.db.fetch(_TOTALS_OF_PERIOD, _utc(period_start))
         return {(row["tenant_id"], row["meter"]): int(row["quantity"]) for row in rows}
+
+    async def recent_totals(self, since: datetime) -> list[tuple[str, str, datetime, int]]:
+        """(tenant, meter, period start, total) of periods started since `since`, and of
+        those that start at the epoch (gauges, counters that never reset)."""
+        rows = await self.db.fetch(_RECENT_TOTALS, _utc(since), EPOCH)
+        return [
+            (r["tenant_id"], r["meter"], _required(_loaded(r["period_start"])), int(r["quantity"]))
+            for r in rows
+        ]
 
     async def hourly(
         self, tenant: str, meter: str, since: datetime, until: datetime

@@ -4,8 +4,9 @@
 -- KEYS[1]    the operation's memo key (the same memo as check_and_charge.lua's,
 --            so a charge whose check_and_charge did run late is not applied again;
 --            a check that ran and was refused charged nothing, so that one applies)
--- KEYS[2..n-1] the counter or gauge keys to adjust
--- KEYS[n]    the shard's usage stream
+-- KEYS[2..n-2] the counter or gauge keys to adjust
+-- KEYS[n-1]  the shard's usage stream
+-- KEYS[n]    the shard's epoch key
 -- ARGV[1]    memo TTL (ms)
 -- ARGV[2]    the events' shared trailing fields (tenant, route, ...); "" records no events
 -- ARGV[3]    the operation id: each event's id is "<operation id>:<meter>"
@@ -13,15 +14,19 @@
 --            the meter; its period's start (us since the epoch, 0 for a gauge); the
 --            event's kind
 --
--- Returns 1 when applied, 0 when the operation had already happened.
+-- Returns 1 when applied, 0 when the operation had already happened, -1 when the
+-- epoch key is missing (this Redis lost its data; see check_and_charge.lua).
 
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
+  return -1
+end
 local memo = redis.call('GET', KEYS[1])
 if memo and string.sub(memo, 1, 2) ~= '0 ' then
   return 0
 end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-for i = 2, #KEYS - 1 do
+for i = 2, #KEYS - 2 do
   local a = 4 + (i - 2) * 5
   local delta = tonumber(ARGV[a])
   local expire_at = tonumber(ARGV[a + 1])
@@ -33,7 +38,7 @@ for i = 2, #KEYS - 1 do
     -- The wire form of gateway/usage/events.py, as in check_and_charge.lua.
     local event = string.format('v1\31%s:%s\31%s\31%d\31%d\31%d\31%s\31%s',
       ARGV[3], ARGV[a + 2], ARGV[a + 2], delta, now, tonumber(ARGV[a + 3]), ARGV[a + 4], ARGV[2])
-    redis.call('XADD', KEYS[#KEYS], '*', 'e', event)
+    redis.call('XADD', KEYS[#KEYS - 1], '*', 'e', event)
   end
 end
 redis.call('SET', KEYS[1], 'applied', 'PX', tonumber(ARGV[1]))

@@ -5,8 +5,8 @@
 --
 -- KEYS[1]    the request id's memo: a retry gets the first answer, charges nothing
 -- KEYS[2..]  per meter: a counter's previous, current and next period keys, or a
---            gauge's one key; then one key per rate limit; last, the shard's usage
---            stream (all with one hash tag)
+--            gauge's one key; then one key per rate limit; then the shard's usage
+--            stream; last, the shard's epoch key (all with one hash tag)
 -- ARGV[1]    memo TTL (ms)               ARGV[2]  how long a counter outlives its period (ms)
 -- ARGV[3]    number of meters            ARGV[4]  number of rate limits
 -- ARGV[5]    "check", or "void": the caller gave up on this request (a timeout,
@@ -21,7 +21,9 @@
 --            gauge); the meter's name
 -- then 3 values per rate limit: emission interval (us), burst, cost
 --
--- Returns "N <state>" for a new answer or "R <state>" for a replayed one, where
+-- Returns "E" when the epoch key is missing: this Redis lost its data, and nothing
+-- may be checked or charged until the counters are restored from the ledger.
+-- Otherwise "N <state>" for a new answer or "R <state>" for a replayed one, where
 -- <state> is "allowed now_us chosen... used... tats...", integers: the state read
 -- before charging, from which the gateway builds the full decision.
 -- The clock is Redis TIME. Numbers are written with %d: Lua's tostring keeps
@@ -42,7 +44,11 @@ local function record(id_suffix, meter, quantity, at, period_start, kind)
   if ARGV[6] == '' then return end
   local event = string.format('v1\31%s:%s%s\31%s\31%d\31%d\31%d\31%s\31%s',
     ARGV[7], meter, id_suffix, meter, quantity, at, period_start, kind, ARGV[6])
-  redis.call('XADD', KEYS[#KEYS], '*', 'e', event)
+  redis.call('XADD', KEYS[#KEYS - 1], '*', 'e', event)
+end
+
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
+  return 'E'
 end
 
 local memo = redis.call('GET', KEYS[1])

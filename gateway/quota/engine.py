@@ -6,11 +6,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from gateway.config.models import UNLIMITED, GatewayConfig, RouteConfig
+from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import stop_task
 from gateway.quota import keys
@@ -23,11 +24,13 @@ from gateway.quota.store import (
     ChargeResult,
     CounterStore,
     MeterCharge,
+    StoreLost,
     StoreUnavailable,
 )
 from gateway.usage.events import EventContext
 
 log = logging.getLogger("gateway.quota")
+Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
 RETRY_PENDING_S = 1.0
 
 
@@ -132,9 +135,14 @@ class PendingCharges:
 class QuotaEngine:
     """Turns a config into per-request charges against one counter store."""
 
-    def __init__(self, config: GatewayConfig, store: CounterStore) -> None:
+    def __init__(
+        self, config: GatewayConfig, store: CounterStore, restorer: Restorer | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        self._restorer = restorer
+        self._restoring: asyncio.Task[None] | None = None
+        self._lost: set[int] = set()
         self.fail_open = config.storage.on_counter_store_error == "fail_open"
         self.pending = PendingCharges()
         self._meters = config.meters
@@ -231,7 +239,43 @@ class QuotaEngine:
 
     async def check(self, request: ChargeRequest) -> ChargeResult:
         """The store's decision; StoreUnavailable is the caller's to handle."""
-        return await self.store.check_and_charge(request)
+        try:
+            return await self.store.check_and_charge(request)
+        except StoreLost as exc:
+            self._schedule_restore(exc.shard)
+            raise
+
+    async def prepare(self) -> None:
+        """Before serving: restore the shards the store lost (a new process's memory
+        store, an emptied Redis); if that fails, the first request on each tries again."""
+        try:
+            lost = await self.store.lost()
+        except StoreUnavailable as exc:
+            log.warning("counter store unreachable at start (%s)", exc)
+            return
+        for shard in lost:
+            self._schedule_restore(shard)
+        if self._restoring is not None:
+            await asyncio.shield(self._restoring)
+
+    def _schedule_restore(self, shard: int) -> None:
+        if self._restorer is None:
+            return
+        self._lost.add(shard)
+        if self._restoring is None or self._restoring.done():
+            self._restoring = asyncio.create_task(self._restore(), name="quota-restore")
+
+    async def _restore(self) -> None:
+        assert self._restorer is not None
+        while self._lost and not self._closing:
+            shards = sorted(self._lost)
+            try:
+                await self._restorer(shards)
+            except (StoreUnavailable, LedgerUnavailable) as exc:
+                log.warning("restoring counter store shards failed (%s); retrying", exc)
+                await asyncio.sleep(RETRY_PENDING_S)
+                continue
+            self._lost.difference_update(shards)
 
     def charged(
         self,
@@ -320,7 +364,9 @@ class QuotaEngine:
             return
         try:
             await self.store.apply_once(tenant, operation_id, adjustments, context)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if isinstance(exc, StoreLost):
+                self._schedule_restore(exc.shard)
             self.pending.add(operation_id, tenant, adjustments, context)
             self._schedule_retry()
 
@@ -332,12 +378,15 @@ class QuotaEngine:
         while len(self.pending) and not self._closing:
             try:
                 await self.pending.flush(self.store)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                if isinstance(exc, StoreLost):
+                    self._schedule_restore(exc.shard)
                 await asyncio.sleep(RETRY_PENDING_S)
 
     async def close(self) -> None:
         self._closing = True
         await stop_task(self._retry_task)
+        await stop_task(self._restoring)
         if len(self.pending):
             log.warning("%d pending charge(s) could not reach the counter store", len(self.pending))
         await self.store.close()

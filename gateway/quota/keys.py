@@ -52,3 +52,9 @@ def stream_key(tenant: str, shards: int) -> str:
 
 def shard_stream(shard: int) -> str:
     return f"{PREFIX}:{{s{shard}}}:usage"
+
+
+def epoch_key(shard: int) -> str:
+    """Set when the shard's counters are known to be whole; a Redis that lost its data
+    lacks it, and nothing is checked or charged on the shard until it is restored."""
+    return f"{PREFIX}:{{s{shard}}}:epoch"

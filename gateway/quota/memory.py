@@ -11,6 +11,8 @@ from gateway.quota.store import (
     Adjustment,
     ChargeRequest,
     ChargeResult,
+    Level,
+    StoreLost,
     StoreState,
     StoreUnavailable,
     choose_period,
@@ -38,12 +40,31 @@ class MemoryStore:
         # The in-process usage queue: appended in the same step as the charge,
         # drained into the ledger by the recorder (gateway/usage/recorder.py).
         self.events: list[UsageEvent] = []
+        # A new process starts with nothing: whole only once restored from the ledger.
+        self._whole = False
         self._values: dict[str, int] = {}
         # request id -> (expiry in us, its first answer, or "applied"/"void" markers)
         self._memo: dict[str, tuple[int, ChargeResult | str]] = {}
         self._records: dict[str, tuple[int, str]] = {}  # Idempotency-Key records, expiry in us
 
+    @property
+    def shards(self) -> int:
+        return _SHARDS
+
+    async def lost(self) -> list[int]:
+        return [] if self._whole else [0]
+
+    async def restore(self, shard: int, levels: Sequence[Level]) -> None:
+        for tenant, meter, period, value in levels:
+            self._values[_meter_key(tenant, meter, period)] = value
+        self._whole = True
+
+    def _check_whole(self) -> None:
+        if not self._whole:
+            raise StoreLost(0)
+
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
+        self._check_whole()
         now_us = self._clock_us()
         memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
         remembered = self._memo.get(memo_key)
@@ -94,6 +115,7 @@ class MemoryStore:
             del self._memo[first]
 
     async def void(self, request: ChargeRequest) -> None:
+        self._check_whole()
         now_us = self._clock_us()
         memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
         remembered = self._memo.get(memo_key)
@@ -121,6 +143,7 @@ class MemoryStore:
         adjustments: Sequence[Adjustment],
         context: EventContext | None = None,
     ) -> bool:
+        self._check_whole()
         now_us = self._clock_us()
         memo_key = keys.memo_key(tenant, _SHARDS, operation_id)
         remembered = self._memo.get(memo_key)

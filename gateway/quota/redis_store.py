@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -27,6 +28,8 @@ from gateway.quota.store import (
     Adjustment,
     ChargeRequest,
     ChargeResult,
+    Level,
+    StoreLost,
     StoreState,
     StoreUnavailable,
     evaluate,
@@ -38,6 +41,7 @@ POOL_CONNECTIONS = 64
 
 SCRIPT = resources.files("gateway.quota").joinpath("check_and_charge.lua").read_text()
 APPLY_ONCE = resources.files("gateway.quota").joinpath("apply_once.lua").read_text()
+RESTORE = resources.files("gateway.quota").joinpath("restore.lua").read_text()
 
 Client = aioredis.Redis | RedisCluster
 
@@ -114,6 +118,7 @@ class RedisStore:
         self._timeout_s = timeout_s
         self._checks = _Pipeliner(client, SCRIPT)
         self._apply_once = client.register_script(APPLY_ONCE)
+        self._restore = client.register_script(RESTORE)
 
     @classmethod
     async def open(
@@ -177,7 +182,7 @@ class RedisStore:
         for rate_limit, scope in request.rate_limits:
             key_list.append(keys.rate_key(tenant, shards, rate_limit.name, scope))
             args += [rate_limit.interval_us, rate_limit.burst, 1]
-        key_list.append(keys.stream_key(tenant, shards))
+        key_list += [keys.stream_key(tenant, shards), keys.epoch_key(keys.shard_of(tenant, shards))]
         return key_list, args
 
     def _event_fields(self, tenant: str, context: EventContext | None) -> str:
@@ -187,6 +192,8 @@ class RedisStore:
         key_list, args = self._encode(request)
         raw = await self._guard("check_and_charge", self._checks.call(key_list, args))
         flag, *numbers = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
+        if flag == "E":
+            raise StoreLost(keys.shard_of(request.tenant, self._shards))
         if not numbers or not numbers[0].isdigit():
             # The memo holds another operation's marker (voided, or applied by
             # apply_once): this request id must not charge now.
@@ -230,7 +237,37 @@ class RedisStore:
 
     async def void(self, request: ChargeRequest) -> None:
         key_list, args = self._encode(request, mode="void")
-        await self._guard("void", self._checks.call(key_list, args))
+        if await self._guard("void", self._checks.call(key_list, args)) in (b"E", "E"):
+            raise StoreLost(keys.shard_of(request.tenant, self._shards))
+
+    @property
+    def shards(self) -> int:
+        return self._shards
+
+    async def lost(self) -> list[int]:
+        epochs = [keys.epoch_key(shard) for shard in range(self._shards)]
+        # One EXISTS per key: a multi-key EXISTS would cross slots on a cluster.
+        pipe = self._client.pipeline(transaction=False)
+        for key in epochs:
+            pipe.exists(key)
+        found = await self._guard("lost", pipe.execute())
+        return [shard for shard, exists in enumerate(found) if not exists]
+
+    async def restore(self, shard: int, levels: Sequence[Level]) -> None:
+        key_list = [keys.epoch_key(shard)]
+        args: list[int | str] = [datetime.now(UTC).isoformat()]
+        for tenant, meter, period, value in levels:
+            key_list.append(self._meter_key(tenant, meter, period))
+            expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
+            args += [value, expire_at]
+        # Not under the request timeout: a large shard takes a while, and nothing
+        # on it is served until this is done anyway.
+        try:
+            restored = await self._restore(keys=key_list, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"restore failed: {exc!r}") from exc
+        if not restored:
+            log.info("shard %d was restored by another process", shard)
 
     async def apply_once(
         self,
@@ -248,8 +285,11 @@ class RedisStore:
             expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
             kind = adjustment_kind(period is None, delta, operation_id)
             args += [delta, expire_at, meter, to_us(period.start) if period else 0, kind]
-        key_list.append(keys.stream_key(tenant, self._shards))
+        shard = keys.shard_of(tenant, self._shards)
+        key_list += [keys.stream_key(tenant, self._shards), keys.epoch_key(shard)]
         applied = await self._guard("apply_once", self._apply_once(keys=key_list, args=args))
+        if int(applied) < 0:
+            raise StoreLost(shard)
         return bool(applied)
 
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:

@@ -21,8 +21,20 @@ from gateway.usage.events import EventContext, from_us, to_us
 Adjustment = tuple[str, Period | None, int]  # (meter, its period or None for a gauge, delta)
 
 
+Level = tuple[str, str, Period | None, int]  # (tenant, meter, period or None, value)
+
+
 class StoreUnavailable(Exception):
     """The counter store failed or was too slow; the failure policy decides."""
+
+
+class StoreLost(StoreUnavailable):
+    """A shard's counters are gone (Redis lost its data, or the process restarted):
+    nothing is checked or charged there until `restore` rebuilt them from the ledger."""
+
+    def __init__(self, shard: int) -> None:
+        super().__init__(f"shard {shard} of the counter store lost its data; restoring it")
+        self.shard = shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +165,20 @@ class CounterStore(Protocol):
         self, tenant: str, key_hash: str, record: str | None, ttl_ms: int
     ) -> None:
         """Store the final record, or (None) release the claim so a retry goes through."""
+        ...
+
+    @property
+    def shards(self) -> int:
+        """How many shards tenants map to (`keys.shard_of`)."""
+        ...
+
+    async def lost(self) -> list[int]:
+        """The shards whose counters are not known to be whole (never restored)."""
+        ...
+
+    async def restore(self, shard: int, levels: Sequence[Level]) -> None:
+        """Set the shard's counters and gauges to `levels` (from the ledger), then mark
+        it whole; until then its checks and writes raise StoreLost."""
         ...
 
     async def close(self) -> None: ...

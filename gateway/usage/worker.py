@@ -138,6 +138,11 @@ class Worker:
             )
         except (RedisError, OSError) as exc:
             self.metrics.errors.labels("queue").inc()
+            if "NOGROUP" in str(exc):
+                # Redis lost its data (the streams went with it): start again.
+                log.warning("usage consumer group missing (Redis lost its data?); recreating")
+                await self._until_done(self.streams.ensure_groups)
+                return []
             log.warning("usage streams unreadable (%s); retrying", exc)
             await asyncio.sleep(RETRY_S)
             return []

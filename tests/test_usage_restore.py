@@ -1,0 +1,93 @@
+"""A counter store that lost its data is rebuilt from the ledger: no fresh quota."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.auth.jwt import mint
+from gateway.ledger.usage import UsageLedger
+from tests.conftest import MakeGateway, PgLedger
+from tests.servers import RedisServer
+from tests.test_quota_gateway import SECRET, call, quota_config
+from tests.test_usage_recording import eventually, ledger_totals, worker_for
+from tests.upstream import Upstream
+
+
+async def burst(port: int, count: int, concurrency: int = 50) -> dict[int, int]:
+    token = mint(SECRET, "HS256", ["org_id"], "acme", 600)
+    statuses: dict[int, int] = {}
+    semaphore = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession() as client:
+
+        async def one() -> None:
+            async with semaphore:
+                async with client.get(
+                    f"http://127.0.0.1:{port}/v1/things",
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as resp:
+                    await resp.read()
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+        await asyncio.gather(*(one() for _ in range(count)))
+    return statuses
+
+
+async def test_redis_losing_its_data_hands_out_no_fresh_quota(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    pg_ledger: PgLedger,
+) -> None:
+    dsn, ledger = pg_ledger
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    config = quota_config(upstream, tmp_path, counters=redis_server.url, ledger=dsn)
+    config["plans"]["starter"]["limits"]["api_calls"]["limit"] = 1000
+    gw = await make_gateway(config)
+    client = aioredis.Redis.from_url(redis_server.url)
+    worker = worker_for(client, ledger, "w1")
+    task = asyncio.create_task(worker.run())
+    try:
+        assert await burst(gw.port, 900) == {200: 900}
+        usage = UsageLedger(ledger.db)
+
+        async def ingested() -> bool:
+            return (await ledger_totals(usage))["api_calls"] == 900
+
+        await eventually(ingested)
+        await client.flushall()  # Redis loses everything: counters, streams, epochs
+        started = time.perf_counter()
+        statuses = await burst(gw.port, 300)
+        elapsed = time.perf_counter() - started
+        print(f"\nafter FLUSHALL at 900 of 1000: {statuses} in {elapsed:.2f}s")
+        assert statuses.get(200) == 100
+        assert set(statuses) <= {200, 402, 503}  # 503: the moment the restore took
+        await eventually(lambda: _is(ledger_totals(usage), 1000))
+    finally:
+        worker.stop()
+        await task
+        await client.aclose()
+
+
+async def _is(totals: object, api_calls: int) -> bool:
+    assert asyncio.iscoroutine(totals)
+    return bool((await totals)["api_calls"] == api_calls)
+
+
+async def test_a_restarted_embedded_gateway_keeps_the_usage(
+    upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    config = quota_config(upstream, tmp_path)  # memory:// counters, SQLite ledger
+    first = await make_gateway(config)
+    assert [(await call(first, "acme"))[0] for _ in range(4)] == [200] * 4
+    await first.stop()  # drains the usage queue into SQLite
+    second = await make_gateway(config)
+    assert [(await call(second, "acme"))[0] for _ in range(3)] == [200, 200, 402]
