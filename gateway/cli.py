@@ -44,6 +44,17 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconcile(args: argparse.Namespace) -> int:
+    from gateway.services import StartupError
+    from gateway.usage.run import run_reconcile
+
+    try:
+        return asyncio.run(run_reconcile(_load_or_exit(args.config), args.fail_on_drift))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.file)
     print(f"{args.file}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
@@ -82,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--consumer", help="this worker's name in the consumer group (default: the host name)"
     )
     worker.set_defaults(func=_worker)
+
+    reconcile = sub.add_parser("reconcile", help="compare the counters with the ledger")
+    reconcile.add_argument("-c", "--config", required=True, help="the YAML config file")
+    reconcile.add_argument(
+        "--fail-on-drift", action="store_true", help="exit 1 when any counter drifts"
+    )
+    reconcile.set_defaults(func=_reconcile)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")

@@ -11,12 +11,14 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from gateway.config import parse
 from gateway.ledger import Ledger
 from gateway.ledger.usage import UsageLedger
 from gateway.quota import keys
 from gateway.quota.periods import period_of
 from gateway.server import Gateway
 from gateway.usage.events import EPOCH, decode
+from gateway.usage.run import run_reconcile
 from gateway.usage.streams import UsageStreams
 from gateway.usage.worker import Settings, Worker, WorkerMetrics
 from tests.conftest import MakeGateway, PgLedger
@@ -108,6 +110,7 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
     monkeypatch: pytest.MonkeyPatch,
     redis_server: RedisServer,
     pg_ledger: PgLedger,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     dsn, ledger = pg_ledger
     monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
@@ -137,6 +140,14 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
         assert live.metrics.duplicates._value.get() == len(taken) // 2
         await live.housekeeping()  # everything acknowledged: the stream is trimmed
         assert await client.xlen(stream) == 0
+        # Reconciliation agrees, then sees a counter moved behind the ledger's back.
+        parsed = parse(config, "test.yaml")
+        assert await run_reconcile(parsed, fail_on_drift=True) == 0
+        period = period_of("billing_cycle", datetime.now(UTC), None)
+        await client.incrby(keys.counter_key("acme", SHARDS, "api_calls", period.key), 2)
+        assert await run_reconcile(parsed, fail_on_drift=True) == 1
+        printed = capsys.readouterr().out
+        assert "acme" in printed and "+2" in printed and "1 drifting by 2" in printed
         partitions = await ledger.db.fetchval(
             "SELECT count(*) FROM pg_inherits WHERE inhparent = 'usage_events'::regclass"
         )

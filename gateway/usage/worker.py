@@ -57,6 +57,16 @@ class WorkerMetrics:
             "Redelivered events the ledger already had.",
             registry=registry,
         )
+        self.drifting = Gauge(
+            "gateway_usage_drifting_counters",
+            "Counters that differ from the ledger at the last reconciliation.",
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "gateway_usage_drift_events",
+            "Sum of |counter - ledger| at the last reconciliation (includes the lag).",
+            registry=registry,
+        )
         self.errors = Counter(
             "gateway_usage_errors",
             "Failures, by kind (ledger, queue, malformed).",
