@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import yaml
 
@@ -25,6 +25,9 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 class GatewayProcess:
     """`python -m gateway serve -c FILE` in a child process."""
 
+    command: tuple[str, ...] = ("serve",)
+    ready = _LISTENING
+
     def __init__(self, config_file: Path, env: dict[str, str] | None = None) -> None:
         self.config_file = config_file
         self.env = {**os.environ, **(env or {})}
@@ -34,9 +37,9 @@ class GatewayProcess:
         self.log_lines: list[str] = []
         self._drainer: threading.Thread | None = None
 
-    def start(self, timeout_s: float = 20) -> GatewayProcess:
+    def start(self, timeout_s: float = 20) -> Self:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_file)],
+            [sys.executable, "-m", "gateway", *self.command, "-c", str(self.config_file)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -49,8 +52,9 @@ class GatewayProcess:
             if not line:
                 raise RuntimeError(f"gateway exited early:\n{''.join(self.log_lines)}")
             self.log_lines.append(line)
-            if m := _LISTENING.search(line):
-                self.port, self.admin_port = int(m.group(1)), int(m.group(2))
+            if m := self.ready.search(line):
+                self.port = int(m.group(1))
+                self.admin_port = int(m.group(2)) if m.re.groups > 1 else 0
                 # Keep reading: a child blocked on a full stderr pipe would hang.
                 self._drainer = threading.Thread(
                     target=self._drain, args=(self.proc.stderr,), daemon=True
@@ -80,6 +84,15 @@ class GatewayProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        if self._drainer is not None:
+            self._drainer.join(10)
+        self.proc = None
+
     def stop(self, timeout_s: float = 30) -> int:
         """SIGTERM and wait for the exit code."""
         if self.proc is None:
@@ -97,3 +110,13 @@ class GatewayProcess:
             self.proc.stderr.close()
         self.proc = None
         return code
+
+
+class WorkerProcess(GatewayProcess):
+    """`python -m gateway worker -c FILE --consumer NAME`; `port` is its metrics port."""
+
+    ready = re.compile(r"usage worker .*metrics on http://[^:]+:(\d+)/metrics")
+
+    def __init__(self, config_file: Path, consumer: str, env: dict[str, str] | None = None):
+        super().__init__(config_file, env)
+        self.command = ("worker", "--consumer", consumer)

@@ -112,6 +112,9 @@ _PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,  # a fast shutdown ended our session
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # A connection broken mid-operation (the server went away) can surface as
+    # this on release: "cannot switch to state ...; another operation is in progress".
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -32,6 +32,7 @@ BATCH_EVENTS = 5000  # per shard and round
 STALE_MS = 30_000  # an entry unacknowledged this long belongs to a dead consumer
 HOUSEKEEPING_S = 5.0
 RETRY_S = 0.5
+RETRY_UNEXPECTED_S = 5.0
 
 
 class WorkerMetrics:
@@ -180,6 +181,12 @@ class Worker:
                 self.metrics.errors.labels("ledger").inc()
                 log.warning("ledger unavailable (%s); retrying %d events", exc, len(rows))
                 await asyncio.sleep(RETRY_S)
+            except Exception:
+                # Unexpected: keep the batch (nothing is acknowledged) and keep trying,
+                # slowly; a worker that died would stop all ingest instead.
+                self.metrics.errors.labels("unexpected").inc()
+                log.exception("writing %d usage events failed; retrying", len(rows))
+                await asyncio.sleep(RETRY_UNEXPECTED_S)
         self.metrics.batch.observe(len(rows))
         self.metrics.inserted.inc(written.inserted)
         self.metrics.duplicates.inc(written.duplicates)
