@@ -167,6 +167,30 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": answer("the usage view"), **errors},
                 }
             },
+            "/admin/tenants/{id}/usage/{meter}/hourly": {
+                "get": {
+                    "summary": "The meter's hourly history from the ledger",
+                    "parameters": [
+                        id_param,
+                        meter_param,
+                        *(
+                            {
+                                "name": name,
+                                "in": "query",
+                                "schema": {"type": "string", "format": "date-time"},
+                            }
+                            for name in ("since", "until")
+                        ),
+                    ],
+                    "responses": {
+                        "200": answer(
+                            "{tenant, meter, since, until, hours: [{hour, quantity, events}]}"
+                        ),
+                        "400": answer("bad time range", problem_ref),
+                        **errors,
+                    },
+                }  # fmt: skip
+            },
             "/admin/tenants/{id}/gauges/{meter}": {
                 "put": {
                     "summary": "Set a gauge's level",

@@ -83,13 +83,14 @@ class Load:
 
 
 class Rig:
-    def __init__(self, upstream: Upstream, tmp_path: Path) -> None:
+    def __init__(self, upstream: Upstream, tmp_path: Path, on_error: str) -> None:
         self.redis = RedisServer().start()
         self.postgres = PostgresServer().start()
         self.dsn = self.postgres.dsn
         data = gateway_config(
             upstream.url,
-            storage={"counters": self.redis.url, "ledger": self.dsn, "timeout_ms": 500},
+            storage={"counters": self.redis.url, "ledger": self.dsn, "timeout_ms": 500,
+                     "on_counter_store_error": on_error},
             auth={"jwt": {"algorithms": ["HS256"], "secret_env": "FAULT_JWT_SECRET"}},
             meters={"api_calls": {"type": "counter"}},
             plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}}},
@@ -156,8 +157,10 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Rig]:
-    setup = Rig(upstream, tmp_path)
+async def rig(
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Rig]:
+    setup = Rig(upstream, tmp_path, getattr(request, "param", "fail_closed"))
     try:
         await setup.start()
         yield setup
@@ -204,6 +207,18 @@ async def test_redis_restarted(rig: Rig) -> None:
         await asyncio.to_thread(rig.redis.restart)  # with its data (AOF)
         await asyncio.sleep(3)
     await exact(rig, "Redis restarted", load)
+
+
+@pytest.mark.parametrize("rig", ["fail_open"], indirect=True)
+async def test_fail_open_with_redis_stopped_for_10_seconds(rig: Rig) -> None:
+    async with Load([g.port for g in rig.gateways]) as load:
+        await asyncio.sleep(2)
+        rig.redis.stop()
+        await asyncio.sleep(10)
+        await asyncio.to_thread(rig.redis.start)
+        await asyncio.sleep(3)
+    assert load.failed == 0  # fail_open: everything was served
+    await exact(rig, "fail_open, Redis stopped for 10 s", load)
 
 
 async def test_a_gateway_sigtermed(rig: Rig) -> None:

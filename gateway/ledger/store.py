@@ -10,6 +10,7 @@ from typing import Any
 from gateway.ledger import schema
 from gateway.ledger.db import Database, connect
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
+from gateway.ledger.timestamps import loaded, maybe_utc, required, utc
 
 _TENANT_COLUMNS = (
     "id, name, plan, status, status_changed_at, billing_anchor, stripe_customer,"
@@ -70,45 +71,20 @@ _LATEST_CHANGE = "SELECT max(id) FROM changes"
 _PRUNE_CHANGES = "DELETE FROM changes WHERE at < $1"
 
 
-def _utc(value: datetime) -> datetime:
-    """A datetime on its way in: refused when naive, since its zone would be a guess."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"expected a timezone-aware datetime, got {value!r}")
-    return value.astimezone(UTC)
-
-
-def _maybe_utc(value: datetime | None) -> datetime | None:
-    return None if value is None else _utc(value)
-
-
-def _loaded(value: datetime | str | None) -> datetime | None:
-    """A timestamp column as read: asyncpg gives datetimes, SQLite gives ISO 8601 text."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.astimezone(UTC)
-
-
-def _required(value: datetime | None) -> datetime:
-    assert value is not None, "a NOT NULL timestamp column was NULL"
-    return value
-
-
 def _tenant(row: dict[str, Any]) -> Tenant:
     return Tenant(
         id=row["id"],
         name=row["name"],
         plan=row["plan"],
         status=row["status"],
-        status_changed_at=_required(_loaded(row["status_changed_at"])),
-        billing_anchor=_loaded(row["billing_anchor"]),
+        status_changed_at=required(loaded(row["status_changed_at"])),
+        billing_anchor=loaded(row["billing_anchor"]),
         stripe_customer=row["stripe_customer"],
         stripe_subscription=row["stripe_subscription"],
         disabled=bool(row["disabled"]),  # SQLite has no boolean type: 0 or 1
         overrides=_overrides(row["overrides"]),
-        created_at=_loaded(row["created_at"]),
-        updated_at=_loaded(row["updated_at"]),
+        created_at=loaded(row["created_at"]),
+        updated_at=loaded(row["updated_at"]),
     )
 
 
@@ -136,8 +112,8 @@ def _overrides_text(overrides: dict[str, LimitOverride]) -> str | None:
 def _credit(row: dict[str, Any]) -> Credit:
     return Credit(
         meter=row["meter"],
-        period_start=_required(_loaded(row["period_start"])),
-        period_end=_required(_loaded(row["period_end"])),
+        period_start=required(loaded(row["period_start"])),
+        period_end=required(loaded(row["period_end"])),
         quantity=int(row["quantity"]),
     )
 
@@ -148,9 +124,9 @@ def _api_key(row: dict[str, Any]) -> ApiKey:
         tenant_id=row["tenant_id"],
         key_hash=row["key_hash"],
         name=row["name"],
-        created_at=_required(_loaded(row["created_at"])),
-        revoked_at=_loaded(row["revoked_at"]),
-        last_used_at=_loaded(row["last_used_at"]),
+        created_at=required(loaded(row["created_at"])),
+        revoked_at=loaded(row["revoked_at"]),
+        last_used_at=loaded(row["last_used_at"]),
     )
 
 
@@ -160,13 +136,13 @@ def _tenant_args(tenant: Tenant, now: datetime | None) -> tuple[Any, ...]:
         tenant.name,
         tenant.plan,
         tenant.status,
-        _utc(tenant.status_changed_at),
-        _maybe_utc(tenant.billing_anchor),
+        utc(tenant.status_changed_at),
+        maybe_utc(tenant.billing_anchor),
         tenant.stripe_customer,
         tenant.stripe_subscription,
         tenant.disabled,
         _overrides_text(tenant.overrides),
-        datetime.now(UTC) if now is None else _utc(now),
+        datetime.now(UTC) if now is None else utc(now),
     )
 
 
@@ -198,7 +174,7 @@ class Ledger:
         row = await self.db.fetchrow(_GET_TENANT, tenant_id)
         if row is None:
             return None
-        at = datetime.now(UTC) if now is None else _utc(now)
+        at = datetime.now(UTC) if now is None else utc(now)
         credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
         return replace(_tenant(row), credits=tuple(_credit(c) for c in credits))
 
@@ -210,10 +186,10 @@ class Ledger:
             _ADD_CREDIT,
             tenant_id,
             credit.meter,
-            _utc(credit.period_start),
-            _utc(credit.period_end),
+            utc(credit.period_start),
+            utc(credit.period_end),
             credit.quantity,
-            datetime.now(UTC) if now is None else _utc(now),
+            datetime.now(UTC) if now is None else utc(now),
         )
 
     async def list_tenants(self, limit: int = 1000, after: str | None = None) -> list[Tenant]:
@@ -249,9 +225,9 @@ class Ledger:
             key.tenant_id,
             key.key_hash,
             key.name,
-            _utc(key.created_at),
-            _maybe_utc(key.revoked_at),
-            _maybe_utc(key.last_used_at),
+            utc(key.created_at),
+            maybe_utc(key.revoked_at),
+            maybe_utc(key.last_used_at),
         )
 
     async def get_api_key(self, prefix: str) -> ApiKey | None:
@@ -265,11 +241,11 @@ class Ledger:
 
     async def revoke_api_key(self, prefix: str, at: datetime) -> bool:
         """Revoke the key at `at`; True if it existed and was still active."""
-        return await self.db.fetchval(_REVOKE_API_KEY, prefix, _utc(at)) is not None
+        return await self.db.fetchval(_REVOKE_API_KEY, prefix, utc(at)) is not None
 
     async def record_change(self, kind: str, key: str, at: datetime) -> None:
         """Append to the change feed that processes without Redis poll."""
-        await self.db.execute(_RECORD_CHANGE, kind, key, _utc(at))
+        await self.db.execute(_RECORD_CHANGE, kind, key, utc(at))
 
     async def changes_after(self, change_id: int) -> list[tuple[int, str, str]]:
         """(id, kind, key) of the changes after `change_id`, oldest first."""
@@ -282,8 +258,8 @@ class Ledger:
 
     async def prune_changes(self, before: datetime) -> None:
         """Forget changes every process has had time to read."""
-        await self.db.execute(_PRUNE_CHANGES, _utc(before))
+        await self.db.execute(_PRUNE_CHANGES, utc(before))
 
     async def touch_api_key(self, prefix: str, at: datetime) -> None:
         """Record that the key was used at `at`; an earlier time never replaces a later one."""
-        await self.db.execute(_TOUCH_API_KEY, prefix, _utc(at))
+        await self.db.execute(_TOUCH_API_KEY, prefix, utc(at))

@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.ledger.db import Database, Queries
-from gateway.ledger.store import _loaded, _required, _utc
+from gateway.ledger.timestamps import loaded, required, utc
 from gateway.usage.events import EPOCH, UsageEvent, from_us, split
 
 COLUMNS = (
@@ -177,20 +177,20 @@ class UsageLedger:
 
     async def total(self, tenant: str, meter: str, period_start: datetime) -> int:
         """The ledger's total of `meter` for the tenant in the period starting then."""
-        value = await self.db.fetchval(_TOTAL, tenant, meter, _utc(period_start))
+        value = await self.db.fetchval(_TOTAL, tenant, meter, utc(period_start))
         return int(value or 0)
 
     async def totals_of_period(self, period_start: datetime) -> dict[tuple[str, str], int]:
         """(tenant, meter) -> total, for every counter whose period starts at `period_start`."""
-        rows = await self.db.fetch(_TOTALS_OF_PERIOD, _utc(period_start))
+        rows = await self.db.fetch(_TOTALS_OF_PERIOD, utc(period_start))
         return {(row["tenant_id"], row["meter"]): int(row["quantity"]) for row in rows}
 
     async def recent_totals(self, since: datetime) -> list[tuple[str, str, datetime, int]]:
         """(tenant, meter, period start, total) of periods started since `since`, and of
         those that start at the epoch (gauges, counters that never reset)."""
-        rows = await self.db.fetch(_RECENT_TOTALS, _utc(since), EPOCH)
+        rows = await self.db.fetch(_RECENT_TOTALS, utc(since), EPOCH)
         return [
-            (r["tenant_id"], r["meter"], _required(_loaded(r["period_start"])), int(r["quantity"]))
+            (r["tenant_id"], r["meter"], required(loaded(r["period_start"])), int(r["quantity"]))
             for r in rows
         ]
 
@@ -198,8 +198,8 @@ class UsageLedger:
         self, tenant: str, meter: str, since: datetime, until: datetime
     ) -> list[tuple[datetime, int, int]]:
         """(hour, quantity, events) of the hours in [since, until) that have any."""
-        rows = await self.db.fetch(_HOURLY, tenant, meter, _utc(since), _utc(until))
-        return [(_required(_loaded(r["hour"])), int(r["quantity"]), int(r["events"])) for r in rows]
+        rows = await self.db.fetch(_HOURLY, tenant, meter, utc(since), utc(until))
+        return [(required(loaded(r["hour"])), int(r["quantity"]), int(r["events"])) for r in rows]
 
 
 def _partition(start: datetime) -> str:
@@ -235,8 +235,8 @@ async def _add_rollups(tx: Queries, new: list[dict[str, Any]]) -> None:
     totals: dict[tuple[str, str, datetime], list[int]] = {}
     hours: dict[tuple[str, str, datetime], list[int]] = {}
     for row in new:
-        at = _required(_loaded(row["at"]))
-        period = _required(_loaded(row["period_start"]))
+        at = required(loaded(row["at"]))
+        period = required(loaded(row["period_start"]))
         hour = at.replace(minute=0, second=0, microsecond=0)
         for table, key in ((totals, (row["tenant_id"], row["meter"], period)),
                            (hours, (row["tenant_id"], row["meter"], hour))):  # fmt: skip
