@@ -25,6 +25,7 @@ from gateway.tenant_ops import (
     parse_changes,
     tenant_json,
 )
+from gateway.usage.events import EventContext
 
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 PUBLIC_APP = web.AppKey("public_app", web.Application)  # it owns the services
@@ -237,8 +238,13 @@ async def put_gauge(request: web.Request) -> web.Response:
     value = body.get("value") if isinstance(body, dict) else None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return problem(422, "invalid-change", "value: expected a non-negative integer")
-    await engine.store.set_level(tenant.id, meter, None, value)
+    await engine.store.set_level(tenant.id, meter, None, value, _admin_context(request))
     return web.json_response(await usage_view(engine, tenant))
+
+
+def _admin_context(request: web.Request) -> EventContext:
+    """The usage events of an admin change: route `_admin`, the admin request's method."""
+    return EventContext("_admin", request.method, request.headers.get("X-Request-Id", ""))
 
 
 async def reset_meter(request: web.Request) -> web.Response:
@@ -248,7 +254,8 @@ async def reset_meter(request: web.Request) -> web.Response:
         return found
     tenant, meter = found
     engine = _engine(request)
-    await engine.store.set_level(tenant.id, meter, current_period(engine, tenant, meter), 0)
+    period = current_period(engine, tenant, meter)
+    await engine.store.set_level(tenant.id, meter, period, 0, _admin_context(request))
     return web.json_response(await usage_view(engine, tenant))
 
 

@@ -6,6 +6,7 @@ process drops its cached copy.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,9 @@ from gateway.invalidation import Bus
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
 from gateway.ledger.store import Ledger
 from gateway.quota.periods import period_of
+
+# Printable, no spaces: ids travel in usage events' flat wire form and in Redis keys.
+_TENANT_ID = re.compile(r"^[!-~]{1,200}$")
 
 
 class TenantChangeError(ValueError):
@@ -106,6 +110,8 @@ class TenantOps:
         if changes.plan is not None and changes.plan not in self._config.plans:
             known = ", ".join(sorted(self._config.plans)) or "none"
             raise TenantChangeError(f"plan: unknown plan {changes.plan!r} (defined: {known})")
+        if not _TENANT_ID.match(tenant_id):
+            raise TenantChangeError("id: 1 to 200 printable characters without spaces")
         current = await self._ledger.get_tenant(tenant_id)
         given = changes.model_dump(exclude_unset=True)
         if changes.overrides is not None:

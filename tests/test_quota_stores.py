@@ -6,18 +6,21 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
 
 from gateway.config.models import UNLIMITED
+from gateway.quota import keys
 from gateway.quota.gcra import RateLimit
 from gateway.quota.memory import MemoryStore
 from gateway.quota.periods import Period, periods_around
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import ChargeRequest, CounterStore, MeterCharge, StoreUnavailable
+from gateway.usage.events import EventContext, UsageEvent, decode, to_us
 from tests.conftest import whole
 from tests.servers import RedisServer
 
@@ -259,3 +262,65 @@ async def test_a_void_gives_back_the_rate_limit_slot(store: CounterStore) -> Non
     assert not (await store.check_and_charge(charge(rates=(PER_SECOND,)))).decision.allowed
     await store.void(second)  # answered 503: its slot comes back
     assert (await store.check_and_charge(charge(rates=(PER_SECOND,)))).decision.allowed
+
+
+async def recorded(store: CounterStore) -> list[UsageEvent]:
+    """Every usage event the store recorded, oldest first."""
+    if isinstance(store, MemoryStore):
+        return list(store.events)
+    assert isinstance(store, RedisStore)
+    found = []
+    for shard in range(16):
+        entries = await store._client.xrange(keys.shard_stream(shard))
+        for _, fields in entries or ():
+            assert fields is not None
+            found.append(decode(fields[b"e"]))
+    return sorted(found, key=lambda e: e.at_us)
+
+
+async def test_every_change_records_one_usage_event(store: CounterStore) -> None:
+    context = EventContext("api", "POST", "rid-1")
+    members = MeterCharge(MEMBERS, cost=1)
+    request = replace(charge(api(), members, request_id="ev-1"), context=context)
+    assert (await store.check_and_charge(request)).decision.allowed
+    await store.check_and_charge(request)  # a retry: replayed, no second event
+    current = months()[1]
+    refund = [("api_calls", current, -1)]
+    await store.apply_once("acme", "ev-1:settle", refund, replace(context, status=503))
+    await store.apply_once("acme", "ev-1:settle", refund, context)  # applied once only
+    voided = replace(charge(api(), request_id="ev-2"), context=context)
+    await store.check_and_charge(voided)
+    await store.void(voided)
+    admin = EventContext("_admin", "PUT")
+    await store.set_level("acme", "team_members", None, 5, admin)
+    await store.set_level("acme", "api_calls", current, 0, admin)  # 0 already: no event
+    await store.check_and_charge(replace(charge(api(), request_id="ev-3"), context=context))
+    await store.set_level("acme", "api_calls", current, 0, admin)  # a reset: -1
+    events = await recorded(store)
+    found = [(e.id.split(":")[0], e.meter, e.quantity, e.kind, e.route, e.status)
+             for e in events]  # fmt: skip
+    assert found[:5] == [
+        ("ev-1", "api_calls", 1, "charge", "api", 0),
+        ("ev-1", "team_members", 1, "gauge", "api", 0),
+        ("ev-1", "api_calls", -1, "refund", "api", 503),
+        ("ev-2", "api_calls", 1, "charge", "api", 0),
+        ("ev-2", "api_calls", -1, "void", "api", 0),
+    ]
+    assert [f[1:5] for f in found[5:]] == [
+        ("team_members", 4, "gauge", "_admin"),
+        ("api_calls", 1, "charge", "api"),
+        ("api_calls", -1, "reset", "_admin"),
+    ]
+    ids = [e.id for e in events]
+    assert ids[:5] == [
+        "ev-1:api_calls", "ev-1:team_members", "ev-1:settle:api_calls", "ev-2:api_calls",
+        "ev-2:api_calls:void",
+    ]  # fmt: skip
+    assert len(set(ids)) == len(ids)
+    assert all(e.tenant == "acme" and e.at_us > 0 for e in events)
+    assert events[0].period_start_us == to_us(current.start)
+    # The counters agree with the sum of their events, as the ledger's totals will.
+    assert sum(e.quantity for e in events if e.meter == "api_calls") == await store.level(
+        "acme", "api_calls", current
+    )
+    assert sum(e.quantity for e in events if e.meter == "team_members") == 5

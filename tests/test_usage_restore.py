@@ -14,7 +14,7 @@ from gateway.auth.jwt import mint
 from gateway.ledger.usage import UsageLedger
 from tests.conftest import MakeGateway, PgLedger
 from tests.servers import RedisServer
-from tests.test_quota_gateway import SECRET, call, quota_config
+from tests.test_quota_gateway import SECRET, admin, call, quota_config
 from tests.test_usage_recording import eventually, ledger_totals, worker_for
 from tests.upstream import Upstream
 
@@ -48,7 +48,9 @@ async def test_redis_losing_its_data_hands_out_no_fresh_quota(
 ) -> None:
     dsn, ledger = pg_ledger
     monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
-    config = quota_config(upstream, tmp_path, counters=redis_server.url, ledger=dsn)
+    config = quota_config(
+        upstream, tmp_path, counters=redis_server.url, ledger=dsn, timeout_ms=2000
+    )
     config["plans"]["starter"]["limits"]["api_calls"]["limit"] = 1000
     gw = await make_gateway(config)
     client = aioredis.Redis.from_url(redis_server.url)
@@ -91,3 +93,23 @@ async def test_a_restarted_embedded_gateway_keeps_the_usage(
     await first.stop()  # drains the usage queue into SQLite
     second = await make_gateway(config)
     assert [(await call(second, "acme"))[0] for _ in range(3)] == [200, 200, 402]
+
+
+async def test_admin_resets_and_gauge_levels_survive_a_restore(
+    upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "quota-admin")
+    config = quota_config(upstream, tmp_path)
+    first = await make_gateway(config)
+    assert [(await call(first, "acme"))[0] for _ in range(5)] == [200] * 5
+    assert (await admin(first, "POST", "/admin/tenants/acme/meters/api_calls/reset"))[0] == 200
+    assert (await admin(first, "PUT", "/admin/tenants/acme/gauges/team_members", {"value": 2}))[
+        0
+    ] == 200
+    await first.stop()
+    second = await make_gateway(config)  # restored from the ledger, reset included
+    _, view = await admin(second, "GET", "/admin/tenants/acme/usage")
+    assert view["meters"]["api_calls"]["used"] == view["meters"]["api_calls"]["recorded"] == 0
+    assert view["meters"]["team_members"]["used"] == 2
+    assert (await call(second, "acme", "POST", "/v1/members"))[0] == 402  # 2 of 2 members

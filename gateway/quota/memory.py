@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 from gateway.quota import keys
@@ -186,8 +187,22 @@ class MemoryStore:
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:
         return self._values.get(_meter_key(tenant, meter, period), 0)
 
-    async def set_level(self, tenant: str, meter: str, period: Period | None, value: int) -> None:
-        self._values[_meter_key(tenant, meter, period)] = value
+    async def set_level(
+        self,
+        tenant: str,
+        meter: str,
+        period: Period | None,
+        value: int,
+        context: EventContext | None = None,
+    ) -> None:
+        self._check_whole()
+        key = _meter_key(tenant, meter, period)
+        previous = self._values.get(key, 0)
+        self._values[key] = value
+        if context is not None and value != previous:
+            kind = "gauge" if period is None else "reset"
+            self._event(tenant, context, uuid.uuid4().hex, meter, value - previous,
+                        self._clock_us(), period, kind)  # fmt: skip
 
     async def idempotency_begin(
         self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -42,6 +43,7 @@ POOL_CONNECTIONS = 64
 SCRIPT = resources.files("gateway.quota").joinpath("check_and_charge.lua").read_text()
 APPLY_ONCE = resources.files("gateway.quota").joinpath("apply_once.lua").read_text()
 RESTORE = resources.files("gateway.quota").joinpath("restore.lua").read_text()
+SET_LEVEL = resources.files("gateway.quota").joinpath("set_level.lua").read_text()
 
 Client = aioredis.Redis | RedisCluster
 
@@ -119,6 +121,7 @@ class RedisStore:
         self._checks = _Pipeliner(client, SCRIPT)
         self._apply_once = client.register_script(APPLY_ONCE)
         self._restore = client.register_script(RESTORE)
+        self._set_level = client.register_script(SET_LEVEL)
 
     @classmethod
     async def open(
@@ -296,10 +299,28 @@ class RedisStore:
         value = await self._guard("level", self._client.get(self._meter_key(tenant, meter, period)))
         return int(value) if value is not None else 0
 
-    async def set_level(self, tenant: str, meter: str, period: Period | None, value: int) -> None:
-        await self._guard(
-            "set_level", self._client.set(self._meter_key(tenant, meter, period), value)
-        )
+    async def set_level(
+        self,
+        tenant: str,
+        meter: str,
+        period: Period | None,
+        value: int,
+        context: EventContext | None = None,
+    ) -> None:
+        shard = keys.shard_of(tenant, self._shards)
+        key_list = [
+            self._meter_key(tenant, meter, period),
+            keys.stream_key(tenant, self._shards),
+            keys.epoch_key(shard),
+        ]
+        expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
+        args: list[int | str] = [
+            value, expire_at, self._event_fields(tenant, context), f"{uuid.uuid4().hex}:{meter}",
+            meter, to_us(period.start) if period else 0, "gauge" if period is None else "reset",
+        ]  # fmt: skip
+        previous = await self._guard("set_level", self._set_level(keys=key_list, args=args))
+        if int(previous) < 0:
+            raise StoreLost(shard)
 
     async def idempotency_begin(
         self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int

@@ -150,8 +150,16 @@ class CounterStore(Protocol):
         """A counter's usage in `period`, or (period None) a gauge's level."""
         ...
 
-    async def set_level(self, tenant: str, meter: str, period: Period | None, value: int) -> None:
-        """Set a gauge's level, or a counter's usage in `period` (admin: gauges, resets)."""
+    async def set_level(
+        self,
+        tenant: str,
+        meter: str,
+        period: Period | None,
+        value: int,
+        context: EventContext | None = None,
+    ) -> None:
+        """Set a gauge's level, or a counter's usage in `period` (admin: gauges, resets),
+        recording the change as a usage event (none when `context` is None)."""
         ...
 
     async def idempotency_begin(
