@@ -18,8 +18,6 @@ def unsupported(cfg: GatewayConfig) -> Iterator[tuple[str, str]]:
     """Yield (path, message) for every key set whose behaviour is not built yet."""
     if "stripe" in cfg.model_fields_set:
         yield "stripe", NOT_YET
-    if cfg.usage.spool_dir is not None:
-        yield "usage.spool_dir", NOT_YET
     if cfg.metrics.tenant_label:
         yield "metrics.tenant_label", NOT_YET
     if cfg.server.workers > 1:

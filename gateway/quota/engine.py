@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -14,8 +13,8 @@ from gateway.config.models import UNLIMITED, GatewayConfig, RouteConfig
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import stop_task
-from gateway.quota import keys
 from gateway.quota.gcra import RateLimit
+from gateway.quota.pending import PendingCharges
 from gateway.quota.periods import Period, periods_around
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import (
@@ -28,6 +27,7 @@ from gateway.quota.store import (
     StoreUnavailable,
 )
 from gateway.usage.events import EventContext
+from gateway.usage.spool import Spool, orphans, release
 
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
@@ -79,59 +79,6 @@ def kept(status: int, charge_on: str) -> bool:
     return 200 <= status < 400 or status == 101
 
 
-class PendingCharges:
-    """Writes the store could not take (fail_open, or a failed settlement), retried.
-
-    Each carries its operation id, so a write that did reach the store before
-    its call timed out is not applied twice. They live in this process only
-    until the usage spool exists: a crash before the store is back loses them.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._pending: dict[str, tuple[float, str, list[Adjustment], EventContext]] = {}
-        self._voids: dict[str, tuple[float, ChargeRequest]] = {}
-        self.dropped = 0
-
-    def void(self, request: ChargeRequest) -> None:
-        self._voids[request.request_id] = (self._clock(), request)
-
-    def add(
-        self,
-        operation_id: str,
-        tenant: str,
-        adjustments: list[Adjustment],
-        context: EventContext,
-    ) -> None:
-        self._pending[operation_id] = (self._clock(), tenant, adjustments, context)
-
-    def __len__(self) -> int:
-        return len(self._pending) + len(self._voids)
-
-    async def flush(self, store: CounterStore) -> None:
-        """Apply what is pending; stops at the first failure (the rest stays)."""
-        self._expire()
-        for request_id in list(self._voids):
-            await store.void(self._voids[request_id][1])
-            del self._voids[request_id]
-        for operation_id in list(self._pending):
-            _, tenant, adjustments, context = self._pending[operation_id]
-            await store.apply_once(tenant, operation_id, adjustments, context)
-            del self._pending[operation_id]
-
-    def _expire(self) -> None:
-        # Past the store's memory of operation ids, a retry could count twice
-        # (or a void find nothing to undo): drop them and say so, which keeps
-        # the stated bound instead of a silent wrong count.
-        oldest = self._clock() - keys.MEMO_TTL_MS / 1000
-        for table in (self._pending, self._voids):
-            for operation_id in [op for op, entry in table.items() if entry[0] < oldest]:
-                del table[operation_id]
-                self.dropped += 1
-                log.error("dropped pending counter-store write %s after %ds", operation_id,
-                          keys.MEMO_TTL_MS // 1000)  # fmt: skip
-
-
 class QuotaEngine:
     """Turns a config into per-request charges against one counter store."""
 
@@ -144,7 +91,9 @@ class QuotaEngine:
         self._restoring: asyncio.Task[None] | None = None
         self._lost: set[int] = set()
         self.fail_open = config.storage.on_counter_store_error == "fail_open"
-        self.pending = PendingCharges()
+        spool_dir = config.usage.spool_dir
+        self._spool = Spool(spool_dir) if spool_dir is not None else None
+        self.pending = PendingCharges(spool=self._spool)
         self._meters = config.meters
         self.plans = {name: self._plan(name) for name in config.plans}
         self.routes = [self._route(route) for route in config.routes]
@@ -257,6 +206,22 @@ class QuotaEngine:
             self._schedule_restore(shard)
         if self._restoring is not None:
             await asyncio.shield(self._restoring)
+        self._adopt_spools()
+
+    def _adopt_spools(self) -> None:
+        """Take over what dead processes left in the spool directory, in order."""
+        directory = self.config.usage.spool_dir
+        if directory is None:
+            return
+        for path, entries in orphans(directory):
+            for entry in entries:
+                self.pending.add(entry.operation_id, entry.tenant, entry.adjustments,
+                                 entry.context, wall_time=entry.wall_time)  # fmt: skip
+            release(path)
+            if entries:
+                log.warning("replaying %d spooled charges left in %s", len(entries), path)
+        if len(self.pending):
+            self._schedule_retry()
 
     def _schedule_restore(self, shard: int) -> None:
         if self._restorer is None:
@@ -389,6 +354,8 @@ class QuotaEngine:
         await stop_task(self._restoring)
         if len(self.pending):
             log.warning("%d pending charge(s) could not reach the counter store", len(self.pending))
+        if self._spool is not None:
+            self._spool.close()
         await self.store.close()
 
 

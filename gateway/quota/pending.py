@@ -1,0 +1,84 @@
+"""Counter-store writes that could not be made yet, retried under their operation ids."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from gateway.quota import keys
+from gateway.quota.store import Adjustment, ChargeRequest, CounterStore
+from gateway.usage.events import EventContext
+from gateway.usage.spool import Spool, Spooled
+
+log = logging.getLogger("gateway.quota")
+
+
+class PendingCharges:
+    """Writes the store could not take (fail_open, or a failed settlement), retried.
+
+    Each carries its operation id, so a write that did reach the store before
+    its call timed out is not applied twice. With a spool, writes are also on
+    disk until applied, and a crash loses none of them; voids (refused
+    requests whose late check must charge nothing) stay in the process.
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, spool: Spool | None = None
+    ) -> None:
+        self._clock = clock
+        self._spool = spool
+        self._pending: dict[str, tuple[float, str, list[Adjustment], EventContext]] = {}
+        self._voids: dict[str, tuple[float, ChargeRequest]] = {}
+        self.dropped = 0
+
+    def void(self, request: ChargeRequest) -> None:
+        self._voids[request.request_id] = (self._clock(), request)
+
+    def add(
+        self,
+        operation_id: str,
+        tenant: str,
+        adjustments: list[Adjustment],
+        context: EventContext,
+        wall_time: float | None = None,  # when first spooled, for one adopted from a file
+    ) -> None:
+        wall = time.time() if wall_time is None else wall_time
+        self._pending[operation_id] = (
+            self._clock() - (time.time() - wall),
+            tenant,
+            adjustments,
+            context,
+        )
+        if self._spool is not None:
+            self._spool.add(Spooled(wall, operation_id, tenant, adjustments, context))
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._voids)
+
+    async def flush(self, store: CounterStore) -> None:
+        """Apply what is pending; stops at the first failure (the rest stays)."""
+        self._expire()
+        for request_id in list(self._voids):
+            await store.void(self._voids[request_id][1])
+            del self._voids[request_id]
+        for operation_id in list(self._pending):
+            _, tenant, adjustments, context = self._pending[operation_id]
+            await store.apply_once(tenant, operation_id, adjustments, context)
+            del self._pending[operation_id]
+            if self._spool is not None:
+                self._spool.done(operation_id)
+
+    def _expire(self) -> None:
+        # Past the store's memory of operation ids, a retry could count twice
+        # (or a void find nothing to undo): drop them and say so, which keeps
+        # the stated bound instead of a silent wrong count.
+        oldest = self._clock() - keys.MEMO_TTL_MS / 1000
+        for table in (self._pending, self._voids):
+            for operation_id in [op for op, entry in table.items() if entry[0] < oldest]:
+                del table[operation_id]
+                self.dropped += 1
+                if self._spool is not None and table is self._pending:
+                    self._spool.done(operation_id)
+                log.error("dropped pending counter-store write %s after %ds", operation_id,
+                          keys.MEMO_TTL_MS // 1000)  # fmt: skip

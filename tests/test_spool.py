@@ -1,0 +1,50 @@
+"""The local spool: what a dead process left is found, in order, and nothing twice."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.quota.periods import period_of
+from gateway.usage.events import EventContext
+from gateway.usage.spool import Spool, Spooled, orphans, release
+
+PERIOD = period_of("month", datetime(2026, 11, 21, tzinfo=UTC))
+
+
+def entry(n: int) -> Spooled:
+    adjustments = [("api_calls", PERIOD, 1), ("team_members", None, -1)]
+    return Spooled(time.time(), f"op-{n}", "acme", adjustments, EventContext("api", "GET", "r"))
+
+
+def test_a_dead_process_leaves_its_pending_entries_for_the_next(tmp_path: Path) -> None:
+    dead = Spool(tmp_path)
+    for n in range(3):
+        dead.add(entry(n))
+    dead.done("op-1")
+    live = Spool(tmp_path)
+    live.add(entry(9))
+    dead._file.write('A {"t": 1, "op": "op-cut')  # the line the crash cut short
+    dead._file.close()  # killed: the lock goes with the process, the file stays
+    found = orphans(tmp_path)
+    assert [(path, [e.operation_id for e in entries]) for path, entries in found] == [
+        (dead.path, ["op-0", "op-2"])
+    ]  # the live process's file is not an orphan
+    assert found[0][1][0] == entry(0).__class__(
+        found[0][1][0].wall_time, "op-0", "acme", entry(0).adjustments, entry(0).context
+    )
+    release(dead.path)
+    assert not dead.path.exists() and orphans(tmp_path) == []
+    live.done("op-9")
+    live.close()
+    assert list(tmp_path.iterdir()) == []  # nothing pending: the file goes
+
+
+def test_a_spool_closed_with_pending_entries_is_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.add(entry(1))
+    spool.close()
+    found = orphans(tmp_path)
+    assert [[e.operation_id for e in entries] for _, entries in found] == [["op-1"]]
+    release(found[0][0])
