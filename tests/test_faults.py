@@ -153,6 +153,7 @@ class Rig:
                 if expect(totals):
                     return totals
             worker_log = "".join(self.worker.log_lines[-20:]) if self.worker else ""
+            worker_log += "".join(line for g in self.gateways for line in g.log_lines[-10:])
             assert time.monotonic() < deadline, f"ledger never settled: {totals}\n{worker_log}"
             await asyncio.sleep(0.2)
 

@@ -197,6 +197,7 @@ class QuotaEngine:
     async def prepare(self) -> None:
         """Before serving: restore the shards the store lost (a new process's memory
         store, an emptied Redis); if that fails, the first request on each tries again."""
+        self._adopt_spools()
         try:
             lost = await self.store.lost()
         except StoreUnavailable as exc:
@@ -206,7 +207,6 @@ class QuotaEngine:
             self._schedule_restore(shard)
         if self._restoring is not None:
             await asyncio.shield(self._restoring)
-        self._adopt_spools()
 
     def _adopt_spools(self) -> None:
         """Take over what dead processes left in the spool directory, in order."""
