@@ -12,6 +12,7 @@ Each test prints its figures.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +35,7 @@ SECRET = "fault-secret-" + "f" * 40
 TENANTS = tuple(f"tenant-{i}" for i in range(5))
 CONCURRENCY = 16  # requests in flight across both gateways
 SETTLE_S = 60  # how long the ledger may take to catch up after the fault
+EMBEDDED_LOSS_S = 1.0  # what a SIGKILLed embedded gateway may lose, in traffic time
 
 
 class Load:
@@ -270,3 +272,43 @@ async def test_a_gateway_sigkilled(rig: Rig) -> None:
     extra = sum(totals.values()) - load.served
     print(f"  charged without a 2xx reaching the client: {extra} (bound {CONCURRENCY})")
     assert 0 <= extra <= CONCURRENCY
+
+
+async def test_an_embedded_gateway_sigkilled_loses_at_most_one_flush_interval(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    ledger_path = tmp_path / "ledger.db"
+    data = gateway_config(
+        upstream.url,
+        storage={"ledger": f"sqlite:///{ledger_path}"},
+        auth={"jwt": {"algorithms": ["HS256"], "secret_env": "FAULT_JWT_SECRET"}},
+        meters={"api_calls": {"type": "counter"}},
+        plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}}},
+        tenants=[{"id": t, "plan": "big"} for t in TENANTS],
+        routes=[{"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
+                 "charge": {"api_calls": 1}}],
+        usage={"flush_interval_ms": 50},
+    )  # fmt: skip
+    config = write_config(tmp_path / "gateway.yaml", data)
+    gateway = await asyncio.to_thread(GatewayProcess(config, {"FAULT_JWT_SECRET": SECRET}).start)
+    try:
+        async with Load([gateway.port]) as load:
+            await asyncio.sleep(3)
+            gateway.kill()
+        rate = load.served / 3
+    finally:
+        if gateway.proc is not None:
+            gateway.kill()
+    conn = sqlite3.connect(ledger_path)
+    try:
+        recorded = conn.execute("SELECT coalesce(sum(quantity), 0) FROM usage_totals").fetchone()[0]
+    finally:
+        conn.close()
+    lost = load.served - recorded
+    # The stated bound: the traffic of one flush interval plus that of the batch being
+    # written when the process died (the write shares the process's CPU with the load).
+    bound = int(rate * EMBEDDED_LOSS_S) + CONCURRENCY
+    print(f"\nembedded gateway SIGKILLed: {load.served} served at {rate:.0f}/s, {recorded} in "
+          f"the ledger: {lost} lost = {lost / rate * 1000:.0f} ms of traffic "
+          f"(bound {bound}: {EMBEDDED_LOSS_S * 1000:.0f} ms)")  # fmt: skip
+    assert -CONCURRENCY <= lost <= bound
