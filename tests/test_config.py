@@ -106,7 +106,7 @@ def test_check_config_command_exit_codes() -> None:
         text=True,
     )
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.endswith(": ok (4 routes, 1 upstreams)\n")
+    assert ok.stdout.endswith(": ok (7 routes, 1 upstreams)\n")
     bad = BAD[0]
     refused = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True

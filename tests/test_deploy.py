@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import load
+from gateway.usage.worker import WorkerMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -17,6 +18,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 def test_alert_rules_use_only_exported_metrics() -> None:
     registry = CollectorRegistry()
     create_app(load(DEPLOY / "gateway.compose.yaml"), registry)
+    WorkerMetrics(registry)  # `gateway worker`'s, scraped as their own job
     exported = {
         sample_name
         for metric in registry.collect()
@@ -39,6 +41,6 @@ def test_alert_rules_use_only_exported_metrics() -> None:
 
 def test_compose_and_kubernetes_files_parse() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    assert {"gateway", "redis", "postgres", "prometheus"} <= compose["services"].keys()
+    assert {"gateway", "worker", "redis", "postgres", "prometheus"} <= compose["services"].keys()
     docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "gateway.yaml").read_text()))
-    assert [d["kind"] for d in docs] == ["Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "Deployment"]
