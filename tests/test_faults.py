@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.auth.jwt import mint
 from tests.conftest import gateway_config
@@ -35,6 +36,7 @@ SECRET = "fault-secret-" + "f" * 40
 TENANTS = tuple(f"tenant-{i}" for i in range(5))
 CONCURRENCY = 16  # requests in flight across both gateways
 SETTLE_S = 60  # how long the ledger may take to catch up after the fault
+REDIS_LOSS_S = 1.0  # what Redis losing its data may lose (the worker's lag), in traffic time
 EMBEDDED_LOSS_S = 1.0  # what a SIGKILLed embedded gateway may lose, in traffic time
 
 
@@ -145,6 +147,16 @@ class Rig:
         totals.update({row["tenant_id"]: int(row["q"]) for row in rows})
         return totals, int(twice)
 
+    async def stable(self, quiet_s: float = 1.0) -> dict[str, int]:
+        """The ledger's totals once they stop changing (nothing more will arrive)."""
+        last, since = await self.settled(lambda t: True), time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            await asyncio.sleep(0.2)
+            now = await self.settled(lambda t: True)
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
+
     async def settled(self, expect: Callable[[dict[str, int]], bool]) -> dict[str, int]:
         """Wait for the ledger to satisfy `expect`; its totals then."""
         deadline = time.monotonic() + SETTLE_S
@@ -211,6 +223,27 @@ async def test_redis_restarted(rig: Rig) -> None:
         await asyncio.to_thread(rig.redis.restart)  # with its data (AOF)
         await asyncio.sleep(3)
     await exact(rig, "Redis restarted", load)
+
+
+async def test_redis_losing_its_data_loses_at_most_the_queued_tail(rig: Rig) -> None:
+    client = aioredis.Redis.from_url(rig.redis.url)
+    try:
+        async with Load([g.port for g in rig.gateways]) as load:
+            await asyncio.sleep(3)
+            await client.flushall()  # counters, streams, epochs: all gone
+            flushed_at = time.monotonic()
+            await asyncio.sleep(3)
+        rate = load.served / (time.monotonic() - flushed_at + 3)
+    finally:
+        await client.aclose()
+    started = time.monotonic()
+    totals = await rig.stable()
+    report("Redis lost its data", load, totals, time.monotonic() - started)
+    lost = load.served - sum(totals.values())
+    bound = int(rate * REDIS_LOSS_S)
+    print(f"  lost with the streams: {lost} events = {lost / rate * 1000:.0f} ms of traffic "
+          f"(bound {bound}: {REDIS_LOSS_S * 1000:.0f} ms)")  # fmt: skip
+    assert 0 <= lost <= bound
 
 
 @pytest.mark.parametrize("rig", ["fail_open"], indirect=True)

@@ -319,7 +319,7 @@ class RedisStore:
             meter, to_us(period.start) if period else 0, "gauge" if period is None else "reset",
         ]  # fmt: skip
         previous = await self._guard("set_level", self._set_level(keys=key_list, args=args))
-        if int(previous) < 0:
+        if previous in (b"E", "E"):
             raise StoreLost(shard)
 
     async def idempotency_begin(

@@ -11,11 +11,11 @@
 -- ARGV[6]    the period's start (us since the epoch, 0 for a gauge)
 -- ARGV[7]    the event's kind
 --
--- Returns the previous value, or -1 when the epoch key is missing (see
--- check_and_charge.lua); values are never negative.
+-- Returns the previous value, or "E" when the epoch key is missing (see
+-- check_and_charge.lua).
 
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  return -1
+  return 'E'
 end
 local previous = tonumber(redis.call('GET', KEYS[1]) or '0')
 local value = tonumber(ARGV[1])
