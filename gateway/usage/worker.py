@@ -100,6 +100,7 @@ class Worker:
         self.metrics = metrics
         self.settings = settings or Settings()
         self._stopping = asyncio.Event()
+        self._lost_reads = False
         self._last_housekeeping = 0.0
 
     def stop(self) -> None:
@@ -114,12 +115,17 @@ class Worker:
         pending for this consumer, and a restart reads them again first.
         """
         await self._until_done(self.streams.ensure_groups)
-        while not self._stopping.is_set() and await self.round(pending=True):
-            pass
+        await self._drain_pending()
         reading = asyncio.create_task(self._read())
         try:
             while not self._stopping.is_set():
                 entries = await reading
+                if self._lost_reads:
+                    # A read failed after Redis may have delivered it: its entries are
+                    # pending for this consumer, and only a read of those finds them.
+                    await self.write(entries)
+                    await self._drain_pending()
+                    entries = []
                 reading = asyncio.create_task(self._read())
                 await self.write(entries)
                 if time.monotonic() - self._last_housekeeping > self.settings.housekeeping_s:
@@ -132,6 +138,11 @@ class Worker:
                         pass
         finally:
             reading.cancel()
+
+    async def _drain_pending(self) -> None:
+        self._lost_reads = False
+        while not self._stopping.is_set() and await self.round(pending=True):
+            pass
 
     async def round(self, pending: bool = False) -> int:
         """Read one batch from every shard and write it; the number of entries handled."""
@@ -149,6 +160,7 @@ class Worker:
             )
         except (RedisError, OSError) as exc:
             self.metrics.errors.labels("queue").inc()
+            self._lost_reads = True
             if "NOGROUP" in str(exc):
                 # Redis lost its data (the streams went with it): start again.
                 log.warning("usage consumer group missing (Redis lost its data?); recreating")
