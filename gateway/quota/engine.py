@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -241,6 +242,11 @@ class QuotaEngine:
                 await asyncio.sleep(RETRY_PENDING_S)
                 continue
             self._lost.difference_update(shards)
+            # Charges still waiting (spooled under fail_open) go in right behind the
+            # restored totals, not a retry interval later.
+            if len(self.pending):
+                with contextlib.suppress(StoreUnavailable):
+                    await self.pending.flush(self.store)
 
     def charged(
         self,
