@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.cli_tenants import add_parsers
 from gateway.config import ConfigError, GatewayConfig, json_schema, load
@@ -20,39 +20,34 @@ def _load_or_exit(path: str) -> GatewayConfig:
         raise SystemExit(1) from None
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import run
+def _reporting(run: Callable[[], int | None]) -> int:
+    """Run a long-lived command; a StartupError is printed with its fix, exit code 1."""
     from gateway.services import StartupError
 
     try:
-        run(_load_or_exit(args.config))
+        return run() or 0
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import run
+
+    return _reporting(lambda: run(_load_or_exit(args.config)))
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from gateway.services import StartupError
     from gateway.usage.run import run_worker
 
-    try:
-        asyncio.run(run_worker(_load_or_exit(args.config), args.consumer))
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _reporting(lambda: asyncio.run(run_worker(_load_or_exit(args.config), args.consumer)))
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from gateway.services import StartupError
     from gateway.usage.run import run_reconcile
 
-    try:
-        return asyncio.run(run_reconcile(_load_or_exit(args.config), args.fail_on_drift))
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    config = _load_or_exit(args.config)
+    return _reporting(lambda: asyncio.run(run_reconcile(config, args.fail_on_drift)))
 
 
 def _check_config(args: argparse.Namespace) -> int:

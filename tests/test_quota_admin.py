@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from gateway.server import Gateway
-from tests.conftest import MakeGateway
-from tests.test_quota_gateway import SECRET, admin, call, quota_config
-from tests.upstream import Upstream
-
-
-@pytest.fixture
-async def gateway(
-    upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
-) -> Gateway:
-    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "quota-admin")
-    return await make_gateway(quota_config(upstream, tmp_path))
+from tests.test_quota_gateway import admin, call
+from tests.test_quota_gateway import gateway as gateway  # the fixture
 
 
 async def statuses(gw: Gateway, n: int) -> list[int]:
