@@ -24,8 +24,7 @@ local memo = redis.call('GET', KEYS[1])
 if memo and string.sub(memo, 1, 2) ~= '0 ' then
   return 0
 end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now = clock()  -- clock and append_event: usage_event.lua
 for i = 2, #KEYS - 2 do
   local a = 4 + (i - 2) * 5
   local delta = tonumber(ARGV[a])
@@ -34,11 +33,9 @@ for i = 2, #KEYS - 2 do
   if expire_at > 0 then
     redis.call('PEXPIREAT', KEYS[i], expire_at)
   end
-  if ARGV[2] ~= '' and delta ~= 0 then
-    -- The wire form of gateway/usage/events.py, as in check_and_charge.lua.
-    local event = string.format('v1\31%s:%s\31%s\31%d\31%d\31%d\31%s\31%s',
-      ARGV[3], ARGV[a + 2], ARGV[a + 2], delta, now, tonumber(ARGV[a + 3]), ARGV[a + 4], ARGV[2])
-    redis.call('XADD', KEYS[#KEYS - 1], '*', 'e', event)
+  if delta ~= 0 then
+    append_event(KEYS[#KEYS - 1], ARGV[2], ARGV[3] .. ':' .. ARGV[a + 2], ARGV[a + 2], delta,
+      now, tonumber(ARGV[a + 3]), ARGV[a + 4])
   end
 end
 redis.call('SET', KEYS[1], 'applied', 'PX', tonumber(ARGV[1]))

@@ -32,19 +32,10 @@
 local M = 15  -- values per meter
 local FIRST = 8  -- the first meter's first value
 
-local function clock()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000000 + tonumber(time[2])
-end
-
--- One usage event on the stream, fields separated by \31 (the wire form of
--- gateway/usage/events.py): version, id, meter, quantity, time, period, kind, then
--- the shared fields.
+-- One usage event of this request (clock and append_event: usage_event.lua).
 local function record(id_suffix, meter, quantity, at, period_start, kind)
-  if ARGV[6] == '' then return end
-  local event = string.format('v1\31%s:%s%s\31%s\31%d\31%d\31%d\31%s\31%s',
-    ARGV[7], meter, id_suffix, meter, quantity, at, period_start, kind, ARGV[6])
-  redis.call('XADD', KEYS[#KEYS - 1], '*', 'e', event)
+  append_event(KEYS[#KEYS - 1], ARGV[6], ARGV[7] .. ':' .. meter .. id_suffix, meter,
+    quantity, at, period_start, kind)
 end
 
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then

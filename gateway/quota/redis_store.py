@@ -40,10 +40,21 @@ from gateway.usage.events import EventContext, adjustment_kind, to_us
 log = logging.getLogger("gateway.quota")
 POOL_CONNECTIONS = 64
 
-SCRIPT = resources.files("gateway.quota").joinpath("check_and_charge.lua").read_text()
-APPLY_ONCE = resources.files("gateway.quota").joinpath("apply_once.lua").read_text()
-RESTORE = resources.files("gateway.quota").joinpath("restore.lua").read_text()
-SET_LEVEL = resources.files("gateway.quota").joinpath("set_level.lua").read_text()
+
+def _lua(name: str, *, records: bool = True) -> str:
+    """A script's source; those that record usage get the shared prelude first."""
+    source = resources.files("gateway.quota").joinpath(name).read_text()
+    return _lua_prelude() + source if records else source
+
+
+def _lua_prelude() -> str:
+    return resources.files("gateway.quota").joinpath("usage_event.lua").read_text()
+
+
+SCRIPT = _lua("check_and_charge.lua")
+APPLY_ONCE = _lua("apply_once.lua")
+RESTORE = _lua("restore.lua", records=False)
+SET_LEVEL = _lua("set_level.lua")
 
 Client = aioredis.Redis | RedisCluster
 
@@ -185,8 +196,14 @@ class RedisStore:
         for rate_limit, scope in request.rate_limits:
             key_list.append(keys.rate_key(tenant, shards, rate_limit.name, scope))
             args += [rate_limit.interval_us, rate_limit.burst, 1]
-        key_list += [keys.stream_key(tenant, shards), keys.epoch_key(keys.shard_of(tenant, shards))]
+        key_list += self._shard_keys(tenant)[1]
         return key_list, args
+
+    def _shard_keys(self, tenant: str) -> tuple[int, list[str]]:
+        """The tenant's shard, and the keys every recording script takes last:
+        the shard's usage stream, then its epoch key."""
+        shard = keys.shard_of(tenant, self._shards)
+        return shard, [keys.shard_stream(shard), keys.epoch_key(shard)]
 
     def _event_fields(self, tenant: str, context: EventContext | None) -> str:
         return context.fields(tenant) if self._record and context is not None else ""
@@ -288,8 +305,8 @@ class RedisStore:
             expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
             kind = adjustment_kind(period is None, delta, operation_id)
             args += [delta, expire_at, meter, to_us(period.start) if period else 0, kind]
-        shard = keys.shard_of(tenant, self._shards)
-        key_list += [keys.stream_key(tenant, self._shards), keys.epoch_key(shard)]
+        shard, trailing = self._shard_keys(tenant)
+        key_list += trailing
         applied = await self._guard("apply_once", self._apply_once(keys=key_list, args=args))
         if int(applied) < 0:
             raise StoreLost(shard)
@@ -307,12 +324,8 @@ class RedisStore:
         value: int,
         context: EventContext | None = None,
     ) -> None:
-        shard = keys.shard_of(tenant, self._shards)
-        key_list = [
-            self._meter_key(tenant, meter, period),
-            keys.stream_key(tenant, self._shards),
-            keys.epoch_key(shard),
-        ]
+        shard, trailing = self._shard_keys(tenant)
+        key_list = [self._meter_key(tenant, meter, period), *trailing]
         expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
         args: list[int | str] = [
             value, expire_at, self._event_fields(tenant, context), f"{uuid.uuid4().hex}:{meter}",

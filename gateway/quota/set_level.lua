@@ -25,12 +25,8 @@ if expire_at > 0 then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
-if ARGV[3] ~= '' and value ~= previous then
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-  -- The wire form of gateway/usage/events.py, as in check_and_charge.lua.
-  local event = string.format('v1\31%s\31%s\31%d\31%d\31%d\31%s\31%s',
-    ARGV[4], ARGV[5], value - previous, now, tonumber(ARGV[6]), ARGV[7], ARGV[3])
-  redis.call('XADD', KEYS[2], '*', 'e', event)
+if value ~= previous then  -- clock and append_event: usage_event.lua
+  append_event(KEYS[2], ARGV[3], ARGV[4], ARGV[5], value - previous, clock(),
+    tonumber(ARGV[6]), ARGV[7])
 end
 return previous
