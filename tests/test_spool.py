@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gateway.quota.periods import period_of
 from gateway.usage.events import EventContext
-from gateway.usage.spool import Spool, Spooled, orphans, release
+from gateway.usage.spool import Spool, Spooled, orphans
 
 PERIOD = period_of("month", datetime(2026, 11, 21, tzinfo=UTC))
 
@@ -28,13 +28,13 @@ def test_a_dead_process_leaves_its_pending_entries_for_the_next(tmp_path: Path) 
     dead._file.write('A {"t": 1, "op": "op-cut')  # the line the crash cut short
     dead._file.close()  # killed: the lock goes with the process, the file stays
     found = orphans(tmp_path)
-    assert [(path, [e.operation_id for e in entries]) for path, entries in found] == [
+    assert [(o.path, [e.operation_id for e in o.entries]) for o in found] == [
         (dead.path, ["op-0", "op-2"])
     ]  # the live process's file is not an orphan
-    assert found[0][1][0] == entry(0).__class__(
-        found[0][1][0].wall_time, "op-0", "acme", entry(0).adjustments, entry(0).context
+    assert found[0].entries[0] == Spooled(
+        found[0].entries[0].wall_time, "op-0", "acme", entry(0).adjustments, entry(0).context
     )
-    release(dead.path)
+    found[0].release()
     assert not dead.path.exists() and orphans(tmp_path) == []
     live.done("op-9")
     live.close()
@@ -46,5 +46,5 @@ def test_a_spool_closed_with_pending_entries_is_kept(tmp_path: Path) -> None:
     spool.add(entry(1))
     spool.close()
     found = orphans(tmp_path)
-    assert [[e.operation_id for e in entries] for _, entries in found] == [["op-1"]]
-    release(found[0][0])
+    assert [[e.operation_id for e in o.entries] for o in found] == [["op-1"]]
+    found[0].release()

@@ -28,7 +28,7 @@ from gateway.quota.store import (
     StoreUnavailable,
 )
 from gateway.usage.events import EventContext
-from gateway.usage.spool import Spool, orphans, release
+from gateway.usage.spool import Spool, orphans
 
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
@@ -214,13 +214,14 @@ class QuotaEngine:
         directory = self.config.usage.spool_dir
         if directory is None:
             return
-        for path, entries in orphans(directory):
-            for entry in entries:
+        for orphan in orphans(directory):
+            for entry in orphan.entries:
                 self.pending.add(entry.operation_id, entry.tenant, entry.adjustments,
                                  entry.context, wall_time=entry.wall_time)  # fmt: skip
-            release(path)
-            if entries:
-                log.warning("replaying %d spooled charges left in %s", len(entries), path)
+            orphan.release()
+            if orphan.entries:
+                log.warning("replaying %d spooled charges left in %s", len(orphan.entries),
+                            orphan.path)  # fmt: skip
         if len(self.pending):
             self._schedule_retry()
 

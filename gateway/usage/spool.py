@@ -69,10 +69,22 @@ class Spool:
             log.warning("%d spooled charges left in %s for the next start", self._open, self.path)
 
 
-def orphans(directory: Path) -> list[tuple[Path, list[Spooled]]]:
-    """The spool files of dead processes and their pending entries, oldest file first.
+@dataclass
+class Orphan:
+    """A dead process's spool file, locked by this process until `release`."""
 
-    Each returned file stays locked by this process until `release` is called."""
+    path: Path
+    entries: list[Spooled]  # pending, in the order they were spooled
+    _handle: IO[str]
+
+    def release(self) -> None:
+        """Delete the file once its entries are safe in this process's spool."""
+        self.path.unlink(missing_ok=True)
+        self._handle.close()
+
+
+def orphans(directory: Path) -> list[Orphan]:
+    """The spool files of dead processes, oldest first (a live process holds its lock)."""
     found = []
     for path in sorted(directory.glob("spool-*.log"), key=lambda p: p.stat().st_mtime):
         handle = path.open("r", encoding="utf-8")
@@ -81,20 +93,8 @@ def orphans(directory: Path) -> list[tuple[Path, list[Spooled]]]:
         except BlockingIOError:  # a live process's
             handle.close()
             continue
-        found.append((path, _pending(handle.read())))
-        _HELD[path] = handle
+        found.append(Orphan(path, _pending(handle.read()), handle))
     return found
-
-
-_HELD: dict[Path, IO[str]] = {}
-
-
-def release(path: Path) -> None:
-    """Forget a dead process's file once its entries are in this process's spool."""
-    path.unlink(missing_ok=True)
-    handle = _HELD.pop(path, None)
-    if handle is not None:
-        handle.close()
 
 
 def _pending(text: str) -> list[Spooled]:
