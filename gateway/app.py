@@ -26,7 +26,8 @@ from gateway.quota.usage import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
 from gateway.usage.events import EventContext
-from gateway.usage.recorder import Recorder
+from gateway.usage.journal import EventJournal
+from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from gateway.usage.restore import restore_shards
 
 # Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
@@ -199,7 +200,15 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
         usage = UsageLedger(services.ledger.db)
         restorer = functools.partial(restore_shards, store, usage, config.meters)
         if isinstance(store, MemoryStore):
-            recorder = Recorder(store.events, usage, config.usage.flush_interval_ms / 1000)
+            journal = None
+            directory = journal_directory(config.usage.spool_dir, config.storage.ledger)
+            if directory is not None:
+                # What a killed process journaled goes into the ledger before the
+                # restore below reads it back.
+                await replay_journals(directory, usage)
+                store.journal = journal = EventJournal(directory)
+            interval_s = config.usage.flush_interval_ms / 1000
+            recorder = Recorder(store.events, usage, interval_s, journal)
             recorder.start()
     elif isinstance(store, MemoryStore):
         await store.restore(0, [])  # no ledger: nothing to restore from

@@ -20,6 +20,7 @@ from gateway.quota.store import (
     evaluate,
 )
 from gateway.usage.events import EventContext, UsageEvent, adjustment_kind, to_us
+from gateway.usage.journal import EventJournal
 
 # One shard: the hash tags only matter to Redis, the layout stays the same.
 _SHARDS = 1
@@ -41,6 +42,8 @@ class MemoryStore:
         # The in-process usage queue: appended in the same step as the charge,
         # drained into the ledger by the recorder (gateway/usage/recorder.py).
         self.events: list[UsageEvent] = []
+        # Where each event also goes at once, so a killed process loses none of them.
+        self.journal: EventJournal | None = None
         # A new process starts with nothing: whole only once restored from the ledger.
         self._whole = False
         self._values: dict[str, int] = {}
@@ -176,13 +179,14 @@ class MemoryStore:
     ) -> None:
         if not self._record:
             return
-        self.events.append(
-            UsageEvent(
-                f"{operation_id}:{meter}{suffix}", tenant, meter, quantity, now_us,
-                to_us(period.start) if period else 0, kind, context.route, context.method,
-                context.status, context.request_id,
-            )
+        event = UsageEvent(
+            f"{operation_id}:{meter}{suffix}", tenant, meter, quantity, now_us,
+            to_us(period.start) if period else 0, kind, context.route, context.method,
+            context.status, context.request_id,
         )  # fmt: skip
+        self.events.append(event)
+        if self.journal is not None:
+            self.journal.append((event.encode(),))
 
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:
         return self._values.get(_meter_key(tenant, meter, period), 0)

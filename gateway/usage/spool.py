@@ -7,27 +7,27 @@ so a process killed meanwhile loses nothing: the next process to start on the
 same directory replays what the dead one left, in order, under the original
 operation ids (so nothing is applied twice while Redis still remembers them).
 
-One file per process, locked while the process lives: an unlocked file
-belongs to a dead process. Lines are `A <json>` (pending) and `D <op id>` (applied).
+One file per process, locked while the process lives (see journal.py): an
+unlocked file belongs to a dead process. Lines are `A <json>` (pending) and
+`D <op id>` (applied).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from gateway.quota.periods import Period
 from gateway.quota.store import Adjustment
 from gateway.usage.events import EventContext
+from gateway.usage.journal import DeadFile, dead_files, own_file
 
 log = logging.getLogger("gateway.usage")
+SPOOL = "spool"  # the files' name prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +43,7 @@ class Spool:
     """This process's spool file."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"spool-{os.getpid()}-{time.time_ns()}.log"
-        self._file: IO[str] = self.path.open("a", encoding="utf-8")
-        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path, self._file = own_file(directory, SPOOL)
         self._open = 0  # entries added and not done
 
     def add(self, entry: Spooled) -> None:
@@ -73,28 +70,21 @@ class Spool:
 class Orphan:
     """A dead process's spool file, locked by this process until `release`."""
 
-    path: Path
+    file: DeadFile
     entries: list[Spooled]  # pending, in the order they were spooled
-    _handle: IO[str]
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
 
     def release(self) -> None:
         """Delete the file once its entries are safe in this process's spool."""
-        self.path.unlink(missing_ok=True)
-        self._handle.close()
+        self.file.release()
 
 
 def orphans(directory: Path) -> list[Orphan]:
-    """The spool files of dead processes, oldest first (a live process holds its lock)."""
-    found = []
-    for path in sorted(directory.glob("spool-*.log"), key=lambda p: p.stat().st_mtime):
-        handle = path.open("r", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live process's
-            handle.close()
-            continue
-        found.append(Orphan(path, _pending(handle.read()), handle))
-    return found
+    """The spool files of dead processes, oldest first."""
+    return [Orphan(dead, _pending(dead.text)) for dead in dead_files(directory, SPOOL)]
 
 
 def _pending(text: str) -> list[Spooled]:
