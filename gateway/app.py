@@ -22,6 +22,7 @@ from gateway.quota.engine import QuotaEngine
 from gateway.quota.http import Metered, meter
 from gateway.quota.memory import MemoryStore
 from gateway.quota.open import needs_quota, open_store
+from gateway.quota.redis_store import RedisStore
 from gateway.quota.usage import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
@@ -193,12 +194,13 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     services = app.get(SERVICES)
-    store = await open_store(config.storage, record=services is not None)
+    store = await open_store(config, record=services is not None)
     restorer = None
     recorder = None
     if services is not None:
         usage = UsageLedger(services.ledger.db)
-        restorer = functools.partial(restore_shards, store, usage, config.meters)
+        queue = store.queue if isinstance(store, RedisStore) else None
+        restorer = functools.partial(restore_shards, store, usage, config.meters, queue=queue)
         if isinstance(store, MemoryStore):
             journal = None
             directory = journal_directory(config.usage.spool_dir, config.storage.ledger)

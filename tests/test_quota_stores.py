@@ -21,6 +21,7 @@ from gateway.quota.redis_store import RedisStore
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import ChargeRequest, CounterStore, MeterCharge, StoreUnavailable
 from gateway.usage.events import EventContext, UsageEvent, decode, to_us
+from gateway.usage.queue import EventQueue
 from tests.conftest import whole
 from tests.servers import RedisServer
 
@@ -40,10 +41,20 @@ async def flushed(*servers: RedisServer, timeout_ms: int = 2000) -> RedisStore:
     return await whole(await RedisStore.open(servers[0].url, shards=16, timeout_ms=timeout_ms))
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "redis", "cluster", "queue"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
+    """Every counter store; "queue": Redis with its usage queue on another database."""
     if request.param == "memory":
         yield await whole(MemoryStore())
+        return
+    if request.param == "queue":
+        server = request.getfixturevalue("shared_redis_server")
+        await (await flushed(server)).close()
+        queue = EventQueue(aioredis.Redis.from_url(server.url[:-1] + "1"), 16, 2.0)
+        with_queue = await whole(RedisStore(aioredis.Redis.from_url(server.url), 16, 2.0,
+                                            queue=queue))  # fmt: skip
+        yield with_queue
+        await with_queue.close()
         return
     if request.param == "redis":
         servers = [request.getfixturevalue("shared_redis_server")]
@@ -269,9 +280,10 @@ async def recorded(store: CounterStore) -> list[UsageEvent]:
     if isinstance(store, MemoryStore):
         return list(store.events)
     assert isinstance(store, RedisStore)
+    client = store._client if store.queue is None else store.queue.client
     found = []
     for shard in range(16):
-        entries = await store._client.xrange(keys.shard_stream(shard))
+        entries = await client.xrange(keys.shard_stream(shard))
         for _, fields in entries or ():
             assert fields is not None
             found.append(decode(fields[b"e"]))

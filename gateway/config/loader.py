@@ -171,6 +171,18 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
         for price, plan_name in cfg.stripe.prices.items():
             if plan_name not in cfg.plans:
                 yield f"stripe.prices.{price}", f"unknown plan {plan_name!r}"
+    queue = cfg.storage.queue
+    if queue is not None and queue != cfg.storage.counters:
+        if cfg.storage.counters.startswith("memory:"):
+            yield (
+                "storage.queue",
+                (
+                    "memory:// counters record usage inside the process; "
+                    "a queue needs redis:// counters"
+                ),
+            )
+        elif queue.startswith("memory:"):
+            yield "storage.queue", "with redis:// counters the queue must be redis:// too"
     if cfg.server.workers > 1:
         for key in ("counters", "ledger"):
             url: str = getattr(cfg.storage, key)

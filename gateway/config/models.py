@@ -199,6 +199,15 @@ class StorageConfig(Model):
     # message on change; this TTL is only the backstop for a lost message.
     cache_ttl_s: PositiveFloat = 600.0
 
+    @property
+    def separate_queue(self) -> str | None:
+        """The queue's URL when it is not the counter store's Redis."""
+        return self.queue if self.queue not in (None, self.counters) else None
+
+    @property
+    def queue_url(self) -> str:
+        return self.queue or self.counters
+
 
 class PublicKeyConfig(Model):
     kid: str

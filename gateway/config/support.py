@@ -22,6 +22,3 @@ def unsupported(cfg: GatewayConfig) -> Iterator[tuple[str, str]]:
         yield "metrics.tenant_label", NOT_YET
     if cfg.server.workers > 1:
         yield "server.workers", f"more than one worker is {NOT_YET}"
-    queue = cfg.storage.queue
-    if queue is not None and queue != cfg.storage.counters:
-        yield "storage.queue", f"a queue on another Redis than storage.counters is {NOT_YET}"

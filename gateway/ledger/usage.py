@@ -76,6 +76,18 @@ _RECENT_TOTALS = """
     SELECT tenant_id, meter, period_start, quantity FROM usage_totals
     WHERE period_start >= $1 OR period_start = $2
 """
+# The same, plus staged events the ledger does not hold yet, in one statement: one
+# snapshot, so an event the worker commits meanwhile is counted once either way.
+_RECENT_TOTALS_AND_STAGED = """
+    SELECT tenant_id, meter, period_start, sum(quantity) AS quantity FROM (
+        SELECT tenant_id, meter, period_start, quantity FROM usage_totals
+        WHERE period_start >= $1 OR period_start = $2
+        UNION ALL
+        SELECT s.tenant_id, s.meter, s.period_start, s.quantity FROM usage_staging s
+        WHERE (s.period_start >= $1 OR s.period_start = $2)
+        AND NOT EXISTS (SELECT 1 FROM usage_events e WHERE e.at = s.at AND e.id = s.id)
+    ) AS t GROUP BY tenant_id, meter, period_start
+"""
 _ADD_HOURLY = """
     INSERT INTO usage_hourly (tenant_id, meter, hour, quantity, events)
     VALUES ($1, $2, $3, $4, $5)
@@ -135,10 +147,7 @@ class UsageLedger:
             months = {(row[0].year, row[0].month) for row in rows}
             await self.ensure_partitions(datetime(y, m, 1, tzinfo=UTC) for y, m in months)
         async with self.db.transaction() as tx:
-            await tx.execute(_STAGING[self.db.dialect])
-            if self.db.dialect == "sqlite":
-                await tx.execute("DELETE FROM usage_staging")
-            await tx.copy_rows("usage_staging", COLUMNS, rows)
+            await self._stage(tx, rows)
             if self.db.dialect == "postgresql":
                 inserted = int(await tx.fetchval(_MOVE_AND_ROLL_UP))
             else:
@@ -146,6 +155,12 @@ class UsageLedger:
                 await _add_rollups(tx, new)
                 inserted = len(new)
         return Written(inserted, len(rows) - inserted)
+
+    async def _stage(self, tx: Queries, rows: Sequence[tuple[Any, ...]]) -> None:
+        await tx.execute(_STAGING[self.db.dialect])
+        if self.db.dialect == "sqlite":  # PostgreSQL's empties itself at commit
+            await tx.execute("DELETE FROM usage_staging")
+        await tx.copy_rows("usage_staging", COLUMNS, rows)
 
     async def ensure_partitions(self, months: Iterable[datetime]) -> None:
         """Create the monthly partitions of `usage_events` that do not exist (PostgreSQL)."""
@@ -185,10 +200,19 @@ class UsageLedger:
         rows = await self.db.fetch(_TOTALS_OF_PERIOD, utc(period_start))
         return {(row["tenant_id"], row["meter"]): int(row["quantity"]) for row in rows}
 
-    async def recent_totals(self, since: datetime) -> list[tuple[str, str, datetime, int]]:
+    async def recent_totals(
+        self, since: datetime, unrecorded: Sequence[tuple[Any, ...]] = ()
+    ) -> list[tuple[str, str, datetime, int]]:
         """(tenant, meter, period start, total) of periods started since `since`, and of
-        those that start at the epoch (gauges, counters that never reset)."""
-        rows = await self.db.fetch(_RECENT_TOTALS, utc(since), EPOCH)
+        those that start at the epoch (gauges, counters that never reset), counting also
+        the `unrecorded` rows (see `wire_row`) that the ledger does not hold yet."""
+        if not unrecorded:
+            rows = await self.db.fetch(_RECENT_TOTALS, utc(since), EPOCH)
+        else:
+            unique = list({(row[0], row[1]): row for row in unrecorded}.values())
+            async with self.db.transaction() as tx:
+                await self._stage(tx, unique)
+                rows = await tx.fetch(_RECENT_TOTALS_AND_STAGED, utc(since), EPOCH)
         return [
             (r["tenant_id"], r["meter"], required(loaded(r["period_start"])), int(r["quantity"]))
             for r in rows

@@ -8,14 +8,15 @@
 -- KEYS[n-1]  the shard's usage stream
 -- KEYS[n]    the shard's epoch key
 -- ARGV[1]    memo TTL (ms)
--- ARGV[2]    the events' shared trailing fields (tenant, route, ...); "" records no events
+-- ARGV[2]    the events' mode and shared trailing fields (append_event in usage_event.lua)
 -- ARGV[3]    the operation id: each event's id is "<operation id>:<meter>"
 -- ARGV[4..]  per key, 5 values: the delta; the key's expiry (ms since the epoch, 0: none);
 --            the meter; its period's start (us since the epoch, 0 for a gauge); the
 --            event's kind
 --
 -- Returns 1 when applied, 0 when the operation had already happened, -1 when the
--- epoch key is missing (this Redis lost its data; see check_and_charge.lua).
+-- epoch key is missing (this Redis lost its data; see check_and_charge.lua); an
+-- applied call that returns its events answers {1, events...} (reply).
 
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
   return -1
@@ -39,4 +40,4 @@ for i = 2, #KEYS - 2 do
   end
 end
 redis.call('SET', KEYS[1], 'applied', 'PX', tonumber(ARGV[1]))
-return 1
+return reply(1)

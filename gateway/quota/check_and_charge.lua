@@ -12,7 +12,7 @@
 -- ARGV[5]    "check", or "void": the caller gave up on this request (a timeout,
 --            answered 503); if the check has not run it never will (a marker is
 --            left in the memo), and if it ran and charged, its charges are undone
--- ARGV[6]    the events' shared trailing fields (tenant, route, ...); "" records no events
+-- ARGV[6]    the events' mode and shared trailing fields (append_event in usage_event.lua)
 -- ARGV[7]    the operation id: each event's id is "<operation id>:<meter>"
 -- then (from ARGV[8]) 15 values per meter: kind ("c" counter, "g" gauge); the three periods'
 --            start and end (microseconds since the epoch; zeros for a gauge);
@@ -27,7 +27,8 @@
 -- <state> is "allowed now_us chosen... used... tats...", integers: the state read
 -- before charging, from which the gateway builds the full decision.
 -- The clock is Redis TIME. Numbers are written with %d: Lua's tostring keeps
--- only 14 significant digits, and a time in microseconds has 16.
+-- only 14 significant digits, and a time in microseconds has 16. A call that
+-- returns its events instead of appending them answers {answer, events...} (reply).
 
 local M = 15  -- values per meter
 local FIRST = 8  -- the first meter's first value
@@ -85,7 +86,7 @@ if ARGV[5] == 'void' then
     end
     redis.call('SET', KEYS[1], 'V', 'PX', memo_ttl_ms)
   end
-  return 'V'
+  return reply('V')  -- reply: usage_event.lua
 end
 
 if memo then
@@ -182,4 +183,4 @@ for m = 1, n_meters do parts[#parts + 1] = string.format('%d', used[m]) end
 for r = 1, n_rates do parts[#parts + 1] = string.format('%d', tats[r]) end
 local state = table.concat(parts, ' ')
 redis.call('SET', KEYS[1], state, 'PX', memo_ttl_ms)
-return 'N ' .. state
+return reply('N ' .. state)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from gateway.config.models import GatewayConfig, StorageConfig
+from gateway.config.models import GatewayConfig
 from gateway.quota.memory import MemoryStore
+from gateway.quota.redis_client import redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import CounterStore
+from gateway.usage.journal import EventJournal
+from gateway.usage.queue import EventQueue
 
 
 def needs_quota(config: GatewayConfig) -> bool:
@@ -15,10 +18,21 @@ def needs_quota(config: GatewayConfig) -> bool:
     )
 
 
-async def open_store(storage: StorageConfig, record: bool = True) -> CounterStore:
-    """`memory://` or `redis://` from `storage.counters`; `record`: keep usage events."""
+async def open_store(config: GatewayConfig, record: bool = True) -> CounterStore:
+    """`memory://` or `redis://` from `storage.counters`; `record`: keep usage events,
+    in a queue of their own where `storage.queue` names another Redis."""
+    storage = config.storage
     if storage.counters.startswith("memory:"):
         return MemoryStore(record=record)
+    queue = None
+    if record and storage.separate_queue is not None:
+        client = await redis_client(storage.separate_queue, storage.redis_cluster)
+        spool_dir = config.usage.spool_dir
+        journal = EventJournal(spool_dir) if spool_dir is not None else None
+        queue = EventQueue(client, storage.shards, storage.timeout_ms / 1000, journal)
+        if spool_dir is not None:
+            queue.adopt(spool_dir)
     return await RedisStore.open(
-        storage.counters, storage.shards, storage.timeout_ms, storage.redis_cluster, record
-    )
+        storage.counters, storage.shards, storage.timeout_ms, storage.redis_cluster, record,
+        queue,
+    )  # fmt: skip

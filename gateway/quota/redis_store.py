@@ -10,7 +10,6 @@ id replays the first answer and charges nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Sequence
@@ -18,13 +17,11 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from gateway.lifecycle import stop_task
 from gateway.quota import keys
 from gateway.quota.periods import Period
+from gateway.quota.redis_client import Client, ScriptPipeline, close_client, redis_client
 from gateway.quota.store import (
     Adjustment,
     ChargeRequest,
@@ -36,9 +33,9 @@ from gateway.quota.store import (
     evaluate,
 )
 from gateway.usage.events import EventContext, adjustment_kind, to_us
+from gateway.usage.queue import EventQueue
 
 log = logging.getLogger("gateway.quota")
-POOL_CONNECTIONS = 64
 
 
 def _lua(name: str, *, records: bool = True) -> str:
@@ -56,83 +53,28 @@ APPLY_ONCE = _lua("apply_once.lua")
 RESTORE = _lua("restore.lua", records=False)
 SET_LEVEL = _lua("set_level.lua")
 
-Client = aioredis.Redis | RedisCluster
-
-
-class _Pipeliner:
-    """Script calls made while a round trip is under way go together in the next one.
-
-    Each EVALSHA still runs atomically on its own; batching only spares the
-    per-call client work and system calls, which dominate at high rates.
-    Entries that hit NOSCRIPT never ran, so resending them is safe.
-    """
-
-    def __init__(self, client: Client, source: str) -> None:
-        self._client = client
-        self._source = source
-        self._sha = hashlib.sha1(source.encode()).hexdigest()
-        self._queue: list[tuple[list[str], list[int | str], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    def call(self, key_list: list[str], args: list[int | str]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((key_list, args, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="redis-pipeline")
-        return future
-
-    async def _flush(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    results = await self._execute(batch)
-                except (RedisError, OSError) as exc:
-                    results = [exc] * len(batch)
-                for (_, _, future), result in zip(batch, results, strict=True):
-                    if future.done():  # its caller timed out
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._flusher = None
-
-    async def _execute(self, batch: list[tuple[list[str], list[int | str], Any]]) -> list[Any]:
-        results = await self._send([(k, a) for k, a, _ in batch])
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:  # a restarted or flushed Redis
-            await self._client.script_load(self._source)
-            resent = await self._send([(batch[i][0], batch[i][1]) for i in missing])
-            for i, result in zip(missing, resent, strict=True):
-                results[i] = result
-        return results
-
-    async def _send(self, calls: list[tuple[list[str], list[int | str]]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for key_list, args in calls:
-            # execute_command, not evalsha: a cluster pipeline refuses the
-            # latter by name, yet routes the command by its keys all the same.
-            pipe.execute_command("EVALSHA", self._sha, len(key_list), *key_list, *args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def close(self) -> None:
-        await stop_task(self._flusher)
-
 
 class RedisStore:
     """Counters, gauges and rate limits in Redis, keys as in `keys`."""
 
-    def __init__(self, client: Client, shards: int, timeout_s: float, record: bool = True) -> None:
+    def __init__(
+        self,
+        client: Client,
+        shards: int,
+        timeout_s: float,
+        record: bool = True,
+        queue: EventQueue | None = None,
+    ) -> None:
         self._client = client
-        self._record = record  # append usage events to the shards' streams
+        self._record = record  # record usage events
+        # Where they go when not to the shards' streams on this Redis (storage.queue).
+        self.queue = queue
         self._shards = shards
         self._timeout_s = timeout_s
-        self._checks = _Pipeliner(client, SCRIPT)
-        self._apply_once = client.register_script(APPLY_ONCE)
+        self._checks = ScriptPipeline(client, SCRIPT, queue)
+        self._apply_once = ScriptPipeline(client, APPLY_ONCE, queue)
+        self._set_level = ScriptPipeline(client, SET_LEVEL, queue)
         self._restore = client.register_script(RESTORE)
-        self._set_level = client.register_script(SET_LEVEL)
 
     @classmethod
     async def open(
@@ -142,6 +84,7 @@ class RedisStore:
         timeout_ms: int,
         cluster: bool | None = None,
         record: bool = True,
+        queue: EventQueue | None = None,
     ) -> RedisStore:
         """Connect and check the eviction policy (an evicted counter is a fresh quota).
 
@@ -150,7 +93,7 @@ class RedisStore:
         then get the configured failure policy until it answers.
         """
         client = await redis_client(url, cluster)
-        store = cls(client, shards, timeout_ms / 1000, record)
+        store = cls(client, shards, timeout_ms / 1000, record, queue)
         try:
             policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
         except ResponseError:  # CONFIG may be disabled on managed Redis
@@ -206,11 +149,23 @@ class RedisStore:
         return shard, [keys.shard_stream(shard), keys.epoch_key(shard)]
 
     def _event_fields(self, tenant: str, context: EventContext | None) -> str:
-        return context.fields(tenant) if self._record and context is not None else ""
+        if not self._record or context is None:
+            return ""
+        # The mode (usage_event.lua): append here, or return the events for the queue.
+        return ("X" if self.queue is None else "R") + context.fields(tenant)
+
+    async def _script(
+        self, what: str, script: ScriptPipeline, key_list: list[str], args: list[int | str]
+    ) -> Any:
+        """A script's answer, once the events it returned are in the queue (or kept)."""
+        answer, appended = await self._guard(what, script.call(key_list, args))
+        if appended is not None:
+            await asyncio.shield(appended)
+        return answer
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         key_list, args = self._encode(request)
-        raw = await self._guard("check_and_charge", self._checks.call(key_list, args))
+        raw = await self._script("check_and_charge", self._checks, key_list, args)
         flag, *numbers = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
         if flag == "E":
             raise StoreLost(keys.shard_of(request.tenant, self._shards))
@@ -257,7 +212,7 @@ class RedisStore:
 
     async def void(self, request: ChargeRequest) -> None:
         key_list, args = self._encode(request, mode="void")
-        if await self._guard("void", self._checks.call(key_list, args)) in (b"E", "E"):
+        if await self._script("void", self._checks, key_list, args) in (b"E", "E"):
             raise StoreLost(keys.shard_of(request.tenant, self._shards))
 
     @property
@@ -307,7 +262,7 @@ class RedisStore:
             args += [delta, expire_at, meter, to_us(period.start) if period else 0, kind]
         shard, trailing = self._shard_keys(tenant)
         key_list += trailing
-        applied = await self._guard("apply_once", self._apply_once(keys=key_list, args=args))
+        applied = await self._script("apply_once", self._apply_once, key_list, args)
         if int(applied) < 0:
             raise StoreLost(shard)
         return bool(applied)
@@ -331,7 +286,7 @@ class RedisStore:
             value, expire_at, self._event_fields(tenant, context), f"{uuid.uuid4().hex}:{meter}",
             meter, to_us(period.start) if period else 0, "gauge" if period is None else "reset",
         ]  # fmt: skip
-        previous = await self._guard("set_level", self._set_level(keys=key_list, args=args))
+        previous = await self._script("set_level", self._set_level, key_list, args)
         if previous in (b"E", "E"):
             raise StoreLost(shard)
 
@@ -356,48 +311,9 @@ class RedisStore:
             await self._guard("idempotency", self._client.set(key, record, px=ttl_ms))
 
     async def close(self) -> None:
-        await self._checks.close()
+        for script in (self._checks, self._apply_once, self._set_level):
+            await script.close()
+        if self.queue is not None:
+            await self.queue.close()
+            await close_client(self.queue.client)
         await close_client(self._client)
-
-
-async def redis_client(url: str, cluster: bool | None) -> Client:
-    """A client for a single Redis or (`cluster` True, or None and the server says so) a
-    Redis Cluster, with a bounded pool (per node)."""
-    if cluster is None:
-        cluster = await is_cluster(url)
-    if cluster:
-        return RedisCluster.from_url(
-            url, max_connections=POOL_CONNECTIONS, socket_connect_timeout=2
-        )
-    # A bounded pool whose callers wait for a free connection; the wait
-    # counts against the caller's timeout like the call itself.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=POOL_CONNECTIONS, timeout=None, socket_connect_timeout=2
-    )
-    return aioredis.Redis(connection_pool=pool)
-
-
-async def close_client(client: Client) -> None:
-    if isinstance(client, RedisCluster):
-        await client.aclose()
-    else:
-        # The client was given its pool, so it does not close it unless told.
-        await client.aclose(close_connection_pool=True)
-
-
-async def is_cluster(url: str) -> bool:
-    """Whether the Redis at `url` is a Redis Cluster node; False (with a warning) if it
-    cannot be asked, in which case `storage.redis_cluster` should say."""
-    probe = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        info = await probe.info("cluster")
-    except (RedisError, OSError) as exc:
-        log.warning(
-            "could not ask %s whether it is a Redis Cluster (%s): using it as a single Redis; "
-            "set storage.redis_cluster to say",
-            url.split("@")[-1], exc,
-        )  # fmt: skip
-        return False
-    finally:
-        await probe.aclose()
-    return bool(info.get("cluster_enabled"))

@@ -6,13 +6,13 @@
 -- KEYS[2]    the shard's usage stream
 -- KEYS[3]    the shard's epoch key
 -- ARGV[1]    the value                   ARGV[2]  the key's expiry (ms since the epoch, 0: none)
--- ARGV[3]    the event's shared trailing fields (tenant, route, ...); "" records no event
+-- ARGV[3]    the event's mode and shared trailing fields (append_event in usage_event.lua)
 -- ARGV[4]    the event's id              ARGV[5]  the meter
 -- ARGV[6]    the period's start (us since the epoch, 0 for a gauge)
 -- ARGV[7]    the event's kind
 --
--- Returns the previous value, or "E" when the epoch key is missing (see
--- check_and_charge.lua).
+-- Returns the previous value ({previous, event} when it returns its event: reply),
+-- or "E" when the epoch key is missing (see check_and_charge.lua).
 
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return 'E'
@@ -29,4 +29,4 @@ if value ~= previous then  -- clock and append_event: usage_event.lua
   append_event(KEYS[2], ARGV[3], ARGV[4], ARGV[5], value - previous, clock(),
     tonumber(ARGV[6]), ARGV[7])
 end
-return previous
+return reply(previous)

@@ -3,8 +3,10 @@
 A Redis that lost its data (or the memory store of a restarted process) has
 no epoch key for a shard; nothing is checked or charged there until its
 counters are set from the ledger's totals for the periods that may still be
-current, and gauges from theirs. What was queued but not yet in the ledger
-when the data went is the stated loss (README, "Failure modes").
+current, and gauges from theirs. With the queue on another Redis
+(`storage.queue`), the events it still holds and those waiting in this process
+count too; with one Redis, what was queued but not yet in the ledger when the
+data went is the stated loss (README, "Failure modes").
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from gateway.config.models import MeterConfig
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.usage import UsageLedger, wire_row
 from gateway.quota import keys
 from gateway.quota.periods import Period, period_of
 from gateway.quota.store import CounterStore, Level
+from gateway.usage.queue import EventQueue
 
 log = logging.getLogger("gateway.quota")
 
@@ -31,11 +35,15 @@ async def restore_shards(
     ledger: UsageLedger,
     meters: Mapping[str, MeterConfig],
     shards: Sequence[int],
+    queue: EventQueue | None = None,
 ) -> None:
-    """Restore `shards` of `store` from the ledger's totals."""
+    """Restore `shards` of `store` from the ledger's totals (and the queue's events)."""
     if not shards:
         return
-    totals = await ledger.recent_totals(datetime.now(UTC) - RECENT)
+    # The queue first: what the worker moves meanwhile is then in the ledger's
+    # snapshot, and recognised there by its id.
+    unrecorded = _rows(await queue.unrecorded(shards)) if queue is not None else []
+    totals = await ledger.recent_totals(datetime.now(UTC) - RECENT, unrecorded)
     wanted = set(shards)
     levels: dict[int, list[Level]] = {shard: [] for shard in shards}
     for tenant, meter, start, quantity in totals:
@@ -49,6 +57,16 @@ async def restore_shards(
         await store.restore(shard, levels[shard])
         log.warning("counter store shard %d restored from the ledger (%d counters)", shard,
                     len(levels[shard]))  # fmt: skip
+
+
+def _rows(wires: Sequence[str]) -> list[tuple[Any, ...]]:
+    rows = []
+    for wire in wires:
+        try:
+            rows.append(wire_row(wire))
+        except ValueError:
+            log.error("not a usage event in the queue, left out of the restore: %r", wire[:200])
+    return rows
 
 
 def _period(kind: str, start: datetime) -> Period:

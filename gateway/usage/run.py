@@ -15,7 +15,8 @@ from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
 from gateway.ledger.usage import UsageLedger
 from gateway.lifecycle import stop_task
-from gateway.quota.redis_store import Client, RedisStore, close_client, redis_client
+from gateway.quota.redis_client import Client, close_client, redis_client
+from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import StoreUnavailable
 from gateway.services import StartupError, open_ledger
 from gateway.subscription import iso_utc
@@ -93,9 +94,11 @@ async def _reconcile_forever(
 async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None:
     """Move usage events from the queue into the ledger until SIGTERM or SIGINT."""
     _needs_redis(config, "a worker")
-    counters = config.storage.counters
     ledger = await open_ledger(config, migrate=False)
-    client = await redis_client(counters, config.storage.redis_cluster)
+    client = await redis_client(config.storage.queue_url, config.storage.redis_cluster)
+    counters = client
+    if config.storage.separate_queue is not None:
+        counters = await redis_client(config.storage.counters, config.storage.redis_cluster)
     registry = CollectorRegistry()
     streams = UsageStreams(client, config.storage.shards, consumer or socket.gethostname())
     settings = Settings(retention_months=config.usage.retention_months)
@@ -111,12 +114,14 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
         streams.consumer, streams.shards, config.storage.ledger.split("@")[-1],
         config.admin.host, runner.addresses[0][1],
     )  # fmt: skip
-    reconciling = asyncio.create_task(_reconcile_forever(config, ledger, client, worker.metrics))
+    reconciling = asyncio.create_task(_reconcile_forever(config, ledger, counters, worker.metrics))
     try:
         await worker.run()
     finally:
         await stop_task(reconciling)
         await runner.cleanup()
         await close_client(client)
+        if counters is not client:
+            await close_client(counters)
         await ledger.close()
         log.info("usage worker stopped")

@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from gateway.quota import keys
-from gateway.quota.redis_store import Client
+from gateway.quota.redis_client import Client
 
 log = logging.getLogger("gateway.usage")
 

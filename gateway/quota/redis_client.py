@@ -1,0 +1,140 @@
+"""Redis connections, and script calls pipelined across concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.lifecycle import stop_task
+from gateway.usage.queue import EventQueue
+
+log = logging.getLogger("gateway.quota")
+POOL_CONNECTIONS = 64
+
+Client = aioredis.Redis | RedisCluster
+
+
+class ScriptPipeline:
+    """Script calls made while a round trip is under way go together in the next one.
+
+    Each EVALSHA still runs atomically on its own; batching only spares the
+    per-call client work and system calls, which dominate at high rates.
+    Entries that hit NOSCRIPT never ran, so resending them is safe.
+
+    With a separate usage queue, a script returns its events with its answer
+    ({answer, events...}); they go to the queue here, whether or not the caller
+    still waits (one that timed out may have charged all the same), and the
+    call's future gets (answer, the queue's future for them, or None).
+    """
+
+    def __init__(self, client: Client, source: str, queue: EventQueue | None = None) -> None:
+        self._client = client
+        self._source = source
+        self._events = queue
+        self._sha = hashlib.sha1(source.encode()).hexdigest()
+        self._queue: list[tuple[list[str], list[int | str], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def call(self, key_list: list[str], args: list[int | str]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((key_list, args, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="redis-pipeline")
+        return future
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await self._execute(batch)
+                except (RedisError, OSError) as exc:
+                    results = [exc] * len(batch)
+                for (key_list, _, future), result in zip(batch, results, strict=True):
+                    appended = None
+                    if isinstance(result, list) and self._events is not None:
+                        # The stream key is the one before last (the scripts' KEYS).
+                        appended = self._events.put(key_list[-2], [_text(e) for e in result[1:]])
+                        result = result[0]
+                    if future.done():  # its caller timed out
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result((result, appended))
+        finally:
+            self._flusher = None
+
+    async def _execute(self, batch: list[tuple[list[str], list[int | str], Any]]) -> list[Any]:
+        results = await self._send([(k, a) for k, a, _ in batch])
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:  # a restarted or flushed Redis
+            await self._client.script_load(self._source)
+            resent = await self._send([(batch[i][0], batch[i][1]) for i in missing])
+            for i, result in zip(missing, resent, strict=True):
+                results[i] = result
+        return results
+
+    async def _send(self, calls: list[tuple[list[str], list[int | str]]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for key_list, args in calls:
+            # execute_command, not evalsha: a cluster pipeline refuses the
+            # latter by name, yet routes the command by its keys all the same.
+            pipe.execute_command("EVALSHA", self._sha, len(key_list), *key_list, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def close(self) -> None:
+        await stop_task(self._flusher)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def redis_client(url: str, cluster: bool | None) -> Client:
+    """A client for a single Redis or (`cluster` True, or None and the server says so) a
+    Redis Cluster, with a bounded pool (per node)."""
+    if cluster is None:
+        cluster = await is_cluster(url)
+    if cluster:
+        return RedisCluster.from_url(
+            url, max_connections=POOL_CONNECTIONS, socket_connect_timeout=2
+        )
+    # A bounded pool whose callers wait for a free connection; the wait
+    # counts against the caller's timeout like the call itself.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=POOL_CONNECTIONS, timeout=None, socket_connect_timeout=2
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def close_client(client: Client) -> None:
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        # The client was given its pool, so it does not close it unless told.
+        await client.aclose(close_connection_pool=True)
+
+
+async def is_cluster(url: str) -> bool:
+    """Whether the Redis at `url` is a Redis Cluster node; False (with a warning) if it
+    cannot be asked, in which case `storage.redis_cluster` should say."""
+    probe = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        info = await probe.info("cluster")
+    except (RedisError, OSError) as exc:
+        log.warning(
+            "could not ask %s whether it is a Redis Cluster (%s): using it as a single Redis; "
+            "set storage.redis_cluster to say",
+            url.split("@")[-1], exc,
+        )  # fmt: skip
+        return False
+    finally:
+        await probe.aclose()
+    return bool(info.get("cluster_enabled"))
