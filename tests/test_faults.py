@@ -87,13 +87,17 @@ class Load:
 
 class Rig:
     def __init__(self, upstream: Upstream, tmp_path: Path, on_error: str) -> None:
+        # on_error: the failure policy, then "+spool" (usage.spool_dir), "+queue" (the
+        # usage queue on a Redis of its own).
         self.redis = RedisServer().start()
+        self.queue = RedisServer().start() if "queue" in on_error else None
         self.postgres = PostgresServer().start()
         self.dsn = self.postgres.dsn
         data = gateway_config(
             upstream.url,
             storage={"counters": self.redis.url, "ledger": self.dsn, "timeout_ms": 500,
-                     "on_counter_store_error": on_error.split("+")[0]},
+                     "on_counter_store_error": on_error.split("+")[0],
+                     **({"queue": self.queue.url} if self.queue else {})},
             auth={"jwt": {"algorithms": ["HS256"], "secret_env": "FAULT_JWT_SECRET"}},
             meters={"api_calls": {"type": "counter"}},
             plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}}},
@@ -127,6 +131,8 @@ class Rig:
             if process is not None and process.proc is not None:
                 process.kill()
         self.redis.close()
+        if self.queue is not None:
+            self.queue.close()
         self.postgres.close()
 
     async def ledger(self) -> tuple[dict[str, int], int]:
@@ -186,6 +192,14 @@ async def rig(
 def report(name: str, load: Load, totals: dict[str, int], took_s: float) -> None:
     print(f"\n{name}: {load.served} served (2xx), {load.failed} not; ledger {sum(totals.values())}"
           f" ({totals}); ledger caught up {took_s:.1f}s after the load stopped")  # fmt: skip
+
+
+def in_flight_at_most(load: Load) -> Callable[[dict[str, int]], bool]:
+    """Every 2xx in the ledger, and at most the requests in flight charged beyond them."""
+    return lambda t: (
+        all(0 <= t[x] - load.ok[x] <= CONCURRENCY for x in TENANTS)
+        and sum(t.values()) - load.served <= CONCURRENCY
+    )
 
 
 async def exact(rig: Rig, name: str, load: Load) -> None:
@@ -279,6 +293,31 @@ async def test_fail_open_gateway_sigkilled_while_redis_is_down(rig: Rig) -> None
     assert all(totals[t] >= load.ok[t] for t in TENANTS)  # nothing served is lost
 
 
+@pytest.mark.parametrize("rig", ["fail_closed+spool+queue"], indirect=True)
+async def test_the_queue_redis_down_for_10_seconds_and_a_gateway_sigkilled_meanwhile(
+    rig: Rig,
+) -> None:
+    assert rig.queue is not None
+    async with Load([g.port for g in rig.gateways]) as load:
+        await asyncio.sleep(2)
+        rig.queue.stop()
+        await asyncio.sleep(4)  # served; the events wait in each gateway's journal
+        rig.gateways[0].kill()
+        restarted = await asyncio.to_thread(GatewayProcess(rig.config, rig.env).start)
+        rig.gateways[0] = restarted  # adopts the dead process's journal
+        load.ports[0] = restarted.port
+        await asyncio.sleep(4)
+        await asyncio.to_thread(rig.queue.start)
+        await asyncio.sleep(3)
+    started = time.monotonic()
+    totals = await rig.settled(in_flight_at_most(load))
+    report("the queue's Redis stopped for 10 s, a gateway SIGKILLed meanwhile", load, totals,
+           time.monotonic() - started)  # fmt: skip
+    extra = sum(totals.values()) - load.served
+    print(f"  charged without a 2xx reaching the client: {extra} (bound {CONCURRENCY})")
+    assert all(totals[t] >= load.ok[t] for t in TENANTS)  # nothing served is lost
+
+
 async def test_a_gateway_sigtermed(rig: Rig) -> None:
     async with Load([g.port for g in rig.gateways]) as load:
         await asyncio.sleep(2)
@@ -294,12 +333,7 @@ async def test_a_gateway_sigkilled(rig: Rig) -> None:
         await asyncio.sleep(2)
     started = time.monotonic()
     # Charged but unanswered: the killed process's requests in flight, at most.
-    totals = await rig.settled(
-        lambda t: (
-            all(0 <= t[x] - load.ok[x] <= CONCURRENCY for x in TENANTS)
-            and sum(t.values()) - load.served <= CONCURRENCY
-        )
-    )
+    totals = await rig.settled(in_flight_at_most(load))
     report("a gateway SIGKILLed", load, totals, time.monotonic() - started)
     extra = sum(totals.values()) - load.served
     print(f"  charged without a 2xx reaching the client: {extra} (bound {CONCURRENCY})")

@@ -78,6 +78,52 @@ async def test_redis_losing_its_data_hands_out_no_fresh_quota(
         await client.aclose()
 
 
+async def test_with_the_queue_on_another_redis_a_restore_counts_what_it_still_holds(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    shared_redis_server: RedisServer,
+    pg_ledger: PgLedger,
+) -> None:
+    dsn, ledger = pg_ledger
+    queue_url = shared_redis_server.url[:-1] + "3"
+    queue = aioredis.Redis.from_url(queue_url)
+    await queue.flushdb()
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    config = quota_config(upstream, tmp_path, counters=redis_server.url, queue=queue_url,
+                          ledger=dsn, timeout_ms=2000)  # fmt: skip
+    config["plans"]["starter"]["limits"]["api_calls"]["limit"] = 1000
+    gw = await make_gateway(config)
+    counters = aioredis.Redis.from_url(redis_server.url)
+    usage = UsageLedger(ledger.db)
+    try:
+        worker = worker_for(queue, ledger, "w1")
+        task = asyncio.create_task(worker.run())
+        assert await burst(gw.port, 900) == {200: 900}
+        await eventually(lambda: _is(ledger_totals(usage), 900))
+        worker.stop()
+        await task
+        # 50 more that only the queue holds when the counters go.
+        assert await burst(gw.port, 50) == {200: 50}
+        assert await counters.keys("q:*:usage") == []  # the events are not on this Redis
+        await counters.flushall()
+        statuses = await burst(gw.port, 300)
+        print(f"\nafter FLUSHALL of the counters at 950 of 1000 (50 only in the queue): "
+              f"{statuses}")  # fmt: skip
+        assert statuses.get(200) == 50
+        assert set(statuses) <= {200, 402, 503}
+        worker = worker_for(queue, ledger, "w1")
+        task = asyncio.create_task(worker.run())
+        await eventually(lambda: _is(ledger_totals(usage), 1000))
+        worker.stop()
+        await task
+    finally:
+        await counters.aclose()
+        await queue.aclose()
+
+
 async def _is(totals: object, api_calls: int) -> bool:
     assert asyncio.iscoroutine(totals)
     return bool((await totals)["api_calls"] == api_calls)
