@@ -215,13 +215,15 @@ class QuotaEngine:
         if directory is None:
             return
         for orphan in orphans(directory):
+            for wall_time, request in orphan.voids:
+                self.pending.void(request, wall_time)
             for entry in orphan.entries:
                 self.pending.add(entry.operation_id, entry.tenant, entry.adjustments,
                                  entry.context, wall_time=entry.wall_time)  # fmt: skip
             orphan.release()
-            if orphan.entries:
-                log.warning("replaying %d spooled charges left in %s", len(orphan.entries),
-                            orphan.path)  # fmt: skip
+            if orphan.entries or orphan.voids:
+                log.warning("replaying %d spooled charges and %d voids left in %s",
+                            len(orphan.entries), len(orphan.voids), orphan.path)  # fmt: skip
         if len(self.pending):
             self._schedule_retry()
 

@@ -18,9 +18,9 @@ class PendingCharges:
     """Writes the store could not take (fail_open, or a failed settlement), retried.
 
     Each carries its operation id, so a write that did reach the store before
-    its call timed out is not applied twice. With a spool, writes are also on
-    disk until applied, and a crash loses none of them; voids (refused
-    requests whose late check must charge nothing) stay in the process.
+    its call timed out is not applied twice. With a spool, writes and voids
+    (refused requests whose late check must charge nothing) are also on disk
+    until applied, and a crash loses none of them.
     """
 
     def __init__(
@@ -32,8 +32,11 @@ class PendingCharges:
         self._voids: dict[str, tuple[float, ChargeRequest]] = {}
         self.dropped = 0
 
-    def void(self, request: ChargeRequest) -> None:
-        self._voids[request.request_id] = (self._clock(), request)
+    def void(self, request: ChargeRequest, wall_time: float | None = None) -> None:
+        wall = time.time() if wall_time is None else wall_time
+        self._voids[request.request_id] = (self._monotonic(wall), request)
+        if self._spool is not None:
+            self._spool.void(request, wall)
 
     def add(
         self,
@@ -44,14 +47,13 @@ class PendingCharges:
         wall_time: float | None = None,  # when first spooled, for one adopted from a file
     ) -> None:
         wall = time.time() if wall_time is None else wall_time
-        self._pending[operation_id] = (
-            self._clock() - (time.time() - wall),
-            tenant,
-            adjustments,
-            context,
-        )
+        self._pending[operation_id] = (self._monotonic(wall), tenant, adjustments, context)
         if self._spool is not None:
             self._spool.add(Spooled(wall, operation_id, tenant, adjustments, context))
+
+    def _monotonic(self, wall_time: float) -> float:
+        """A wall-clock time (from a spool file, perhaps another process's) on `clock`."""
+        return self._clock() - (time.time() - wall_time)
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._voids)
@@ -62,6 +64,8 @@ class PendingCharges:
         for request_id in list(self._voids):
             await store.void(self._voids[request_id][1])
             del self._voids[request_id]
+            if self._spool is not None:
+                self._spool.done(request_id)
         for operation_id in list(self._pending):
             _, tenant, adjustments, context = self._pending[operation_id]
             await store.apply_once(tenant, operation_id, adjustments, context)
@@ -78,7 +82,7 @@ class PendingCharges:
             for operation_id in [op for op, entry in table.items() if entry[0] < oldest]:
                 del table[operation_id]
                 self.dropped += 1
-                if self._spool is not None and table is self._pending:
+                if self._spool is not None:
                     self._spool.done(operation_id)
                 log.error("dropped pending counter-store write %s after %ds", operation_id,
                           keys.MEMO_TTL_MS // 1000)  # fmt: skip
