@@ -194,12 +194,27 @@ def report(name: str, load: Load, totals: dict[str, int], took_s: float) -> None
           f" ({totals}); ledger caught up {took_s:.1f}s after the load stopped")  # fmt: skip
 
 
-def in_flight_at_most(load: Load) -> Callable[[dict[str, int]], bool]:
-    """Every 2xx in the ledger, and at most the requests in flight charged beyond them."""
-    return lambda t: (
-        all(0 <= t[x] - load.ok[x] <= CONCURRENCY for x in TENANTS)
-        and sum(t.values()) - load.served <= CONCURRENCY
+async def replace_killed(rig: Rig, load: Load, index: int = 0) -> None:
+    """SIGKILL a gateway and start another on the same config in its place."""
+    rig.gateways[index].kill()
+    restarted = await asyncio.to_thread(GatewayProcess(rig.config, rig.env).start)
+    rig.gateways[index] = restarted
+    load.ports[index] = restarted.port
+
+
+async def nothing_served_lost(rig: Rig, name: str, load: Load) -> None:
+    """Every 2xx in the ledger; beyond them, at most the requests in flight when a
+    process was killed (charged, their answer never reaching the client)."""
+    started = time.monotonic()
+    totals = await rig.settled(
+        lambda t: (
+            all(0 <= t[x] - load.ok[x] <= CONCURRENCY for x in TENANTS)
+            and sum(t.values()) - load.served <= CONCURRENCY
+        )
     )
+    report(name, load, totals, time.monotonic() - started)
+    extra = sum(totals.values()) - load.served
+    print(f"  charged without a 2xx reaching the client: {extra} (bound {CONCURRENCY})")
 
 
 async def exact(rig: Rig, name: str, load: Load) -> None:
@@ -277,20 +292,11 @@ async def test_fail_open_gateway_sigkilled_while_redis_is_down(rig: Rig) -> None
         await asyncio.sleep(2)
         rig.redis.stop()
         await asyncio.sleep(3)  # served, charges spooled on disk
-        rig.gateways[0].kill()
-        restarted = await asyncio.to_thread(GatewayProcess(rig.config, rig.env).start)
-        rig.gateways[0] = restarted  # adopts the dead process's spool
-        load.ports[0] = restarted.port
+        await replace_killed(rig, load)  # the new process adopts the dead one's spool
         await asyncio.sleep(2)
         await asyncio.to_thread(rig.redis.start)
         await asyncio.sleep(3)
-    started = time.monotonic()
-    totals = await rig.settled(lambda t: 0 <= sum(t.values()) - load.served <= CONCURRENCY)
-    report("fail_open, Redis down, a gateway SIGKILLed and restarted", load, totals,
-           time.monotonic() - started)  # fmt: skip
-    extra = sum(totals.values()) - load.served
-    print(f"  charged without a 2xx reaching the client: {extra} (bound {CONCURRENCY})")
-    assert all(totals[t] >= load.ok[t] for t in TENANTS)  # nothing served is lost
+    await nothing_served_lost(rig, "fail_open, Redis down, a gateway SIGKILLed and restarted", load)
 
 
 @pytest.mark.parametrize("rig", ["fail_closed+spool+queue"], indirect=True)
@@ -302,20 +308,12 @@ async def test_the_queue_redis_down_for_10_seconds_and_a_gateway_sigkilled_meanw
         await asyncio.sleep(2)
         rig.queue.stop()
         await asyncio.sleep(4)  # served; the events wait in each gateway's journal
-        rig.gateways[0].kill()
-        restarted = await asyncio.to_thread(GatewayProcess(rig.config, rig.env).start)
-        rig.gateways[0] = restarted  # adopts the dead process's journal
-        load.ports[0] = restarted.port
+        await replace_killed(rig, load)  # the new process adopts the dead one's journal
         await asyncio.sleep(4)
         await asyncio.to_thread(rig.queue.start)
         await asyncio.sleep(3)
-    started = time.monotonic()
-    totals = await rig.settled(in_flight_at_most(load))
-    report("the queue's Redis stopped for 10 s, a gateway SIGKILLed meanwhile", load, totals,
-           time.monotonic() - started)  # fmt: skip
-    extra = sum(totals.values()) - load.served
-    print(f"  charged without a 2xx reaching the client: {extra} (bound {CONCURRENCY})")
-    assert all(totals[t] >= load.ok[t] for t in TENANTS)  # nothing served is lost
+    name = "the queue's Redis stopped for 10 s, a gateway SIGKILLed meanwhile"
+    await nothing_served_lost(rig, name, load)
 
 
 async def test_a_gateway_sigtermed(rig: Rig) -> None:
@@ -331,13 +329,7 @@ async def test_a_gateway_sigkilled(rig: Rig) -> None:
         await asyncio.sleep(2)
         rig.gateways[0].kill()
         await asyncio.sleep(2)
-    started = time.monotonic()
-    # Charged but unanswered: the killed process's requests in flight, at most.
-    totals = await rig.settled(in_flight_at_most(load))
-    report("a gateway SIGKILLed", load, totals, time.monotonic() - started)
-    extra = sum(totals.values()) - load.served
-    print(f"  charged without a 2xx reaching the client: {extra} (bound {CONCURRENCY})")
-    assert 0 <= extra <= CONCURRENCY
+    await nothing_served_lost(rig, "a gateway SIGKILLed", load)
 
 
 async def test_an_embedded_gateway_sigkilled_loses_nothing(
