@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -85,6 +86,21 @@ class Load:
         return sum(self.ok.values())
 
 
+def fault_config(upstream: Upstream, storage: dict[str, Any], usage: dict[str, Any]) -> Any:
+    """The fault tests' gateway: five unlimited tenants, one charged route."""
+    return gateway_config(
+        upstream.url,
+        storage=storage,
+        auth={"jwt": {"algorithms": ["HS256"], "secret_env": "FAULT_JWT_SECRET"}},
+        meters={"api_calls": {"type": "counter"}},
+        plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}}},
+        tenants=[{"id": t, "plan": "big"} for t in TENANTS],
+        routes=[{"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
+                 "charge": {"api_calls": 1}}],
+        usage=usage,
+    )  # fmt: skip
+
+
 class Rig:
     def __init__(self, upstream: Upstream, tmp_path: Path, on_error: str) -> None:
         # on_error: the failure policy, then "+spool" (usage.spool_dir), "+queue" (the
@@ -93,17 +109,11 @@ class Rig:
         self.queue = RedisServer().start() if "queue" in on_error else None
         self.postgres = PostgresServer().start()
         self.dsn = self.postgres.dsn
-        data = gateway_config(
-            upstream.url,
+        data = fault_config(
+            upstream,
             storage={"counters": self.redis.url, "ledger": self.dsn, "timeout_ms": 500,
                      "on_counter_store_error": on_error.split("+")[0],
                      **({"queue": self.queue.url} if self.queue else {})},
-            auth={"jwt": {"algorithms": ["HS256"], "secret_env": "FAULT_JWT_SECRET"}},
-            meters={"api_calls": {"type": "counter"}},
-            plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}}},
-            tenants=[{"id": t, "plan": "big"} for t in TENANTS],
-            routes=[{"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
-                     "charge": {"api_calls": 1}}],
             usage={"worker_port": 0,
                    **({"spool_dir": str(tmp_path / "spool")} if "spool" in on_error else {})},
         )  # fmt: skip
@@ -336,17 +346,9 @@ async def test_an_embedded_gateway_sigkilled_loses_nothing(
     upstream: Upstream, tmp_path: Path
 ) -> None:
     ledger_path = tmp_path / "ledger.db"
-    data = gateway_config(
-        upstream.url,
-        storage={"ledger": f"sqlite:///{ledger_path}"},
-        auth={"jwt": {"algorithms": ["HS256"], "secret_env": "FAULT_JWT_SECRET"}},
-        meters={"api_calls": {"type": "counter"}},
-        plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}}},
-        tenants=[{"id": t, "plan": "big"} for t in TENANTS],
-        routes=[{"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
-                 "charge": {"api_calls": 1}}],
-        usage={"flush_interval_ms": 50},
-    )  # fmt: skip
+    data = fault_config(
+        upstream, storage={"ledger": f"sqlite:///{ledger_path}"}, usage={"flush_interval_ms": 50}
+    )
     config = write_config(tmp_path / "gateway.yaml", data)
     env = {"FAULT_JWT_SECRET": SECRET}
     gateway = await asyncio.to_thread(GatewayProcess(config, env).start)
