@@ -165,9 +165,22 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
     if cfg.stripe:
         if not cfg.stripe.webhook_path.startswith("/_gateway/"):
             yield "stripe.webhook_path", "must be under /_gateway/"
-        for meter in cfg.stripe.meter_events:
-            if meter not in cfg.meters:
+        events: dict[str, str] = {}
+        for meter, event_name in cfg.stripe.meter_events.items():
+            spec = cfg.meters.get(meter)
+            if spec is None:
                 yield f"stripe.meter_events.{meter}", "unknown meter"
+            elif spec.type != "counter":
+                yield (
+                    f"stripe.meter_events.{meter}",
+                    "only counters are reported to Stripe (a gauge is a level, not usage)",
+                )
+            if event_name in events:
+                yield (
+                    f"stripe.meter_events.{meter}",
+                    f"event name {event_name!r} is already used by {events[event_name]}",
+                )
+            events.setdefault(event_name, meter)
         for price, plan_name in cfg.stripe.prices.items():
             if plan_name not in cfg.plans:
                 yield f"stripe.prices.{price}", f"unknown plan {plan_name!r}"

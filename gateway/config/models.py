@@ -346,14 +346,21 @@ class UsageConfig(Model):
 
 class StripeConfig(Model):
     api_key_env: EnvName = "STRIPE_API_KEY"
+    # Several secrets separated by commas are all accepted (for rotating the endpoint's).
     webhook_secret_env: EnvName = "STRIPE_WEBHOOK_SECRET"
     webhook_path: str = "/_gateway/stripe/webhook"
+    # How old a webhook's signature timestamp may be.
+    webhook_tolerance_s: PositiveInt = 300
     api_base: HttpUrl | None = None
     meter_events_base: HttpUrl | None = None
     mode: Literal["v1", "v2"] = "v1"
-    meter_events: dict[str, str] = {}
-    prices: dict[str, str] = {}
+    meter_events: dict[Name, Annotated[str, Field(min_length=1, max_length=100)]] = {}
+    prices: dict[str, Name] = {}
     report_interval_s: PositiveFloat = 60.0
+    # One Stripe call slower than this has failed (and is retried with backoff).
+    timeout_s: PositiveFloat = 10.0
+    # A new subscription's customer (or the subscription itself) names its tenant here.
+    tenant_metadata_key: Annotated[str, Field(min_length=1, max_length=40)] = "tenant_id"
 
 
 class MetricsConfig(Model):

@@ -1,8 +1,8 @@
 """Keys of the contract whose behaviour is not built yet, refused rather than ignored.
 
-A gateway that accepted `stripe:` and reported nothing would let a user
-believe that their usage is billed. Each entry goes away with the release that
-builds it.
+A gateway that accepted `metrics.tenant_label` and exported nothing would let
+a user believe that their dashboards are complete. Each entry goes away with
+the release that builds it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ NOT_YET = "not supported yet"
 
 def unsupported(cfg: GatewayConfig) -> Iterator[tuple[str, str]]:
     """Yield (path, message) for every key set whose behaviour is not built yet."""
-    if "stripe" in cfg.model_fields_set:
-        yield "stripe", NOT_YET
     if cfg.metrics.tenant_label:
         yield "metrics.tenant_label", NOT_YET
     if cfg.server.workers > 1:

@@ -156,6 +156,74 @@ MIGRATIONS = [
             """,
         ],
     ),
+    Migration(
+        5,
+        "the Stripe outbox and webhook events",
+        [
+            # What has been turned into outbox rows per tenant, meter and period:
+            # the next row is the rollup's growth past `reported`.
+            """
+            CREATE TABLE stripe_cursors (
+                tenant_id {key} NOT NULL,
+                meter {key} NOT NULL,
+                period_start {ts} NOT NULL,
+                reported bigint NOT NULL,
+                seq integer NOT NULL,
+                PRIMARY KEY (tenant_id, meter, period_start)
+            )
+            """,
+            # A row is written before it is sent and never changes its identifier,
+            # quantity or timestamp: a resend is the same meter event.
+            """
+            CREATE TABLE stripe_outbox (
+                identifier text PRIMARY KEY,
+                tenant_id {key} NOT NULL,
+                meter {key} NOT NULL,
+                period_start {ts} NOT NULL,
+                period_end {ts} NOT NULL,
+                seq integer NOT NULL,
+                customer text NOT NULL,
+                event_name text NOT NULL,
+                quantity bigint NOT NULL,
+                event_at {ts} NOT NULL,
+                created_at {ts} NOT NULL,
+                state text NOT NULL,
+                attempts integer NOT NULL,
+                first_attempt_at {ts} NULL,
+                next_attempt_at {ts} NOT NULL,
+                sent_at {ts} NULL,
+                last_error text NULL,
+                UNIQUE (tenant_id, meter, period_start, seq)
+            )
+            """,
+            """
+            CREATE INDEX stripe_outbox_pending ON stripe_outbox (next_attempt_at)
+            WHERE state = 'pending'
+            """,
+            # One sender per tenant and meter at a time, across worker processes.
+            """
+            CREATE TABLE stripe_leases (
+                tenant_id {key} NOT NULL,
+                meter {key} NOT NULL,
+                holder text NOT NULL,
+                until {ts} NOT NULL,
+                PRIMARY KEY (tenant_id, meter)
+            )
+            """,
+            """
+            CREATE TABLE stripe_webhook_events (
+                id text PRIMARY KEY,
+                type text NOT NULL,
+                created {ts} NOT NULL,
+                received_at {ts} NOT NULL,
+                result text NOT NULL
+            )
+            """,
+            # The `created` of the newest Stripe event applied to the tenant: an
+            # older one arriving late changes nothing.
+            "ALTER TABLE tenants ADD COLUMN stripe_updated_at {ts} NULL",
+        ],
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 

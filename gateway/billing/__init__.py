@@ -1,0 +1,1 @@
+"""Billing: usage reports to Stripe through an outbox in the ledger, and Stripe's webhooks."""

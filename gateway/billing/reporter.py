@@ -1,0 +1,316 @@
+"""The Stripe reporter of `gateway worker`: ledger rollups -> outbox rows -> meter events.
+
+Each round turns the rollups' growth into outbox rows (stored before they are
+sent), leases the tenant/meter groups with rows due, sends each group's rows
+in order (v1: one event a call; v2: the heads of up to 100 groups a call on
+the meter event stream), and marks them sent. A failure leaves the row
+pending with a jittered backoff kept in the ledger; a refusal marks it
+rejected. A row whose first send is older than Stripe's dedupe window is
+resent only once the meter's summary shows it missing. It runs beside the
+ledger writer, on its own task, and never touches the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gateway.billing.outbox import EXPIRED, REJECTED, SENT, Outbox, OutboxRow
+from gateway.billing.rules import (
+    STRIPE_PAST,
+    V2_EVENTS_PER_REQUEST,
+    backoff_s,
+    dedupe_trusted,
+    sendable,
+    summary_window,
+)
+from gateway.billing.stripe_api import Meter, SendFailure, StripeAPI
+from gateway.config.models import StripeConfig
+from gateway.ledger.db import LedgerUnavailable
+
+log = logging.getLogger("gateway.billing")
+
+GROUPS_PER_ROUND = 1000
+V1_CONCURRENCY = 8  # groups sent at once (each group one call at a time)
+METERS_REFRESH_S = 300.0
+MISSING_METER_RETRY_S = 300.0
+AMBIGUOUS_RETRY_S = 3600.0
+# Periods older than this cannot take a report any more (35 days + the longest period).
+PLAN_HORIZON = STRIPE_PAST + timedelta(days=31)
+
+
+class StripeMetrics:
+    """What the reporter does, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reported = Counter(
+            "gateway_stripe_reported_quantity",
+            "Usage quantity Stripe accepted, by meter.",
+            ["meter"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "gateway_stripe_reported_events",
+            "Meter events Stripe accepted (or already had: duplicate).",
+            ["result"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "gateway_stripe_send_failures",
+            "Failed Stripe calls by kind (rate_limited, server_error, timeout, auth, rejected, "
+            "async_rejected, meter_missing, expired, ledger).",
+            ["kind"],
+            registry=registry,
+        )
+        self.pending_rows = Gauge(
+            "gateway_stripe_outbox_pending_rows", "Outbox rows not sent yet.", registry=registry
+        )
+        self.pending_quantity = Gauge(
+            "gateway_stripe_outbox_pending_quantity",
+            "Usage quantity in outbox rows not sent yet.",
+            registry=registry,
+        )
+        self.oldest_pending = Gauge(
+            "gateway_stripe_outbox_oldest_pending_seconds",
+            "Age of the oldest unsent outbox row (0 when none).",
+            registry=registry,
+        )
+        self.rejected_rows = Gauge(
+            "gateway_stripe_outbox_rejected_rows",
+            "Outbox rows Stripe refused for good (need a look).",
+            registry=registry,
+        )
+
+
+class Reporter:
+    """One sender among possibly several worker processes (`holder` names it)."""
+
+    def __init__(
+        self,
+        config: StripeConfig,
+        outbox: Outbox,
+        api: StripeAPI,
+        metrics: StripeMetrics,
+        holder: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.api = api
+        self.metrics = metrics
+        self.holder = holder
+        self._clock = clock
+        self._jitter = jitter
+        self._lease_s = max(60.0, 6 * config.timeout_s)
+        self._meters: dict[str, Meter] = {}
+        self._meters_at = datetime.min.replace(tzinfo=UTC)
+        self._errors_since: datetime | None = None
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """A round every `report_interval_s` until stopped; failures never end the loop."""
+        while not self._stopping.is_set():
+            try:
+                await self.round()
+            except LedgerUnavailable as exc:
+                self.metrics.failures.labels("ledger").inc()
+                log.warning("Stripe reporting paused: the ledger is unavailable (%s)", exc)
+            except SendFailure as exc:
+                self.metrics.failures.labels(exc.kind).inc()
+                log.warning("Stripe reporting paused: %s", exc)
+            except Exception:
+                log.exception("Stripe reporting round failed; retrying")
+            try:
+                async with asyncio.timeout(self.config.report_interval_s):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+
+    async def round(self) -> int:
+        """Plan, send what is due, pick up asynchronous refusals; the rows sent."""
+        now = self._clock()
+        created = await self.outbox.plan(now, now - PLAN_HORIZON)
+        if created:
+            log.debug("planned %d Stripe report rows", len(created))
+        groups = await self.outbox.lease(self.holder, now, self._lease_s, GROUPS_PER_ROUND)
+        sent = 0
+        if groups:
+            await self._refresh_meters(now)
+            try:
+                if self.config.mode == "v1":
+                    sent = await self._send_v1(groups)
+                else:
+                    sent = await self._send_v2(groups)
+            finally:
+                await self.outbox.release(self.holder, groups)
+        if self.config.mode == "v2":
+            await self._error_reports(now)
+        await self._export()
+        return sent
+
+    async def _refresh_meters(self, now: datetime) -> None:
+        if (now - self._meters_at).total_seconds() < METERS_REFRESH_S:
+            return
+        self._meters = await self.api.meters()
+        self._meters_at = now
+
+    async def _send_v1(self, groups: list[tuple[str, str]]) -> int:
+        slots = asyncio.Semaphore(V1_CONCURRENCY)
+
+        async def group_rows(group: tuple[str, str]) -> int:
+            async with slots:
+                done = 0
+                for row in await self.outbox.rows(group):
+                    meter = await self._ready(row, group)
+                    if meter is None:
+                        break  # this group waits; the others go on
+                    if isinstance(meter, str):
+                        continue  # settled without a send (expired, already there)
+                    if not await self._deliver(
+                        [row], functools.partial(self.api.send_v1, row, meter)
+                    ):
+                        break
+                    done += 1
+                return done
+
+        return sum(await asyncio.gather(*(group_rows(g) for g in groups)))
+
+    async def _send_v2(self, groups: list[tuple[str, str]]) -> int:
+        queues = {g: await self.outbox.rows(g) for g in groups}
+        done = 0
+        while queues:
+            heads: list[OutboxRow] = []
+            for group in list(queues):
+                rows = queues[group]
+                while rows:
+                    row = rows.pop(0)
+                    meter = await self._ready(row, group)
+                    if isinstance(meter, str):
+                        continue
+                    if meter is not None:
+                        heads.append(row)
+                    else:
+                        rows.clear()
+                    break
+                if not rows:
+                    del queues[group]
+                if len(heads) == V2_EVENTS_PER_REQUEST:
+                    break
+            if not heads:
+                break
+            send = functools.partial(self.api.send_v2, heads, dict(self._meters))
+            if not await self._deliver(heads, send):
+                failed = {(r.tenant, r.meter) for r in heads}
+                queues = {g: rows for g, rows in queues.items() if g not in failed}
+                continue
+            done += len(heads)
+        return done
+
+    async def _ready(self, row: OutboxRow, group: tuple[str, str]) -> Meter | str | None:
+        """The meter to send `row` with; a string when the row is settled without a send;
+        None when the group must wait (backing off, no meter, lease lost, unclear)."""
+        now = self._clock()
+        if row.next_attempt_at > now:
+            return None
+        if not sendable(row.event_at, now):
+            await self.outbox.finish([row.identifier], EXPIRED, now, "older than 35 days")
+            self.metrics.failures.labels("expired").inc()
+            log.error("Stripe report %s (%s %s, %d) expired unsent", row.identifier,
+                      row.tenant, row.meter, row.quantity)  # fmt: skip
+            return EXPIRED
+        meter = self._meters.get(row.event_name)
+        if meter is None or not meter.active:
+            self.metrics.failures.labels("meter_missing").inc()
+            await self.outbox.defer(
+                [row.identifier], now + timedelta(seconds=MISSING_METER_RETRY_S),
+                f"no active Stripe meter with event_name {row.event_name!r}",
+            )  # fmt: skip
+            self._meters_at = datetime.min.replace(tzinfo=UTC)  # look again next time
+            return None
+        if not dedupe_trusted(row.first_attempt_at, now):
+            verdict = await self._verify_missing(row, meter, now)
+            if verdict is not None:
+                return verdict or None
+        if not await self.outbox.renew(self.holder, group, now, self._lease_s):
+            return None
+        return meter
+
+    async def _verify_missing(self, row: OutboxRow, meter: Meter, now: datetime) -> str | None:
+        """For a row whose first send Stripe may have forgotten: SENT when its summary shows
+        it arrived, "" when unclear (wait), None when it is missing (send again)."""
+        start, end = summary_window(row.period_start, row.period_end)
+        held = await self.api.summary(meter, row.customer, start, end)
+        before = await self.outbox.sent_before(row)
+        if held >= before + row.quantity:
+            await self.outbox.finish([row.identifier], SENT, now)
+            log.info("Stripe report %s found in Stripe's summary; marked sent", row.identifier)
+            return SENT
+        if held <= before:
+            log.info("Stripe report %s missing from Stripe's summary; sending", row.identifier)
+            return None
+        await self.outbox.defer(
+            [row.identifier], now + timedelta(seconds=AMBIGUOUS_RETRY_S),
+            f"Stripe holds {held}, sent rows {before}, this row {row.quantity}: unclear",
+        )  # fmt: skip
+        log.error("Stripe report %s: summary %d is between %d and %d; holding it",
+                  row.identifier, held, before, before + row.quantity)  # fmt: skip
+        return ""
+
+    async def _deliver(
+        self, rows: Sequence[OutboxRow], send: Callable[[], Awaitable[bool | None]]
+    ) -> bool:
+        """Count the attempt, send, then mark; True when Stripe has the rows."""
+        now = self._clock()
+        for row in rows:
+            await self.outbox.attempt(row.identifier, now)
+        try:
+            new = await send()
+        except SendFailure as failure:
+            self.metrics.failures.labels(failure.kind).inc()
+            ids = [row.identifier for row in rows]
+            if not failure.retryable:
+                await self.outbox.finish(ids, REJECTED, self._clock(), str(failure)[:500])
+                log.error("Stripe refused %d report(s) (%s): %s", len(ids), ids[0], failure)
+                return True  # settled: the group goes on with its next row
+            delay = backoff_s(max(r.attempts for r in rows) + 1, self._jitter())
+            await self.outbox.defer(ids, self._clock() + timedelta(seconds=delay), str(failure))
+            log.info("Stripe send failed (%s); retrying in %.1fs", failure.kind, delay)
+            return False
+        await self.outbox.finish([row.identifier for row in rows], SENT, self._clock())
+        for row in rows:
+            self.metrics.reported.labels(row.meter).inc(row.quantity)
+        self.metrics.events.labels("accepted" if new is not False else "duplicate").inc(len(rows))
+        return True
+
+    async def _error_reports(self, now: datetime) -> None:
+        since = self._errors_since or now - timedelta(hours=1)
+        used = {
+            m for m in self._meters.values() if m.event_name in self.config.meter_events.values()
+        }
+        for meter in used:
+            for report in await self.api.error_reports(meter, since - timedelta(minutes=1)):
+                if await self.outbox.reject_sent(
+                    report.identifier, f"{report.code}: {report.message}"
+                ):
+                    self.metrics.failures.labels("async_rejected").inc()
+                    log.error("Stripe refused report %s after accepting it: %s %s",
+                              report.identifier, report.code, report.message)  # fmt: skip
+        self._errors_since = now
+
+    async def _export(self) -> None:
+        stats = await self.outbox.pending()
+        self.metrics.pending_rows.set(stats.rows)
+        self.metrics.pending_quantity.set(stats.quantity)
+        age = (self._clock() - stats.oldest).total_seconds() if stats.oldest else 0.0
+        self.metrics.oldest_pending.set(max(0.0, age))
+        self.metrics.rejected_rows.set((await self.outbox.counts()).get(REJECTED, 0))
