@@ -12,8 +12,11 @@ from prometheus_client import CollectorRegistry
 
 from gateway import idempotency, websocket
 from gateway.admission import admit
+from gateway.billing.run import open_webhooks
+from gateway.billing.webhooks import WebhookError, WebhookMetrics, Webhooks
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
+from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.usage import UsageLedger
 from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics, QuotaMetrics
 from gateway.problems import problem
@@ -85,6 +88,8 @@ SERVICES = web.AppKey("services", Services)
 QUOTA = web.AppKey("quota", QuotaEngine)
 QUOTA_METRICS = web.AppKey("quota_metrics", QuotaMetrics)
 METRICS = web.AppKey("metrics", ProxyMetrics)
+WEBHOOKS = web.AppKey("webhooks", Webhooks)
+WEBHOOK_METRICS = web.AppKey("webhook_metrics", WebhookMetrics)
 
 
 async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResponse]:
@@ -152,7 +157,10 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
 async def _gateway_endpoint(
     request: web.Request, segments: list[str], rid: str
 ) -> web.StreamResponse:
-    """Paths under /_gateway/: the calling tenant's own usage."""
+    """Paths under /_gateway/: the calling tenant's own usage, Stripe's webhooks."""
+    webhooks = request.app.get(WEBHOOKS)
+    if webhooks is not None and request.path == webhooks.stripe.webhook_path:
+        return await _stripe_webhook(request, webhooks, rid)
     engine = request.app.get(QUOTA)
     services = request.app.get(SERVICES)
     if segments != ["_gateway", "usage"] or engine is None or services is None:
@@ -163,6 +171,20 @@ async def _gateway_endpoint(
     if isinstance(admitted, web.StreamResponse):
         return admitted
     return web.json_response(await usage_view(engine, admitted.tenant))
+
+
+async def _stripe_webhook(request: web.Request, webhooks: Webhooks, rid: str) -> web.Response:
+    if request.method != "POST":
+        return problem(405, "method-not-allowed", "use POST", request_id=rid)
+    body = await request.read()  # the raw bytes: the signature covers them exactly
+    try:
+        answer = await webhooks.handle(body, request.headers.get("Stripe-Signature"))
+    except WebhookError as exc:
+        return problem(exc.status, "stripe-webhook", str(exc), request_id=rid)
+    except LedgerUnavailable:
+        # Not recorded: Stripe retries, and the event is applied then.
+        return problem(503, "ledger-unavailable", "retry later", request_id=rid)
+    return web.json_response(answer, headers={"X-Request-Id": rid})
 
 
 def _is_preflight(request: web.Request) -> bool:
@@ -234,15 +256,30 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     await services.close()
 
 
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[RUNTIME].config
+    services = app.get(SERVICES)
+    if config.stripe is None or services is None:
+        yield
+        return
+    webhooks, api = open_webhooks(config, services, app[WEBHOOK_METRICS])
+    app[WEBHOOKS] = webhooks
+    yield
+    if api is not None:
+        await api.close()
+
+
 def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Application:
     """The public application for `config`, its metrics on `registry`."""
     app = web.Application(handler_args={"auto_decompress": False})
     metrics = ProxyMetrics(registry)
     app[METRICS] = metrics
     app[QUOTA_METRICS] = QuotaMetrics(registry)
+    app[WEBHOOK_METRICS] = WebhookMetrics(registry)
     app[RUNTIME] = Runtime.build(config, metrics)
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_quota_ctx)
+    app.cleanup_ctx.append(_webhooks_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

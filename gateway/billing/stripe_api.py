@@ -236,7 +236,7 @@ class StripeAPI:
             raise
         if getattr(found, "deleted", False):
             return {}
-        return dict(found.get("metadata") or {})
+        return {str(k): str(v) for k, v in (found.to_dict().get("metadata") or {}).items()}
 
     async def subscriptions(self) -> AsyncIterator[Any]:
         """Every subscription of the account, whatever its status."""

@@ -38,6 +38,7 @@ _PUT_TENANT = f"""
     RETURNING {_TENANT_COLUMNS}
 """
 _GET_TENANT = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = $1"
+_TENANT_BY_CUSTOMER = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE stripe_customer = $1"
 _LIST_TENANTS = f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY id LIMIT $1"
 _LIST_TENANTS_AFTER = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id > $2 ORDER BY id LIMIT $1"
 
@@ -177,6 +178,11 @@ class Ledger:
         at = datetime.now(UTC) if now is None else utc(now)
         credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
         return replace(_tenant(row), credits=tuple(_credit(c) for c in credits))
+
+    async def tenant_by_customer(self, customer: str) -> Tenant | None:
+        """The tenant of a Stripe customer (without its credits), or None."""
+        row = await self.db.fetchrow(_TENANT_BY_CUSTOMER, customer)
+        return None if row is None else _tenant(row)
 
     async def add_credit(
         self, tenant_id: str, credit: Credit, *, now: datetime | None = None

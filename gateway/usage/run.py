@@ -10,6 +10,7 @@ import socket
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from gateway.billing.run import Reporting
 from gateway.config.models import GatewayConfig
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
@@ -115,9 +116,16 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
         config.admin.host, runner.addresses[0][1],
     )  # fmt: skip
     reconciling = asyncio.create_task(_reconcile_forever(config, ledger, counters, worker.metrics))
+    reporting = None
     try:
+        if config.stripe is not None:
+            reporting = Reporting.start(config, ledger.db, registry, streams.consumer)
+            log.info("reporting usage to Stripe (%s) every %.0fs", config.stripe.mode,
+                     config.stripe.report_interval_s)  # fmt: skip
         await worker.run()
     finally:
+        if reporting is not None:
+            await reporting.close()
         await stop_task(reconciling)
         await runner.cleanup()
         await close_client(client)

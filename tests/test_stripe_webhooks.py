@@ -1,0 +1,259 @@
+"""Stripe webhooks on the public listener: signatures, replays, order, and their effect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import stripe
+
+from gateway.auth.jwt import mint
+from gateway.server import Gateway
+from tests.conftest import MakeGateway, gateway_config
+from tests.fake_stripe import API_KEY, FakeStripe
+from tests.procs import GatewayProcess, write_config
+from tests.servers import PostgresServer, RedisServer
+from tests.upstream import Upstream
+
+SECRET = "webhook-test-jwt-secret-" + "w" * 40
+WHSEC = "whsec_test_" + "s" * 32
+OLD_WHSEC = "whsec_old_" + "o" * 32
+HOOK = "/_gateway/stripe/webhook"
+ADMIN = "webhook-test-admin-token"
+PROPAGATION_BOUND_S = 1.0
+
+
+def config(upstream: Upstream, fake_url: str, **storage: Any) -> dict[str, Any]:
+    return gateway_config(
+        upstream.url,
+        storage=storage or {"ledger": "sqlite:///:memory:"},
+        auth={"jwt": {"algorithms": ["HS256"], "secret_env": "WEBHOOK_JWT_SECRET"}},
+        plans={"starter": {}, "pro": {}},
+        subscription={"allow": ["active", "trialing"], "grace": {"past_due": "3d"}},
+        tenants=[{"id": "acme", "plan": "starter", "stripe_customer": "cus_acme"}],
+        routes=[{"name": "api", "match": {"path": "/v1/**"}, "upstream": "app"}],
+        stripe={"api_base": fake_url, "prices": {"price_starter": "starter", "price_pro": "pro"},
+                "tenant_metadata_key": "tenant_id"},
+    )  # fmt: skip
+
+
+def subscription_event(
+    event_id: str, created: int, status: str, *, customer: str = "cus_acme",
+    price: str = "price_starter", kind: str = "customer.subscription.updated",
+    subscription: str = "sub_1", metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "id": event_id, "object": "event", "type": kind, "created": created,
+        "api_version": "2026-10-28.endive", "livemode": False,
+        "data": {"object": {
+            "id": subscription, "object": "subscription", "customer": customer,
+            "status": status, "metadata": metadata or {},
+            "items": {"object": "list", "data": [{
+                "id": "si_1", "object": "subscription_item", "price": {"id": price},
+                "current_period_start": 1_767_225_600, "current_period_end": 1_769_904_000,
+            }]},
+        }},
+    }  # fmt: skip
+
+
+def signed(event: dict[str, Any], secret: str = WHSEC, at: int | None = None) -> tuple[str, str]:
+    body = json.dumps(event)
+    return body, stripe.WebhookSignature.generate_signature_header(body, secret, at)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeStripe]:
+    server = await FakeStripe().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBHOOK_JWT_SECRET", SECRET)
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", f"{WHSEC},{OLD_WHSEC}")
+    monkeypatch.setenv("STRIPE_API_KEY", API_KEY)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN)
+
+
+async def post(port: int, body: str, signature: str | None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if signature is not None:
+        headers["Stripe-Signature"] = signature
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{port}{HOOK}"
+        async with client.post(url, data=body.encode(), headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+async def call(port: int, tenant: str = "acme") -> tuple[int, dict[str, str]]:
+    token = mint(SECRET, "HS256", ["org_id"], tenant, 600)
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{port}/v1/things"
+        async with client.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+            await resp.read()
+            return resp.status, dict(resp.headers)
+
+
+async def tenant(gateway: Gateway, tenant_id: str = "acme") -> Any:
+    """The tenant as the admin API shows it."""
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{gateway.admin_port}/admin/tenants/{tenant_id}"
+        async with client.get(url, headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+
+@pytest.mark.usefixtures("env")
+async def test_signatures_replays_and_order(
+    upstream: Upstream, fake: FakeStripe, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(config(upstream, fake.url))
+    now = int(time.time())
+    event = subscription_event("evt_1", now, "past_due", price="price_pro")
+    body, good = signed(event)
+    # Bad signature, stale signature, no signature, another secret: 400, nothing changes.
+    _, stale = signed(event, at=now - 600)
+    for signature in (good.replace("v1=", "v1=00"), stale, None, signed(event, "whsec_x")[1]):
+        status, answer = await post(gw.port, body, signature)
+        assert status == 400, answer
+        assert answer["type"].endswith("stripe-webhook")
+    assert (await tenant(gw))["status"] == "active"
+    # The rotated-out secret still verifies (both are configured).
+    status, answer = await post(gw.port, body, signed(event, OLD_WHSEC)[1])
+    assert (status, answer["result"]) == (200, "applied"), answer
+    stored = await tenant(gw)
+    assert (stored["status"], stored["plan"], stored["stripe_subscription"]) == (
+        "past_due", "pro", "sub_1",
+    )  # fmt: skip
+    assert stored["billing_anchor"] == "2026-01-01T00:00:00Z"
+    # A replay changes nothing, even after the state moved on.
+    later = subscription_event("evt_2", now + 10, "active")
+    assert (await post(gw.port, *signed(later)))[1]["result"] == "applied"
+    assert (await post(gw.port, body, good))[1]["result"] == "duplicate"
+    # An older event arriving late changes nothing.
+    older = subscription_event("evt_0", now - 100, "canceled")
+    assert (await post(gw.port, *signed(older)))[1]["result"] == "stale"
+    stored = await tenant(gw)
+    assert (stored["status"], stored["plan"]) == ("active", "starter")
+    # Invoices: a failed payment starts the grace period, a paid one ends it.
+    failed = {
+        "id": "evt_3",
+        "object": "event",
+        "type": "invoice.payment_failed",
+        "created": now + 20,
+        "data": {"object": {"id": "in_1", "customer": "cus_acme"}},
+    }
+    assert (await post(gw.port, *signed(failed)))[1]["result"] == "applied"
+    status, headers = await call(gw.port)
+    assert status == 200 and "grace ends" in headers["X-Quota-Warning"]
+    paid = {**failed, "id": "evt_4", "type": "invoice.paid", "created": now + 30}
+    assert (await post(gw.port, *signed(paid)))[1]["result"] == "applied"
+    assert (await tenant(gw))["status"] == "active"
+    # Another subscription of the customer ending does not cancel the tenant.
+    other = subscription_event("evt_5", now + 40, "canceled", subscription="sub_old",
+                               kind="customer.subscription.deleted")  # fmt: skip
+    assert (await post(gw.port, *signed(other)))[1]["result"] == "stale"
+    assert (await tenant(gw))["status"] == "active"
+    # Other event types are acknowledged and recorded, not applied.
+    noise = {**failed, "id": "evt_6", "type": "charge.succeeded"}
+    assert (await post(gw.port, *signed(noise)))[1]["result"] == "ignored"
+
+
+@pytest.mark.usefixtures("env")
+async def test_a_new_customer_naming_a_tenant_creates_it_and_others_are_counted(
+    upstream: Upstream, fake: FakeStripe, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(config(upstream, fake.url))
+    now = int(time.time())
+    fake.add_customer("cus_new", {"tenant_id": "newco"})
+    created = subscription_event("evt_10", now, "trialing", customer="cus_new",
+                                 kind="customer.subscription.created")  # fmt: skip
+    status, answer = await post(gw.port, *signed(created))
+    assert (status, answer["result"], answer["tenant"]) == (200, "applied", "newco")
+    stored = await tenant(gw, "newco")
+    assert (stored["status"], stored["plan"], stored["stripe_customer"]) == (
+        "trialing", "starter", "cus_new",
+    )  # fmt: skip
+    assert (await call(gw.port, "newco"))[0] == 200
+    fake.add_customer("cus_anon")
+    anonymous = subscription_event("evt_11", now, "active", customer="cus_anon")
+    status, answer = await post(gw.port, *signed(anonymous))
+    assert (status, answer["result"]) == (200, "unmapped")
+    metrics = gw.registry.get_sample_value(
+        "gateway_stripe_webhooks_total", {"type": "customer.subscription.updated",
+                                          "result": "unmapped"}
+    )  # fmt: skip
+    assert metrics == 1
+
+
+async def test_status_changes_reach_a_two_process_gateway_within_a_second(
+    upstream: Upstream, fake: FakeStripe, redis_server: RedisServer,
+    postgres_server: PostgresServer, tmp_path: Path,
+) -> None:  # fmt: skip
+    data = config(upstream, fake.url, counters=redis_server.url, ledger=postgres_server.dsn,
+                  cache_ttl_s=3600)  # fmt: skip
+    path = write_config(tmp_path / "gateway.yaml", data)
+    env = {"WEBHOOK_JWT_SECRET": SECRET, "STRIPE_WEBHOOK_SECRET": WHSEC,
+           "STRIPE_API_KEY": API_KEY}  # fmt: skip
+    migrated = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "gateway", "migrate", "-c", str(path)],
+        capture_output=True, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr
+    first, second = await asyncio.gather(
+        asyncio.to_thread(GatewayProcess(path, env).start),
+        asyncio.to_thread(GatewayProcess(path, env).start),
+    )
+    figures = {}
+    try:
+        for gw in (first, second):
+            assert (await call(gw.port))[0] == 200  # cached for an hour from now on
+        now = int(time.time())
+        started = time.perf_counter()
+        status, _ = await post(first.port, *signed(subscription_event("evt_a", now, "past_due")))
+        assert status == 200
+
+        async def warned(port: int) -> bool:
+            status, headers = await call(port)
+            return status == 200 and "subscription past_due" in headers.get("X-Quota-Warning", "")
+
+        while not all([await warned(first.port), await warned(second.port)]):
+            assert time.perf_counter() - started < 2 * PROPAGATION_BOUND_S
+            await asyncio.sleep(0.01)
+        figures["past_due"] = time.perf_counter() - started
+        # A bad signature and a late older event change nothing.
+        bad_body, good_sig = signed(subscription_event("evt_b", now + 1, "canceled"))
+        assert (await post(second.port, bad_body, good_sig.replace("v1=", "v1=ff")))[0] == 400
+        late = subscription_event("evt_c", now - 50, "active")
+        assert (await post(second.port, *signed(late)))[1]["result"] == "stale"
+        assert await warned(first.port) and await warned(second.port)
+        started = time.perf_counter()
+        canceled = subscription_event("evt_d", now + 2, "canceled",
+                                      kind="customer.subscription.deleted")  # fmt: skip
+        assert (await post(second.port, *signed(canceled)))[0] == 200
+        while [(await call(gw.port))[0] for gw in (first, second)] != [402, 402]:
+            assert time.perf_counter() - started < 2 * PROPAGATION_BOUND_S
+            await asyncio.sleep(0.01)
+        figures["canceled"] = time.perf_counter() - started
+        # Replaying the past_due event changes nothing.
+        assert (await post(first.port, *signed(subscription_event("evt_a", now, "past_due"))))[1][
+            "result"
+        ] == "duplicate"
+        assert [(await call(gw.port))[0] for gw in (first, second)] == [402, 402]
+    finally:
+        codes = first.stop(), second.stop()
+    print("\nwebhook to both processes: " + ", ".join(
+        f"{name} {seconds * 1000:.0f} ms" for name, seconds in figures.items()
+    ))  # fmt: skip
+    assert codes == (0, 0)
+    assert all(seconds < PROPAGATION_BOUND_S for seconds in figures.values()), figures
