@@ -50,6 +50,14 @@ def _reconcile(args: argparse.Namespace) -> int:
     return _reporting(lambda: asyncio.run(run_reconcile(config, args.fail_on_drift)))
 
 
+def _stripe(args: argparse.Namespace) -> int:
+    from gateway.billing.commands import run_stripe_reconcile, run_sync
+
+    config = _load_or_exit(args.config)
+    command = run_sync if args.action == "sync" else run_stripe_reconcile
+    return _reporting(lambda: asyncio.run(command(config)))
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.file)
     print(f"{args.file}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
@@ -95,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-on-drift", action="store_true", help="exit 1 when any counter drifts"
     )
     reconcile.set_defaults(func=_reconcile)
+
+    stripe = sub.add_parser("stripe", help="Stripe: pull subscriptions, compare reported usage")
+    stripe_actions = stripe.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("sync", "apply every customer's current subscription (after missed webhooks)"),
+        (
+            "reconcile",
+            "ledger totals against Stripe's meter event summaries; exit 1 on a difference",
+        ),
+    ):
+        one = stripe_actions.add_parser(action, help=text)
+        one.add_argument("-c", "--config", required=True, help="the YAML config file")
+        one.set_defaults(func=_stripe)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")

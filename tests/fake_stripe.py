@@ -343,8 +343,9 @@ class FakeStripe:
         task = asyncio.get_running_loop().create_task(self._validate_later(events))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        if kind == "commit_then_timeout" or self.on_commit is not None:
+            await task  # a test watching commits sees them before the answer leaves
         if kind == "commit_then_timeout":
-            await task
             await asyncio.sleep(self.failures.hang_s)
         return web.json_response({})
 

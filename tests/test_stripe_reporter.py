@@ -60,7 +60,9 @@ async def charge(ledger: Ledger, tenant: str, meter: str, quantity: int, at: dat
     await UsageLedger(ledger.db).write([event])
 
 
-def reporter(ledger: Ledger, fake: FakeStripe, config: StripeConfig, holder: str = "w1") -> Reporter:
+def reporter(
+    ledger: Ledger, fake: FakeStripe, config: StripeConfig, holder: str = "w1"
+) -> Reporter:
     outbox = Outbox(ledger.db, METERS, dict(config.meter_events))
     api = StripeAPI(config, API_KEY)
     return Reporter(config, outbox, api, StripeMetrics(CollectorRegistry()), holder)
@@ -190,7 +192,11 @@ async def test_a_send_stripe_has_forgotten_is_resent_only_when_its_summary_lacks
     for tenant in tenants:
         await charge(ledger, tenant, "api_calls", 5, now)
     # Both sends reach Stripe, neither answer reaches us; then a day passes.
-    fake.failures.rate, fake.failures.kinds, fake.failures.hang_s = 1.0, ("commit_then_timeout",), 1.0
+    fake.failures.rate, fake.failures.kinds, fake.failures.hang_s = (
+        1.0,
+        ("commit_then_timeout",),
+        1.0,
+    )
     clock = [now]
     rep = reporter(ledger, fake, stripe_config(fake))
     rep._clock = lambda: clock[0]

@@ -42,6 +42,14 @@ _GROWTH = """
     AND t.meter IN ({meters})
     ORDER BY t.tenant_id, t.meter, t.period_start
 """
+_LEDGER_TOTALS = """
+    SELECT t.tenant_id, t.meter, t.period_start, t.quantity, n.stripe_customer, n.billing_anchor
+    FROM usage_totals t JOIN tenants n ON n.id = t.tenant_id
+    WHERE n.stripe_customer IS NOT NULL
+    AND (t.period_start >= $1 OR t.period_start = $2)
+    AND t.meter IN ({meters})
+    ORDER BY t.tenant_id, t.meter, t.period_start
+"""
 _NEW_CURSOR = """
     INSERT INTO stripe_cursors (tenant_id, meter, period_start, reported, seq)
     VALUES ($1, $2, $3, 0, 0) ON CONFLICT DO NOTHING
@@ -175,17 +183,33 @@ class Outbox:
     def __init__(self, db: Database, meters: dict[str, MeterConfig], events: dict[str, str]):
         self.db = db
         self._meters = meters
-        self._events = events  # meter -> Stripe event name
+        self.events = events  # meter -> Stripe event name
+
+    async def _reported_totals(self, sql: str, since: datetime) -> list[dict[str, Any]]:
+        marks = ", ".join(f"${i}" for i in range(3, 3 + len(self.events)))
+        return await self.db.fetch(
+            sql.format(meters=marks), utc(since), EPOCH, *sorted(self.events)
+        )
+
+    async def ledger_totals(self, since: datetime) -> list[tuple[str, str, str, Period, int]]:
+        """(tenant, meter, customer, period, ledger total) of every reported meter."""
+        if not self.events:
+            return []
+        out = []
+        for r in await self._reported_totals(_LEDGER_TOTALS, since):
+            start = required(loaded(r["period_start"]))
+            period = usage_period(self._meters[r["meter"]], start, loaded(r["billing_anchor"]))
+            out.append(
+                (r["tenant_id"], r["meter"], r["stripe_customer"], period, int(r["quantity"]))
+            )
+        return out
 
     async def plan(self, now: datetime, since: datetime) -> list[OutboxRow]:
         """Turn every reported meter's rollup growth (periods started since `since`, and
         those that never reset) into outbox rows; the rows created."""
-        if not self._events:
+        if not self.events:
             return []
-        marks = ", ".join(f"${i}" for i in range(3, 3 + len(self._events)))
-        growth = await self.db.fetch(
-            _GROWTH.format(meters=marks), utc(since), EPOCH, *sorted(self._events)
-        )
+        growth = await self._reported_totals(_GROWTH, since)
         created: list[OutboxRow] = []
         for start in range(0, len(growth), PLAN_BATCH):
             async with self.db.transaction() as tx:
@@ -214,7 +238,7 @@ class Outbox:
             period_end=period.end,
             seq=int(seq),
             customer=c["stripe_customer"],
-            event_name=self._events[c["meter"]],
+            event_name=self.events[c["meter"]],
             quantity=int(c["quantity"]) - int(c["reported"]),
             event_at=at or period.end,
             state=PENDING if at is not None else EXPIRED,

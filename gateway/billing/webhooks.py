@@ -190,7 +190,7 @@ class Webhooks:
                 change = subscription_change(
                     kind, obj, created, self.stripe.prices, self.stripe.tenant_metadata_key
                 )
-                result, tenant = await self._subscription(event, change)
+                result, tenant = await self.apply_subscription(event, change)
             elif kind in INVOICE_EVENTS:
                 result, tenant = await self._invoice(event, obj, created)
             else:
@@ -216,9 +216,10 @@ class Webhooks:
         async with self.ledger.db.transaction() as tx:
             return result if await self._record(tx, event, result) else "duplicate"
 
-    async def _subscription(
+    async def apply_subscription(
         self, event: dict[str, Any], change: SubscriptionChange
     ) -> tuple[str, str | None]:
+        """Record the event and apply its change: (result, tenant id)."""
         tenant = await self.ledger.tenant_by_customer(change.customer)
         if tenant is None:
             tenant = await self._adopt(change)
