@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway import idempotency, websocket
 from gateway.admission import admit
-from gateway.billing.run import open_webhooks
+from gateway.billing.run import Reporting, open_webhooks
 from gateway.billing.webhooks import WebhookError, WebhookMetrics, Webhooks
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
@@ -90,6 +90,7 @@ QUOTA_METRICS = web.AppKey("quota_metrics", QuotaMetrics)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 WEBHOOKS = web.AppKey("webhooks", Webhooks)
 WEBHOOK_METRICS = web.AppKey("webhook_metrics", WebhookMetrics)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResponse]:
@@ -264,7 +265,13 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     webhooks, api = open_webhooks(config, services, app[WEBHOOK_METRICS])
     app[WEBHOOKS] = webhooks
+    reporting = None
+    if config.storage.counters.startswith("memory:"):
+        # Embedded: no `gateway worker` runs, so this process reports its own usage.
+        reporting = Reporting.start(config, services.ledger.db, app[REGISTRY], "serve")
     yield
+    if reporting is not None:
+        await reporting.close()
     if api is not None:
         await api.close()
 
@@ -276,6 +283,7 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app[METRICS] = metrics
     app[QUOTA_METRICS] = QuotaMetrics(registry)
     app[WEBHOOK_METRICS] = WebhookMetrics(registry)
+    app[REGISTRY] = registry
     app[RUNTIME] = Runtime.build(config, metrics)
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_services_ctx)

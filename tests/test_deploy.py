@@ -9,6 +9,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
+from gateway.billing.reporter import StripeMetrics
 from gateway.config import load
 from gateway.usage.worker import WorkerMetrics
 
@@ -19,6 +20,7 @@ def test_alert_rules_use_only_exported_metrics() -> None:
     registry = CollectorRegistry()
     create_app(load(DEPLOY / "gateway.compose.yaml"), registry)
     WorkerMetrics(registry)  # `gateway worker`'s, scraped as their own job
+    StripeMetrics(registry)  # the worker's Stripe reporter
     exported = {
         sample_name
         for metric in registry.collect()

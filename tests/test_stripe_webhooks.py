@@ -257,3 +257,67 @@ async def test_status_changes_reach_a_two_process_gateway_within_a_second(
     ))  # fmt: skip
     assert codes == (0, 0)
     assert all(seconds < PROPAGATION_BOUND_S for seconds in figures.values()), figures
+
+
+@pytest.mark.usefixtures("env")
+async def test_the_embedded_gateway_reports_its_own_usage(
+    upstream: Upstream, fake: FakeStripe, make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    data = config(upstream, fake.url, ledger=f"sqlite:///{tmp_path / 'ledger.db'}")
+    data["meters"] = {"api_calls": {"type": "counter"}}
+    data["routes"][0]["charge"] = {"api_calls": 1}
+    data["stripe"].update({"meter_events": {"api_calls": "calls"}, "report_interval_s": 0.1})
+    data["usage"] = {"flush_interval_ms": 20}
+    fake.add_customer("cus_acme")
+    fake.add_meter("calls")
+    gw = await make_gateway(data)
+    statuses = [(await call(gw.port))[0] for _ in range(20)]
+    assert statuses == [200] * 20
+    deadline = time.monotonic() + 10
+    while fake.totals() != {("cus_acme", "calls"): 20}:
+        assert time.monotonic() < deadline, fake.totals()
+        await asyncio.sleep(0.05)
+
+
+async def test_stripe_sync_applies_every_current_subscription(
+    upstream: Upstream, fake: FakeStripe, tmp_path: Path
+) -> None:
+    ledger_file = tmp_path / "ledger.db"
+    path = write_config(tmp_path / "gateway.yaml",
+                        config(upstream, fake.url, ledger=f"sqlite:///{ledger_file}"))  # fmt: skip
+    env = {**os.environ, "STRIPE_API_KEY": API_KEY, "STRIPE_WEBHOOK_SECRET": WHSEC}
+    fake.add_customer("cus_new", {"tenant_id": "newco"})
+    for sub_id, customer, status, created in (
+        ("sub_old", "cus_acme", "canceled", 100), ("sub_1", "cus_acme", "past_due", 200),
+        ("sub_2", "cus_new", "active", 300),
+    ):  # fmt: skip
+        fake.subscriptions[sub_id] = {
+            **subscription_event("x", 0, status, customer=customer, subscription=sub_id)["data"][
+                "object"
+            ],
+            "created": created,
+        }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", *args, "-c", str(path)],
+                              capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+
+    assert run("migrate").returncode == 0
+    put = ["tenants", "-c", str(path), "put", "acme", "--plan", "starter",
+           "--stripe-customer", "cus_acme"]  # fmt: skip
+    seeded = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "gateway", *put], env=env, timeout=60
+    )
+    assert seeded.returncode == 0
+    synced = await asyncio.to_thread(run, "stripe", "sync")
+    assert synced.returncode == 0, synced.stderr
+    assert "2 applied" in synced.stdout, synced.stdout
+    shown = await asyncio.to_thread(subprocess.run,
+        [sys.executable, "-m", "gateway", "tenants", "-c", str(path), "list"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    tenants = {t["id"]: t for t in json.loads(shown.stdout)}
+    assert (tenants["acme"]["status"], tenants["acme"]["stripe_subscription"]) == (
+        "past_due", "sub_1",
+    )  # fmt: skip
+    assert (tenants["newco"]["status"], tenants["newco"]["plan"]) == ("active", "starter")
