@@ -32,7 +32,7 @@ API_KEY = "sk_test_fake_" + "k" * 24
 DEDUPE_S = 24 * 3600
 PAST_S = 35 * 86400
 FUTURE_S = 300
-_WHOLE = re.compile(r"^\d{1,15}$")
+_WHOLE = re.compile(r"^-?\d{1,15}$")  # negative values correct earlier ones
 _V1_EVENT_KEYS = {"event_name", "identifier", "timestamp", "payload"}
 
 
@@ -91,7 +91,7 @@ class FakeStripe:
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.events: dict[str, MeterEvent] = {}  # by identifier, what Stripe holds
         self.seen: dict[str, float] = {}  # identifier -> when Stripe last accepted it
-        self.values_sent: dict[str, set[int]] = {}  # every value ever sent per identifier
+        self.values_sent: dict[str, set[str]] = {}  # every value ever sent per identifier
         self.sessions: dict[str, float] = {}  # token -> expires at
         self.core_events: list[dict[str, Any]] = []
         self.failures = Failures()
@@ -281,7 +281,7 @@ class FakeStripe:
                 400, "invalid_request_error", "identifier, event_name, timestamp required"
             )
         payload = _nested(form, "payload")
-        self.values_sent.setdefault(identifier, set()).add(int(payload.get("value", "-1") or -1))
+        self.values_sent.setdefault(identifier, set()).add(payload.get("value", ""))
         kind, failure = await self._fail()
         if failure is not None:
             return failure
@@ -332,10 +332,8 @@ class FakeStripe:
         for event in events:
             if set(event) - _V1_EVENT_KEYS or not {"event_name", "payload"} <= set(event):
                 return _error(400, "invalid_request_error", "malformed event")
-            value = event["payload"].get("value", "")
-            self.values_sent.setdefault(event.get("identifier", ""), set()).add(
-                int(value) if _WHOLE.match(value) else -1
-            )
+            value = str(event["payload"].get("value", ""))
+            self.values_sent.setdefault(event.get("identifier", ""), set()).add(value)
         kind, failure = await self._fail()
         if failure is not None:
             return failure

@@ -232,3 +232,22 @@ async def test_two_reporters_never_send_one_row_twice(ledger: Ledger, fake: Fake
     finally:
         await first.api.close()
         await second.api.close()
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+async def test_a_refund_after_its_charge_was_reported_is_sent_as_a_correction(
+    ledger: Ledger, fake: FakeStripe, mode: str
+) -> None:
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    rep = reporter(ledger, fake, stripe_config(fake, mode))
+    now = datetime.now(UTC)
+    try:
+        await charge(ledger, tenant, "api_calls", 5, now)
+        await until_settled(rep)
+        await charge(ledger, tenant, "api_calls", -2, now)  # two of the five refunded
+        await until_settled(rep)
+        await asyncio.sleep(0.05)
+        assert fake.totals() == {(f"cus_{tenant}", "api_calls"): 3}
+        assert sorted(e.value for e in fake.events.values()) == [-2, 5]
+    finally:
+        await rep.api.close()

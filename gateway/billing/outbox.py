@@ -1,4 +1,4 @@
-"""The Stripe outbox in the ledger: rollup growth becomes rows before anything is sent.
+"""The Stripe outbox in the ledger: rollup changes become rows before anything is sent.
 
 A row (identifier, quantity, timestamp) is written in the same transaction
 that advances its tenant/meter/period cursor, and never changes afterwards:
@@ -38,7 +38,7 @@ _GROWTH = """
         ON c.tenant_id = t.tenant_id AND c.meter = t.meter AND c.period_start = t.period_start
     WHERE n.stripe_customer IS NOT NULL
     AND (t.period_start >= $1 OR t.period_start = $2)
-    AND t.quantity > coalesce(c.reported, 0)
+    AND t.quantity <> coalesce(c.reported, 0)
     AND t.meter IN ({meters})
     ORDER BY t.tenant_id, t.meter, t.period_start
 """
@@ -81,12 +81,10 @@ _GROUP_ROWS = f"""
     WHERE tenant_id = $1 AND meter = $2 AND state = 'pending'
     ORDER BY period_start, seq
 """
-# Counted before the call leaves: after a crash the row says it may have arrived.
 _ATTEMPT = """
     UPDATE stripe_outbox SET attempts = attempts + 1,
         first_attempt_at = coalesce(first_attempt_at, $2)
     WHERE identifier = $1 AND state = 'pending'
-    RETURNING first_attempt_at
 """
 _FINISH = """
     UPDATE stripe_outbox SET state = $2, sent_at = $3, last_error = $4
@@ -99,6 +97,7 @@ _DEFER = """
 _REJECT_SENT = """
     UPDATE stripe_outbox SET state = 'rejected', last_error = $2
     WHERE identifier = $1 AND state = 'sent'
+    RETURNING identifier
 """
 _SENT_BEFORE = """
     SELECT coalesce(sum(quantity), 0) FROM stripe_outbox
@@ -205,8 +204,10 @@ class Outbox:
         return out
 
     async def plan(self, now: datetime, since: datetime) -> list[OutboxRow]:
-        """Turn every reported meter's rollup growth (periods started since `since`, and
-        those that never reset) into outbox rows; the rows created."""
+        """Turn every reported meter's rollup change (periods started since `since`, and
+        those that never reset) into outbox rows; the rows created. A rollup that shrank
+        since its last report (a refund written after its charge was reported) gives a
+        negative row, which Stripe sums like any other."""
         if not self.events:
             return []
         growth = await self._reported_totals(_GROWTH, since)
@@ -283,9 +284,9 @@ class Outbox:
         """The group's unsent rows, oldest first."""
         return [_row(r) for r in await self.db.fetch(_GROUP_ROWS, *group)]
 
-    async def attempt(self, identifier: str, now: datetime) -> bool:
-        """Count a send about to leave; False if the row is no longer pending."""
-        return await self.db.fetchval(_ATTEMPT, identifier, utc(now)) is not None
+    async def attempt(self, identifier: str, now: datetime) -> None:
+        """Count a send about to leave (after a crash, the row says it may have arrived)."""
+        await self.db.execute(_ATTEMPT, identifier, utc(now))
 
     async def finish(
         self, identifiers: Sequence[str], state: str, now: datetime, error: str | None = None
@@ -303,12 +304,7 @@ class Outbox:
 
     async def reject_sent(self, identifier: str, error: str) -> bool:
         """A sent row that Stripe refused later (the v2 stream validates asynchronously)."""
-        async with self.db.transaction() as tx:
-            before = await tx.fetchval(
-                "SELECT state FROM stripe_outbox WHERE identifier = $1", identifier
-            )
-            await tx.execute(_REJECT_SENT, identifier, error[:500])
-        return bool(before == SENT)
+        return await self.db.fetchval(_REJECT_SENT, identifier, error[:500]) is not None
 
     async def sent_before(self, row: OutboxRow) -> int:
         """What the row's tenant, meter and period have had marked sent."""

@@ -1,6 +1,6 @@
 """The Stripe reporter of `gateway worker`: ledger rollups -> outbox rows -> meter events.
 
-Each round turns the rollups' growth into outbox rows (stored before they are
+Each round turns the rollups' changes into outbox rows (stored before they are
 sent), leases the tenant/meter groups with rows due, sends each group's rows
 in order (v1: one event a call; v2: the heads of up to 100 groups a call on
 the meter event stream), and marks them sent. A failure leaves the row
@@ -18,6 +18,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -51,8 +52,9 @@ class StripeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.reported = Counter(
             "gateway_stripe_reported_quantity",
-            "Usage quantity Stripe accepted, by meter.",
-            ["meter"],
+            "Quantity Stripe accepted, by meter: usage, and corrections (negative reports of "
+            "refunds written after their charge was reported).",
+            ["meter", "direction"],
             registry=registry,
         )
         self.events = Counter(
@@ -239,32 +241,36 @@ class Reporter:
             return None
         if not dedupe_trusted(row.first_attempt_at, now):
             verdict = await self._verify_missing(row, meter, now)
-            if verdict is not None:
-                return verdict or None
+            if verdict == "arrived":
+                return SENT
+            if verdict == "unclear":
+                return None
         if not await self.outbox.renew(self.holder, group, now, self._lease_s):
             return None
         return meter
 
-    async def _verify_missing(self, row: OutboxRow, meter: Meter, now: datetime) -> str | None:
-        """For a row whose first send Stripe may have forgotten: SENT when its summary shows
-        it arrived, "" when unclear (wait), None when it is missing (send again)."""
+    async def _verify_missing(
+        self, row: OutboxRow, meter: Meter, now: datetime
+    ) -> Literal["arrived", "missing", "unclear"]:
+        """For a row whose first send Stripe may have forgotten, what its summary shows:
+        `arrived` (now marked sent), `missing` (send again) or `unclear` (held back)."""
         start, end = summary_window(row.period_start, row.period_end)
         held = await self.api.summary(meter, row.customer, start, end)
         before = await self.outbox.sent_before(row)
-        if held >= before + row.quantity:
+        if held == before + row.quantity:
             await self.outbox.finish([row.identifier], SENT, now)
             log.info("Stripe report %s found in Stripe's summary; marked sent", row.identifier)
-            return SENT
-        if held <= before:
+            return "arrived"
+        if held == before:
             log.info("Stripe report %s missing from Stripe's summary; sending", row.identifier)
-            return None
+            return "missing"
         await self.outbox.defer(
             [row.identifier], now + timedelta(seconds=AMBIGUOUS_RETRY_S),
             f"Stripe holds {held}, sent rows {before}, this row {row.quantity}: unclear",
         )  # fmt: skip
-        log.error("Stripe report %s: summary %d is between %d and %d; holding it",
+        log.error("Stripe report %s: summary %d is neither %d nor %d; holding it",
                   row.identifier, held, before, before + row.quantity)  # fmt: skip
-        return ""
+        return "unclear"
 
     async def _deliver(
         self, rows: Sequence[OutboxRow], send: Callable[[], Awaitable[bool | None]]
@@ -288,7 +294,8 @@ class Reporter:
             return False
         await self.outbox.finish([row.identifier for row in rows], SENT, self._clock())
         for row in rows:
-            self.metrics.reported.labels(row.meter).inc(row.quantity)
+            direction = "usage" if row.quantity >= 0 else "correction"
+            self.metrics.reported.labels(row.meter, direction).inc(abs(row.quantity))
         self.metrics.events.labels("accepted" if new is not False else "duplicate").inc(len(rows))
         return True
 
