@@ -66,7 +66,14 @@ async def seed_tenants(config: GatewayConfig, ledger: Ledger) -> int:
             stripe_customer=seed.stripe_customer,
             disabled=seed.disabled,
         )
-        created += await ledger.create_tenant_if_missing(tenant)
+        if await ledger.create_tenant_if_missing(tenant):
+            created += 1
+        elif await ledger.get_tenant(seed.id) is None:
+            owner = await ledger.tenant_by_customer(seed.stripe_customer or "")
+            raise StartupError(
+                f"tenants[{config.tenants.index(seed)}].stripe_customer: "
+                f"{seed.stripe_customer} already belongs to tenant {owner.id if owner else '?'}"
+            )
     return created
 
 
@@ -114,6 +121,9 @@ class Services:
         except LedgerUnavailable as exc:
             await ledger.close()
             raise StartupError(f"storage.ledger: {exc}") from None
+        except StartupError:
+            await ledger.close()
+            raise
         if created:
             log.info("created %d seed tenant(s) from the config", created)
         directory = Directory(ledger, config.storage.cache_ttl_s)

@@ -91,6 +91,8 @@ class GatewayProcess:
         self.proc.wait(10)
         if self._drainer is not None:
             self._drainer.join(10)
+        elif self.proc.stderr is not None:
+            self.proc.stderr.close()  # it died before reporting its ports
         self.proc = None
 
     def stop(self, timeout_s: float = 30) -> int:

@@ -330,3 +330,14 @@ async def test_a_stopped_postgres_is_unavailable(postgres_server: PostgresServer
         await ledger.close()
     with pytest.raises(LedgerUnavailable):
         await Ledger.open(postgres_server.dsn)
+
+
+async def test_concurrent_seeding_of_a_tenant_with_a_stripe_customer(ledger: Ledger) -> None:
+    # Two processes starting at once seed the same tenant: the second insert is a no-op.
+    now = datetime.now(UTC)
+    seed = Tenant("acme", "starter", "active", now, stripe_customer="cus_acme")
+    results = await asyncio.gather(*(ledger.create_tenant_if_missing(seed) for _ in range(4)))
+    assert sorted(results) == [False, False, False, True]
+    other = Tenant("other", "starter", "active", now, stripe_customer="cus_acme")
+    assert await ledger.create_tenant_if_missing(other) is False
+    assert await ledger.get_tenant("other") is None

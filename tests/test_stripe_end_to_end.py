@@ -68,9 +68,11 @@ class Stack:
 
     async def start(self) -> None:
         assert (await self.cli("migrate"))[0] == 0
-        self.gateways = await asyncio.gather(
-            *(asyncio.to_thread(GatewayProcess(self.config, self.env).start) for _ in range(2))
-        )
+        # Both start at once (they seed the same tenants concurrently); every one that
+        # started is kept for `close`, even when the other did not.
+        processes = [GatewayProcess(self.config, self.env) for _ in range(2)]
+        self.gateways = processes
+        await asyncio.gather(*(asyncio.to_thread(p.start) for p in processes))
         await self.start_worker()
 
     async def start_worker(self) -> None:

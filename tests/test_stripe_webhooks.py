@@ -321,3 +321,19 @@ async def test_stripe_sync_applies_every_current_subscription(
         "past_due", "sub_1",
     )  # fmt: skip
     assert (tenants["newco"]["status"], tenants["newco"]["plan"]) == ("active", "starter")
+
+
+async def test_two_seed_tenants_with_one_customer_are_refused_by_name(
+    upstream: Upstream, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.services import StartupError
+
+    monkeypatch.setenv("WEBHOOK_JWT_SECRET", SECRET)
+    data = config(upstream, "http://127.0.0.1:9")
+    del data["stripe"]
+    data["tenants"].append({"id": "copy", "plan": "starter", "stripe_customer": "cus_acme"})
+    with pytest.raises(StartupError) as refused:
+        await make_gateway(data)
+    assert str(refused.value) == (
+        "tenants[1].stripe_customer: cus_acme already belongs to tenant acme"
+    )

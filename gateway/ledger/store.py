@@ -20,7 +20,9 @@ _TENANT_VALUES = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11"  # created_
 _API_KEY_COLUMNS = "prefix, tenant_id, key_hash, name, created_at, revoked_at, last_used_at"
 
 _INSERT_TENANT = f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES ({_TENANT_VALUES})"
-_CREATE_TENANT = f"{_INSERT_TENANT} ON CONFLICT (id) DO NOTHING RETURNING id"
+# Any conflict: two processes seeding at once may collide on the id or on the
+# Stripe customer's unique index; the second insert is a no-op either way.
+_CREATE_TENANT = f"{_INSERT_TENANT} ON CONFLICT DO NOTHING RETURNING id"
 _PUT_TENANT = f"""
     {_INSERT_TENANT}
     ON CONFLICT (id) DO UPDATE SET
@@ -209,7 +211,7 @@ class Ledger:
     async def create_tenant_if_missing(
         self, tenant: Tenant, *, now: datetime | None = None
     ) -> bool:
-        """Insert `tenant` unless its id exists; True if it was inserted."""
+        """Insert `tenant` unless its id (or its Stripe customer) exists; True if inserted."""
         inserted = await self.db.fetchval(_CREATE_TENANT, *_tenant_args(tenant, now))
         return inserted is not None
 
