@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from gateway.clock import to_us
 from gateway.ledger import Ledger
-from gateway.ledger.usage import UsageLedger
-from gateway.quota import keys
-from gateway.usage.events import UsageEvent, to_us
+from gateway.ledger.events import UsageEvent
+from gateway.ledger.usage_ledger import UsageLedger
+from gateway.quota import keyspace
 from gateway.usage.streams import UsageStreams
 from gateway.usage.worker import Settings, Worker, WorkerMetrics
 from tests.servers import PostgresServer, RedisServer
@@ -43,7 +44,7 @@ async def fill(client: aioredis.Redis, count: int) -> None:
                 f"{uuid.uuid4().hex}:api_calls", tenant, "api_calls", 1, now_us + i,
                 period_us, "charge", "api", "GET", 0, uuid.uuid4().hex,
             )  # fmt: skip
-            pipe.xadd(keys.stream_key(tenant, SHARDS), {"e": event.encode()})
+            pipe.xadd(keyspace.stream_key(tenant, SHARDS), {"e": event.encode()})
         await pipe.execute()
 
 

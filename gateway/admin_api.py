@@ -10,14 +10,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.app import QUOTA, RUNTIME, SERVICES
+from gateway.clock import iso_utc
+from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.openapi import openapi_document
 from gateway.problems import problem
 from gateway.quota.engine import QuotaEngine
-from gateway.quota.usage import current_period, usage_view
+from gateway.quota.view import current_period, usage_view
 from gateway.services import Services
-from gateway.subscription import iso_utc
 from gateway.tenant_ops import (
     TenantChangeError,
     TenantOps,
@@ -25,7 +26,6 @@ from gateway.tenant_ops import (
     parse_changes,
     tenant_json,
 )
-from gateway.usage.events import EventContext
 
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 PUBLIC_APP = web.AppKey("public_app", web.Application)  # it owns the services

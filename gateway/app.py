@@ -10,27 +10,27 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import idempotency, websocket
-from gateway.admission import admit
 from gateway.billing.run import Reporting, open_webhooks
 from gateway.billing.webhooks import WebhookError, WebhookMetrics, Webhooks
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
 from gateway.ledger.db import LedgerUnavailable
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.events import EventContext
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics, QuotaMetrics
+from gateway.pipeline import idempotency, websocket
+from gateway.pipeline.admission import admit
+from gateway.pipeline.forwarding import Forwarder, RoutePlan, Upstreams
+from gateway.pipeline.metering import Metered, meter
 from gateway.problems import problem
-from gateway.proxy import Forwarder, RoutePlan, Upstreams
 from gateway.quota.engine import QuotaEngine
-from gateway.quota.http import Metered, meter
+from gateway.quota.journal import EventJournal
 from gateway.quota.memory import MemoryStore
 from gateway.quota.open import needs_quota, open_store
 from gateway.quota.redis_store import RedisStore
-from gateway.quota.usage import usage_view
+from gateway.quota.view import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
-from gateway.usage.events import EventContext
-from gateway.usage.journal import EventJournal
 from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from gateway.usage.restore import restore_shards
 

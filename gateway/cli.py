@@ -38,13 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from gateway.usage.run import run_worker
+    from gateway.worker_process import run_worker
 
     return _reporting(lambda: asyncio.run(run_worker(_load_or_exit(args.config), args.consumer)))
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from gateway.usage.run import run_reconcile
+    from gateway.worker_process import run_reconcile
 
     config = _load_or_exit(args.config)
     return _reporting(lambda: asyncio.run(run_reconcile(config, args.fail_on_drift)))

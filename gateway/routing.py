@@ -12,21 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
-if TYPE_CHECKING:  # the config loader imports this module to check templates
-    from gateway.config.models import RouteConfig
+from gateway.config.models import RouteConfig
+from gateway.config.templates import PARAM, RESERVED_SEGMENT, matchable, parse_template
 
-RESERVED_PREFIX = "/_gateway/"
-_RESERVED_SEGMENT = "_gateway"
 _SLASHES = re.compile(r"[/\\]")
-_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-
-
-class TemplateError(ValueError):
-    """A route path template that cannot be compiled."""
 
 
 class BadPath(ValueError):
@@ -60,32 +52,6 @@ class _Node:
     rest: list[Route] = field(default_factory=list)  # templates ending in `**` here
 
 
-def parse_template(path: str) -> list[str]:
-    """Split a route template into segments, refusing what cannot be matched."""
-    if not path.startswith("/"):
-        raise TemplateError("must start with '/'")
-    if path == RESERVED_PREFIX.rstrip("/") or path.startswith(RESERVED_PREFIX):
-        raise TemplateError(f"paths under {RESERVED_PREFIX} belong to the gateway")
-    segments = _matchable(path[1:].split("/"))
-    seen: set[str] = set()
-    for i, seg in enumerate(segments):
-        if seg == "**":
-            if i != len(segments) - 1:
-                raise TemplateError("'**' may only be the last segment")
-        elif seg.startswith("{") or seg.endswith("}"):
-            m = _PARAM.match(seg)
-            if not m:
-                raise TemplateError(f"bad parameter segment {seg!r}")
-            if m.group(1) in seen:
-                raise TemplateError(f"parameter {m.group(1)!r} used twice")
-            seen.add(m.group(1))
-        elif "*" in seg or "{" in seg or "}" in seg:
-            raise TemplateError(f"segment {seg!r} mixes text with a wildcard")
-        elif seg in (".", ".."):
-            raise TemplateError("dot segments cannot be matched")
-    return segments
-
-
 @dataclass(frozen=True, slots=True)
 class RequestPath:
     """A request path as the router sees it."""
@@ -116,12 +82,6 @@ def _check_segments(segments: list[str], what: str) -> None:
             raise BadPath(f"{what} has an empty segment")
 
 
-def _matchable(segments: list[str]) -> list[str]:
-    # One trailing slash does not make another route: `/v1/members/` is
-    # `/v1/members`, as most upstream frameworks read it.
-    return segments[:-1] if segments and not segments[-1] else segments
-
-
 def parse_path(target: str) -> RequestPath:
     """Decode a request target's path for routing, refusing what an upstream could
     read as another path: dot segments (also encoded, also `..;`), empty inner
@@ -141,8 +101,8 @@ def parse_path(target: str) -> RequestPath:
     if any("/" in seg or "\\" in seg for seg in segments):
         alternate = [part for seg in segments for part in _SLASHES.split(seg)]
         _check_segments(alternate, "the path, read with its encoded slashes,")
-        alternate = _matchable(alternate)
-    return RequestPath(_matchable(segments), alternate, segments[0] == _RESERVED_SEGMENT)
+        alternate = matchable(alternate)
+    return RequestPath(matchable(segments), alternate, segments[0] == RESERVED_SEGMENT)
 
 
 def split_path(target: str) -> list[str]:
@@ -171,7 +131,7 @@ class Router:
         route = Route(
             index=index,
             config=config,
-            params=tuple(m.group(1) if (m := _PARAM.match(s)) else None for s in segments),
+            params=tuple(m.group(1) if (m := PARAM.match(s)) else None for s in segments),
             methods=frozenset(methods) | ({"HEAD"} if "GET" in methods else set())
             if methods
             else None,
@@ -182,7 +142,7 @@ class Router:
             if seg == "**":
                 node.rest.append(route)
                 return
-            if _PARAM.match(seg):
+            if PARAM.match(seg):
                 node.param = node.param or _Node()
                 node = node.param
             else:

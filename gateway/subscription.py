@@ -5,12 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from gateway.clock import iso_utc
 from gateway.config.models import SubscriptionConfig
-
-
-def iso_utc(moment: datetime) -> str:
-    """`2026-11-24T00:00:00Z`: the form used in headers and problem bodies."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,9 @@ import pytest
 
 from gateway.ledger import Ledger
 from gateway.ledger.db import LedgerUnavailable
-from gateway.ledger.usage import UsageLedger, Written
-from gateway.usage.events import UsageEvent
-from gateway.usage.journal import JOURNAL, EventJournal, dead_files, wire_lines
+from gateway.ledger.events import UsageEvent
+from gateway.ledger.usage_ledger import UsageLedger, Written
+from gateway.quota.journal import JOURNAL, EventJournal, dead_files, wire_lines
 from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from tests.test_usage_ledger import PERIOD, event
 

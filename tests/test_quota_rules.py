@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.quota.gcra import US_PER_S, RateLimit, gcra
+from gateway.clock import US_PER_S
+from gateway.quota.gcra import RateLimit, gcra
 from gateway.quota.periods import Period, PeriodKind, period_of
 
 

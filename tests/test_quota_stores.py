@@ -12,16 +12,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.clock import to_us
 from gateway.config.models import UNLIMITED
-from gateway.quota import keys
+from gateway.ledger.events import EventContext, UsageEvent, decode
+from gateway.quota import keyspace
 from gateway.quota.gcra import RateLimit
 from gateway.quota.memory import MemoryStore
 from gateway.quota.periods import Period, periods_around
+from gateway.quota.queue import EventQueue
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import ChargeRequest, CounterStore, MeterCharge, StoreUnavailable
-from gateway.usage.events import EventContext, UsageEvent, decode, to_us
-from gateway.usage.queue import EventQueue
 from tests.conftest import whole
 from tests.servers import RedisServer
 
@@ -283,7 +284,7 @@ async def recorded(store: CounterStore) -> list[UsageEvent]:
     client = store._client if store.queue is None else store.queue.client
     found = []
     for shard in range(16):
-        entries = await client.xrange(keys.shard_stream(shard))
+        entries = await client.xrange(keyspace.shard_stream(shard))
         for _, fields in entries or ():
             assert fields is not None
             found.append(decode(fields[b"e"]))

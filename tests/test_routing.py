@@ -7,14 +7,8 @@ from typing import Any
 import pytest
 
 from gateway.config.models import RouteConfig
-from gateway.routing import (
-    BadPath,
-    Router,
-    TemplateError,
-    parse_path,
-    parse_template,
-    split_path,
-)
+from gateway.config.templates import TemplateError, parse_template
+from gateway.routing import BadPath, Router, parse_path, split_path
 
 
 def route(name: str, path: str, **match: Any) -> RouteConfig:

@@ -6,14 +6,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.ledger.events import EventContext
 from gateway.quota.gcra import RateLimit
 from gateway.quota.memory import MemoryStore
 from gateway.quota.pending import PendingCharges
 from gateway.quota.periods import period_of, periods_around
 from gateway.quota.rules import MeterLimit
+from gateway.quota.spool import Spool, Spooled, orphans
 from gateway.quota.store import ChargeRequest, MeterCharge
-from gateway.usage.events import EventContext
-from gateway.usage.spool import Spool, Spooled, orphans
 from tests.conftest import whole
 
 PERIOD = period_of("month", datetime(2026, 11, 21, tzinfo=UTC))

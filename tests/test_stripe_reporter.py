@@ -14,12 +14,13 @@ from gateway.billing.outbox import Outbox
 from gateway.billing.reporter import Reporter, StripeMetrics
 from gateway.billing.rules import event_time, report_identifier, summary_window
 from gateway.billing.stripe_api import StripeAPI
+from gateway.clock import to_us
 from gateway.config.models import MeterConfig, StripeConfig
 from gateway.ledger import Ledger
+from gateway.ledger.events import UsageEvent
 from gateway.ledger.records import Tenant
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.periods import period_of
-from gateway.usage.events import UsageEvent, to_us
 from tests.fake_stripe import API_KEY, FakeStripe
 
 METERS = {"api_calls": MeterConfig(type="counter"), "tokens": MeterConfig(type="counter")}

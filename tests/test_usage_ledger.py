@@ -6,9 +6,10 @@ import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from gateway.clock import to_us
 from gateway.ledger import Ledger
-from gateway.ledger.usage import UsageLedger
-from gateway.usage.events import UsageEvent, decode, to_us
+from gateway.ledger.events import UsageEvent, decode
+from gateway.ledger.usage_ledger import UsageLedger
 
 JAN = datetime(2026, 1, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 FEB = datetime(2026, 2, 1, tzinfo=UTC)

@@ -11,16 +11,17 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from gateway.clock import EPOCH
 from gateway.config import parse
 from gateway.ledger import Ledger
-from gateway.ledger.usage import UsageLedger
-from gateway.quota import keys
+from gateway.ledger.events import decode
+from gateway.ledger.usage_ledger import UsageLedger
+from gateway.quota import keyspace
 from gateway.quota.periods import period_of
 from gateway.server import Gateway
-from gateway.usage.events import EPOCH, decode
-from gateway.usage.run import run_reconcile
 from gateway.usage.streams import UsageStreams
 from gateway.usage.worker import Settings, Worker, WorkerMetrics
+from gateway.worker_process import run_reconcile
 from tests.conftest import MakeGateway, PgLedger
 from tests.servers import RedisServer
 from tests.test_quota_gateway import SECRET, admin, call, quota_config
@@ -122,9 +123,9 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
     dead = worker_for(client, ledger, "dead")
     await dead.streams.ensure_groups()
     await traffic(gw)
-    stream = keys.stream_key("acme", SHARDS)
+    stream = keyspace.stream_key("acme", SHARDS)
     assert await client.xlen(stream) == sum(EXPECTED_EVENTS.values())
-    shard = keys.shard_of("acme", SHARDS)
+    shard = keyspace.shard_of("acme", SHARDS)
     taken = await dead.streams.read(shard, 1000)
     half = [decode(entry.raw) for entry in taken[: len(taken) // 2]]
     written_before_crash = await UsageLedger(ledger.db).write(half)
@@ -144,7 +145,7 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
         parsed = parse(config, "test.yaml")
         assert await run_reconcile(parsed, fail_on_drift=True) == 0
         period = period_of("billing_cycle", datetime.now(UTC), None)
-        await client.incrby(keys.counter_key("acme", SHARDS, "api_calls", period.key), 2)
+        await client.incrby(keyspace.counter_key("acme", SHARDS, "api_calls", period.key), 2)
         assert await run_reconcile(parsed, fail_on_drift=True) == 1
         printed = capsys.readouterr().out
         assert "acme" in printed and "+2" in printed and "1 drifting by 2" in printed

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.auth.jwt import mint
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.usage_ledger import UsageLedger
 from tests.conftest import MakeGateway, PgLedger
 from tests.servers import RedisServer
 from tests.test_quota_gateway import SECRET, admin, call, quota_config

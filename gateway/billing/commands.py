@@ -16,10 +16,10 @@ from gateway.billing.rules import summary_window
 from gateway.billing.run import api_key
 from gateway.billing.stripe_api import SendFailure, StripeAPI, stripe_api
 from gateway.billing.webhooks import WebhookMetrics, Webhooks, subscription_change
+from gateway.clock import iso_utc
 from gateway.config.models import GatewayConfig, StripeConfig
 from gateway.ledger.store import Ledger
 from gateway.services import StartupError, make_bus, open_ledger
-from gateway.subscription import iso_utc
 
 _ENDED = ("canceled", "incomplete_expired")
 

@@ -15,11 +15,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.billing.rules import event_time, report_identifier
+from gateway.clock import EPOCH
 from gateway.config.models import MeterConfig
 from gateway.ledger.db import Database, Queries
 from gateway.ledger.timestamps import loaded, required, utc
 from gateway.quota.periods import Period, billing_cycle, period_of
-from gateway.usage.events import EPOCH
 
 PENDING, SENT, REJECTED, EXPIRED = "pending", "sent", "rejected", "expired"
 PLAN_BATCH = 200  # cursors advanced per transaction

@@ -13,7 +13,7 @@ from pydantic_core import ErrorDetails
 
 from gateway.config.models import GatewayConfig
 from gateway.config.support import unsupported
-from gateway.routing import TemplateError, parse_template
+from gateway.config.templates import TemplateError, parse_template
 
 Issue = tuple[str, str]  # (path of the key, what is wrong)
 

@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 
 from gateway.config.models import UNLIMITED, GatewayConfig, RouteConfig
 from gateway.ledger.db import LedgerUnavailable
+from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import stop_task
 from gateway.quota.gcra import RateLimit
 from gateway.quota.pending import PendingCharges
 from gateway.quota.periods import Period, periods_around
 from gateway.quota.rules import MeterLimit
+from gateway.quota.spool import Spool, orphans
 from gateway.quota.store import (
     Adjustment,
     ChargeRequest,
@@ -27,8 +29,6 @@ from gateway.quota.store import (
     StoreLost,
     StoreUnavailable,
 )
-from gateway.usage.events import EventContext
-from gateway.usage.spool import Spool, orphans
 
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-US_PER_S = 1_000_000
+from gateway.clock import US_PER_S
 
 
 @dataclass(frozen=True, slots=True)

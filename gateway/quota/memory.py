@@ -6,7 +6,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from gateway.quota import keys
+from gateway.clock import to_us
+from gateway.ledger.events import EventContext, UsageEvent, adjustment_kind
+from gateway.quota import keyspace
+from gateway.quota.journal import EventJournal
 from gateway.quota.periods import Period
 from gateway.quota.store import (
     Adjustment,
@@ -19,8 +22,6 @@ from gateway.quota.store import (
     choose_period,
     evaluate,
 )
-from gateway.usage.events import EventContext, UsageEvent, adjustment_kind, to_us
-from gateway.usage.journal import EventJournal
 
 # One shard: the hash tags only matter to Redis, the layout stays the same.
 _SHARDS = 1
@@ -28,8 +29,8 @@ _SHARDS = 1
 
 def _meter_key(tenant: str, meter: str, period: Period | None) -> str:
     if period is None:
-        return keys.gauge_key(tenant, _SHARDS, meter)
-    return keys.counter_key(tenant, _SHARDS, meter, period.key)
+        return keyspace.gauge_key(tenant, _SHARDS, meter)
+    return keyspace.counter_key(tenant, _SHARDS, meter, period.key)
 
 
 class MemoryStore:
@@ -70,7 +71,7 @@ class MemoryStore:
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         self._check_whole()
         now_us = self._clock_us()
-        memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
+        memo_key = keyspace.memo_key(request.tenant, _SHARDS, request.request_id)
         remembered = self._memo.get(memo_key)
         if remembered is not None and remembered[0] > now_us:
             first = remembered[1]
@@ -85,7 +86,7 @@ class MemoryStore:
             for m, i in zip(request.meters, chosen, strict=True)
         ]
         rate_keys = [
-            keys.rate_key(request.tenant, _SHARDS, limit.name, scope)
+            keyspace.rate_key(request.tenant, _SHARDS, limit.name, scope)
             for limit, scope in request.rate_limits
         ]
         state = StoreState(
@@ -106,7 +107,7 @@ class MemoryStore:
                                 meter.limit.meter, meter.cost, now_us, period, kind)  # fmt: skip
             for (limit, _), key in zip(request.rate_limits, rate_keys, strict=True):
                 self._values[key] = decision.tats_after[limit.name]
-        self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, result)
+        self._memo[memo_key] = (now_us + keyspace.MEMO_TTL_MS * 1000, result)
         self._expire_memos(now_us)
         return result
 
@@ -121,7 +122,7 @@ class MemoryStore:
     async def void(self, request: ChargeRequest) -> None:
         self._check_whole()
         now_us = self._clock_us()
-        memo_key = keys.memo_key(request.tenant, _SHARDS, request.request_id)
+        memo_key = keyspace.memo_key(request.tenant, _SHARDS, request.request_id)
         remembered = self._memo.get(memo_key)
         first = remembered[1] if remembered is not None and remembered[0] > now_us else None
         if isinstance(first, ChargeResult) and first.decision.allowed:
@@ -134,11 +135,11 @@ class MemoryStore:
                                 meter.limit.meter, -meter.cost, now_us, period, "void",
                                 suffix=":void")  # fmt: skip
             for limit, scope in request.rate_limits:
-                key = keys.rate_key(request.tenant, _SHARDS, limit.name, scope)
+                key = keyspace.rate_key(request.tenant, _SHARDS, limit.name, scope)
                 if key in self._values:
                     self._values[key] -= limit.interval_us
         if not isinstance(first, str):
-            self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, "void")
+            self._memo[memo_key] = (now_us + keyspace.MEMO_TTL_MS * 1000, "void")
 
     async def apply_once(
         self,
@@ -149,7 +150,7 @@ class MemoryStore:
     ) -> bool:
         self._check_whole()
         now_us = self._clock_us()
-        memo_key = keys.memo_key(tenant, _SHARDS, operation_id)
+        memo_key = keyspace.memo_key(tenant, _SHARDS, operation_id)
         remembered = self._memo.get(memo_key)
         if remembered is not None and remembered[0] > now_us:
             first = remembered[1]
@@ -162,7 +163,7 @@ class MemoryStore:
             if context is not None and delta:
                 kind = adjustment_kind(period is None, delta, operation_id)
                 self._event(tenant, context, operation_id, meter, delta, now_us, period, kind)
-        self._memo[memo_key] = (now_us + keys.MEMO_TTL_MS * 1000, "applied")
+        self._memo[memo_key] = (now_us + keyspace.MEMO_TTL_MS * 1000, "applied")
         return True
 
     def _event(
@@ -211,7 +212,7 @@ class MemoryStore:
     async def idempotency_begin(
         self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int
     ) -> str | None:
-        key = keys.idempotency_key(tenant, _SHARDS, key_hash)
+        key = keyspace.idempotency_key(tenant, _SHARDS, key_hash)
         now_us = self._clock_us()
         held = self._records.get(key)
         if held is not None and held[0] > now_us:
@@ -222,7 +223,7 @@ class MemoryStore:
     async def idempotency_finish(
         self, tenant: str, key_hash: str, record: str | None, ttl_ms: int
     ) -> None:
-        key = keys.idempotency_key(tenant, _SHARDS, key_hash)
+        key = keyspace.idempotency_key(tenant, _SHARDS, key_hash)
         if record is None:
             self._records.pop(key, None)
         else:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from gateway.config.models import GatewayConfig
+from gateway.quota.journal import EventJournal
 from gateway.quota.memory import MemoryStore
+from gateway.quota.queue import EventQueue
 from gateway.quota.redis_client import redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import CounterStore
-from gateway.usage.journal import EventJournal
-from gateway.usage.queue import EventQueue
 
 
 def needs_quota(config: GatewayConfig) -> bool:

@@ -6,10 +6,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from gateway.quota import keys
+from gateway.ledger.events import EventContext
+from gateway.quota import keyspace
+from gateway.quota.spool import Spool, Spooled
 from gateway.quota.store import Adjustment, ChargeRequest, CounterStore
-from gateway.usage.events import EventContext
-from gateway.usage.spool import Spool, Spooled
 
 log = logging.getLogger("gateway.quota")
 
@@ -77,7 +77,7 @@ class PendingCharges:
         # Past the store's memory of operation ids, a retry could count twice
         # (or a void find nothing to undo): drop them and say so, which keeps
         # the stated bound instead of a silent wrong count.
-        oldest = self._clock() - keys.MEMO_TTL_MS / 1000
+        oldest = self._clock() - keyspace.MEMO_TTL_MS / 1000
         for table in (self._pending, self._voids):
             for operation_id in [op for op, entry in table.items() if entry[0] < oldest]:
                 del table[operation_id]
@@ -85,4 +85,4 @@ class PendingCharges:
                 if self._spool is not None:
                     self._spool.done(operation_id)
                 log.error("dropped pending counter-store write %s after %ds", operation_id,
-                          keys.MEMO_TTL_MS // 1000)  # fmt: skip
+                          keyspace.MEMO_TTL_MS // 1000)  # fmt: skip

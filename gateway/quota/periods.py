@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from gateway.clock import EPOCH, add_months
+
 PeriodKind = Literal["billing_cycle", "month", "day", "hour", "none"]
 DEFAULT_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)  # the 1st of the month, 00:00 UTC
 # `none` never resets: one period from the epoch to the end of representable time.
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FOREVER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 
@@ -37,11 +38,6 @@ class Period:
         return max(0, int(-(-left // 1)))
 
 
-def _add_months(year: int, month: int, months: int) -> tuple[int, int]:
-    index = year * 12 + (month - 1) + months
-    return index // 12, index % 12 + 1
-
-
 def _cycle_start(anchor: datetime, year: int, month: int) -> datetime:
     """The anchor's day and time in (year, month), clamped to the month's last day."""
     day = min(anchor.day, calendar.monthrange(year, month)[1])
@@ -53,8 +49,8 @@ def billing_cycle(anchor: datetime, now: datetime) -> Period:
     anchor = anchor.astimezone(UTC)
     start = _cycle_start(anchor, now.year, now.month)
     if start > now:
-        start = _cycle_start(anchor, *_add_months(now.year, now.month, -1))
-    end = _cycle_start(anchor, *_add_months(start.year, start.month, 1))
+        start = _cycle_start(anchor, *add_months(now.year, now.month, -1))
+    end = _cycle_start(anchor, *add_months(start.year, start.month, 1))
     return Period(start, end)
 
 
@@ -81,7 +77,7 @@ def period_of(kind: PeriodKind, now: datetime, anchor: datetime | None = None) -
         return billing_cycle(anchor or DEFAULT_ANCHOR, now)
     if kind == "month":
         start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        year, month = _add_months(start.year, start.month, 1)
+        year, month = add_months(start.year, start.month, 1)
         return Period(start, start.replace(year=year, month=month))
     if kind == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -89,4 +85,4 @@ def period_of(kind: PeriodKind, now: datetime, anchor: datetime | None = None) -
     if kind == "hour":
         start = now.replace(minute=0, second=0, microsecond=0)
         return Period(start, start + timedelta(hours=1))
-    return Period(_EPOCH, _FOREVER)
+    return Period(EPOCH, _FOREVER)

@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.lifecycle import stop_task
-from gateway.usage.queue import EventQueue
+from gateway.quota.queue import EventQueue
 
 log = logging.getLogger("gateway.quota")
 POOL_CONNECTIONS = 64

@@ -19,8 +19,11 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.quota import keys
+from gateway.clock import to_us
+from gateway.ledger.events import EventContext, adjustment_kind
+from gateway.quota import keyspace
 from gateway.quota.periods import Period
+from gateway.quota.queue import EventQueue
 from gateway.quota.redis_client import Client, ScriptPipeline, close_client, redis_client
 from gateway.quota.store import (
     Adjustment,
@@ -32,8 +35,6 @@ from gateway.quota.store import (
     StoreUnavailable,
     evaluate,
 )
-from gateway.usage.events import EventContext, adjustment_kind, to_us
-from gateway.usage.queue import EventQueue
 
 log = logging.getLogger("gateway.quota")
 
@@ -113,9 +114,9 @@ class RedisStore:
         self, request: ChargeRequest, mode: str = "check"
     ) -> tuple[list[str], list[int | str]]:
         tenant, shards = request.tenant, self._shards
-        key_list = [keys.memo_key(tenant, shards, request.request_id)]
+        key_list = [keyspace.memo_key(tenant, shards, request.request_id)]
         args: list[int | str] = [
-            keys.MEMO_TTL_MS, keys.COUNTER_GRACE_MS, len(request.meters),
+            keyspace.MEMO_TTL_MS, keyspace.COUNTER_GRACE_MS, len(request.meters),
             len(request.rate_limits), mode, self._event_fields(tenant, request.context),
             request.request_id,
         ]  # fmt: skip
@@ -125,19 +126,19 @@ class RedisStore:
                 if len(meter.periods) != 3:
                     raise ValueError("a counter needs its previous, current and next periods")
                 key_list += [
-                    keys.counter_key(tenant, shards, limit.meter, p.key) for p in meter.periods
+                    keyspace.counter_key(tenant, shards, limit.meter, p.key) for p in meter.periods
                 ]
                 args.append("c")
                 for period in meter.periods:
                     args += [to_us(period.start), to_us(period.end)]
             else:
-                key_list.append(keys.gauge_key(tenant, shards, limit.meter))
+                key_list.append(keyspace.gauge_key(tenant, shards, limit.meter))
                 args += ["g", 0, 0, 0, 0, 0, 0]
             args += [limit.limit, int(limit.hard), meter.cost, int(meter.needs_remaining)]
             args += list(meter.credits) if meter.periods and meter.credits else [0, 0, 0]
             args.append(limit.meter)
         for rate_limit, scope in request.rate_limits:
-            key_list.append(keys.rate_key(tenant, shards, rate_limit.name, scope))
+            key_list.append(keyspace.rate_key(tenant, shards, rate_limit.name, scope))
             args += [rate_limit.interval_us, rate_limit.burst, 1]
         key_list += self._shard_keys(tenant)[1]
         return key_list, args
@@ -145,8 +146,8 @@ class RedisStore:
     def _shard_keys(self, tenant: str) -> tuple[int, list[str]]:
         """The tenant's shard, and the keys every recording script takes last:
         the shard's usage stream, then its epoch key."""
-        shard = keys.shard_of(tenant, self._shards)
-        return shard, [keys.shard_stream(shard), keys.epoch_key(shard)]
+        shard = keyspace.shard_of(tenant, self._shards)
+        return shard, [keyspace.shard_stream(shard), keyspace.epoch_key(shard)]
 
     def _event_fields(self, tenant: str, context: EventContext | None) -> str:
         if not self._record or context is None:
@@ -168,7 +169,7 @@ class RedisStore:
         raw = await self._script("check_and_charge", self._checks, key_list, args)
         flag, *numbers = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
         if flag == "E":
-            raise StoreLost(keys.shard_of(request.tenant, self._shards))
+            raise StoreLost(keyspace.shard_of(request.tenant, self._shards))
         if not numbers or not numbers[0].isdigit():
             # The memo holds another operation's marker (voided, or applied by
             # apply_once): this request id must not charge now.
@@ -195,8 +196,8 @@ class RedisStore:
 
     def _meter_key(self, tenant: str, meter: str, period: Period | None) -> str:
         if period is None:
-            return keys.gauge_key(tenant, self._shards, meter)
-        return keys.counter_key(tenant, self._shards, meter, period.key)
+            return keyspace.gauge_key(tenant, self._shards, meter)
+        return keyspace.counter_key(tenant, self._shards, meter, period.key)
 
     async def _guard(self, what: str, call: Awaitable[Any]) -> Any:
         try:
@@ -213,14 +214,14 @@ class RedisStore:
     async def void(self, request: ChargeRequest) -> None:
         key_list, args = self._encode(request, mode="void")
         if await self._script("void", self._checks, key_list, args) in (b"E", "E"):
-            raise StoreLost(keys.shard_of(request.tenant, self._shards))
+            raise StoreLost(keyspace.shard_of(request.tenant, self._shards))
 
     @property
     def shards(self) -> int:
         return self._shards
 
     async def lost(self) -> list[int]:
-        epochs = [keys.epoch_key(shard) for shard in range(self._shards)]
+        epochs = [keyspace.epoch_key(shard) for shard in range(self._shards)]
         # One EXISTS per key: a multi-key EXISTS would cross slots on a cluster.
         pipe = self._client.pipeline(transaction=False)
         for key in epochs:
@@ -229,11 +230,11 @@ class RedisStore:
         return [shard for shard, exists in enumerate(found) if not exists]
 
     async def restore(self, shard: int, levels: Sequence[Level]) -> None:
-        key_list = [keys.epoch_key(shard)]
+        key_list = [keyspace.epoch_key(shard)]
         args: list[int | str] = [datetime.now(UTC).isoformat()]
         for tenant, meter, period, value in levels:
             key_list.append(self._meter_key(tenant, meter, period))
-            expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
+            expire_at = to_us(period.end) // 1000 + keyspace.COUNTER_GRACE_MS if period else 0
             args += [value, expire_at]
         # Not under the request timeout: a large shard takes a while, and nothing
         # on it is served until this is done anyway.
@@ -251,13 +252,13 @@ class RedisStore:
         adjustments: Sequence[Adjustment],
         context: EventContext | None = None,
     ) -> bool:
-        key_list = [keys.memo_key(tenant, self._shards, operation_id)]
+        key_list = [keyspace.memo_key(tenant, self._shards, operation_id)]
         args: list[int | str] = [
-            keys.MEMO_TTL_MS, self._event_fields(tenant, context), operation_id
+            keyspace.MEMO_TTL_MS, self._event_fields(tenant, context), operation_id
         ]  # fmt: skip
         for meter, period, delta in adjustments:
             key_list.append(self._meter_key(tenant, meter, period))
-            expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
+            expire_at = to_us(period.end) // 1000 + keyspace.COUNTER_GRACE_MS if period else 0
             kind = adjustment_kind(period is None, delta, operation_id)
             args += [delta, expire_at, meter, to_us(period.start) if period else 0, kind]
         shard, trailing = self._shard_keys(tenant)
@@ -281,7 +282,7 @@ class RedisStore:
     ) -> None:
         shard, trailing = self._shard_keys(tenant)
         key_list = [self._meter_key(tenant, meter, period), *trailing]
-        expire_at = to_us(period.end) // 1000 + keys.COUNTER_GRACE_MS if period else 0
+        expire_at = to_us(period.end) // 1000 + keyspace.COUNTER_GRACE_MS if period else 0
         args: list[int | str] = [
             value, expire_at, self._event_fields(tenant, context), f"{uuid.uuid4().hex}:{meter}",
             meter, to_us(period.start) if period else 0, "gauge" if period is None else "reset",
@@ -293,7 +294,7 @@ class RedisStore:
     async def idempotency_begin(
         self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int
     ) -> str | None:
-        key = keys.idempotency_key(tenant, self._shards, key_hash)
+        key = keyspace.idempotency_key(tenant, self._shards, key_hash)
         claim = self._client.set(key, f"P|{fingerprint}", nx=True, px=in_flight_ms)
         if await self._guard("idempotency", claim):
             return None
@@ -304,7 +305,7 @@ class RedisStore:
     async def idempotency_finish(
         self, tenant: str, key_hash: str, record: str | None, ttl_ms: int
     ) -> None:
-        key = keys.idempotency_key(tenant, self._shards, key_hash)
+        key = keyspace.idempotency_key(tenant, self._shards, key_hash)
         if record is None:
             await self._guard("idempotency", self._client.delete(key))
         else:

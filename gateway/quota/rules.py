@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from gateway.clock import US_PER_S
 from gateway.config.models import UNLIMITED
-from gateway.quota.gcra import US_PER_S, RateLimit, gcra
+from gateway.quota.gcra import RateLimit, gcra
 from gateway.quota.periods import Period
 
 MeterKind = Literal["counter", "gauge"]

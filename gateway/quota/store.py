@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from gateway.clock import from_us, to_us
+from gateway.ledger.events import EventContext
 from gateway.quota.gcra import RateLimit
 from gateway.quota.periods import Period
 from gateway.quota.rules import Decision, MeterLimit, decide
-from gateway.usage.events import EventContext, from_us, to_us
 
 Adjustment = tuple[str, Period | None, int]  # (meter, its period or None for a gauge, delta)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from gateway.clock import EPOCH
 from gateway.config.models import GatewayConfig
 from gateway.ledger.store import Ledger
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.periods import period_of
 from gateway.quota.store import CounterStore
-from gateway.usage.events import EPOCH
 
 PAGE = 1000
 

@@ -16,10 +16,10 @@ import logging
 from pathlib import Path
 
 from gateway.ledger.db import LedgerUnavailable, sqlite_path
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.events import UsageEvent, decode
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.lifecycle import stop_task
-from gateway.usage.events import UsageEvent, decode
-from gateway.usage.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
+from gateway.quota.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
 
 log = logging.getLogger("gateway.usage")
 MAX_BATCH = 20_000

@@ -17,11 +17,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.config.models import MeterConfig
-from gateway.ledger.usage import UsageLedger, wire_row
-from gateway.quota import keys
+from gateway.ledger.usage_ledger import UsageLedger, wire_row
+from gateway.quota import keyspace
 from gateway.quota.periods import Period, period_of
+from gateway.quota.queue import EventQueue
 from gateway.quota.store import CounterStore, Level
-from gateway.usage.queue import EventQueue
 
 log = logging.getLogger("gateway.quota")
 
@@ -47,7 +47,7 @@ async def restore_shards(
     wanted = set(shards)
     levels: dict[int, list[Level]] = {shard: [] for shard in shards}
     for tenant, meter, start, quantity in totals:
-        shard = keys.shard_of(tenant, store.shards)
+        shard = keyspace.shard_of(tenant, store.shards)
         spec = meters.get(meter)
         if shard not in wanted or spec is None:
             continue

@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from gateway.quota import keys
+from gateway.quota import keyspace
 from gateway.quota.redis_client import Client
 
 log = logging.getLogger("gateway.usage")
@@ -69,7 +69,7 @@ class UsageStreams:
         for shard in range(self.shards):
             try:
                 await self._client.xgroup_create(
-                    keys.shard_stream(shard), self.group, id="0", mkstream=True
+                    keyspace.shard_stream(shard), self.group, id="0", mkstream=True
                 )
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
@@ -78,7 +78,7 @@ class UsageStreams:
     async def read(self, shard: int, count: int, pending: bool = False) -> list[Entry]:
         """New entries for this consumer; `pending`: its own delivered but unacknowledged."""
         reply = await self._client.xreadgroup(
-            self.group, self.consumer, {keys.shard_stream(shard): "0" if pending else ">"},
+            self.group, self.consumer, {keyspace.shard_stream(shard): "0" if pending else ">"},
             count=count,
         )  # fmt: skip
         if not reply:
@@ -90,17 +90,17 @@ class UsageStreams:
     async def claim_stale(self, shard: int, min_idle_ms: int, count: int) -> list[Entry]:
         """Entries another consumer took and left unacknowledged for `min_idle_ms`."""
         reply = await self._client.xautoclaim(
-            keys.shard_stream(shard), self.group, self.consumer, min_idle_ms, "0-0", count=count
+            keyspace.shard_stream(shard), self.group, self.consumer, min_idle_ms, "0-0", count=count
         )
         return _entries(shard, reply[1])
 
     async def ack(self, shard: int, entry_ids: list[bytes | str]) -> None:
         if entry_ids:
-            await self._client.xack(keys.shard_stream(shard), self.group, *entry_ids)
+            await self._client.xack(keyspace.shard_stream(shard), self.group, *entry_ids)
 
     async def trim(self, shard: int) -> int:
         """Drop entries every group has acknowledged; how many went."""
-        stream = keys.shard_stream(shard)
+        stream = keyspace.shard_stream(shard)
         groups = await self._client.xinfo_groups(stream)
         if not groups:
             return 0  # no reader yet: nothing may go
@@ -122,7 +122,7 @@ class UsageStreams:
 
     async def lag(self, shard: int) -> int:
         """Entries of the shard this group has not read yet, plus those not acknowledged."""
-        stream = keys.shard_stream(shard)
+        stream = keyspace.shard_stream(shard)
         for group in await self._client.xinfo_groups(stream):
             if _text(group["name"]) == self.group:
                 unread = group.get("lag")

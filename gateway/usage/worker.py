@@ -22,8 +22,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
+from gateway.clock import month_start, months_after
 from gateway.ledger.db import LedgerUnavailable
-from gateway.ledger.usage import UsageLedger, add_months, month_start, wire_row
+from gateway.ledger.usage_ledger import UsageLedger, wire_row
 from gateway.usage.streams import Entry, UsageStreams
 
 log = logging.getLogger("gateway.usage")
@@ -230,8 +231,8 @@ class Worker:
             log.warning("usage stream housekeeping failed (%s)", exc)
         try:
             this_month = month_start(datetime.now(UTC))
-            await self.ledger.ensure_partitions([this_month, add_months(this_month, 1)])
-            cutoff = add_months(this_month, -self.settings.retention_months)
+            await self.ledger.ensure_partitions([this_month, months_after(this_month, 1)])
+            cutoff = months_after(this_month, -self.settings.retention_months)
             for name in await self.ledger.drop_partitions_before(cutoff):
                 log.info("dropped usage partition %s (past usage.retention_months)", name)
         except LedgerUnavailable as exc:

@@ -11,16 +11,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.billing.run import Reporting
+from gateway.clock import iso_utc
 from gateway.config.models import GatewayConfig
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.lifecycle import stop_task
 from gateway.quota.redis_client import Client, close_client, redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import StoreUnavailable
 from gateway.services import StartupError, open_ledger
-from gateway.subscription import iso_utc
 from gateway.usage.reconcile import reconcile
 from gateway.usage.streams import UsageStreams
 from gateway.usage.worker import Settings, Worker, WorkerMetrics

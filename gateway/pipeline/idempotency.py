@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.pipeline.forwarding import LimitedBody, too_large
 from gateway.problems import problem
-from gateway.proxy import LimitedBody, too_large
 from gateway.quota.store import CounterStore, StoreUnavailable
 
-log = logging.getLogger("gateway.idempotency")
+log = logging.getLogger("gateway.pipeline.idempotency")
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255

@@ -9,8 +9,8 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
+from gateway.pipeline.forwarding import Upstream
 from gateway.problems import problem
-from gateway.proxy import Upstream
 
 # The handshake is made anew on each side; the client's key and extensions
 # mean nothing to the upstream connection.

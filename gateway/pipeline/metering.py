@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.admission import upgrade_url
+from gateway.clock import iso_utc
+from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.metrics import QuotaMetrics
+from gateway.pipeline.admission import upgrade_url
 from gateway.problems import problem
 from gateway.quota.engine import Charged, QuotaEngine
 from gateway.quota.rules import Decision, Refusal
 from gateway.quota.store import StoreUnavailable
-from gateway.subscription import iso_utc
-from gateway.usage.events import EventContext
 
 
 @dataclass

@@ -18,9 +18,10 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+from gateway.clock import EPOCH, from_us, months_after
 from gateway.ledger.db import Database, Queries
+from gateway.ledger.events import UsageEvent, split
 from gateway.ledger.timestamps import loaded, required, utc
-from gateway.usage.events import EPOCH, UsageEvent, from_us, split
 
 COLUMNS = (
     "at", "id", "tenant_id", "meter", "quantity", "period_start", "kind", "route", "method",
@@ -118,16 +119,6 @@ class Written:
     duplicates: int
 
 
-def month_start(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
-def add_months(start: datetime, months: int) -> datetime:
-    """The first of the month `months` after (or before) the month starting at `start`."""
-    index = start.year * 12 + start.month - 1 + months
-    return start.replace(year=index // 12, month=index % 12 + 1, day=1)
-
-
 class UsageLedger:
     """Usage events, totals per tenant/meter/period and hourly history on one `Database`."""
 
@@ -167,7 +158,7 @@ class UsageLedger:
         if self.db.dialect != "postgresql":
             return
         for start in sorted(set(months) - self._partitions):
-            end = add_months(start, 1)
+            end = months_after(start, 1)
             await self.db.execute(
                 f"CREATE TABLE IF NOT EXISTS {_partition(start)} PARTITION OF usage_events"
                 f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
@@ -184,7 +175,7 @@ class UsageLedger:
             if match is None:
                 continue
             start = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
-            if add_months(start, 1) <= cutoff:
+            if months_after(start, 1) <= cutoff:
                 await self.db.execute(f"DROP TABLE IF EXISTS {row['name']}")
                 self._partitions.discard(start)
                 dropped.append(row["name"])

@@ -5,14 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.clock import EPOCH, iso_utc
 from gateway.ledger.records import Tenant
-from gateway.ledger.usage import UsageLedger
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine, credit_of
 from gateway.quota.periods import Period, period_of
 from gateway.quota.rules import meter_state
 from gateway.quota.store import credited
-from gateway.subscription import iso_utc
-from gateway.usage.events import EPOCH
 
 
 def current_period(engine: QuotaEngine, tenant: Tenant, meter: str) -> Period | None:

@@ -16,15 +16,14 @@ worker parses every event.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
-from gateway.quota.gcra import US_PER_S
+from gateway.clock import from_us
 
 SEP = "\x1f"
 VERSION = "v1"
 FIELDS = 12
 GAUGE_PERIOD_US = 0  # a gauge has no period; its rollup row starts at the epoch
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +89,6 @@ def decode(raw: str | bytes) -> UsageEvent:
     _, id_, meter, quantity, at, period, kind, tenant, route, method, status, rid = split(raw)
     return UsageEvent(id_, tenant, meter, int(quantity), int(at), int(period), kind, route,
                       method, int(status), rid)  # fmt: skip
-
-
-def from_us(us: int) -> datetime:
-    return datetime.fromtimestamp(us // US_PER_S, UTC).replace(microsecond=us % US_PER_S)
-
-
-def to_us(moment: datetime) -> int:
-    return int(moment.timestamp()) * US_PER_S + moment.microsecond
 
 
 def adjustment_kind(is_gauge: bool, delta: int, operation_id: str) -> str:

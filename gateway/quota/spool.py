@@ -22,12 +22,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.ledger.events import EventContext
 from gateway.quota.gcra import RateLimit
+from gateway.quota.journal import DeadFile, dead_files, own_file
 from gateway.quota.periods import Period
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import Adjustment, ChargeRequest, MeterCharge
-from gateway.usage.events import EventContext
-from gateway.usage.journal import DeadFile, dead_files, own_file
 
 log = logging.getLogger("gateway.usage")
 SPOOL = "spool"  # the files' name prefix

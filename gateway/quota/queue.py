@@ -24,11 +24,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from gateway.ledger.events import split
 from gateway.lifecycle import stop_task
-from gateway.quota import keys
+from gateway.quota import keyspace
+from gateway.quota.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
 from gateway.quota.store import StoreUnavailable
-from gateway.usage.events import split
-from gateway.usage.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
 
 log = logging.getLogger("gateway.usage")
 RETRY_S = 1.0  # how often waiting events try the queue again
@@ -64,7 +64,9 @@ class EventQueue:
             for wire in wires:
                 try:
                     tenant = split(wire)[7]
-                    self._wait(keys.shard_stream(keys.shard_of(tenant, self._shards)), [wire])
+                    self._wait(
+                        keyspace.shard_stream(keyspace.shard_of(tenant, self._shards)), [wire]
+                    )
                 except ValueError:
                     log.error("unreadable journal line skipped in %s: %r", dead.path, wire[:200])
             dead.release()  # only now: its events are in this process's journal
@@ -145,7 +147,7 @@ class EventQueue:
     async def unrecorded(self, shards: Sequence[int]) -> list[str]:
         """The events of `shards` in the queue's streams (the ledger may hold some of them
         already) and those still waiting here."""
-        found, streams = [], {keys.shard_stream(shard) for shard in shards}
+        found, streams = [], {keyspace.shard_stream(shard) for shard in shards}
         for stream in sorted(streams):
             start = "-"
             while True:

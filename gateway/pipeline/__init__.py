@@ -1,0 +1,1 @@
+"""The request pipeline: admission, idempotency, metering, forwarding."""
