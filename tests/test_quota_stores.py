@@ -276,6 +276,28 @@ async def test_a_void_gives_back_the_rate_limit_slot(store: CounterStore) -> Non
     assert (await store.check_and_charge(charge(rates=(PER_SECOND,)))).decision.allowed
 
 
+async def test_a_void_gives_back_no_slot_that_has_drained(store: CounterStore) -> None:
+    early = charge(rates=(PER_SECOND,), request_id="drained")
+    assert (await store.check_and_charge(early)).decision.allowed
+    await asyncio.sleep(0.6)  # past its TAT: the next two start from now, not from its slot
+    for _ in range(2):
+        assert (await store.check_and_charge(charge(rates=(PER_SECOND,)))).decision.allowed
+    await store.void(early)  # a slot given back now would be a third in a burst of two
+    assert not (await store.check_and_charge(charge(rates=(PER_SECOND,)))).decision.allowed
+
+
+async def test_a_voided_refusal_lets_nothing_charge_under_its_id(store: CounterStore) -> None:
+    period = months()[1]
+    await store.apply_once("acme", "fill", [("api_calls", period, 3)])
+    refused = charge(api(), request_id="refused-then-voided")
+    assert not (await store.check_and_charge(refused)).decision.allowed  # ran late, refused
+    await store.void(refused)  # answered 503, never served: its id is settled
+    assert not await store.apply_once("acme", refused.request_id, [("api_calls", period, 1)])
+    with pytest.raises(StoreUnavailable):
+        await store.check_and_charge(refused)
+    assert await store.level("acme", "api_calls", period) == 3
+
+
 async def recorded(store: CounterStore) -> list[UsageEvent]:
     """Every usage event the store recorded, oldest first."""
     if isinstance(store, MemoryStore):

@@ -3,7 +3,8 @@
 --
 -- KEYS[1]    the operation's memo key (the same memo as check_and_charge.lua's,
 --            so a charge whose check_and_charge did run late is not applied again;
---            a check that ran and was refused charged nothing, so that one applies)
+--            a check that ran and was refused charged nothing, so that one applies,
+--            unless the request was voided since)
 -- KEYS[2..n-2] the counter or gauge keys to adjust
 -- KEYS[n-1]  the shard's usage stream
 -- KEYS[n]    the shard's epoch key

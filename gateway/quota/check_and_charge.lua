@@ -10,8 +10,9 @@
 -- ARGV[1]    memo TTL (ms)               ARGV[2]  how long a counter outlives its period (ms)
 -- ARGV[3]    number of meters            ARGV[4]  number of rate limits
 -- ARGV[5]    "check", or "void": the caller gave up on this request (a timeout,
---            answered 503); if the check has not run it never will (a marker is
---            left in the memo), and if it ran and charged, its charges are undone
+--            answered 503); if it ran and charged, its charges are undone, and
+--            whether it charged, was refused or has not run, a marker is left in
+--            the memo: nothing charges under this id later (apply_once included)
 -- ARGV[6]    the events' mode and shared trailing fields (append_event in usage_event.lua)
 -- ARGV[7]    the operation id: each event's id is "<operation id>:<meter>"
 -- then (from ARGV[8]) 15 values per meter: kind ("c" counter, "g" gauge); the three periods'
@@ -48,9 +49,7 @@ local memo_ttl_ms = tonumber(ARGV[1])
 local n_meters = tonumber(ARGV[3])
 
 if ARGV[5] == 'void' then
-  if not memo then
-    redis.call('SET', KEYS[1], 'V', 'PX', memo_ttl_ms)
-  elseif string.sub(memo, 1, 2) == '1 ' then
+  if memo and string.sub(memo, 1, 2) == '1 ' then
     -- It ran and charged: undo the meters' charges in the periods it chose.
     local fields = {}
     for field in string.gmatch(memo, '%S+') do fields[#fields + 1] = field end
@@ -74,16 +73,22 @@ if ARGV[5] == 'void' then
       end
       a = a + M
     end
-    -- and give back the rate limits' slots (GCRA: move the TAT back by cost * T)
+    -- and give back the rate limits' slots still held (gcra.released: move the
+    -- TAT back by cost * T unless the TAT this request set is behind now)
+    local charged_at = tonumber(fields[2])
     for r = 1, tonumber(ARGV[4]) do
       local tat = redis.call('GET', KEYS[k])
-      if tat then
-        local back = tonumber(tat) - tonumber(ARGV[a + 2]) * tonumber(ARGV[a])
-        redis.call('SET', KEYS[k], string.format('%d', back), 'KEEPTTL')
+      local spent = tonumber(ARGV[a + 2]) * tonumber(ARGV[a])
+      local charged = math.max(tonumber(fields[2 + 2 * n_meters + r]), charged_at) + spent
+      if tat and charged > now then
+        redis.call('SET', KEYS[k], string.format('%d', tonumber(tat) - spent), 'KEEPTTL')
       end
       k = k + 1
       a = a + 3
     end
+  end
+  -- Refused or not run yet, the id is settled all the same (see ARGV[5]).
+  if not memo or string.find(memo, '^[01] ') then
     redis.call('SET', KEYS[1], 'V', 'PX', memo_ttl_ms)
   end
   return reply('V')  -- reply: usage_event.lua

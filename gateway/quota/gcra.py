@@ -59,3 +59,12 @@ def gcra(limit: RateLimit, tat_us: int, now_us: int, cost: int = 1) -> GcraResul
 
 def _remaining(used_us: int, capacity_us: int, interval_us: int) -> int:
     return max(0, (capacity_us - used_us) // interval_us)
+
+
+def released(limit: RateLimit, tat_us: int, charged_tat_us: int, now_us: int, cost: int = 1) -> int:
+    """The TAT once a voided charge of `cost`, which set the TAT to `charged_tat_us`, is undone."""
+    if charged_tat_us <= now_us:
+        # Its slot has drained: a later request may have started from now rather
+        # than from it, and moving the TAT back would hand that request a free slot.
+        return tat_us
+    return tat_us - cost * limit.interval_us

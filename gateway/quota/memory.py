@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from gateway.clock import to_us
 from gateway.ledger.events import EventContext, UsageEvent, adjustment_kind
 from gateway.quota import keyspace
+from gateway.quota.gcra import released
 from gateway.quota.journal import EventJournal
 from gateway.quota.periods import Period
 from gateway.quota.store import (
@@ -126,20 +127,27 @@ class MemoryStore:
         remembered = self._memo.get(memo_key)
         first = remembered[1] if remembered is not None and remembered[0] > now_us else None
         if isinstance(first, ChargeResult) and first.decision.allowed:
-            for meter in request.meters:
-                if meter.cost > 0:
-                    period = first.periods.get(meter.limit.meter)
-                    key = _meter_key(request.tenant, meter.limit.meter, period)
-                    self._values[key] = self._values.get(key, 0) - meter.cost
-                    self._event(request.tenant, request.context, request.request_id,
-                                meter.limit.meter, -meter.cost, now_us, period, "void",
-                                suffix=":void")  # fmt: skip
-            for limit, scope in request.rate_limits:
-                key = keyspace.rate_key(request.tenant, _SHARDS, limit.name, scope)
-                if key in self._values:
-                    self._values[key] -= limit.interval_us
+            self._undo(request, first, now_us)
         if not isinstance(first, str):
+            # Refused or not run yet, the id is settled all the same: nothing may
+            # charge under it later, a spooled charge (apply_once) included.
             self._memo[memo_key] = (now_us + keyspace.MEMO_TTL_MS * 1000, "void")
+
+    def _undo(self, request: ChargeRequest, first: ChargeResult, now_us: int) -> None:
+        """Take back what `first`, the voided request's answer, charged."""
+        for meter in request.meters:
+            if meter.cost > 0:
+                period = first.periods.get(meter.limit.meter)
+                key = _meter_key(request.tenant, meter.limit.meter, period)
+                self._values[key] = self._values.get(key, 0) - meter.cost
+                self._event(request.tenant, request.context, request.request_id,
+                            meter.limit.meter, -meter.cost, now_us, period, "void",
+                            suffix=":void")  # fmt: skip
+        for limit, scope in request.rate_limits:
+            key = keyspace.rate_key(request.tenant, _SHARDS, limit.name, scope)
+            if key in self._values:
+                charged = first.decision.tats_after[limit.name]
+                self._values[key] = released(limit, self._values[key], charged, now_us)
 
     async def apply_once(
         self,
