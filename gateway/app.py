@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics, QuotaMetrics
 from gateway.pipeline import idempotency, websocket
 from gateway.pipeline.admission import admit
 from gateway.pipeline.forwarding import Forwarder, RoutePlan, Upstreams
-from gateway.pipeline.metering import Metered, meter
-from gateway.problems import problem
-from gateway.quota.engine import QuotaEngine
+from gateway.problems import Refused, answer
+from gateway.quota.engine import QuotaEngine, RouteCharges
 from gateway.quota.journal import EventJournal
 from gateway.quota.memory import MemoryStore
+from gateway.quota.metering import Metering
 from gateway.quota.open import needs_quota, open_store
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.view import usage_view
@@ -34,8 +35,18 @@ from gateway.services import Services, needs_services
 from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from gateway.usage.restore import restore_shards
 
+log = logging.getLogger("gateway.app")
+
 # Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("Expect",)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """All a request on one route needs, built once per config: how to forward, what to charge."""
+
+    plan: RoutePlan
+    charges: RouteCharges
 
 
 @dataclass(slots=True)
@@ -46,13 +57,13 @@ class Runtime:
     router: Router
     forwarder: Forwarder
     upstreams: Upstreams
-    plans: list[RoutePlan]  # by route index
+    routes: list[CompiledRoute]  # by the router's route index
 
     @classmethod
     def build(cls, config: GatewayConfig, metrics: ProxyMetrics) -> Runtime:
         upstreams = Upstreams(config.upstreams)
         tenant_header = config.auth.forward_tenant_header
-        plans = []
+        routes = []
         credentials = ["Authorization"]
         if config.auth.api_keys.enabled:
             # The upstream never needs the gateway's own API keys.
@@ -63,23 +74,22 @@ class Runtime:
             if not upstream.config.forward_authorization:
                 drop.append("Authorization")
             limit = route.max_body_bytes
-            plans.append(
-                RoutePlan(
-                    name=route.name,
-                    upstream=upstream,
-                    max_body_bytes=config.server.max_body_bytes if limit is None else limit,
-                    skip_headers=request_skip(drop),
-                    preflight_skip=request_skip([*drop, *credentials]),
-                    websocket=route.websocket,
-                    auth_required=route.auth == "required",
-                )
+            plan = RoutePlan(
+                name=route.name,
+                upstream=upstream,
+                max_body_bytes=config.server.max_body_bytes if limit is None else limit,
+                skip_headers=request_skip(drop),
+                preflight_skip=request_skip([*drop, *credentials]),
+                websocket=route.websocket,
+                auth_required=route.auth == "required",
             )
+            routes.append(CompiledRoute(plan, RouteCharges.compile(route, config.meters)))
         return cls(
             config=config,
             router=Router(config.routes),
             forwarder=Forwarder(TrustedProxies(config.server.trusted_proxies), metrics),
             upstreams=upstreams,
-            plans=plans,
+            routes=routes,
         )
 
 
@@ -94,65 +104,92 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResponse]:
+    """The route's name (for metrics) and the answer; the one place refusals become HTTP."""
     runtime = request.app[RUNTIME]
+    name = UNMATCHED
     try:
-        path = parse_path(request.raw_path)
-        if path.reserved:
-            return GATEWAY, await _gateway_endpoint(request, path.segments, rid)
-        host = request.headers.get("Host", "")
-        match = runtime.router.match_path(request.method, host, path)
-    except BadPath as exc:
-        return UNMATCHED, problem(400, "bad-path", str(exc), request_id=rid)
-    if match is None:
-        return UNMATCHED, problem(404, "no-route", "no route matches this request", request_id=rid)
-    plan = runtime.plans[match.route.index]
-    forwarder = runtime.forwarder
+        try:
+            path = parse_path(request.raw_path)
+            if path.reserved:
+                name = GATEWAY
+                return name, await _gateway_endpoint(request, path.segments, rid)
+            host = request.headers.get("Host", "")
+            match = runtime.router.match_path(request.method, host, path)
+        except BadPath as exc:
+            raise Refused(400, "bad-path", str(exc)) from None
+        if match is None:
+            raise Refused(404, "no-route", "no route matches this request")
+        route = runtime.routes[match.route.index]
+        name = route.plan.name
+        return name, await _serve(request, runtime, route, rid)
+    except Refused as refused:
+        return name, answer(refused, rid)
+    except Exception:
+        # A bug, not the client's fault: logged with its traceback, answered as a
+        # problem like every other answer of the gateway's own.
+        log.exception("request %s on route %s failed", rid, name)
+        return name, answer(Refused(500, "internal-error", "the gateway failed"), rid)
+
+
+async def _serve(
+    request: web.Request, runtime: Runtime, route: CompiledRoute, rid: str
+) -> web.StreamResponse:
+    """Admit, claim the Idempotency-Key, meter, forward; settle in one `finally`."""
+    plan = route.plan
     if _is_preflight(request):
         # Browsers send preflights without credentials; they are never charged.
-        return plan.name, await forwarder.forward(request, plan, rid, skip=plan.preflight_skip)
-    upstream_extra: dict[str, str] | None = None
-    response_extra: list[tuple[str, str]] = []
-    metered: Metered | None = None
+        return await runtime.forwarder.forward(request, plan, rid, skip=plan.preflight_skip)
+    if not plan.auth_required:
+        return await _forward(request, runtime, plan, rid)
+    admitted = await admit(request.headers, request.app[SERVICES], runtime.config)
+    tenant = admitted.tenant
+    upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
+    warning = [("X-Quota-Warning", admitted.warning)] if admitted.warning else []
+    engine = request.app.get(QUOTA)
+    if engine is None:
+        return await _forward(request, runtime, plan, rid, upstream_extra, warning)
+    metering = Metering(engine, tenant, route.charges, EventContext(plan.name, request.method, rid))
     claim: idempotency.Claim | None = None
-    if plan.auth_required:
-        admitted = await admit(request, request.app[SERVICES], runtime.config, rid)
-        if isinstance(admitted, web.StreamResponse):
-            return plan.name, admitted
-        tenant = admitted.tenant
-        upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
-        if admitted.warning:
-            response_extra.append(("X-Quota-Warning", admitted.warning))
-        engine = request.app.get(QUOTA)
-        if engine is not None:
-            claimed = await idempotency.claim(
-                request, engine.store, tenant.id, plan.max_body_bytes, rid, engine.fail_open
-            )
-            if isinstance(claimed, web.StreamResponse):  # replayed, 409, 422...
-                return plan.name, claimed
-            claim = claimed
-            context = EventContext(plan.name, request.method, rid)
-            outcome = await meter(
-                engine, tenant, match.route.index, context, request.app[QUOTA_METRICS]
-            )
-            if isinstance(outcome, web.StreamResponse):
-                if claim is not None:
-                    await idempotency.finish(engine.store, claim, None)
-                return plan.name, outcome
-            metered = outcome
-            response_extra += outcome.headers
-    if plan.websocket and websocket.is_upgrade(request):
-        headers = forwarder.headers(request, plan, rid, upstream_extra)
-        response = await websocket.relay(request, plan.upstream, headers, rid, plan.max_body_bytes)
-    else:
-        response = await forwarder.forward(
-            request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra,
-            data=claim.body if claim is not None else None,
+    response: web.StreamResponse | None = None
+    try:
+        claimed = await idempotency.claim(
+            request, engine.store, tenant.id, plan.max_body_bytes, engine.fail_open
+        )
+        if isinstance(claimed, idempotency.Replay):
+            return idempotency.replay(claimed.stored, rid)
+        claim = claimed
+        await metering.check()
+        response = await _forward(
+            request, runtime, plan, rid, upstream_extra, warning + metering.headers,
+            claim.body if claim is not None else None,
         )  # fmt: skip
-    if metered is not None and metered.charged is not None:
-        await request.app[QUOTA].settle(metered.charged, response.status, response.headers)
-    if claim is not None:
-        await idempotency.finish(request.app[QUOTA].store, claim, response)
-    return plan.name, response
+        return response
+    finally:
+        # Also when the forward failed unexpectedly: the charge is settled (refunded,
+        # nothing was served) and the key released, not left in flight for minutes.
+        await metering.finish(
+            response.status if response else None, response.headers if response else {}
+        )
+        if claim is not None:
+            await idempotency.finish(engine.store, claim, response)
+
+
+async def _forward(
+    request: web.Request,
+    runtime: Runtime,
+    plan: RoutePlan,
+    rid: str,
+    upstream_extra: dict[str, str] | None = None,
+    response_extra: list[tuple[str, str]] | None = None,
+    data: bytes | None = None,
+) -> web.StreamResponse:
+    if plan.websocket and websocket.is_upgrade(request):
+        headers = runtime.forwarder.headers(request, plan, rid, upstream_extra)
+        return await websocket.relay(request, plan.upstream, headers, rid, plan.max_body_bytes)
+    return await runtime.forwarder.forward(
+        request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra or (),
+        data=data,
+    )  # fmt: skip
 
 
 async def _gateway_endpoint(
@@ -165,27 +202,25 @@ async def _gateway_endpoint(
     engine = request.app.get(QUOTA)
     services = request.app.get(SERVICES)
     if segments != ["_gateway", "usage"] or engine is None or services is None:
-        return problem(404, "not-found", "no such gateway endpoint", request_id=rid)
+        raise Refused(404, "not-found", "no such gateway endpoint")
     if request.method not in ("GET", "HEAD"):
-        return problem(405, "method-not-allowed", "use GET", request_id=rid)
-    admitted = await admit(request, services, request.app[RUNTIME].config, rid)
-    if isinstance(admitted, web.StreamResponse):
-        return admitted
+        raise Refused(405, "method-not-allowed", "use GET")
+    admitted = await admit(request.headers, services, request.app[RUNTIME].config)
     return web.json_response(await usage_view(engine, admitted.tenant))
 
 
 async def _stripe_webhook(request: web.Request, webhooks: Webhooks, rid: str) -> web.Response:
     if request.method != "POST":
-        return problem(405, "method-not-allowed", "use POST", request_id=rid)
+        raise Refused(405, "method-not-allowed", "use POST")
     body = await request.read()  # the raw bytes: the signature covers them exactly
     try:
-        answer = await webhooks.handle(body, request.headers.get("Stripe-Signature"))
+        result = await webhooks.handle(body, request.headers.get("Stripe-Signature"))
     except WebhookError as exc:
-        return problem(exc.status, "stripe-webhook", str(exc), request_id=rid)
+        raise Refused(exc.status, "stripe-webhook", str(exc)) from None
     except LedgerUnavailable:
         # Not recorded: Stripe retries, and the event is applied then.
-        return problem(503, "ledger-unavailable", "retry later", request_id=rid)
-    return web.json_response(answer, headers={"X-Request-Id": rid})
+        raise Refused(503, "ledger-unavailable", "retry later") from None
+    return web.json_response(result, headers={"X-Request-Id": rid})
 
 
 def _is_preflight(request: web.Request) -> bool:
@@ -237,7 +272,7 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
             recorder.start()
     elif isinstance(store, MemoryStore):
         await store.restore(0, [])  # no ledger: nothing to restore from
-    engine = QuotaEngine(config, store, restorer)
+    engine = QuotaEngine(config, store, restorer, app[QUOTA_METRICS])
     await engine.prepare()
     app[QUOTA] = engine
     yield

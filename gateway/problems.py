@@ -12,6 +12,43 @@ PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:quota-gateway:problem:"
 
 
+class Refused(Exception):
+    """A stage's typed refusal: the one HTTP adapter (`answer`) turns it into problem+json.
+
+    Stages below the adapter (admission, idempotency, metering) raise it and
+    never build a response themselves.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+        self.headers = headers or {}
+        self.close = close  # close the connection after answering (a body left unread)
+        self.extra = extra
+
+
+def answer(refused: Refused, request_id: str | None = None) -> web.Response:
+    """The problem+json response of a refusal."""
+    response = problem(
+        refused.status, refused.kind, refused.detail, request_id=request_id,
+        headers=refused.headers, **refused.extra,
+    )  # fmt: skip
+    if refused.close:
+        response.force_close()
+    return response
+
+
 def problem(
     status: int,
     kind: str,

@@ -37,11 +37,12 @@ class Gateway:
         self._runners: list[web.AppRunner] = []
         self.port = 0
         self.admin_port = 0
+        self.app: web.Application | None = None  # the public application, once started
 
     async def start(self) -> None:
         """Listen on both ports; port 0 picks a free one (see `port`)."""
         server = self.config.server
-        public_app = create_app(self.config, self.registry)
+        public_app = self.app = create_app(self.config, self.registry)
         public = web.AppRunner(
             public_app, access_log=None, shutdown_timeout=server.shutdown_timeout_s
         )

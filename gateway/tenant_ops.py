@@ -19,7 +19,7 @@ from gateway.config.models import GatewayConfig, LimitConfig, Name, Subscription
 from gateway.invalidation import Bus
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
 from gateway.ledger.store import Ledger
-from gateway.quota.periods import period_of
+from gateway.quota.periods import meter_period
 
 # Printable, no spaces: ids travel in usage events' flat wire form and in Redis keys.
 _TENANT_ID = re.compile(r"^[!-~]{1,200}$")
@@ -163,9 +163,8 @@ class TenantOps:
         current = await self._ledger.get_tenant(tenant_id)
         if current is None:
             return None
-        period = period_of(
-            spec.period or "billing_cycle", datetime.now(UTC), current.billing_anchor
-        )
+        period = meter_period(spec, datetime.now(UTC), current.billing_anchor)
+        assert period is not None  # a counter, checked above
         already = current.credited(meter, period.start)
         if already + quantity < 0:
             raise TenantChangeError(

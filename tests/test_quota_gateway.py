@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.app import RUNTIME
 from gateway.auth.jwt import mint
 from gateway.quota.periods import periods_around
 from gateway.quota.redis_store import RedisStore
@@ -313,6 +314,24 @@ async def test_idempotency_key_in_flight_and_unstorable_answers(
         status, _, _ = await idempotent_post(gateway, "k-fail", b"{}", "/v1/respond/x?status=503")
         assert status == 503
     assert sum(1 for s in upstream.seen if s.raw_path.startswith("/v1/respond/x")) == 2
+
+
+async def test_an_unexpected_failure_while_forwarding_settles_and_releases_the_key(
+    gateway: Gateway, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the forward")
+
+    assert gateway.app is not None
+    monkeypatch.setattr(gateway.app[RUNTIME].forwarder, "forward", broken)
+    assert (await idempotent_post(gateway, "k-bug", b"{}"))[0] == 500
+    monkeypatch.undo()
+    # Nothing was served: the charge is refunded and the key released, so the
+    # retry is forwarded (not answered 409 for minutes) and charged once.
+    assert (await idempotent_post(gateway, "k-bug", b"{}"))[0] == 200
+    _, view = await admin(gateway, "GET", "/admin/tenants/acme/usage")
+    assert view["meters"]["api_calls"]["used"] == 1
+    assert len(upstream.seen) == 1
 
 
 async def test_a_request_refused_503_is_never_charged_even_if_its_check_runs_late(

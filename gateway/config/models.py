@@ -392,3 +392,8 @@ class GatewayConfig(Model):
     stripe: StripeConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     tenants: list[TenantSeed] = []
+
+    def upgrade_url(self, plan: str) -> str | None:
+        """Where a refused tenant on `plan` can fix its subscription."""
+        spec = self.plans.get(plan)
+        return (spec.upgrade_url if spec else None) or self.billing.upgrade_url

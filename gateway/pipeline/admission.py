@@ -1,17 +1,16 @@
-"""Who is calling, and may they be served at all: 401, 403, 402 or admitted."""
+"""Who is calling, and may they be served at all: admitted, or refused 401, 403, 402 or 503."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-
-from aiohttp import web
 
 from gateway.auth.authenticate import Unauthenticated
+from gateway.clock import Clock, utc_now
 from gateway.config.models import GatewayConfig
 from gateway.directory import DirectoryUnavailable
 from gateway.ledger.records import Tenant
-from gateway.problems import problem
+from gateway.problems import Refused
 from gateway.services import Services
 from gateway.subscription import standing
 
@@ -22,46 +21,36 @@ class Admitted:
     warning: str | None  # X-Quota-Warning, e.g. while in a grace period
 
 
-def upgrade_url(config: GatewayConfig, plan: str) -> str | None:
-    """Where a refused tenant can fix its subscription."""
-    spec = config.plans.get(plan)
-    return (spec.upgrade_url if spec else None) or config.billing.upgrade_url
-
-
 async def admit(
-    request: web.Request, services: Services, config: GatewayConfig, rid: str
-) -> Admitted | web.Response:
-    """The admitted tenant, or the problem response that refuses the request."""
+    headers: Mapping[str, str],
+    services: Services,
+    config: GatewayConfig,
+    clock: Clock = utc_now,
+) -> Admitted:
+    """The admitted tenant; Refused when the request may not be served."""
     try:
-        principal = await services.authenticator.authenticate(request.headers)
+        principal = await services.authenticator.authenticate(headers)
         tenant = await services.directory.tenant(principal.tenant_id)
     except Unauthenticated as exc:
-        return problem(
-            401, "unauthenticated", exc.detail, request_id=rid,
-            headers={"WWW-Authenticate": exc.challenge()},
-        )  # fmt: skip
+        raise Refused(
+            401, "unauthenticated", exc.detail, headers={"WWW-Authenticate": exc.challenge()}
+        ) from None
     except DirectoryUnavailable:
-        return problem(
+        raise Refused(
             503, "ledger-unavailable", "tenant lookups are failing; retry shortly",
-            request_id=rid, headers={"Retry-After": "1"},
-        )  # fmt: skip
+            headers={"Retry-After": "1"},
+        ) from None  # fmt: skip
     if tenant is None:
-        return problem(
+        raise Refused(
             403, "tenant-unknown", f"tenant {principal.tenant_id!r} is not known",
-            request_id=rid, tenant=principal.tenant_id,
+            tenant=principal.tenant_id,
         )  # fmt: skip
     if tenant.disabled:
-        return problem(
-            403, "tenant-disabled", f"tenant {tenant.id!r} is disabled",
-            request_id=rid, tenant=tenant.id,
-        )  # fmt: skip
-    verdict = standing(
-        tenant.status, tenant.status_changed_at, datetime.now(UTC), config.subscription
-    )
+        raise Refused(403, "tenant-disabled", f"tenant {tenant.id!r} is disabled", tenant=tenant.id)
+    verdict = standing(tenant.status, tenant.status_changed_at, clock(), config.subscription)
     if not verdict.allowed:
-        status = config.subscription.deny_status
-        return problem(
-            status, "subscription-inactive", verdict.detail, request_id=rid,
-            tenant=tenant.id, plan=tenant.plan, upgrade_url=upgrade_url(config, tenant.plan),
+        raise Refused(
+            config.subscription.deny_status, "subscription-inactive", verdict.detail,
+            tenant=tenant.id, plan=tenant.plan, upgrade_url=config.upgrade_url(tenant.plan),
         )  # fmt: skip
     return Admitted(tenant, verdict.warning)

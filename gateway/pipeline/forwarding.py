@@ -17,7 +17,7 @@ from yarl import URL
 from gateway.config.models import UpstreamConfig
 from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
 from gateway.metrics import ProxyMetrics
-from gateway.problems import problem
+from gateway.problems import Refused, answer, problem
 
 # aiohttp adds these when the caller does not; a proxy must send only what the
 # client sent.
@@ -297,13 +297,15 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
-def too_large(limit: int, rid: str) -> web.Response:
-    """413 for a body over `limit`; the connection is closed after it."""
-    response = problem(
+def body_too_large(limit: int) -> Refused:
+    """413 for a body over `limit`. The connection is closed after it: the client may
+    still be sending, and reading the rest to discard it costs as much as accepting it."""
+    return Refused(
         413, "body-too-large", f"the request body is larger than {limit} bytes",
-        request_id=rid, limit=limit,
+        close=True, limit=limit,
     )  # fmt: skip
-    # The client may still be sending; reading the rest just to discard it
-    # would cost as much as accepting it.
-    response.force_close()
-    return response
+
+
+def too_large(limit: int, rid: str) -> web.Response:
+    """The 413 answer of `body_too_large`."""
+    return answer(body_too_large(limit), rid)

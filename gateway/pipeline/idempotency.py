@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.pipeline.forwarding import LimitedBody, too_large
-from gateway.problems import problem
+from gateway.pipeline.forwarding import LimitedBody, body_too_large
+from gateway.problems import Refused
 from gateway.quota.store import CounterStore, StoreUnavailable
 
 log = logging.getLogger("gateway.pipeline.idempotency")
@@ -41,29 +41,30 @@ class Claim:
     active: bool = True  # False: the store was down (fail_open), nothing to record
 
 
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A retry of a finished request: its stored answer, given again."""
+
+    stored: str
+
+
 async def claim(
     request: web.Request,
     store: CounterStore,
     tenant: str,
     limit: int,
-    rid: str,
     fail_open: bool = False,
-) -> Claim | web.StreamResponse | None:
-    """None without the header; a Claim to go ahead (inactive under fail_open with
-    the store down: served without the guarantee); or the answer to give instead."""
+) -> Claim | Replay | None:
+    """None without the header; a Claim to go ahead (inactive under fail_open with the
+    store down: served without the guarantee); a Replay; or Refused (400, 409, 413, 422, 503)."""
     key = request.headers.get(HEADER)
     if key is None:
         return None
     if not 0 < len(key) <= MAX_KEY_CHARS:
-        return problem(
-            400,
-            "bad-idempotency-key",
-            f"{HEADER} must be 1-{MAX_KEY_CHARS} characters",
-            request_id=rid,
-        )
+        raise Refused(400, "bad-idempotency-key", f"{HEADER} must be 1-{MAX_KEY_CHARS} characters")
     body = await LimitedBody(request.content, limit).read()
     if body is None:
-        return too_large(limit, rid)
+        raise body_too_large(limit)
     digest = hashlib.sha256()
     for part in (request.method.encode(), b"\n", request.raw_path.encode(), b"\n", body):
         digest.update(part)
@@ -75,32 +76,24 @@ async def claim(
         if fail_open:
             log.warning("counter store down: %s not honoured for tenant %s", HEADER, tenant)
             return Claim(tenant, key_hash, fingerprint, body, active=False)
-        return problem(
-            503,
-            "counter-store-unavailable",
-            f"{HEADER} cannot be honoured right now; retry shortly",
-            request_id=rid,
-            headers={"Retry-After": "1"},
-        )
+        raise Refused(
+            503, "counter-store-unavailable", f"{HEADER} cannot be honoured right now; "
+            "retry shortly", headers={"Retry-After": "1"},
+        ) from None  # fmt: skip
     if held is None:
         return Claim(tenant, key_hash, fingerprint, body)
     state, held_fingerprint, stored = (held.split("|", 2) + [""])[:3]
     if held_fingerprint != fingerprint:
-        return problem(
-            422,
-            "idempotency-key-reused",
+        raise Refused(
+            422, "idempotency-key-reused",
             f"this {HEADER} was used for another request (method, path or body differ)",
-            request_id=rid,
-        )
+        )  # fmt: skip
     if state == "P":
-        return problem(
-            409,
-            "idempotency-key-in-flight",
-            f"a request with this {HEADER} is still being processed",
-            request_id=rid,
-            headers={"Retry-After": "1"},
-        )
-    return replay(stored, rid)
+        raise Refused(
+            409, "idempotency-key-in-flight",
+            f"a request with this {HEADER} is still being processed", headers={"Retry-After": "1"},
+        )  # fmt: skip
+    return Replay(stored)
 
 
 def record(fingerprint: str, response: web.StreamResponse) -> str | None:

@@ -8,16 +8,17 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
-from gateway.config.models import UNLIMITED, GatewayConfig, RouteConfig
+from gateway.clock import Clock, utc_now
+from gateway.config.models import UNLIMITED, GatewayConfig, MeterConfig, RouteConfig
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import stop_task
+from gateway.metrics import QuotaMetrics
 from gateway.quota.gcra import RateLimit
 from gateway.quota.pending import PendingCharges
-from gateway.quota.periods import Period, periods_around
+from gateway.quota.periods import Period, meter_period, meter_periods
 from gateway.quota.rules import MeterLimit
 from gateway.quota.spool import Spool, orphans
 from gateway.quota.store import (
@@ -48,11 +49,26 @@ class PlanPolicy:
 class RouteCharges:
     """A route's charges, compiled once per config."""
 
+    route: str  # the route's name
     fixed: dict[str, int]  # positive: checked and charged before forwarding
     after_success: dict[str, int]  # negative gauge deltas, applied after a success
     from_response: dict[str, str]  # meter -> response header with the quantity
     keep: str  # charge_on
     shadow: bool
+
+    @classmethod
+    def compile(cls, route: RouteConfig, meters: Mapping[str, MeterConfig]) -> RouteCharges:
+        fixed, after, response = {}, {}, {}
+        for meter, cost in route.charge.items():
+            if cost == "response":
+                header = meters[meter].from_response_header
+                assert header is not None  # the config loader checked it
+                response[meter] = header
+            elif isinstance(cost, int) and cost > 0:
+                fixed[meter] = cost
+            elif isinstance(cost, int) and cost < 0:
+                after[meter] = cost
+        return cls(route.name, fixed, after, response, route.charge_on, route.shadow)
 
     @property
     def charges(self) -> bool:
@@ -71,23 +87,35 @@ class Charged:
     context: EventContext  # for the usage events of its settlement
 
 
+def succeeded(status: int) -> bool:
+    """A response that did what was asked: 2xx, 3xx, or a switch to WebSocket."""
+    return 200 <= status < 400 or status == 101
+
+
 def kept(status: int, charge_on: str) -> bool:
     """Whether a charge stands for a response status (`charge_on`)."""
     if charge_on == "always":
         return True
     if charge_on == "not_server_error":
         return status < 500
-    return 200 <= status < 400 or status == 101
+    return succeeded(status)
 
 
 class QuotaEngine:
     """Turns a config into per-request charges against one counter store."""
 
     def __init__(
-        self, config: GatewayConfig, store: CounterStore, restorer: Restorer | None = None
+        self,
+        config: GatewayConfig,
+        store: CounterStore,
+        restorer: Restorer | None = None,
+        metrics: QuotaMetrics | None = None,
+        clock: Clock = utc_now,
     ) -> None:
         self.config = config
         self.store = store
+        self.metrics = metrics
+        self.clock = clock
         self._restorer = restorer
         self._restoring: asyncio.Task[None] | None = None
         self._lost: set[int] = set()
@@ -97,7 +125,6 @@ class QuotaEngine:
         self.pending = PendingCharges(spool=self._spool)
         self._meters = config.meters
         self.plans = {name: self._plan(name) for name in config.plans}
-        self.routes = [self._route(route) for route in config.routes]
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -119,19 +146,6 @@ class QuotaEngine:
         )
         return PlanPolicy(limits, rates, plan.shadow)
 
-    def _route(self, route: RouteConfig) -> RouteCharges:
-        fixed, after, response = {}, {}, {}
-        for meter, cost in route.charge.items():
-            if cost == "response":
-                header = self._meters[meter].from_response_header
-                assert header is not None  # the config loader checked it
-                response[meter] = header
-            elif isinstance(cost, int) and cost > 0:
-                fixed[meter] = cost
-            elif isinstance(cost, int) and cost < 0:
-                after[meter] = cost
-        return RouteCharges(fixed, after, response, route.charge_on, route.shadow)
-
     def _limit(self, policy: PlanPolicy, tenant: Tenant, meter: str) -> MeterLimit:
         override = tenant.overrides.get(meter)
         if override is not None:
@@ -146,30 +160,23 @@ class QuotaEngine:
         """The limit of `meter` for the tenant: its override, else its plan's (credits aside)."""
         return self._limit(self.plans.get(tenant.plan) or PlanPolicy({}, (), False), tenant, meter)
 
-    def _periods(self, meter: str, tenant: Tenant, now: datetime) -> tuple[Period, ...]:
-        spec = self._meters[meter]
-        if spec.type == "gauge":
-            return ()
-        return periods_around(spec.period or "billing_cycle", now, tenant.billing_anchor)
-
     def request(
-        self, tenant: Tenant, route_index: int, context: EventContext
+        self, tenant: Tenant, route: RouteCharges, context: EventContext
     ) -> ChargeRequest | None:
         """The charge request of a request on a route, or None if nothing is checked."""
-        route = self.routes[route_index]
         policy = self.plans.get(tenant.plan)
         if policy is None:
             log.error("tenant %s has plan %r, which is not in the config", tenant.id, tenant.plan)
             policy = PlanPolicy({}, (), False)
         if not route.fixed and not route.from_response and not policy.rate_limits:
             return None
-        now = datetime.now(UTC)
+        now = self.clock()
         meters = tuple(
             MeterCharge(
                 self._limit(policy, tenant, meter),
                 cost=route.fixed.get(meter, 0),
                 needs_remaining=meter in route.from_response,
-                periods=(periods := self._periods(meter, tenant, now)),
+                periods=(periods := meter_periods(self._meters[meter], now, tenant.billing_anchor)),
                 credits=tuple(credit_of(tenant, meter, p) for p in periods),
             )
             for meter in sorted({*route.fixed, *route.from_response})
@@ -182,10 +189,15 @@ class QuotaEngine:
         # idempotent, and a client's X-Request-Id may repeat.
         return ChargeRequest(tenant.id, uuid.uuid4().hex, meters, rates, context)
 
-    def shadow(self, tenant: Tenant, route_index: int) -> bool:
+    def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
         """Decide and count as usual, refuse nothing."""
         policy = self.plans.get(tenant.plan)
-        return self.routes[route_index].shadow or (policy is not None and policy.shadow)
+        return route.shadow or (policy is not None and policy.shadow)
+
+    def decided(self, decision: str) -> None:
+        """Count a quota decision (allowed, quota_exceeded, rate_limited, ...)."""
+        if self.metrics is not None:
+            self.metrics.decided(decision)
 
     async def check(self, request: ChargeRequest) -> ChargeResult:
         """The store's decision; StoreUnavailable is the caller's to handle."""
@@ -254,30 +266,27 @@ class QuotaEngine:
     def charged(
         self,
         tenant: Tenant,
-        route_index: int,
+        route: RouteCharges,
         request: ChargeRequest | None,
         result: ChargeResult | None,
         context: EventContext,
     ) -> Charged:
         """What to settle later; `result` None when the store was down (fail_open)."""
-        route = self.routes[route_index]
         costs: dict[str, tuple[Period | None, int]] = {}
         periods = result.periods if result is not None else {}
         for meter in request.meters if request is not None else ():
             period = periods.get(meter.limit.meter) or (meter.periods[1] if meter.periods else None)
             if meter.cost > 0:
                 costs[meter.limit.meter] = (period, meter.cost)
-        now = datetime.now(UTC)
+        now = self.clock()
         response_periods = {
-            meter: (periods.get(meter) or self._current(meter, tenant, now))
+            meter: (
+                periods.get(meter) or meter_period(self._meters[meter], now, tenant.billing_anchor)
+            )
             for meter in route.from_response
         }
         operation_id = request.request_id if request is not None else uuid.uuid4().hex
         return Charged(tenant.id, operation_id, costs, response_periods, route, context)
-
-    def _current(self, meter: str, tenant: Tenant, now: datetime) -> Period | None:
-        around = self._periods(meter, tenant, now)
-        return around[1] if around else None
 
     def void(self, request: ChargeRequest) -> None:
         """fail_closed after a failed check: undo it if it ran, or stop it from running."""
@@ -294,8 +303,7 @@ class QuotaEngine:
     async def settle(self, charged: Charged, status: int, headers: Mapping[str, str]) -> None:
         """After the response: refunds, negative gauge deltas, response-derived charges."""
         adjustments: list[Adjustment] = []
-        succeeded = 200 <= status < 400 or status == 101
-        if kept(status, charged.route.keep) and not succeeded:
+        if kept(status, charged.route.keep) and not succeeded(status):
             # A gauge is a level, not a charge: a member the upstream did not
             # add must not be counted, whatever charge_on keeps of the counters.
             adjustments += [
@@ -308,7 +316,7 @@ class QuotaEngine:
                 quantity = _quantity(headers.get(header))
                 if quantity:
                     adjustments.append((meter, charged.response_periods[meter], quantity))
-            if succeeded:
+            if succeeded(status):
                 # A gauge goes down only once the upstream did what lowers it.
                 adjustments += [(m, None, d) for m, d in charged.route.after_success.items()]
         else:

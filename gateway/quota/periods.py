@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from gateway.clock import EPOCH, add_months
+from gateway.config.models import MeterConfig
 
 PeriodKind = Literal["billing_cycle", "month", "day", "hour", "none"]
 DEFAULT_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)  # the 1st of the month, 00:00 UTC
@@ -86,3 +87,17 @@ def period_of(kind: PeriodKind, now: datetime, anchor: datetime | None = None) -
         start = now.replace(minute=0, second=0, microsecond=0)
         return Period(start, start + timedelta(hours=1))
     return Period(EPOCH, _FOREVER)
+
+
+def meter_periods(meter: MeterConfig, now: datetime, anchor: datetime | None) -> tuple[Period, ...]:
+    """A meter's previous, current and next periods around `now`; () for a gauge."""
+    if meter.type == "gauge":
+        return ()
+    return periods_around(meter.period or "billing_cycle", now, anchor)
+
+
+def meter_period(meter: MeterConfig, now: datetime, anchor: datetime | None) -> Period | None:
+    """A meter's period containing `now`; None for a gauge (a level has no period)."""
+    if meter.type == "gauge":
+        return None
+    return period_of(meter.period or "billing_cycle", now, anchor)

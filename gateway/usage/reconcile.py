@@ -15,7 +15,7 @@ from gateway.clock import EPOCH
 from gateway.config.models import GatewayConfig
 from gateway.ledger.store import Ledger
 from gateway.ledger.usage_ledger import UsageLedger
-from gateway.quota.periods import period_of
+from gateway.quota.periods import meter_period
 from gateway.quota.store import CounterStore
 
 PAGE = 1000
@@ -46,9 +46,7 @@ async def reconcile(
         tenants = await ledger.list_tenants(PAGE, after)
         for tenant in tenants:
             for meter, spec in sorted(config.meters.items()):
-                period = None
-                if spec.type == "counter":
-                    period = period_of(spec.period or "billing_cycle", now, tenant.billing_anchor)
+                period = meter_period(spec, now, tenant.billing_anchor)
                 start = period.start if period else EPOCH
                 counter = await store.level(tenant.id, meter, period)
                 recorded = await usage.total(tenant.id, meter, start)
