@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -107,6 +108,11 @@ class JWKSServer:
     runner: web.AppRunner | None = None
     port: int = 0
     hits: list[str] = field(default_factory=list)
+    # While `stall` is set, each fetch waits for its own gate in `held` (in
+    # arrival order): a test decides which fetch finishes when, and what it
+    # gets, since the keys are read only once the gate opens.
+    stall: bool = False
+    held: list[asyncio.Event] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -115,6 +121,10 @@ class JWKSServer:
     async def start(self) -> JWKSServer:
         async def jwks(request: web.Request) -> web.Response:
             self.fetches += 1
+            if self.stall:
+                gate = asyncio.Event()
+                self.held.append(gate)
+                await gate.wait()
             return web.json_response({"keys": self.keys})
 
         async def anything(request: web.Request) -> web.Response:
@@ -131,7 +141,13 @@ class JWKSServer:
         self.port = self.runner.addresses[0][1]
         return self
 
+    def release_all(self) -> None:
+        self.stall = False
+        for gate in self.held:
+            gate.set()
+
     async def stop(self) -> None:
+        self.release_all()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

@@ -32,6 +32,7 @@ from tests.jwt_helpers import (
     sign_raw,
     unsigned,
 )
+from tests.waiting import eventually
 
 
 def jwt_config(**over: Any) -> JWTConfig:
@@ -219,5 +220,34 @@ async def test_refetch_gap_bounds_how_long_a_forged_kid_delays_a_rotation(
             await verifier.verify(sign(rotated, claims()))
         now[0] += 0.02
         assert (await verifier.verify(sign(rotated, claims("beta"))))[0] == "beta"
+    finally:
+        await keys.stop()
+
+
+async def test_a_lookup_waits_for_the_miss_fetch_even_after_a_refresh_fetch_finished(
+    jwks: JWKSServer,
+) -> None:
+    rotated = rsa_key("rsa-rotated")
+    # The clock never moves: the second lookup falls within the refetch gap,
+    # so only the fetch already in flight can give it the rotated key.
+    config = jwt_config(jwks_url=jwks.url, jwks_refetch_min_s=60)
+    refresh_s = 0.05  # the loop fetches while the test runs, not in five minutes
+    keys = JWKSKeys(
+        jwks.url, config.algorithms, refresh_s, config.jwks_refetch_min_s, clock=lambda: 1000.0
+    )
+    await keys.start()
+    try:
+        verifier = JWTVerifier(config, keys)
+        jwks.stall = True
+        await eventually(lambda: len(jwks.held) == 1)  # the refresh loop's fetch
+        first = asyncio.create_task(verifier.verify(sign(rotated, claims("beta"))))
+        await eventually(lambda: len(jwks.held) == 2)  # the unknown kid's fetch
+        jwks.held[0].set()  # the refresh fetch ends, with the old keys...
+        await eventually(lambda: len(jwks.held) == 3)  # ...for sure once the loop asks again
+        # Created before the release, it looks the key up before the fetch can end.
+        second = asyncio.create_task(verifier.verify(sign(rotated, claims("gamma"))))
+        jwks.keys = [RSA.jwk, rotated.jwk]
+        jwks.release_all()
+        assert [(await first)[0], (await second)[0]] == ["beta", "gamma"]
     finally:
         await keys.stop()

@@ -26,6 +26,7 @@ from tests.conftest import MakeGateway, PgLedger
 from tests.servers import RedisServer
 from tests.test_quota_gateway import SECRET, admin, call, quota_config
 from tests.upstream import Upstream
+from tests.waiting import eventually
 
 SHARDS = 16
 # (method, path, status): what `traffic` does and the answers it expects.
@@ -61,13 +62,6 @@ async def ledger_totals(usage: UsageLedger) -> dict[str, int]:
 async def event_kinds(ledger: Ledger) -> dict[str, int]:
     rows = await ledger.db.fetch("SELECT kind, count(*) AS n FROM usage_events GROUP BY kind")
     return {row["kind"]: int(row["n"]) for row in rows}
-
-
-async def eventually(check: Any, timeout_s: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_the_embedded_gateway_writes_its_usage_into_the_ledger(

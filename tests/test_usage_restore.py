@@ -15,8 +15,9 @@ from gateway.ledger.usage_ledger import UsageLedger
 from tests.conftest import MakeGateway, PgLedger
 from tests.servers import RedisServer
 from tests.test_quota_gateway import SECRET, admin, call, quota_config
-from tests.test_usage_recording import eventually, ledger_totals, worker_for
+from tests.test_usage_recording import ledger_totals, worker_for
 from tests.upstream import Upstream
+from tests.waiting import eventually
 
 
 async def burst(port: int, count: int, concurrency: int = 50) -> dict[int, int]:

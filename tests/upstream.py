@@ -40,6 +40,9 @@ class Upstream:
     port: int = 0
     scheme: str = "http"
     seen: list[Seen] = field(default_factory=list)
+    # Raw paths of /v1/respond requests on arrival: `seen` has them only once
+    # answered, after any ?delay=, too late to know one is in flight.
+    arrived: list[str] = field(default_factory=list)
     runner: web.AppRunner | None = None
 
     @property
@@ -110,6 +113,7 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 async def respond(request: web.Request) -> web.Response:
     """Answer `?status=` (default 200) with `?tokens=` in X-Usage-Tokens, after `?delay=`."""
+    request.app[UPSTREAM].arrived.append(request.raw_path)
     await request.read()
     await asyncio.sleep(float(request.query.get("delay", "0")))
     _record(request)

@@ -55,7 +55,7 @@ class JWKSKeys:
             timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        await self._fetch_once()
+        await self._fetch()
         self._loop_task = asyncio.create_task(self._refresh_loop(), name="jwks-refresh")
 
     async def stop(self) -> None:
@@ -70,7 +70,7 @@ class JWKSKeys:
             now = self._clock()
             if self._inflight is None and now - self._last_miss_fetch >= self._refetch_min_s:
                 self._last_miss_fetch = now
-                self._inflight = asyncio.create_task(self._fetch_once())
+                self._inflight = asyncio.create_task(self._miss_fetch())
             if self._inflight is not None:
                 # Callers share the one fetch; cancelling a caller must not cancel it.
                 await asyncio.shield(self._inflight)
@@ -81,13 +81,17 @@ class JWKSKeys:
         while True:
             delay = self._refresh_s if self._keys else min(self._refresh_s, RETRY_AFTER_FAILURE_S)
             await asyncio.sleep(delay)
-            await self._fetch_once()
+            await self._fetch()
 
-    async def _fetch_once(self) -> None:
+    async def _miss_fetch(self) -> None:
         try:
             await self._fetch()
         finally:
-            self._inflight = None
+            # Only this task may end the wait that lookups share: were another
+            # fetch to clear the handle, a lookup within the refetch gap would
+            # give up on a kid that the fetch still running may bring.
+            if self._inflight is asyncio.current_task():
+                self._inflight = None
 
     async def _fetch(self) -> None:
         assert self._session is not None, "start() first"
