@@ -341,3 +341,34 @@ async def test_concurrent_seeding_of_a_tenant_with_a_stripe_customer(ledger: Led
     other = Tenant("other", "starter", "active", now, stripe_customer="cus_acme")
     assert await ledger.create_tenant_if_missing(other) is False
     assert await ledger.get_tenant("other") is None
+
+
+async def test_a_transaction_cancelled_at_any_point_leaves_the_connection_usable(
+    tmp_path: Path,
+) -> None:
+    # A task stopped mid-write (the recorder at shutdown) must not leave the one
+    # connection inside a transaction: every later BEGIN would fail.
+    db = await SqliteDatabase.open(str(tmp_path / "cancel.db"))
+    try:
+        await db.execute("CREATE TABLE t (x INTEGER)")
+
+        async def write() -> None:
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (1)")
+                await tx.execute("INSERT INTO t VALUES (2)")
+
+        for yields in range(12):  # cancel after 0, 1, 2, ... turns of the loop
+            task = asyncio.create_task(write())
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (3)")
+        # Each write either committed whole or left nothing.
+        assert await db.fetchval("SELECT count(*) FROM t WHERE x = 1") == await db.fetchval(
+            "SELECT count(*) FROM t WHERE x = 2"
+        )
+        assert await db.fetchval("SELECT count(*) FROM t WHERE x = 3") == 12
+    finally:
+        await db.close()

@@ -347,15 +347,18 @@ class SqliteDatabase(_SqliteQueries):
         """Statements on the yielded object run between BEGIN IMMEDIATE and COMMIT."""
         async with self._lock:
             tx = _SqliteQueries(self._conn, self._worker)
-            # IMMEDIATE takes the write lock up front: a transaction that reads
-            # and then writes cannot fail half way with SQLITE_BUSY.
-            await tx.execute("BEGIN IMMEDIATE")
             try:
+                # IMMEDIATE takes the write lock up front: a transaction that reads
+                # and then writes cannot fail half way with SQLITE_BUSY. Inside the
+                # `try`: a caller cancelled while its BEGIN runs on the thread must
+                # still roll back, or every later BEGIN fails.
+                await tx.execute("BEGIN IMMEDIATE")
                 yield tx
                 await tx.execute("COMMIT")
             except BaseException:
-                # The worker runs jobs in order, so this follows any statement still running.
-                await tx._run(_rollback_if_open)
+                # The worker runs jobs in order, so this follows any statement still
+                # running; shielded, since a cancelled job that has not started never runs.
+                await asyncio.shield(tx._run(_rollback_if_open))
                 raise
 
     async def close(self) -> None:
