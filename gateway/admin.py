@@ -5,7 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway.admin_api import ADMIN_TOKEN, PUBLIC_APP, add_admin_routes, require_token
+from gateway.admin_api import (
+    ADMIN_TOKEN,
+    PUBLIC_APP,
+    add_admin_routes,
+    answer_refusals,
+    require_token,
+)
 
 
 class Readiness:
@@ -44,7 +50,7 @@ def create_admin_app(
     token: str | None,
 ) -> web.Application:
     """The admin application; its metrics come from `registry`, tenants from `public_app`."""
-    app = web.Application(middlewares=[require_token])
+    app = web.Application(middlewares=[answer_refusals, require_token])
     app[REGISTRY] = registry
     app[READINESS] = readiness
     app[PUBLIC_APP] = public_app

@@ -11,11 +11,12 @@ from aiohttp.typedefs import Handler
 
 from gateway.app import QUOTA, RUNTIME, SERVICES
 from gateway.clock import iso_utc
+from gateway.headers import request_id
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.openapi import openapi_document
-from gateway.problems import problem
+from gateway.problems import Refused, answer
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.view import current_period, usage_view
 from gateway.services import Services
@@ -34,13 +35,9 @@ PUBLIC_APP = web.AppKey("public_app", web.Application)  # it owns the services
 def _services(request: web.Request) -> Services:
     services = request.app[PUBLIC_APP].get(SERVICES)
     if services is None:
-        raise web.HTTPNotFound(
-            body=problem(
-                404, "no-tenants",
-                "this gateway keeps no tenants: configure auth.jwt or auth.api_keys",
-            ).body,
-            content_type="application/problem+json",
-        )  # fmt: skip
+        raise Refused(
+            404, "no-tenants", "this gateway keeps no tenants: configure auth.jwt or auth.api_keys"
+        )
     return services
 
 
@@ -51,19 +48,33 @@ def _ops(request: web.Request) -> TenantOps:
 
 
 @web.middleware
+async def answer_refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin listener's one adapter: refusals become problem+json with X-Request-Id."""
+    rid = request_id(request.headers)
+    try:
+        response = await handler(request)
+    except Refused as refused:
+        return answer(refused, rid)
+    except TenantChangeError as exc:
+        return answer(Refused(422, "invalid-change", str(exc)), rid)
+    response.headers.setdefault("X-Request-Id", rid)
+    return response
+
+
+@web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every /admin/ path needs `Authorization: Bearer <token_env's value>`."""
     if not request.path.startswith("/admin/"):
         return await handler(request)
     expected = request.app.get(ADMIN_TOKEN)
     if not expected:
-        return problem(403, "admin-disabled", "the admin token's environment variable is not set")
+        raise Refused(403, "admin-disabled", "the admin token's environment variable is not set")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     # Bytes: compare_digest refuses non-ASCII str, and a 500 is not an answer.
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode(), expected.encode()
     ):
-        return problem(
+        raise Refused(
             401, "unauthenticated", "the admin API needs the admin bearer token",
             headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
         )  # fmt: skip
@@ -74,23 +85,22 @@ async def _json(request: web.Request) -> Any:
     try:
         return await request.json()
     except ValueError:
-        raise web.HTTPBadRequest(
-            body=problem(400, "bad-json", "the body is not JSON").body,
-            content_type="application/problem+json",
-        ) from None
+        raise Refused(400, "bad-json", "the body is not JSON") from None
 
 
-def _invalid(exc: TenantChangeError) -> web.Response:
-    return problem(422, "invalid-change", str(exc))
+def _unknown_tenant(tenant_id: str) -> Refused:
+    return Refused(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
 
 
 async def list_tenants(request: web.Request) -> web.Response:
     """GET /admin/tenants?limit=&after="""
     services = _services(request)
     try:
-        limit = min(int(request.query.get("limit", "100")), 1000)
+        limit = int(request.query.get("limit", "100"))
     except ValueError:
-        return problem(400, "bad-query", "limit must be an integer")
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise Refused(400, "bad-query", "limit must be an integer from 1 to 1000")
     tenants = await services.ledger.list_tenants(limit=limit, after=request.query.get("after"))
     following = tenants[-1].id if len(tenants) == limit else None
     return web.json_response({"tenants": [tenant_json(t) for t in tenants], "next": following})
@@ -101,19 +111,14 @@ async def get_tenant(request: web.Request) -> web.Response:
     tenant_id = request.match_info["id"]
     tenant = await _services(request).ledger.get_tenant(tenant_id)
     if tenant is None:
-        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+        raise _unknown_tenant(tenant_id)
     return web.json_response(tenant_json(tenant))
 
 
 async def put_tenant(request: web.Request) -> web.Response:
     """PUT /admin/tenants/{id}: create, or change the fields given."""
     ops = _ops(request)
-    try:
-        tenant, created = await ops.put(
-            request.match_info["id"], parse_changes(await _json(request))
-        )
-    except TenantChangeError as exc:
-        return _invalid(exc)
+    tenant, created = await ops.put(request.match_info["id"], parse_changes(await _json(request)))
     return web.json_response(tenant_json(tenant), status=201 if created else 200)
 
 
@@ -122,7 +127,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
     tenant_id = request.match_info["id"]
     tenant = await _ops(request).disable(tenant_id)
     if tenant is None:
-        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+        raise _unknown_tenant(tenant_id)
     return web.json_response(tenant_json(tenant))
 
 
@@ -132,10 +137,10 @@ async def create_api_key(request: web.Request) -> web.Response:
     body = await _json(request) if request.can_read_body else {}
     name = body.get("name") if isinstance(body, dict) else None
     if name is not None and not isinstance(name, str):
-        return problem(422, "invalid-change", "name: expected a string")
+        raise Refused(422, "invalid-change", "name: expected a string")
     created = await _ops(request).create_key(tenant_id, name)
     if created is None:
-        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+        raise _unknown_tenant(tenant_id)
     key, record = created
     return web.json_response({"key": key, **api_key_json(record)}, status=201)
 
@@ -150,37 +155,32 @@ async def revoke_api_key(request: web.Request) -> web.Response:
     """DELETE /admin/api-keys/{prefix}"""
     prefix = request.match_info["prefix"]
     if not await _ops(request).revoke_key(prefix):
-        return problem(404, "api-key-unknown", f"no active API key has prefix {prefix!r}")
+        raise Refused(404, "api-key-unknown", f"no active API key has prefix {prefix!r}")
     return web.json_response({"prefix": prefix, "revoked": True})
 
 
 def _engine(request: web.Request) -> QuotaEngine:
     engine = request.app[PUBLIC_APP].get(QUOTA)
     if engine is None:
-        raise web.HTTPNotFound(
-            body=problem(404, "no-quotas", "no route charges and no plan rate-limits").body,
-            content_type="application/problem+json",
-        )
+        raise Refused(404, "no-quotas", "no route charges and no plan rate-limits")
     return engine
 
 
-async def _tenant_and_meter(request: web.Request) -> tuple[Tenant, str] | web.Response:
+async def _tenant_and_meter(request: web.Request) -> tuple[Tenant, str]:
     tenant_id, meter = request.match_info["id"], request.match_info.get("meter", "")
     tenant = await _services(request).ledger.get_tenant(tenant_id)
     if tenant is None:
-        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+        raise _unknown_tenant(tenant_id)
     if meter and meter not in _engine(request).config.meters:
-        return problem(404, "meter-unknown", f"meter {meter!r} is not in the config")
+        raise Refused(404, "meter-unknown", f"meter {meter!r} is not in the config")
     return tenant, meter
 
 
 async def get_usage(request: web.Request) -> web.Response:
     """GET /admin/tenants/{id}/usage"""
-    found = await _tenant_and_meter(request)
-    if isinstance(found, web.Response):
-        return found
+    tenant, _ = await _tenant_and_meter(request)
     ledger = UsageLedger(_services(request).ledger.db)
-    return web.json_response(await usage_view(_engine(request), found[0], ledger))
+    return web.json_response(await usage_view(_engine(request), tenant, ledger))
 
 
 HISTORY_MAX = timedelta(days=93)
@@ -188,18 +188,15 @@ HISTORY_MAX = timedelta(days=93)
 
 async def get_hourly(request: web.Request) -> web.Response:
     """GET /admin/tenants/{id}/usage/{meter}/hourly?since=&until= (ISO 8601; default 24 h)"""
-    found = await _tenant_and_meter(request)
-    if isinstance(found, web.Response):
-        return found
-    tenant, meter = found
+    tenant, meter = await _tenant_and_meter(request)
     now = datetime.now(UTC)
     try:
         until = _instant(request.query.get("until")) or now
         since = _instant(request.query.get("since")) or until - timedelta(hours=24)
     except ValueError as exc:
-        return problem(400, "bad-query", str(exc))
+        raise Refused(400, "bad-query", str(exc)) from None
     if not since < until or until - since > HISTORY_MAX:
-        return problem(400, "bad-query", "since must be before until, at most 93 days apart")
+        raise Refused(400, "bad-query", "since must be before until, at most 93 days apart")
     ledger = UsageLedger(_services(request).ledger.db)
     hours = await ledger.hourly(tenant.id, meter, since, until)
     return web.json_response(
@@ -227,17 +224,14 @@ def _instant(value: str | None) -> datetime | None:
 
 async def put_gauge(request: web.Request) -> web.Response:
     """PUT /admin/tenants/{id}/gauges/{meter} {"value": N}"""
-    found = await _tenant_and_meter(request)
-    if isinstance(found, web.Response):
-        return found
-    tenant, meter = found
+    tenant, meter = await _tenant_and_meter(request)
     engine = _engine(request)
     if engine.config.meters[meter].type != "gauge":
-        return problem(422, "invalid-change", f"{meter} is a counter; reset it instead")
+        raise Refused(422, "invalid-change", f"{meter} is a counter; reset it instead")
     body = await _json(request)
     value = body.get("value") if isinstance(body, dict) else None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return problem(422, "invalid-change", "value: expected a non-negative integer")
+        raise Refused(422, "invalid-change", "value: expected a non-negative integer")
     await engine.store.set_level(tenant.id, meter, None, value, _admin_context(request))
     return web.json_response(await usage_view(engine, tenant))
 
@@ -249,10 +243,7 @@ def _admin_context(request: web.Request) -> EventContext:
 
 async def reset_meter(request: web.Request) -> web.Response:
     """POST /admin/tenants/{id}/meters/{meter}/reset: the current period starts again from 0."""
-    found = await _tenant_and_meter(request)
-    if isinstance(found, web.Response):
-        return found
-    tenant, meter = found
+    tenant, meter = await _tenant_and_meter(request)
     engine = _engine(request)
     period = current_period(engine, tenant, meter)
     await engine.store.set_level(tenant.id, meter, period, 0, _admin_context(request))
@@ -266,15 +257,12 @@ async def add_credit(request: web.Request) -> web.Response:
     meter = body.get("meter") if isinstance(body, dict) else None
     quantity = body.get("quantity") if isinstance(body, dict) else None
     if not isinstance(meter, str):
-        return problem(422, "invalid-change", "meter: expected a meter name")
+        raise Refused(422, "invalid-change", "meter: expected a meter name")
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity == 0:
-        return problem(422, "invalid-change", "quantity: expected a non-zero integer")
-    try:
-        credit = await _ops(request).credit(tenant_id, meter, quantity)
-    except TenantChangeError as exc:
-        return _invalid(exc)
+        raise Refused(422, "invalid-change", "quantity: expected a non-zero integer")
+    credit = await _ops(request).credit(tenant_id, meter, quantity)
     if credit is None:
-        return problem(404, "tenant-unknown", f"tenant {tenant_id!r} is not known")
+        raise _unknown_tenant(tenant_id)
     tenant = await _services(request).ledger.get_tenant(tenant_id)
     assert tenant is not None
     return web.json_response(

@@ -85,7 +85,7 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "limit",
                             "in": "query",
-                            "schema": {"type": "integer", "maximum": 1000},
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                         },
                         {"name": "after", "in": "query", "schema": {"type": "string"}},
                     ],

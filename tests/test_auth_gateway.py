@@ -236,7 +236,12 @@ async def test_admin_api_validation_and_openapi(gateway: Gateway) -> None:
     assert (status, [t["id"] for t in page["tenants"]], page["next"]) == (200, ["acme"], "acme")
     _, rest = await admin(gateway, "GET", "/admin/tenants?after=acme")
     assert [t["id"] for t in rest["tenants"]] == ["new"]
-    assert (await admin(gateway, "GET", "/admin/tenants/ghost"))[0] == 404
+    for bad in ("0", "1001", "x"):  # a 400 that says why, never a 500 or a clamp
+        status, body = await admin(gateway, "GET", f"/admin/tenants?limit={bad}")
+        assert (status, body["detail"]) == (400, "limit must be an integer from 1 to 1000")
+    status, body = await admin(gateway, "GET", "/admin/tenants/ghost")
+    assert (status, body["type"].rsplit(":", 1)[1]) == (404, "tenant-unknown")
+    assert body["request_id"]
     status, spec = await admin(gateway, "GET", "/admin/openapi.json")
     assert status == 200 and spec["openapi"] == "3.1.0"
     assert {"/admin/tenants", "/admin/tenants/{id}", "/admin/api-keys/{prefix}"} <= set(
