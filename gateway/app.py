@@ -24,11 +24,8 @@ from gateway.pipeline.admission import admit
 from gateway.pipeline.forwarding import Forwarder, RoutePlan, Upstreams
 from gateway.problems import Refused, answer
 from gateway.quota.engine import QuotaEngine, RouteCharges
-from gateway.quota.journal import EventJournal
-from gateway.quota.memory import MemoryStore
 from gateway.quota.metering import Metering
 from gateway.quota.open import needs_quota, open_store
-from gateway.quota.redis_store import RedisStore
 from gateway.quota.view import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
@@ -252,26 +249,25 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     services = app.get(SERVICES)
-    store = await open_store(config, record=services is not None)
-    restorer = None
-    recorder = None
-    if services is not None:
-        usage = UsageLedger(services.ledger.db)
-        queue = store.queue if isinstance(store, RedisStore) else None
-        restorer = functools.partial(restore_shards, store, usage, config.meters, queue=queue)
-        if isinstance(store, MemoryStore):
-            journal = None
-            directory = journal_directory(config.usage.spool_dir, config.storage.ledger)
-            if directory is not None:
-                # What a killed process journaled goes into the ledger before the
-                # restore below reads it back.
-                await replay_journals(directory, usage)
-                store.journal = journal = EventJournal(directory)
+    usage = UsageLedger(services.ledger.db) if services is not None else None
+    journal_dir = None
+    if usage is not None and config.storage.embedded:
+        journal_dir = journal_directory(config.usage.spool_dir, config.storage.ledger)
+        if journal_dir is not None:
+            # What a killed process journaled goes into the ledger before the
+            # restore (engine.prepare) reads it back.
+            await replay_journals(journal_dir, usage)
+    opened = await open_store(config, record=usage is not None, journal_dir=journal_dir)
+    store, sink = opened.store, opened.sink
+    restorer = recorder = None
+    if usage is not None:
+        restorer = functools.partial(
+            restore_shards, store, usage, config.meters, unrecorded=sink.unrecorded
+        )
+        if sink.local is not None:
             interval_s = config.usage.flush_interval_ms / 1000
-            recorder = Recorder(store.events, usage, interval_s, journal)
+            recorder = Recorder(sink.local, usage, interval_s, sink.journal)
             recorder.start()
-    elif isinstance(store, MemoryStore):
-        await store.restore(0, [])  # no ledger: nothing to restore from
     engine = QuotaEngine(config, store, restorer, app[QUOTA_METRICS])
     await engine.prepare()
     app[QUOTA] = engine
@@ -301,7 +297,7 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     webhooks, api = open_webhooks(config, services, app[WEBHOOK_METRICS])
     app[WEBHOOKS] = webhooks
     reporting = None
-    if config.storage.counters.startswith("memory:"):
+    if config.storage.embedded:
         # Embedded: no `gateway worker` runs, so this process reports its own usage.
         reporting = Reporting.start(config, services.ledger.db, app[REGISTRY], "serve")
     yield

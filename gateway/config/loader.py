@@ -186,7 +186,7 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
                 yield f"stripe.prices.{price}", f"unknown plan {plan_name!r}"
     queue = cfg.storage.queue
     if queue is not None and queue != cfg.storage.counters:
-        if cfg.storage.counters.startswith("memory:"):
+        if cfg.storage.embedded:
             yield (
                 "storage.queue",
                 (

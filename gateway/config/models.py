@@ -200,6 +200,11 @@ class StorageConfig(Model):
     cache_ttl_s: PositiveFloat = 600.0
 
     @property
+    def embedded(self) -> bool:
+        """Counters in this process (`memory://`): it also writes its own usage."""
+        return self.counters.startswith("memory:")
+
+    @property
     def separate_queue(self) -> str | None:
         """The queue's URL when it is not the counter store's Redis."""
         return self.queue if self.queue not in (None, self.counters) else None

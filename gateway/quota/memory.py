@@ -38,14 +38,19 @@ class MemoryStore:
     """Counters in a dict. Nothing awaits between reading and writing, so each
     check-and-charge is atomic within the event loop, as the Lua script is in Redis."""
 
-    def __init__(self, clock_us: Callable[[], int] | None = None, record: bool = True) -> None:
+    def __init__(
+        self,
+        clock_us: Callable[[], int] | None = None,
+        record: bool = True,
+        journal: EventJournal | None = None,
+    ) -> None:
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
         self._record = record
         # The in-process usage queue: appended in the same step as the charge,
         # drained into the ledger by the recorder (gateway/usage/recorder.py).
         self.events: list[UsageEvent] = []
         # Where each event also goes at once, so a killed process loses none of them.
-        self.journal: EventJournal | None = None
+        self.journal = journal
         # A new process starts with nothing: whole only once restored from the ledger.
         self._whole = False
         self._values: dict[str, int] = {}

@@ -1,6 +1,8 @@
-"""Choosing and opening the counter store a config names."""
+"""Choosing, opening and wiring the counter store a config names."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from gateway.config.models import GatewayConfig
 from gateway.quota.journal import EventJournal
@@ -8,7 +10,7 @@ from gateway.quota.memory import MemoryStore
 from gateway.quota.queue import EventQueue
 from gateway.quota.redis_client import redis_client
 from gateway.quota.redis_store import RedisStore
-from gateway.quota.store import CounterStore
+from gateway.quota.store import OpenedStore, UsageSink
 
 
 def needs_quota(config: GatewayConfig) -> bool:
@@ -18,21 +20,35 @@ def needs_quota(config: GatewayConfig) -> bool:
     )
 
 
-async def open_store(config: GatewayConfig, record: bool = True) -> CounterStore:
-    """`memory://` or `redis://` from `storage.counters`; `record`: keep usage events,
-    in a queue of their own where `storage.queue` names another Redis."""
+async def open_store(
+    config: GatewayConfig, record: bool = True, journal_dir: Path | None = None
+) -> OpenedStore:
+    """`memory://` or `redis://` from `storage.counters`, with its usage sink.
+
+    `record`: keep usage events (False: there is no ledger to write them to, nor to
+    restore from). The memory store journals them under `journal_dir`; the Redis
+    store appends them to its shards' streams, or to a queue of their own where
+    `storage.queue` names another Redis.
+    """
     storage = config.storage
-    if storage.counters.startswith("memory:"):
-        return MemoryStore(record=record)
+    if storage.embedded:
+        journal = EventJournal(journal_dir) if record and journal_dir is not None else None
+        memory = MemoryStore(record=record, journal=journal)
+        if not record:
+            await memory.restore(0, [])  # no ledger: nothing to restore from
+        return OpenedStore(
+            memory, UsageSink(local=memory.events if record else None, journal=journal)
+        )
     queue = None
     if record and storage.separate_queue is not None:
         client = await redis_client(storage.separate_queue, storage.redis_cluster)
         spool_dir = config.usage.spool_dir
-        journal = EventJournal(spool_dir) if spool_dir is not None else None
-        queue = EventQueue(client, storage.shards, storage.timeout_ms / 1000, journal)
+        queue_journal = EventJournal(spool_dir) if spool_dir is not None else None
+        queue = EventQueue(client, storage.shards, storage.timeout_ms / 1000, queue_journal)
         if spool_dir is not None:
             queue.adopt(spool_dir)
-    return await RedisStore.open(
+    store = await RedisStore.open(
         storage.counters, storage.shards, storage.timeout_ms, storage.redis_cluster, record,
         queue,
     )  # fmt: skip
+    return OpenedStore(store, UsageSink(unrecorded=queue.unrecorded if queue is not None else None))

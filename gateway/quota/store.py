@@ -9,13 +9,14 @@ store read, so the stores cannot disagree about what a request is told.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from gateway.clock import from_us, to_us
-from gateway.ledger.events import EventContext
+from gateway.ledger.events import EventContext, UsageEvent
 from gateway.quota.gcra import RateLimit
+from gateway.quota.journal import EventJournal
 from gateway.quota.periods import Period
 from gateway.quota.rules import Decision, MeterLimit, decide
 
@@ -118,8 +119,8 @@ def _tats(request: ChargeRequest, tats: Sequence[int]) -> Mapping[str, int]:
     return {limit.name: tat for (limit, _), tat in zip(request.rate_limits, tats, strict=True)}
 
 
-class CounterStore(Protocol):
-    """Where counters, gauges and rate-limit state live."""
+class Counters(Protocol):
+    """Counters, gauges and rate-limit state: checked, charged and adjusted."""
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         """Check every bucket; charge all of them or none (see module docstring), and
@@ -163,6 +164,10 @@ class CounterStore(Protocol):
         recording the change as a usage event (none when `context` is None)."""
         ...
 
+
+class IdempotencyRecords(Protocol):
+    """`Idempotency-Key` records, kept beside the tenant's counters."""
+
     async def idempotency_begin(
         self, tenant: str, key_hash: str, fingerprint: str, in_flight_ms: int
     ) -> str | None:
@@ -175,6 +180,10 @@ class CounterStore(Protocol):
     ) -> None:
         """Store the final record, or (None) release the claim so a retry goes through."""
         ...
+
+
+class ShardLifecycle(Protocol):
+    """Which shards are whole, their rebuild from the ledger, and closing."""
 
     @property
     def shards(self) -> int:
@@ -191,3 +200,29 @@ class CounterStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class CounterStore(Counters, IdempotencyRecords, ShardLifecycle, Protocol):
+    """A counter store in all its roles (the memory store, the Redis store)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSink:
+    """Where an opened store's usage events wait until the ledger has them.
+
+    `local` (the memory store): events this process writes into the ledger
+    itself, also in `journal` on disk. `unrecorded` (a queue on another Redis):
+    the events a restore must count that the ledger may not have yet.
+    """
+
+    local: list[UsageEvent] | None = None
+    journal: EventJournal | None = None
+    unrecorded: Callable[[Sequence[int]], Awaitable[list[str]]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedStore:
+    """A counter store and the sink of its usage events, wired by `quota.open`."""
+
+    store: CounterStore
+    sink: UsageSink

@@ -12,7 +12,7 @@ data went is the stated loss (README, "Failure modes").
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,6 @@ from gateway.config.models import MeterConfig
 from gateway.ledger.usage_ledger import UsageLedger, wire_row
 from gateway.quota import keyspace
 from gateway.quota.periods import Period, period_of
-from gateway.quota.queue import EventQueue
 from gateway.quota.store import CounterStore, Level
 
 log = logging.getLogger("gateway.quota")
@@ -35,15 +34,16 @@ async def restore_shards(
     ledger: UsageLedger,
     meters: Mapping[str, MeterConfig],
     shards: Sequence[int],
-    queue: EventQueue | None = None,
+    unrecorded: Callable[[Sequence[int]], Awaitable[list[str]]] | None = None,
 ) -> None:
-    """Restore `shards` of `store` from the ledger's totals (and the queue's events)."""
+    """Restore `shards` of `store` from the ledger's totals (and the events `unrecorded`
+    gives: a queue's, which the ledger may not have yet)."""
     if not shards:
         return
     # The queue first: what the worker moves meanwhile is then in the ledger's
     # snapshot, and recognised there by its id.
-    unrecorded = _rows(await queue.unrecorded(shards)) if queue is not None else []
-    totals = await ledger.recent_totals(datetime.now(UTC) - RECENT, unrecorded)
+    queued = _rows(await unrecorded(shards)) if unrecorded is not None else []
+    totals = await ledger.recent_totals(datetime.now(UTC) - RECENT, queued)
     wanted = set(shards)
     levels: dict[int, list[Level]] = {shard: [] for shard in shards}
     for tenant, meter, start, quantity in totals:
