@@ -240,7 +240,8 @@ class QuotaEngine:
             self._schedule_retry()
 
     def _schedule_restore(self, shard: int) -> None:
-        if self._restorer is None:
+        # Closed: a request still in flight must not start a task that outlives the engine.
+        if self._restorer is None or self._closing:
             return
         self._lost.add(shard)
         if self._restoring is None or self._restoring.done():
@@ -353,6 +354,8 @@ class QuotaEngine:
             self._schedule_retry()
 
     def _schedule_retry(self) -> None:
+        if self._closing:  # what is pending stays in the spool for the next process
+            return
         if self._retry_task is None or self._retry_task.done():
             self._retry_task = asyncio.create_task(self._retry_pending(), name="quota-pending")
 

@@ -1,0 +1,61 @@
+"""The quota engine's own lifetime: nothing it starts outlives it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.config.models import GatewayConfig
+from gateway.ledger.events import EventContext
+from gateway.ledger.records import Tenant
+from gateway.quota.engine import QuotaEngine, RouteCharges
+from gateway.quota.memory import MemoryStore
+from gateway.quota.store import StoreLost
+from tests.conftest import gateway_config
+
+
+def engine_config() -> GatewayConfig:
+    return GatewayConfig.model_validate(
+        gateway_config(
+            "http://127.0.0.1:1",
+            meters={"api_calls": {"type": "counter"}},
+            plans={"starter": {"limits": {"api_calls": {"limit": 10}}}},
+            routes=[
+                {
+                    "name": "api",
+                    "match": {"path": "/**"},
+                    "upstream": "app",
+                    "charge": {"api_calls": 1},
+                }
+            ],
+        )  # fmt: skip
+    )
+
+
+def engine_tasks() -> list[str]:
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("quota-"))
+
+
+async def test_a_store_lost_after_close_starts_no_restore_that_outlives_the_engine() -> None:
+    config = engine_config()
+    restored: list[Sequence[int]] = []
+
+    async def restorer(shards: Sequence[int]) -> None:
+        restored.append(shards)
+
+    engine = QuotaEngine(config, MemoryStore(), restorer)  # never restored: every shard lost
+    await engine.close()
+    # A request still in flight when the app stops meets the lost store.
+    tenant = Tenant("acme", "starter", "active", datetime.now(UTC))
+    request = engine.request(
+        tenant, RouteCharges.compile(config.routes[0], config.meters), EventContext("api")
+    )
+    assert request is not None
+    with pytest.raises(StoreLost):
+        await engine.check(request)
+    engine.void(request)
+    assert engine_tasks() == []
+    assert restored == []
