@@ -60,7 +60,9 @@ async def drain(worker: Worker, expected: int) -> float:
     started = time.perf_counter()
     task = asyncio.create_task(worker.run())
     metrics = worker.metrics
-    while metrics.inserted._value.get() + metrics.duplicates._value.get() < expected:
+    while (
+        metrics.written.inserted._value.get() + metrics.written.duplicates._value.get() < expected
+    ):
         if task.done():
             raise RuntimeError("the worker stopped early") from task.exception()
         await asyncio.sleep(0.005)

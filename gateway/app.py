@@ -18,7 +18,14 @@ from gateway.headers import TrustedProxies, request_id, request_skip
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import EventContext
 from gateway.ledger.usage_ledger import UsageLedger
-from gateway.metrics import GATEWAY, UNMATCHED, ProxyMetrics, QuotaMetrics
+from gateway.metrics import (
+    GATEWAY,
+    UNMATCHED,
+    AuthMetrics,
+    LedgerWrites,
+    ProxyMetrics,
+    QuotaMetrics,
+)
 from gateway.pipeline import idempotency, websocket
 from gateway.pipeline.admission import admit
 from gateway.pipeline.forwarding import Forwarder, RoutePlan, Upstreams
@@ -266,7 +273,8 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         if sink.local is not None:
             interval_s = config.usage.flush_interval_ms / 1000
-            recorder = Recorder(sink.local, usage, interval_s, sink.journal)
+            writes = LedgerWrites(app[REGISTRY])
+            recorder = Recorder(sink.local, usage, interval_s, sink.journal, writes)
             recorder.start()
     engine = QuotaEngine(config, store, restorer, app[QUOTA_METRICS])
     await engine.prepare()
@@ -282,7 +290,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     if not needs_services(config):
         yield
         return
-    services = await Services.open(config)
+    services = await Services.open(config, AuthMetrics(app[REGISTRY]))
     app[SERVICES] = services
     yield
     await services.close()

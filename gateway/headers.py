@@ -6,7 +6,7 @@ import os
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -33,7 +33,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # process avoids a getrandom() system call on every request.
 _ids = random.Random(os.urandom(32))
 
-Address = IPv4Address | IPv6Address
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 

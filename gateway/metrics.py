@@ -107,19 +107,40 @@ class QuotaMetrics:
             registry=registry,
         )
         self._children = {outcome: self.decisions.labels(outcome) for outcome in self.OUTCOMES}
+        self.pending_dropped = Counter(
+            "gateway_quota_pending_dropped",
+            "Counter-store writes (fail_open charges, refunds, voids) dropped after waiting "
+            "longer than the store remembers operation ids: the stated loss bound at work.",
+            registry=registry,
+        )
 
     def decided(self, outcome: str) -> None:
         """Count one decision."""
         self._children[outcome].inc()
 
 
-class ConfigMetrics:
-    """Config reloads."""
+class AuthMetrics:
+    """Fetches of the identity provider's keys."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.reloads = Counter(
-            "gateway_config_reloads",
-            "Config reloads, by result (ok, error).",
+        self.jwks_fetches = Counter(
+            "gateway_jwks_fetches",
+            "JWKS fetches, by result: ok, error (the last good keys are kept), empty (no "
+            "usable signing key; the last good keys are kept).",
             ["result"],
+            registry=registry,
+        )
+
+
+class LedgerWrites:
+    """Usage events written into the ledger (by `gateway worker`, or `serve` when embedded)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.inserted = Counter(
+            "gateway_usage_inserted_events", "Events written to the ledger.", registry=registry
+        )
+        self.duplicates = Counter(
+            "gateway_usage_duplicate_events",
+            "Redelivered events the ledger already had.",
             registry=registry,
         )

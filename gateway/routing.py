@@ -105,11 +105,6 @@ def parse_path(target: str) -> RequestPath:
     return RequestPath(matchable(segments), alternate, segments[0] == RESERVED_SEGMENT)
 
 
-def split_path(target: str) -> list[str]:
-    """The decoded segments of a request target (see `parse_path`)."""
-    return parse_path(target).segments
-
-
 def _host_matches(pattern: str, host: str) -> bool:
     if pattern.startswith("*."):
         return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1

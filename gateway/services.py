@@ -17,6 +17,7 @@ from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.records import Tenant
 from gateway.ledger.schema import LATEST_VERSION
 from gateway.ledger.store import Ledger
+from gateway.metrics import AuthMetrics
 
 log = logging.getLogger("gateway")
 SUBSCRIBE_TIMEOUT_S = 5.0
@@ -94,7 +95,7 @@ class Services:
     jwks: JWKSKeys | None
 
     @classmethod
-    async def open(cls, config: GatewayConfig) -> Services:
+    async def open(cls, config: GatewayConfig, metrics: AuthMetrics | None = None) -> Services:
         """Everything authentication needs; raises StartupError with the fix."""
         jwks = None
         verifier = None
@@ -107,6 +108,7 @@ class Services:
                     jwt_config.algorithms,
                     jwt_config.jwks_refresh_s,
                     jwt_config.jwks_refetch_min_s,
+                    metrics=metrics,
                 )
                 keys = jwks
             else:

@@ -8,7 +8,11 @@ import pytest
 
 from gateway.config.models import RouteConfig
 from gateway.config.templates import TemplateError, parse_template
-from gateway.routing import BadPath, Router, parse_path, split_path
+from gateway.routing import BadPath, Router, parse_path
+
+
+def split_path(target: str) -> list[str]:
+    return parse_path(target).segments
 
 
 def route(name: str, path: str, **match: Any) -> RouteConfig:

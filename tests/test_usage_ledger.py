@@ -34,7 +34,10 @@ async def test_events_are_written_once_and_rolled_up(ledger: Ledger) -> None:
     assert (mixed.inserted, mixed.duplicates) == (1, 2)
     period_start = datetime(2026, 1, 15, tzinfo=UTC)
     assert await usage.total("acme", "api_calls", period_start) == 101 + 5
-    assert await usage.totals_of_period(period_start) == {("acme", "api_calls"): 106}
+    rows = await ledger.db.fetch("SELECT tenant_id, meter, quantity FROM usage_totals")
+    assert [(r["tenant_id"], r["meter"], r["quantity"]) for r in rows] == [
+        ("acme", "api_calls", 106)
+    ]
     hours = await usage.hourly("acme", "api_calls", datetime(2026, 1, 1, tzinfo=UTC), FEB)
     assert hours == [(datetime(2026, 1, 31, 23, tzinfo=UTC), 101, 101)]
     feb = await usage.hourly("acme", "api_calls", FEB, datetime(2026, 3, 1, tzinfo=UTC))

@@ -117,7 +117,7 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
     dead = worker_for(client, ledger, "dead")
     await dead.streams.ensure_groups()
     await traffic(gw)
-    stream = keyspace.stream_key("acme", SHARDS)
+    stream = keyspace.shard_stream(keyspace.shard_of("acme", SHARDS))
     assert await client.xlen(stream) == sum(EXPECTED_EVENTS.values())
     shard = keyspace.shard_of("acme", SHARDS)
     taken = await dead.streams.read(shard, 1000)
@@ -132,7 +132,7 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
         await live.housekeeping()  # reclaims the dead consumer's entries
         await eventually(lambda: _equal(ledger_totals(usage), EXPECTED))
         assert await event_kinds(ledger) == EXPECTED_EVENTS
-        assert live.metrics.duplicates._value.get() == len(taken) // 2
+        assert live.metrics.written.duplicates._value.get() == len(taken) // 2
         await live.housekeeping()  # everything acknowledged: the stream is trimmed
         assert await client.xlen(stream) == 0
         # Reconciliation agrees, then sees a counter moved behind the ledger's back.

@@ -11,6 +11,7 @@ import aiohttp
 
 from gateway.auth.keys import BoundKey, check_alg, keys_from_jwks, pick_key
 from gateway.lifecycle import stop_task
+from gateway.metrics import AuthMetrics
 
 log = logging.getLogger("gateway.jwks")
 
@@ -35,6 +36,7 @@ class JWKSKeys:
         refresh_s: float,
         refetch_min_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: AuthMetrics | None = None,
     ) -> None:
         self.url = url
         self._allowed = tuple(allowed)
@@ -46,8 +48,7 @@ class JWKSKeys:
         self._inflight: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.fetches = 0
-        self.failures = 0
+        self._metrics = metrics
 
     async def start(self) -> None:
         """Fetch once (not fatal if it fails), then refresh in the background."""
@@ -95,20 +96,24 @@ class JWKSKeys:
 
     async def _fetch(self) -> None:
         assert self._session is not None, "start() first"
-        self.fetches += 1
         try:
             async with self._session.get(self.url, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
                 keys = keys_from_jwks(await resp.json(content_type=None), self._allowed)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            self.failures += 1
+            self._count("error")
             log.warning(
                 "JWKS fetch from %s failed (%s); keeping %d keys", self.url, exc, len(self._keys)
             )
             return
         if not keys:
-            self.failures += 1
+            self._count("empty")
             log.warning("JWKS at %s has no usable signing key; keeping the previous ones", self.url)
             return
+        self._count("ok")
         self._keys = keys
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.jwks_fetches.labels(result).inc()

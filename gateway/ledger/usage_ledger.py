@@ -99,7 +99,6 @@ _ADD_HOURLY = """
 _TOTAL = (
     "SELECT quantity FROM usage_totals WHERE tenant_id = $1 AND meter = $2 AND period_start = $3"
 )
-_TOTALS_OF_PERIOD = "SELECT tenant_id, meter, quantity FROM usage_totals WHERE period_start = $1"
 _HOURLY = """
     SELECT hour, quantity, events FROM usage_hourly
     WHERE tenant_id = $1 AND meter = $2 AND hour >= $3 AND hour < $4 ORDER BY hour
@@ -185,11 +184,6 @@ class UsageLedger:
         """The ledger's total of `meter` for the tenant in the period starting then."""
         value = await self.db.fetchval(_TOTAL, tenant, meter, utc(period_start))
         return int(value or 0)
-
-    async def totals_of_period(self, period_start: datetime) -> dict[tuple[str, str], int]:
-        """(tenant, meter) -> total, for every counter whose period starts at `period_start`."""
-        rows = await self.db.fetch(_TOTALS_OF_PERIOD, utc(period_start))
-        return {(row["tenant_id"], row["meter"]): int(row["quantity"]) for row in rows}
 
     async def recent_totals(
         self, since: datetime, unrecorded: Sequence[tuple[Any, ...]] = ()

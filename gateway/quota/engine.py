@@ -122,7 +122,8 @@ class QuotaEngine:
         self.fail_open = config.storage.on_counter_store_error == "fail_open"
         spool_dir = config.usage.spool_dir
         self._spool = Spool(spool_dir) if spool_dir is not None else None
-        self.pending = PendingCharges(spool=self._spool)
+        dropped = metrics.pending_dropped.inc if metrics is not None else None
+        self.pending = PendingCharges(spool=self._spool, on_dropped=dropped)
         self._meters = config.meters
         self.plans = {name: self._plan(name) for name in config.plans}
         self._retry_task: asyncio.Task[None] | None = None

@@ -45,11 +45,6 @@ def memo_key(tenant: str, shards: int, request_id: str) -> str:
     return f"{PREFIX}:{tag(tenant, shards)}:m:{tenant}:{request_id}"
 
 
-def stream_key(tenant: str, shards: int) -> str:
-    """The usage stream of the tenant's shard (its events go where its counters are)."""
-    return shard_stream(shard_of(tenant, shards))
-
-
 def shard_stream(shard: int) -> str:
     return f"{PREFIX}:{{s{shard}}}:usage"
 

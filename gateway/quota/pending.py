@@ -24,13 +24,16 @@ class PendingCharges:
     """
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, spool: Spool | None = None
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        spool: Spool | None = None,
+        on_dropped: Callable[[], None] | None = None,
     ) -> None:
         self._clock = clock
         self._spool = spool
+        self._on_dropped = on_dropped  # counts a write given up (a metric)
         self._pending: dict[str, tuple[float, str, list[Adjustment], EventContext]] = {}
         self._voids: dict[str, tuple[float, ChargeRequest]] = {}
-        self.dropped = 0
 
     def void(self, request: ChargeRequest, wall_time: float | None = None) -> None:
         wall = time.time() if wall_time is None else wall_time
@@ -81,7 +84,8 @@ class PendingCharges:
         for table in (self._pending, self._voids):
             for operation_id in [op for op, entry in table.items() if entry[0] < oldest]:
                 del table[operation_id]
-                self.dropped += 1
+                if self._on_dropped is not None:
+                    self._on_dropped()
                 if self._spool is not None:
                     self._spool.done(operation_id)
                 log.error("dropped pending counter-store write %s after %ds", operation_id,

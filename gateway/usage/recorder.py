@@ -19,6 +19,7 @@ from gateway.ledger.db import LedgerUnavailable, sqlite_path
 from gateway.ledger.events import UsageEvent, decode
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.lifecycle import stop_task
+from gateway.metrics import LedgerWrites
 from gateway.quota.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
 
 log = logging.getLogger("gateway.usage")
@@ -34,6 +35,7 @@ class Recorder:
         ledger: UsageLedger,
         interval_s: float,
         journal: EventJournal | None = None,
+        metrics: LedgerWrites | None = None,
     ) -> None:
         self._events = events  # the store appends; only this class removes
         self._ledger = ledger
@@ -41,7 +43,7 @@ class Recorder:
         self._journal = journal  # the same events on disk
         self._sealed: list[Segment] = []  # segments whose events are all in `events` or written
         self._task: asyncio.Task[None] | None = None
-        self.written = 0
+        self._metrics = metrics
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="usage-recorder")
@@ -63,7 +65,9 @@ class Recorder:
             written = await self._ledger.write(batch)
             # Only now: a failed write keeps the batch for the next round.
             del self._events[: len(batch)]
-            self.written += written.inserted
+            if self._metrics is not None:
+                self._metrics.inserted.inc(written.inserted)
+                self._metrics.duplicates.inc(written.duplicates)
         for segment in self._sealed:
             EventJournal.discard(segment)
         self._sealed.clear()

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from gateway.clock import month_start, months_after
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.usage_ledger import UsageLedger, wire_row
+from gateway.metrics import LedgerWrites
 from gateway.usage.streams import Entry, UsageStreams
 
 log = logging.getLogger("gateway.usage")
@@ -51,14 +52,7 @@ class WorkerMetrics:
             buckets=(1, 10, 100, 1000, 5000, 20000, 80000),
             registry=registry,
         )
-        self.inserted = Counter(
-            "gateway_usage_inserted_events", "Events written to the ledger.", registry=registry
-        )
-        self.duplicates = Counter(
-            "gateway_usage_duplicate_events",
-            "Redelivered events the ledger already had.",
-            registry=registry,
-        )
+        self.written = LedgerWrites(registry)
         self.drifting = Gauge(
             "gateway_usage_drifting_counters",
             "Counters that differ from the ledger at the last reconciliation.",
@@ -201,8 +195,8 @@ class Worker:
                 log.exception("writing %d usage events failed; retrying", len(rows))
                 await asyncio.sleep(RETRY_UNEXPECTED_S)
         self.metrics.batch.observe(len(rows))
-        self.metrics.inserted.inc(written.inserted)
-        self.metrics.duplicates.inc(written.duplicates)
+        self.metrics.written.inserted.inc(written.inserted)
+        self.metrics.written.duplicates.inc(written.duplicates)
         by_shard: dict[int, list[bytes | str]] = {}
         for entry in entries:
             by_shard.setdefault(entry.shard, []).append(entry.entry_id)
