@@ -96,6 +96,7 @@ class FakeStripe:
         self.core_events: list[dict[str, Any]] = []
         self.failures = Failures()
         self.calls: dict[str, int] = {}
+        self.broken: set[str] = set()  # calls ("GET /v1/billing/meters") that answer 500
         self.on_commit: Callable[[MeterEvent], None] | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -171,6 +172,8 @@ class FakeStripe:
     async def _checks(self, request: web.Request, handler: Any) -> web.StreamResponse:
         name = f"{request.method} {request.match_info.route.resource.canonical}"  # type: ignore[union-attr]
         self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.broken:
+            return _error(500, "api_error", "Something went wrong")
         if request.headers.get("Stripe-Version") != STRIPE_API_VERSION:
             return _error(400, "invalid_request_error", "unpinned or unknown Stripe-Version")
         auth = request.headers.get("Authorization", "")

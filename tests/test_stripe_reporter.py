@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.billing.outbox import Outbox
 from gateway.billing.reporter import Reporter, StripeMetrics
 from gateway.billing.rules import event_time, report_identifier, summary_window
-from gateway.billing.stripe_api import StripeAPI
+from gateway.billing.stripe_api import SendFailure, StripeAPI
 from gateway.clock import to_us
 from gateway.config.models import MeterConfig, StripeConfig
 from gateway.ledger import Ledger
@@ -77,6 +77,11 @@ async def until_settled(rep: Reporter, rounds: int = 200) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"outbox never emptied: {await rep.outbox.counts()}")
+
+
+def gauge(metric: Gauge) -> float:
+    (family,) = metric.collect()
+    return float(family.samples[0].value)
 
 
 def test_event_time_is_inside_the_period_and_its_summary_window() -> None:
@@ -250,5 +255,32 @@ async def test_a_refund_after_its_charge_was_reported_is_sent_as_a_correction(
         await asyncio.sleep(0.05)
         assert fake.totals() == {(f"cus_{tenant}", "api_calls"): 3}
         assert sorted(e.value for e in fake.events.values()) == [-2, 5]
+    finally:
+        await rep.api.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "broken"), [("v1", "GET /v1/billing/meters"), ("v2", "GET /v2/core/events")]
+)
+async def test_a_failing_round_still_exports_the_outbox_gauges(
+    ledger: Ledger, fake: FakeStripe, mode: str, broken: str
+) -> None:
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    now = datetime.now(UTC)
+    await charge(ledger, tenant, "api_calls", 3, now)
+    await charge(ledger, tenant, "tokens", 5, now)
+    # llm_tokens has no meter: its row waits whatever else happens.
+    del fake.meters[next(m for m, v in fake.meters.items() if v["event_name"] == "llm_tokens")]
+    fake.broken.add(broken)
+    clock = [now]
+    rep = reporter(ledger, fake, stripe_config(fake, mode))
+    rep._clock = lambda: clock[0]
+    try:
+        for _ in range(2):
+            with pytest.raises(SendFailure):
+                await rep.round()
+            clock[0] += timedelta(hours=1)
+        assert gauge(rep.metrics.pending_rows) >= 1
+        assert gauge(rep.metrics.oldest_pending) >= 7200
     finally:
         await rep.api.close()

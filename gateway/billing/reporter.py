@@ -46,6 +46,11 @@ AMBIGUOUS_RETRY_S = 3600.0
 PLAN_HORIZON = STRIPE_PAST + timedelta(days=31)
 
 
+# Every kind is exported from the start at 0: `increase()` in an alert sees the first one.
+FAILURE_KINDS = ("rate_limited", "server_error", "timeout", "auth", "rejected", "async_rejected",
+                 "meter_missing", "expired", "ledger")  # fmt: skip
+
+
 class StripeMetrics:
     """What the reporter does, on an injected registry."""
 
@@ -65,11 +70,12 @@ class StripeMetrics:
         )
         self.failures = Counter(
             "gateway_stripe_send_failures",
-            "Failed Stripe calls by kind (rate_limited, server_error, timeout, auth, rejected, "
-            "async_rejected, meter_missing, expired, ledger).",
+            "Failed Stripe calls by kind (" + ", ".join(FAILURE_KINDS) + ").",
             ["kind"],
             registry=registry,
         )
+        for kind in FAILURE_KINDS:
+            self.failures.labels(kind)
         self.pending_rows = Gauge(
             "gateway_stripe_outbox_pending_rows", "Outbox rows not sent yet.", registry=registry
         )
@@ -114,6 +120,9 @@ class Reporter:
         self._meters: dict[str, Meter] = {}
         self._meters_at = datetime.min.replace(tzinfo=UTC)
         self._errors_since: datetime | None = None
+        self._oldest_pending: datetime | None = None
+        # Aged when scraped: with the ledger down too, the gauge still grows.
+        metrics.oldest_pending.set_function(self._oldest_age)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -141,23 +150,26 @@ class Reporter:
     async def round(self) -> int:
         """Plan, send what is due, pick up asynchronous refusals; the rows sent."""
         now = self._clock()
-        created = await self.outbox.plan(now, now - PLAN_HORIZON)
-        if created:
-            log.debug("planned %d Stripe report rows", len(created))
-        groups = await self.outbox.lease(self.holder, now, self._lease_s, GROUPS_PER_ROUND)
-        sent = 0
-        if groups:
-            await self._refresh_meters(now)
-            try:
-                if self.config.mode == "v1":
-                    sent = await self._send_v1(groups)
-                else:
-                    sent = await self._send_v2(groups)
-            finally:
-                await self.outbox.release(self.holder, groups)
-        if self.config.mode == "v2":
-            await self._error_reports(now)
-        await self._export()
+        try:
+            created = await self.outbox.plan(now, now - PLAN_HORIZON)
+            if created:
+                log.debug("planned %d Stripe report rows", len(created))
+            groups = await self.outbox.lease(self.holder, now, self._lease_s, GROUPS_PER_ROUND)
+            sent = 0
+            if groups:
+                try:
+                    await self._refresh_meters(now)
+                    if self.config.mode == "v1":
+                        sent = await self._send_v1(groups)
+                    else:
+                        sent = await self._send_v2(groups)
+                finally:
+                    await self.outbox.release(self.holder, groups)
+            if self.config.mode == "v2":
+                await self._error_reports(now)
+        finally:
+            # Above all when Stripe is down: the stuck-outbox alert reads these.
+            await self._export()
         return sent
 
     async def _refresh_meters(self, now: datetime) -> None:
@@ -318,6 +330,9 @@ class Reporter:
         stats = await self.outbox.pending()
         self.metrics.pending_rows.set(stats.rows)
         self.metrics.pending_quantity.set(stats.quantity)
-        age = (self._clock() - stats.oldest).total_seconds() if stats.oldest else 0.0
-        self.metrics.oldest_pending.set(max(0.0, age))
+        self._oldest_pending = stats.oldest
         self.metrics.rejected_rows.set((await self.outbox.counts()).get(REJECTED, 0))
+
+    def _oldest_age(self) -> float:
+        oldest = self._oldest_pending
+        return max(0.0, (self._clock() - oldest).total_seconds()) if oldest else 0.0
