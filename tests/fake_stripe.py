@@ -14,12 +14,13 @@ Its clock can be moved forward, and a share of calls can be made to fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -97,6 +98,10 @@ class FakeStripe:
         self.failures = Failures()
         self.calls: dict[str, int] = {}
         self.broken: set[str] = set()  # calls ("GET /v1/billing/meters") that answer 500
+        # Each send is held this long, so that two sends that overlap are seen to.
+        self.latency_s = 0.0
+        self.in_flight: dict[tuple[str, ...], int] = {}  # (identifier,), (customer, event name)
+        self.max_in_flight = 0
         self.on_commit: Callable[[MeterEvent], None] | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -142,6 +147,28 @@ class FakeStripe:
 
     def remove_event(self, identifier: str) -> None:
         del self.events[identifier]
+
+    @contextlib.asynccontextmanager
+    async def _sending(self, events: list[dict[str, Any]]) -> AsyncIterator[None]:
+        """Count the request's events in flight, per identifier and per customer and meter."""
+        keys: list[tuple[str, ...]] = []
+        for event in events:
+            meter = next(
+                (m for m in self.meters.values() if m["event_name"] == event["event_name"]), None
+            )
+            customer_key = meter["customer_mapping"]["event_payload_key"] if meter else ""
+            customer = str(event["payload"].get(customer_key, ""))
+            keys += [(str(event.get("identifier", "")),), (customer, event["event_name"])]
+        for key in keys:
+            self.in_flight[key] = self.in_flight.get(key, 0) + 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight[key])
+        try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            yield
+        finally:
+            for key in keys:
+                self.in_flight[key] -= 1
 
     # --- the server ---------------------------------------------------------------------
 
@@ -285,13 +312,20 @@ class FakeStripe:
             )
         payload = _nested(form, "payload")
         self.values_sent.setdefault(identifier, set()).add(payload.get("value", ""))
+        event = {"identifier": identifier, "event_name": event_name, "payload": payload}
+        async with self._sending([event]):
+            return await self._v1_commit(identifier, event_name, payload, int(form["timestamp"]))
+
+    async def _v1_commit(
+        self, identifier: str, event_name: str, payload: dict[str, str], timestamp: int
+    ) -> web.Response:
         kind, failure = await self._fail()
         if failure is not None:
             return failure
-        refusal = self._validate(event_name, payload, int(form["timestamp"]))
+        refusal = self._validate(event_name, payload, timestamp)
         if refusal is not None:
             return _error(400, "invalid_request_error", refusal)
-        if not self._record(identifier, event_name, payload, int(form["timestamp"])):
+        if not self._record(identifier, event_name, payload, timestamp):
             return _error(
                 400, "invalid_request_error",
                 f"An event already exists with identifier {identifier}.",
@@ -301,7 +335,7 @@ class FakeStripe:
         return web.json_response({
             "object": "billing.meter_event", "created": int(self.now()), "event_name": event_name,
             "identifier": identifier, "livemode": False, "payload": payload,
-            "timestamp": int(form["timestamp"]),
+            "timestamp": timestamp,
         })  # fmt: skip
 
     async def _v2_session(self, request: web.Request) -> web.Response:
@@ -337,6 +371,10 @@ class FakeStripe:
                 return _error(400, "invalid_request_error", "malformed event")
             value = str(event["payload"].get("value", ""))
             self.values_sent.setdefault(event.get("identifier", ""), set()).add(value)
+        async with self._sending(events):
+            return await self._v2_accept(events)
+
+    async def _v2_accept(self, events: list[dict[str, Any]]) -> web.Response:
         kind, failure = await self._fail()
         if failure is not None:
             return failure

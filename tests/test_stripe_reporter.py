@@ -221,9 +221,13 @@ async def test_a_send_stripe_has_forgotten_is_resent_only_when_its_summary_lacks
         await rep.api.close()
 
 
-async def test_two_reporters_never_send_one_row_twice(ledger: Ledger, fake: FakeStripe) -> None:
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+async def test_two_reporters_never_send_one_row_twice(
+    ledger: Ledger, fake: FakeStripe, mode: str
+) -> None:
     tenants = await add_tenants(ledger, fake, 20)
-    config = stripe_config(fake)
+    config = stripe_config(fake, mode)
+    fake.latency_s = 0.02  # long enough for a second send of a row to overlap the first
     first, second = reporter(ledger, fake, config, "w1"), reporter(ledger, fake, config, "w2")
     seen: list[str] = []
     fake.on_commit = lambda event: seen.append(event.identifier)
@@ -235,6 +239,8 @@ async def test_two_reporters_never_send_one_row_twice(ledger: Ledger, fake: Fake
             await asyncio.gather(until_settled(first), until_settled(second))
         assert len(seen) == len(set(seen)) == 40
         assert set(fake.totals().values()) == {3}
+        # Never two requests at once for one row, or for one customer and meter.
+        assert fake.max_in_flight == 1
     finally:
         await first.api.close()
         await second.api.close()
