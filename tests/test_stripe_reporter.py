@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.billing.outbox import Outbox
-from gateway.billing.reporter import Reporter, StripeMetrics
+from gateway.billing.reporter import PLAN_HORIZON, Reporter, StripeMetrics
 from gateway.billing.rules import event_time, report_identifier, summary_window
 from gateway.billing.stripe_api import SendFailure, StripeAPI
 from gateway.clock import to_us
@@ -21,6 +21,7 @@ from gateway.ledger.events import UsageEvent
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.periods import period_of
+from tests.conftest import PgLedger
 from tests.fake_stripe import API_KEY, FakeStripe
 
 METERS = {"api_calls": MeterConfig(type="counter"), "tokens": MeterConfig(type="counter")}
@@ -221,14 +222,15 @@ async def test_a_send_stripe_has_forgotten_is_resent_only_when_its_summary_lacks
         await rep.api.close()
 
 
+@pytest.mark.parametrize("names", [("w1", "w2"), ("w1", "w1")])
 @pytest.mark.parametrize("mode", ["v1", "v2"])
 async def test_two_reporters_never_send_one_row_twice(
-    ledger: Ledger, fake: FakeStripe, mode: str
+    ledger: Ledger, fake: FakeStripe, mode: str, names: tuple[str, str]
 ) -> None:
     tenants = await add_tenants(ledger, fake, 20)
     config = stripe_config(fake, mode)
     fake.latency_s = 0.02  # long enough for a second send of a row to overlap the first
-    first, second = reporter(ledger, fake, config, "w1"), reporter(ledger, fake, config, "w2")
+    first, second = (reporter(ledger, fake, config, name) for name in names)
     seen: list[str] = []
     fake.on_commit = lambda event: seen.append(event.identifier)
     now = datetime.now(UTC)
@@ -290,3 +292,47 @@ async def test_a_failing_round_still_exports_the_outbox_gauges(
         assert gauge(rep.metrics.oldest_pending) >= 7200
     finally:
         await rep.api.close()
+
+
+async def test_two_reporters_given_one_name_never_hold_one_lease(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 3)
+    now = datetime.now(UTC)
+    for tenant in tenants:
+        await charge(ledger, tenant, "api_calls", 1, now)
+    config = stripe_config(fake)
+    first, second = (
+        reporter(ledger, fake, config, "host-a"),
+        reporter(ledger, fake, config, "host-a"),
+    )
+    try:
+        assert first.holder != second.holder
+        await first.outbox.plan(now, now - PLAN_HORIZON)
+        held = await first.outbox.lease(first.holder, now, 60, 100)
+        assert len(held) == 3
+        assert await second.outbox.lease(second.holder, now, 60, 100) == []
+        assert not await second.outbox.renew(second.holder, held[0], now, 60)
+    finally:
+        await first.api.close()
+        await second.api.close()
+
+
+async def test_a_reporter_whose_clock_runs_ahead_takes_no_lease_over(
+    pg_ledger: PgLedger, fake: FakeStripe
+) -> None:
+    _, ledger = pg_ledger
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    now = datetime.now(UTC)
+    await charge(ledger, tenant, "api_calls", 1, now)
+    config = stripe_config(fake)
+    first, second = reporter(ledger, fake, config, "w1"), reporter(ledger, fake, config, "w2")
+    try:
+        await first.outbox.plan(now, now - PLAN_HORIZON)
+        assert len(await first.outbox.lease(first.holder, now, 60, 100)) == 1
+        # Another machine two hours ahead: by its clock the lease ran out long ago.
+        ahead = now + timedelta(hours=2)
+        assert await second.outbox.lease(second.holder, ahead, 60, 100) == []
+    finally:
+        await first.api.close()
+        await second.api.close()

@@ -70,11 +70,18 @@ _DUE_GROUPS = """
     LIMIT $2
 """
 _LEASE = """
-    INSERT INTO stripe_leases (tenant_id, meter, holder, until) VALUES ($1, $2, $3, $4)
+    INSERT INTO stripe_leases (tenant_id, meter, holder, until) VALUES ($1, $2, $3, {until})
     ON CONFLICT (tenant_id, meter) DO UPDATE SET holder = excluded.holder, until = excluded.until
-    WHERE stripe_leases.until < $5 OR stripe_leases.holder = excluded.holder
+    WHERE stripe_leases.until < {now} OR stripe_leases.holder = excluded.holder
     RETURNING tenant_id
 """
+# Workers on several machines share a PostgreSQL ledger: its clock, not theirs, decides
+# when a lease has run out, so that a worker whose clock runs ahead takes none over.
+_LEASE_BY_DB_CLOCK = _LEASE.format(
+    until="clock_timestamp() + make_interval(secs => $4)", now="clock_timestamp()"
+)
+# SQLite is a file on one machine: the workers that share it share its clock.
+_LEASE_BY_OWN_CLOCK = _LEASE.format(until="$4", now="$5")
 _RELEASE = "DELETE FROM stripe_leases WHERE tenant_id = $1 AND meter = $2 AND holder = $3"
 _GROUP_ROWS = f"""
     SELECT {_ROW_COLUMNS} FROM stripe_outbox
@@ -261,20 +268,23 @@ class Outbox:
     ) -> list[tuple[str, str]]:
         """(tenant, meter) groups with rows due, now leased to `holder`."""
         due = await self.db.fetch(_DUE_GROUPS, utc(now), limit)
-        until = utc(now + timedelta(seconds=lease_s))
         held = []
         for group in due:
             key = (group["tenant_id"], group["meter"])
-            if await self.db.fetchval(_LEASE, *key, holder, until, utc(now)) is not None:
+            if await self.renew(holder, key, now, lease_s):
                 held.append(key)
         return held
 
     async def renew(
         self, holder: str, group: tuple[str, str], now: datetime, lease_s: float
     ) -> bool:
-        """Extend a lease this holder has; False if another holder took it over."""
-        until = utc(now + timedelta(seconds=lease_s))
-        return await self.db.fetchval(_LEASE, *group, holder, until, utc(now)) is not None
+        """Take or extend the group's lease; False while another holder has it."""
+        if self.db.dialect == "postgresql":
+            taken = await self.db.fetchval(_LEASE_BY_DB_CLOCK, *group, holder, float(lease_s))
+        else:
+            until = utc(now + timedelta(seconds=lease_s))
+            taken = await self.db.fetchval(_LEASE_BY_OWN_CLOCK, *group, holder, until, utc(now))
+        return taken is not None
 
     async def release(self, holder: str, groups: Iterable[tuple[str, str]]) -> None:
         for group in groups:

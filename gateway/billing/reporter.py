@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
+import secrets
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -96,8 +99,17 @@ class StripeMetrics:
         )
 
 
+def unique_holder(name: str) -> str:
+    """A lease holder no other process has: two workers may be given one consumer name
+    (the hostname by default, and one for every embedded `serve` process)."""
+    host = socket.gethostname()
+    where = name if name == host else f"{name}@{host}"
+    return f"{where}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class Reporter:
-    """One sender among possibly several worker processes (`holder` names it)."""
+    """One sender among possibly several worker processes (`name` says which; each
+    reporter holds leases under a name of its own)."""
 
     def __init__(
         self,
@@ -105,7 +117,7 @@ class Reporter:
         outbox: Outbox,
         api: StripeAPI,
         metrics: StripeMetrics,
-        holder: str,
+        name: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -113,7 +125,7 @@ class Reporter:
         self.outbox = outbox
         self.api = api
         self.metrics = metrics
-        self.holder = holder
+        self.holder = unique_holder(name)
         self._clock = clock
         self._jitter = jitter
         self._lease_s = max(60.0, 6 * config.timeout_s)
