@@ -14,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import stripe
 
 from gateway.auth.jwt import mint
+from gateway.invalidation import CHANNEL
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
 from tests.fake_stripe import API_KEY, FakeStripe
@@ -233,6 +235,35 @@ async def test_only_the_tenants_own_subscription_and_its_invoices_move_it(
         "applied"
     )
     assert await state() == ("active", "pro", "sub_2")
+
+
+@pytest.mark.usefixtures("env")
+async def test_a_change_not_announced_is_answered_503_and_announced_on_the_retry(
+    upstream: Upstream, fake: FakeStripe, make_gateway: MakeGateway, redis_server: RedisServer
+) -> None:
+    data = config(upstream, fake.url, counters=redis_server.url, ledger="sqlite:///:memory:")
+    gw = await make_gateway(data)
+    event = subscription_event("evt_p", int(time.time()), "past_due")
+    redis_server.stop()  # the bus is down: the other processes cannot be told
+    status, answer = await post(gw.port, *signed(event))
+    assert status == 503, answer
+    assert (await tenant(gw))["status"] == "past_due"  # applied all the same
+    redis_server.start()
+    listener = aioredis.Redis.from_url(redis_server.url)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(CHANNEL)
+        status, answer = await post(gw.port, *signed(event))  # Stripe's retry
+        assert (status, answer["result"]) == (200, "duplicate"), answer
+        deadline = time.monotonic() + 10
+        message = None
+        while message is None:  # a skipped subscribe confirmation reads as None too
+            assert time.monotonic() < deadline, "the retry was not announced"
+            message = await pubsub.get_message(timeout=1)
+        assert message["data"] == b"tenant:acme"
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await listener.aclose()
 
 
 @pytest.mark.usefixtures("env")

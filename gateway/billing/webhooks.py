@@ -218,8 +218,11 @@ class Webhooks:
             self.metrics.received.labels(label, "error").inc()
             raise WebhookError(503, f"Stripe lookup failed ({exc.kind}); retry") from None
         self.metrics.received.labels(label, result).inc()
-        if tenant is not None and result == "applied":
-            await self.bus.publish("tenant", tenant)
+        # A duplicate is announced again: its first delivery may have been applied and then
+        # not announced, and answered 503 so that Stripe retries it (announcing is idempotent).
+        if tenant is not None and result in ("applied", "duplicate"):
+            if not await self.bus.publish("tenant", tenant):
+                raise WebhookError(503, "applied, but not announced to every process; retry")
         log.info("Stripe webhook %s %s: %s%s", event["id"], kind, result,
                  f" (tenant {tenant})" if tenant else "")  # fmt: skip
         return {"received": True, "result": result, "tenant": tenant}
