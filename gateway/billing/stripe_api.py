@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
-from stripe._base_address import BaseAddresses
 
 from gateway.billing.outbox import OutboxRow
 from gateway.config.models import StripeConfig
@@ -91,16 +90,15 @@ class StripeAPI:
 
     def __init__(self, config: StripeConfig, api_key: str) -> None:
         self.config = config
-        addresses: BaseAddresses = {}
-        if config.api_base:
-            addresses["api"] = config.api_base
-        if config.meter_events_base or config.api_base:
-            addresses["meter_events"] = config.meter_events_base or config.api_base
+        meter_events = config.meter_events_base or config.api_base
         self._http = stripe.AIOHTTPClient(timeout=config.timeout_s)
         self.client = stripe.StripeClient(
             api_key,
             stripe_version=STRIPE_API_VERSION,
-            base_addresses=addresses,
+            base_addresses={
+                "api": config.api_base or stripe.DEFAULT_API_BASE,
+                "meter_events": meter_events or stripe.DEFAULT_METER_EVENTS_API_BASE,
+            },
             max_network_retries=0,
             http_client=self._http,
         )
