@@ -6,7 +6,8 @@ and customers that do not exist, values that are not whole numbers,
 timestamps outside 35 days back / 5 minutes ahead, an identifier seen within
 24 hours (v1: a 400; the v2 stream: dropped), more than 100 events a stream
 request, an expired v2 session. The v2 stream validates after answering:
-its refusals surface as `v1.billing.meter.error_report_triggered` events.
+its refusals surface as `v1.billing.meter.error_report_triggered` events,
+one per meter and request, grouped by code, naming only a few samples.
 Its clock can be moved forward, and a share of calls can be made to fail
 (429, 500, or a hang past the client's timeout, before or after recording).
 """
@@ -102,6 +103,7 @@ class FakeStripe:
         self.latency_s = 0.0
         self.in_flight: dict[tuple[str, ...], int] = {}  # (identifier,), (customer, event name)
         self.max_in_flight = 0
+        self.error_samples = 3  # refusals an error report names, per code (the rest: counted)
         self.on_commit: Callable[[MeterEvent], None] | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -390,6 +392,9 @@ class FakeStripe:
 
     async def _validate_later(self, events: list[dict[str, Any]]) -> None:
         await asyncio.sleep(0)
+        started = self.now()
+        # meter id -> code -> (message, identifier) of each refusal
+        refused: dict[str, dict[str, list[tuple[str, str]]]] = {}
         for event in events:
             ts = int(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp())
             refusal = self._validate(event["event_name"], event["payload"], ts)
@@ -400,19 +405,28 @@ class FakeStripe:
                 (m for m in self.meters.values() if m["event_name"] == event["event_name"]), None
             )
             code, _, message = refusal.partition(": ")
+            by_code = refused.setdefault(meter["id"] if meter else "", {})
+            by_code.setdefault(code, []).append((message, event["identifier"]))
+        # As Stripe does: one report per meter, errors grouped by code, only samples named.
+        for meter_id, by_code in refused.items():
             self.core_events.append({
                 "id": "evt_" + secrets.token_hex(8), "object": "v2.core.event",
                 "type": ERROR_REPORT_EVENT, "created": _iso(self.now()), "livemode": False,
-                "related_object": {"id": meter["id"] if meter else "", "type": "billing.meter",
+                "related_object": {"id": meter_id, "type": "billing.meter",
                                    "url": "/v1/billing/meters"},
                 "data": {
-                    "developer_message_summary": message,
-                    "reason": {"error_count": 1, "error_types": [{
-                        "code": code, "error_count": 1,
-                        "sample_errors": [{"error_message": message,
-                                           "request": {"identifier": event["identifier"]}}],
-                    }]},
-                    "validation_start": _iso(self.now()), "validation_end": _iso(self.now()),
+                    "developer_message_summary": next(iter(by_code.values()))[0][0],
+                    "reason": {
+                        "error_count": sum(len(errors) for errors in by_code.values()),
+                        "error_types": [{
+                            "code": code, "error_count": len(errors),
+                            "sample_errors": [
+                                {"error_message": message, "request": {"identifier": identifier}}
+                                for message, identifier in errors[: self.error_samples]
+                            ],
+                        } for code, errors in by_code.items()],
+                    },
+                    "validation_start": _iso(started), "validation_end": _iso(self.now()),
                 },
             })  # fmt: skip
 

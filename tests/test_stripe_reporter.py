@@ -336,3 +336,37 @@ async def test_a_reporter_whose_clock_runs_ahead_takes_no_lease_over(
     finally:
         await first.api.close()
         await second.api.close()
+
+
+async def test_refusals_an_error_report_does_not_name_are_found_by_summary_and_resent(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 5)
+    gone = {t: fake.customers.pop(f"cus_{t}") for t in tenants[:3]}
+    fake.error_samples = 1  # Stripe names one of the three refusals
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    start = period_of("billing_cycle", now).start
+    try:
+        for tenant in tenants:
+            await charge(ledger, tenant, "api_calls", 4, now)
+        await rep.round()
+        await asyncio.sleep(0.05)  # validated after the answer
+        (report,) = fake.core_events
+        assert report["data"]["reason"]["error_count"] == 3
+        ((sample,),) = (t["sample_errors"] for t in report["data"]["reason"]["error_types"])
+        (named,) = (t for t in gone if report_identifier(t, "api_calls", start, 1)
+                    == sample["request"]["identifier"])  # fmt: skip
+        # One unnamed refusal's customer exists now (created late, say); the other's never.
+        late, never = (t for t in gone if t != named)
+        fake.customers[f"cus_{late}"] = gone[late]
+        for _ in range(3):
+            await until_settled(rep)
+            await asyncio.sleep(0.05)
+        assert await rep.outbox.counts() == {"sent": 3, "rejected": 2}
+        assert fake.totals() == {
+            (f"cus_{t}", "api_calls"): 4 for t in tenants if t not in (named, never)
+        }
+        assert rep.metrics.failures.labels("async_rejected")._value.get() == 2
+    finally:
+        await rep.api.close()

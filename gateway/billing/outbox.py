@@ -106,7 +106,16 @@ _REJECT_SENT = """
     WHERE identifier = $1 AND state = 'sent'
     RETURNING identifier
 """
-_SENT_BEFORE = """
+_SENT_BETWEEN = f"""
+    SELECT {_ROW_COLUMNS} FROM stripe_outbox
+    WHERE event_name = $1 AND state = 'sent' AND sent_at >= $2 AND sent_at <= $3
+    ORDER BY tenant_id, meter, period_start, seq
+"""
+_REOPEN = """
+    UPDATE stripe_outbox SET state = 'pending', next_attempt_at = $2, last_error = $3
+    WHERE identifier = $1 AND state = 'sent'
+"""
+_SENT_TOTAL = """
     SELECT coalesce(sum(quantity), 0) FROM stripe_outbox
     WHERE tenant_id = $1 AND meter = $2 AND period_start = $3 AND state = 'sent'
 """
@@ -316,9 +325,23 @@ class Outbox:
         """A sent row that Stripe refused later (the v2 stream validates asynchronously)."""
         return await self.db.fetchval(_REJECT_SENT, identifier, error[:500]) is not None
 
-    async def sent_before(self, row: OutboxRow) -> int:
+    async def sent_between(
+        self, event_name: str, start: datetime, end: datetime
+    ) -> list[OutboxRow]:
+        """Rows of a Stripe meter marked sent between `start` and `end`."""
+        return [
+            _row(r) for r in await self.db.fetch(_SENT_BETWEEN, event_name, utc(start), utc(end))
+        ]
+
+    async def reopen(self, identifiers: Sequence[str], now: datetime, error: str) -> None:
+        """Sent rows that Stripe may not hold after all: pending again, due now."""
+        async with self.db.transaction() as tx:
+            for identifier in identifiers:
+                await tx.execute(_REOPEN, identifier, utc(now), error[:500])
+
+    async def sent_total(self, row: OutboxRow) -> int:
         """What the row's tenant, meter and period have had marked sent."""
-        value = await self.db.fetchval(_SENT_BEFORE, row.tenant, row.meter, utc(row.period_start))
+        value = await self.db.fetchval(_SENT_TOTAL, row.tenant, row.meter, utc(row.period_start))
         return int(value or 0)
 
     async def pending(self) -> PendingStats:

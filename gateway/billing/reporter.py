@@ -34,7 +34,7 @@ from gateway.billing.rules import (
     sendable,
     summary_window,
 )
-from gateway.billing.stripe_api import Meter, SendFailure, StripeAPI
+from gateway.billing.stripe_api import ErrorReports, Meter, SendFailure, StripeAPI
 from gateway.config.models import StripeConfig
 from gateway.ledger.db import LedgerUnavailable
 
@@ -45,6 +45,10 @@ V1_CONCURRENCY = 8  # groups sent at once (each group one call at a time)
 METERS_REFRESH_S = 300.0
 MISSING_METER_RETRY_S = 300.0
 AMBIGUOUS_RETRY_S = 3600.0
+# Rows sent this long before an error report's validation window (and after it) may be
+# among its refusals: Stripe validates shortly after accepting, on its own clock.
+RECHECK_BEFORE = timedelta(hours=1)
+RECHECK_AFTER = timedelta(minutes=5)
 # Periods older than this cannot take a report any more (35 days + the longest period).
 PLAN_HORIZON = STRIPE_PAST + timedelta(days=31)
 
@@ -132,6 +136,7 @@ class Reporter:
         self._meters: dict[str, Meter] = {}
         self._meters_at = datetime.min.replace(tzinfo=UTC)
         self._errors_since: datetime | None = None
+        self._reports_seen: dict[str, datetime] = {}  # error report id -> when handled
         self._oldest_pending: datetime | None = None
         # Aged when scraped: with the ledger down too, the gauge still grows.
         metrics.oldest_pending.set_function(self._oldest_age)
@@ -278,9 +283,8 @@ class Reporter:
     ) -> Literal["arrived", "missing", "unclear"]:
         """For a row whose first send Stripe may have forgotten, what its summary shows:
         `arrived` (now marked sent), `missing` (send again) or `unclear` (held back)."""
-        start, end = summary_window(row.period_start, row.period_end)
-        held = await self.api.summary(meter, row.customer, start, end)
-        before = await self.outbox.sent_before(row)
+        held = await self._held(meter, row)
+        before = await self.outbox.sent_total(row)
         if held == before + row.quantity:
             await self.outbox.finish([row.identifier], SENT, now)
             log.info("Stripe report %s found in Stripe's summary; marked sent", row.identifier)
@@ -295,6 +299,11 @@ class Reporter:
         log.error("Stripe report %s: summary %d is neither %d nor %d; holding it",
                   row.identifier, held, before, before + row.quantity)  # fmt: skip
         return "unclear"
+
+    async def _held(self, meter: Meter, row: OutboxRow) -> int:
+        """What Stripe's summary holds for the row's customer, meter and period."""
+        start, end = summary_window(row.period_start, row.period_end)
+        return await self.api.summary(meter, row.customer, start, end)
 
     async def _deliver(
         self, rows: Sequence[OutboxRow], send: Callable[[], Awaitable[bool | None]]
@@ -329,14 +338,43 @@ class Reporter:
             m for m in self._meters.values() if m.event_name in self.config.meter_events.values()
         }
         for meter in used:
-            for report in await self.api.error_reports(meter, since - timedelta(minutes=1)):
+            found = await self.api.error_reports(meter, since - timedelta(minutes=1))
+            # Each report once (they are asked for with some overlap): a recheck of an old
+            # one would reopen a resent row before a newer report could name it.
+            fresh = [r for r in found if r.id not in self._reports_seen]
+            for report in (sample for reports in fresh for sample in reports.samples):
                 if await self.outbox.reject_sent(
                     report.identifier, f"{report.code}: {report.message}"
                 ):
                     self.metrics.failures.labels("async_rejected").inc()
                     log.error("Stripe refused report %s after accepting it: %s %s",
                               report.identifier, report.code, report.message)  # fmt: skip
+            for reports in fresh:
+                if reports.unnamed > 0:
+                    await self._recheck(meter, reports, now)
+                self._reports_seen[reports.id] = now
         self._errors_since = now
+        horizon = now - timedelta(minutes=10)
+        self._reports_seen = {k: at for k, at in self._reports_seen.items() if at > horizon}
+
+    async def _recheck(self, meter: Meter, reports: ErrorReports, now: datetime) -> None:
+        """Refusals Stripe counted without naming them: the groups of the rows sent around
+        the report whose summary falls short of what is marked sent go out again (Stripe
+        drops a resend of what it holds: they were all first sent within its dedupe window)."""
+        sent = await self.outbox.sent_between(
+            meter.event_name, reports.start - RECHECK_BEFORE, reports.end + RECHECK_AFTER
+        )
+        groups: dict[tuple[str, str, datetime], list[OutboxRow]] = {}
+        for row in sent:
+            groups.setdefault((row.tenant, row.meter, row.period_start), []).append(row)
+        for rows in groups.values():
+            held, total = await self._held(meter, rows[0]), await self.outbox.sent_total(rows[0])
+            if held >= total:
+                continue
+            ids = [row.identifier for row in rows]
+            await self.outbox.reopen(ids, now, f"Stripe holds {held} of {total} sent: resent")
+            log.warning("Stripe holds %d of the %d sent for %s %s; resending %d report(s)",
+                        held, total, rows[0].tenant, rows[0].meter, len(ids))  # fmt: skip
 
     async def _export(self) -> None:
         stats = await self.outbox.pending()

@@ -79,6 +79,22 @@ class ErrorReport:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorReports:
+    """One error report of a meter: Stripe groups refusals by code and names only
+    samples of each; `count` is every refusal validated between `start` and `end`."""
+
+    id: str
+    samples: list[ErrorReport]
+    count: int
+    start: datetime
+    end: datetime
+
+    @property
+    def unnamed(self) -> int:
+        return self.count - len({sample.identifier for sample in self.samples})
+
+
 def _at(value: Any) -> datetime:
     if isinstance(value, int | float):
         return datetime.fromtimestamp(value, UTC)
@@ -187,8 +203,8 @@ class StripeAPI:
                     raise
                 self._session_token = None  # renewed once, then the send is retried
 
-    async def error_reports(self, meter: Meter, since: datetime) -> list[ErrorReport]:
-        """The identifiers the stream refused after accepting them, since `since`."""
+    async def error_reports(self, meter: Meter, since: datetime) -> list[ErrorReports]:
+        """What the stream refused after accepting it, reported since `since`."""
         params: Any = {
             "object_id": meter.id,
             "types": [ERROR_REPORT_EVENT],
@@ -198,13 +214,14 @@ class StripeAPI:
         page = await self._call(self.client.v2.core.events.list_async(params))
         reports = []
         async for event in page.auto_paging_iter():
-            for error_type in event.data.reason.error_types:
-                for sample in error_type.sample_errors:
-                    reports.append(
-                        ErrorReport(
-                            sample.request.identifier, error_type.code, sample.error_message
-                        )
-                    )
+            reason = event.data.reason
+            samples = [
+                ErrorReport(sample.request.identifier, error_type.code, sample.error_message)
+                for error_type in reason.error_types
+                for sample in error_type.sample_errors
+            ]
+            start, end = _at(event.data.validation_start), _at(event.data.validation_end)
+            reports.append(ErrorReports(event.id, samples, int(reason.error_count), start, end))
         return reports
 
     async def summary(self, meter: Meter, customer: str, start: datetime, end: datetime) -> int:
