@@ -104,6 +104,9 @@ class FakeStripe:
         self.in_flight: dict[tuple[str, ...], int] = {}  # (identifier,), (customer, event name)
         self.max_in_flight = 0
         self.error_samples = 3  # refusals an error report names, per code (the rest: counted)
+        # Customers whose events make the stream refuse the whole request at once (a 400),
+        # as it does an event it cannot parse.
+        self.stream_refuses: set[str] = set()
         self.on_commit: Callable[[MeterEvent], None] | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -150,16 +153,19 @@ class FakeStripe:
     def remove_event(self, identifier: str) -> None:
         del self.events[identifier]
 
+    def _customer_of(self, event: dict[str, Any]) -> str:
+        meter = next(
+            (m for m in self.meters.values() if m["event_name"] == event["event_name"]), None
+        )
+        customer_key = meter["customer_mapping"]["event_payload_key"] if meter else ""
+        return str(event["payload"].get(customer_key, ""))
+
     @contextlib.asynccontextmanager
     async def _sending(self, events: list[dict[str, Any]]) -> AsyncIterator[None]:
         """Count the request's events in flight, per identifier and per customer and meter."""
         keys: list[tuple[str, ...]] = []
         for event in events:
-            meter = next(
-                (m for m in self.meters.values() if m["event_name"] == event["event_name"]), None
-            )
-            customer_key = meter["customer_mapping"]["event_payload_key"] if meter else ""
-            customer = str(event["payload"].get(customer_key, ""))
+            customer = self._customer_of(event)
             keys += [(str(event.get("identifier", "")),), (customer, event["event_name"])]
         for key in keys:
             self.in_flight[key] = self.in_flight.get(key, 0) + 1
@@ -373,6 +379,9 @@ class FakeStripe:
                 return _error(400, "invalid_request_error", "malformed event")
             value = str(event["payload"].get("value", ""))
             self.values_sent.setdefault(event.get("identifier", ""), set()).add(value)
+        for i, event in enumerate(events):
+            if self._customer_of(event) in self.stream_refuses:
+                return _error(400, "invalid_request_error", f"events[{i}]: invalid event")
         async with self._sending(events):
             return await self._v2_accept(events)
 

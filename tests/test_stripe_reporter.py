@@ -370,3 +370,22 @@ async def test_refusals_an_error_report_does_not_name_are_found_by_summary_and_r
         assert rep.metrics.failures.labels("async_rejected")._value.get() == 2
     finally:
         await rep.api.close()
+
+
+async def test_a_stream_request_refused_for_one_row_rejects_only_that_row(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 8)
+    fake.stream_refuses.add("cus_t5")
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    try:
+        for tenant in tenants:
+            await charge(ledger, tenant, "api_calls", 2, now)
+        await until_settled(rep)
+        await asyncio.sleep(0.05)
+        assert await rep.outbox.counts() == {"sent": 7, "rejected": 1}
+        assert fake.totals() == {(f"cus_{t}", "api_calls"): 2 for t in tenants if t != "t5"}
+        assert rep.metrics.failures.labels("rejected")._value.get() == 1
+    finally:
+        await rep.api.close()

@@ -239,13 +239,23 @@ class Reporter:
                     break
             if not heads:
                 break
-            send = functools.partial(self.api.send_v2, heads, dict(self._meters))
-            if not await self._deliver(heads, send):
-                failed = {(r.tenant, r.meter) for r in heads}
+            held = await self._deliver_v2(heads)
+            if held:
+                failed = {(r.tenant, r.meter) for r in held}
                 queues = {g: rows for g, rows in queues.items() if g not in failed}
-                continue
-            done += len(heads)
+            done += len(heads) - len(held)
         return done
+
+    async def _deliver_v2(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        """Send rows on the stream; those held back to retry. A request refused for good
+        is halved until the row refused is alone: one bad row (of up to a hundred
+        customers) is rejected, not its neighbours."""
+        send = functools.partial(self.api.send_v2, rows, dict(self._meters))
+        outcome = await self._deliver(rows, send, divisible=len(rows) > 1)
+        if outcome is None:
+            half = len(rows) // 2
+            return await self._deliver_v2(rows[:half]) + await self._deliver_v2(rows[half:])
+        return [] if outcome else rows
 
     async def _ready(self, row: OutboxRow, group: tuple[str, str]) -> Meter | str | None:
         """The meter to send `row` with; a string when the row is settled without a send;
@@ -306,17 +316,26 @@ class Reporter:
         return await self.api.summary(meter, row.customer, start, end)
 
     async def _deliver(
-        self, rows: Sequence[OutboxRow], send: Callable[[], Awaitable[bool | None]]
-    ) -> bool:
-        """Count the attempt, send, then mark; True when Stripe has the rows."""
+        self,
+        rows: Sequence[OutboxRow],
+        send: Callable[[], Awaitable[bool | None]],
+        divisible: bool = False,
+    ) -> bool | None:
+        """Count the attempt, send, then mark; True when Stripe has the rows (or refused
+        them for good), False when they wait for a retry, None when Stripe refused the
+        request and it is `divisible` (the caller sends its rows in smaller parts)."""
         now = self._clock()
         for row in rows:
             await self.outbox.attempt(row.identifier, now)
         try:
             new = await send()
         except SendFailure as failure:
-            self.metrics.failures.labels(failure.kind).inc()
             ids = [row.identifier for row in rows]
+            if not failure.retryable and divisible:
+                log.info("Stripe refused %d reports at once (%s); sending them in parts",
+                         len(ids), failure)  # fmt: skip
+                return None
+            self.metrics.failures.labels(failure.kind).inc()
             if not failure.retryable:
                 await self.outbox.finish(ids, REJECTED, self._clock(), str(failure)[:500])
                 log.error("Stripe refused %d report(s) (%s): %s", len(ids), ids[0], failure)
