@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.billing.outbox import Outbox
-from gateway.billing.reporter import PLAN_HORIZON, Reporter, StripeMetrics
+from gateway.billing.reporter import FAILURE_KINDS, PLAN_HORIZON, Reporter, StripeMetrics
 from gateway.billing.rules import event_time, report_identifier, summary_window
 from gateway.billing.stripe_api import SendFailure, StripeAPI
 from gateway.clock import to_us
@@ -387,5 +387,70 @@ async def test_a_stream_request_refused_for_one_row_rejects_only_that_row(
         assert await rep.outbox.counts() == {"sent": 7, "rejected": 1}
         assert fake.totals() == {(f"cus_{t}", "api_calls"): 2 for t in tenants if t != "t5"}
         assert rep.metrics.failures.labels("rejected")._value.get() == 1
+    finally:
+        await rep.api.close()
+
+
+async def test_a_v2_session_stripe_expired_early_is_renewed_and_the_send_retried(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    fake.session_ttl_s = 90  # longer than the minute before expiry when the reporter renews
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    sessions, stream = "POST /v2/billing/meter_event_session", "POST /v2/billing/meter_event_stream"
+    try:
+        await charge(ledger, tenant, "api_calls", 1, now)
+        await until_settled(rep)
+        assert (fake.calls[sessions], fake.calls[stream]) == (1, 1)
+        fake.advance(100)  # by Stripe's clock the session is over; by ours it has 30 s left
+        await charge(ledger, tenant, "api_calls", 2, now)
+        await until_settled(rep)
+        assert (fake.calls[sessions], fake.calls[stream]) == (2, 3)  # refused, renewed, resent
+        await asyncio.sleep(0.05)
+        assert fake.totals() == {(f"cus_{tenant}", "api_calls"): 3}
+        assert sum(rep.metrics.failures.labels(k)._value.get() for k in FAILURE_KINDS) == 0
+    finally:
+        await rep.api.close()
+
+
+async def test_more_than_a_hundred_groups_go_out_in_stream_requests_of_a_hundred(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 130)
+    fake.session_ttl_s = 900
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    try:
+        for tenant in tenants:
+            await charge(ledger, tenant, "api_calls", 1, now)
+        assert await rep.round() == 130
+        assert fake.calls["POST /v2/billing/meter_event_stream"] == 2  # 100, then 30
+        await asyncio.sleep(0.05)
+        assert fake.totals() == {(f"cus_{t}", "api_calls"): 1 for t in tenants}
+    finally:
+        await rep.api.close()
+
+
+async def test_a_row_that_waited_past_35_days_expires_unsent(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    now = datetime.now(UTC)
+    await charge(ledger, tenant, "api_calls", 3, now)
+    fake.failures.rate, fake.failures.kinds = 1.0, ("500",)
+    clock = [now]
+    rep = reporter(ledger, fake, stripe_config(fake))
+    rep._clock = lambda: clock[0]
+    try:
+        await rep.round()
+        assert await rep.outbox.counts() == {"pending": 1}
+        fake.failures.rate = 0.0
+        clock[0] = now + timedelta(days=36)  # Stripe now refuses the row's timestamp
+        await rep.round()
+        assert await rep.outbox.counts() == {"expired": 1}
+        assert fake.events == {}
+        assert rep.metrics.failures.labels("expired")._value.get() == 1
+        assert gauge(rep.metrics.pending_rows) == 0
     finally:
         await rep.api.close()
