@@ -35,7 +35,10 @@ CHANGE_RETENTION = timedelta(hours=1)
 class Bus(Protocol):
     """Announces changes to every process, this one included."""
 
-    async def publish(self, kind: str, key: str) -> None: ...
+    async def publish(self, kind: str, key: str) -> bool:
+        """Tell every process; False when the others could not be told (they fall back on
+        their cache TTL)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -54,13 +57,15 @@ class LedgerBus:
         if directory is not None:
             self._task = asyncio.create_task(self._poll(directory), name="change-feed")
 
-    async def publish(self, kind: str, key: str) -> None:
+    async def publish(self, kind: str, key: str) -> bool:
         if self._directory is not None:
             self._directory.invalidate(kind, key)
         try:
             await self._ledger.record_change(kind, key, datetime.now(UTC))
         except LedgerUnavailable as exc:
             log.warning("could not record the change of %s %s: %s", kind, key, exc)
+            return False
+        return True
 
     async def _poll(self, directory: Directory) -> None:
         last = await self._ledger.latest_change()
@@ -106,14 +111,15 @@ class RedisBus:
             return False
         return True
 
-    async def publish(self, kind: str, key: str) -> None:
+    async def publish(self, kind: str, key: str) -> bool:
         if self._directory is not None:  # this process at once, whatever Redis does
             self._directory.invalidate(kind, key)
         try:
             await self._client.publish(CHANNEL, f"{kind}:{key}")
         except (RedisError, OSError) as exc:
-            # Other processes fall back on their cache TTL for this change.
             log.warning("could not announce the change of %s %s: %s", kind, key, exc)
+            return False
+        return True
 
     async def _listen(self, directory: Directory) -> None:
         first = True

@@ -6,7 +6,8 @@ and customers that do not exist, values that are not whole numbers,
 timestamps outside 35 days back / 5 minutes ahead, an identifier seen within
 24 hours (v1: a 400; the v2 stream: dropped), more than 100 events a stream
 request, an expired v2 session. The v2 stream validates after answering:
-its refusals surface as `v1.billing.meter.error_report_triggered` events.
+its refusals surface as `v1.billing.meter.error_report_triggered` events,
+one per meter and request, grouped by code, naming only a few samples.
 Its clock can be moved forward, and a share of calls can be made to fail
 (429, 500, or a hang past the client's timeout, before or after recording).
 """
@@ -14,12 +15,13 @@ Its clock can be moved forward, and a share of calls can be made to fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -96,6 +98,15 @@ class FakeStripe:
         self.core_events: list[dict[str, Any]] = []
         self.failures = Failures()
         self.calls: dict[str, int] = {}
+        self.broken: set[str] = set()  # calls ("GET /v1/billing/meters") that answer 500
+        # Each send is held this long, so that two sends that overlap are seen to.
+        self.latency_s = 0.0
+        self.in_flight: dict[tuple[str, ...], int] = {}  # (identifier,), (customer, event name)
+        self.max_in_flight = 0
+        self.error_samples = 3  # refusals an error report names, per code (the rest: counted)
+        # Customers whose events make the stream refuse the whole request at once (a 400),
+        # as it does an event it cannot parse.
+        self.stream_refuses: set[str] = set()
         self.on_commit: Callable[[MeterEvent], None] | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -142,6 +153,31 @@ class FakeStripe:
     def remove_event(self, identifier: str) -> None:
         del self.events[identifier]
 
+    def _customer_of(self, event: dict[str, Any]) -> str:
+        meter = next(
+            (m for m in self.meters.values() if m["event_name"] == event["event_name"]), None
+        )
+        customer_key = meter["customer_mapping"]["event_payload_key"] if meter else ""
+        return str(event["payload"].get(customer_key, ""))
+
+    @contextlib.asynccontextmanager
+    async def _sending(self, events: list[dict[str, Any]]) -> AsyncIterator[None]:
+        """Count the request's events in flight, per identifier and per customer and meter."""
+        keys: list[tuple[str, ...]] = []
+        for event in events:
+            customer = self._customer_of(event)
+            keys += [(str(event.get("identifier", "")),), (customer, event["event_name"])]
+        for key in keys:
+            self.in_flight[key] = self.in_flight.get(key, 0) + 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight[key])
+        try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            yield
+        finally:
+            for key in keys:
+                self.in_flight[key] -= 1
+
     # --- the server ---------------------------------------------------------------------
 
     async def start(self) -> FakeStripe:
@@ -171,6 +207,8 @@ class FakeStripe:
     async def _checks(self, request: web.Request, handler: Any) -> web.StreamResponse:
         name = f"{request.method} {request.match_info.route.resource.canonical}"  # type: ignore[union-attr]
         self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.broken:
+            return _error(500, "api_error", "Something went wrong")
         if request.headers.get("Stripe-Version") != STRIPE_API_VERSION:
             return _error(400, "invalid_request_error", "unpinned or unknown Stripe-Version")
         auth = request.headers.get("Authorization", "")
@@ -282,13 +320,20 @@ class FakeStripe:
             )
         payload = _nested(form, "payload")
         self.values_sent.setdefault(identifier, set()).add(payload.get("value", ""))
+        event = {"identifier": identifier, "event_name": event_name, "payload": payload}
+        async with self._sending([event]):
+            return await self._v1_commit(identifier, event_name, payload, int(form["timestamp"]))
+
+    async def _v1_commit(
+        self, identifier: str, event_name: str, payload: dict[str, str], timestamp: int
+    ) -> web.Response:
         kind, failure = await self._fail()
         if failure is not None:
             return failure
-        refusal = self._validate(event_name, payload, int(form["timestamp"]))
+        refusal = self._validate(event_name, payload, timestamp)
         if refusal is not None:
             return _error(400, "invalid_request_error", refusal)
-        if not self._record(identifier, event_name, payload, int(form["timestamp"])):
+        if not self._record(identifier, event_name, payload, timestamp):
             return _error(
                 400, "invalid_request_error",
                 f"An event already exists with identifier {identifier}.",
@@ -298,7 +343,7 @@ class FakeStripe:
         return web.json_response({
             "object": "billing.meter_event", "created": int(self.now()), "event_name": event_name,
             "identifier": identifier, "livemode": False, "payload": payload,
-            "timestamp": int(form["timestamp"]),
+            "timestamp": timestamp,
         })  # fmt: skip
 
     async def _v2_session(self, request: web.Request) -> web.Response:
@@ -334,6 +379,13 @@ class FakeStripe:
                 return _error(400, "invalid_request_error", "malformed event")
             value = str(event["payload"].get("value", ""))
             self.values_sent.setdefault(event.get("identifier", ""), set()).add(value)
+        for i, event in enumerate(events):
+            if self._customer_of(event) in self.stream_refuses:
+                return _error(400, "invalid_request_error", f"events[{i}]: invalid event")
+        async with self._sending(events):
+            return await self._v2_accept(events)
+
+    async def _v2_accept(self, events: list[dict[str, Any]]) -> web.Response:
         kind, failure = await self._fail()
         if failure is not None:
             return failure
@@ -349,6 +401,9 @@ class FakeStripe:
 
     async def _validate_later(self, events: list[dict[str, Any]]) -> None:
         await asyncio.sleep(0)
+        started = self.now()
+        # meter id -> code -> (message, identifier) of each refusal
+        refused: dict[str, dict[str, list[tuple[str, str]]]] = {}
         for event in events:
             ts = int(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp())
             refusal = self._validate(event["event_name"], event["payload"], ts)
@@ -359,19 +414,28 @@ class FakeStripe:
                 (m for m in self.meters.values() if m["event_name"] == event["event_name"]), None
             )
             code, _, message = refusal.partition(": ")
+            by_code = refused.setdefault(meter["id"] if meter else "", {})
+            by_code.setdefault(code, []).append((message, event["identifier"]))
+        # As Stripe does: one report per meter, errors grouped by code, only samples named.
+        for meter_id, by_code in refused.items():
             self.core_events.append({
                 "id": "evt_" + secrets.token_hex(8), "object": "v2.core.event",
                 "type": ERROR_REPORT_EVENT, "created": _iso(self.now()), "livemode": False,
-                "related_object": {"id": meter["id"] if meter else "", "type": "billing.meter",
+                "related_object": {"id": meter_id, "type": "billing.meter",
                                    "url": "/v1/billing/meters"},
                 "data": {
-                    "developer_message_summary": message,
-                    "reason": {"error_count": 1, "error_types": [{
-                        "code": code, "error_count": 1,
-                        "sample_errors": [{"error_message": message,
-                                           "request": {"identifier": event["identifier"]}}],
-                    }]},
-                    "validation_start": _iso(self.now()), "validation_end": _iso(self.now()),
+                    "developer_message_summary": next(iter(by_code.values()))[0][0],
+                    "reason": {
+                        "error_count": sum(len(errors) for errors in by_code.values()),
+                        "error_types": [{
+                            "code": code, "error_count": len(errors),
+                            "sample_errors": [
+                                {"error_message": message, "request": {"identifier": identifier}}
+                                for message, identifier in errors[: self.error_samples]
+                            ],
+                        } for code, errors in by_code.items()],
+                    },
+                    "validation_start": _iso(started), "validation_end": _iso(self.now()),
                 },
             })  # fmt: skip
 

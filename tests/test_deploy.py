@@ -9,7 +9,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.billing.reporter import StripeMetrics
+from gateway.billing.reporter import FAILURE_KINDS, StripeMetrics
 from gateway.config import load
 from gateway.usage.worker import WorkerMetrics
 
@@ -39,6 +39,33 @@ def test_alert_rules_use_only_exported_metrics() -> None:
         for name in re.findall(r"\b(gateway_[a-z_]+)", rule["expr"])
     }
     assert used and used <= exported, used - exported
+
+
+def _alerts() -> dict[str, str]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+
+
+def test_stripe_alerts_see_a_missing_reporter_and_the_first_failure() -> None:
+    alerts = _alerts()
+    assert (
+        "absent(gateway_stripe_outbox_oldest_pending_seconds)" in alerts["GatewayStripeOutboxStuck"]
+    )
+    failures = {name: expr for name, expr in alerts.items() if "send_failures" in expr}
+    # A rate threshold cannot fire at one round a minute; an increase over a window can.
+    assert failures and all("increase(" in expr for expr in failures.values()), failures
+    named = {
+        kind
+        for expr in failures.values()
+        for kinds in re.findall(r'kind[!=]~"([a-z_|]+)"', expr)
+        for kind in kinds.split("|")
+    }
+    assert {"expired", "async_rejected"} <= named <= set(FAILURE_KINDS)
+    # Exported at 0 from the start, so that `increase()` sees the first failure.
+    registry = CollectorRegistry()
+    StripeMetrics(registry)
+    for kind in FAILURE_KINDS:
+        assert registry.get_sample_value("gateway_stripe_send_failures_total", {"kind": kind}) == 0
 
 
 def test_compose_and_kubernetes_files_parse() -> None:

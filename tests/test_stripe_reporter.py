@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.billing.outbox import Outbox
-from gateway.billing.reporter import Reporter, StripeMetrics
+from gateway.billing.reporter import FAILURE_KINDS, PLAN_HORIZON, Reporter, StripeMetrics
 from gateway.billing.rules import event_time, report_identifier, summary_window
-from gateway.billing.stripe_api import StripeAPI
+from gateway.billing.stripe_api import SendFailure, StripeAPI
 from gateway.clock import to_us
 from gateway.config.models import MeterConfig, StripeConfig
 from gateway.ledger import Ledger
@@ -21,6 +21,7 @@ from gateway.ledger.events import UsageEvent
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.periods import period_of
+from tests.conftest import PgLedger
 from tests.fake_stripe import API_KEY, FakeStripe
 
 METERS = {"api_calls": MeterConfig(type="counter"), "tokens": MeterConfig(type="counter")}
@@ -77,6 +78,11 @@ async def until_settled(rep: Reporter, rounds: int = 200) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"outbox never emptied: {await rep.outbox.counts()}")
+
+
+def gauge(metric: Gauge) -> float:
+    (family,) = metric.collect()
+    return float(family.samples[0].value)
 
 
 def test_event_time_is_inside_the_period_and_its_summary_window() -> None:
@@ -216,10 +222,15 @@ async def test_a_send_stripe_has_forgotten_is_resent_only_when_its_summary_lacks
         await rep.api.close()
 
 
-async def test_two_reporters_never_send_one_row_twice(ledger: Ledger, fake: FakeStripe) -> None:
+@pytest.mark.parametrize("names", [("w1", "w2"), ("w1", "w1")])
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+async def test_two_reporters_never_send_one_row_twice(
+    ledger: Ledger, fake: FakeStripe, mode: str, names: tuple[str, str]
+) -> None:
     tenants = await add_tenants(ledger, fake, 20)
-    config = stripe_config(fake)
-    first, second = reporter(ledger, fake, config, "w1"), reporter(ledger, fake, config, "w2")
+    config = stripe_config(fake, mode)
+    fake.latency_s = 0.02  # long enough for a second send of a row to overlap the first
+    first, second = (reporter(ledger, fake, config, name) for name in names)
     seen: list[str] = []
     fake.on_commit = lambda event: seen.append(event.identifier)
     now = datetime.now(UTC)
@@ -230,6 +241,8 @@ async def test_two_reporters_never_send_one_row_twice(ledger: Ledger, fake: Fake
             await asyncio.gather(until_settled(first), until_settled(second))
         assert len(seen) == len(set(seen)) == 40
         assert set(fake.totals().values()) == {3}
+        # Never two requests at once for one row, or for one customer and meter.
+        assert fake.max_in_flight == 1
     finally:
         await first.api.close()
         await second.api.close()
@@ -250,5 +263,194 @@ async def test_a_refund_after_its_charge_was_reported_is_sent_as_a_correction(
         await asyncio.sleep(0.05)
         assert fake.totals() == {(f"cus_{tenant}", "api_calls"): 3}
         assert sorted(e.value for e in fake.events.values()) == [-2, 5]
+    finally:
+        await rep.api.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "broken"), [("v1", "GET /v1/billing/meters"), ("v2", "GET /v2/core/events")]
+)
+async def test_a_failing_round_still_exports_the_outbox_gauges(
+    ledger: Ledger, fake: FakeStripe, mode: str, broken: str
+) -> None:
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    now = datetime.now(UTC)
+    await charge(ledger, tenant, "api_calls", 3, now)
+    await charge(ledger, tenant, "tokens", 5, now)
+    # llm_tokens has no meter: its row waits whatever else happens.
+    del fake.meters[next(m for m, v in fake.meters.items() if v["event_name"] == "llm_tokens")]
+    fake.broken.add(broken)
+    clock = [now]
+    rep = reporter(ledger, fake, stripe_config(fake, mode))
+    rep._clock = lambda: clock[0]
+    try:
+        for _ in range(2):
+            with pytest.raises(SendFailure):
+                await rep.round()
+            clock[0] += timedelta(hours=1)
+        assert gauge(rep.metrics.pending_rows) >= 1
+        assert gauge(rep.metrics.oldest_pending) >= 7200
+    finally:
+        await rep.api.close()
+
+
+async def test_two_reporters_given_one_name_never_hold_one_lease(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 3)
+    now = datetime.now(UTC)
+    for tenant in tenants:
+        await charge(ledger, tenant, "api_calls", 1, now)
+    config = stripe_config(fake)
+    first, second = (
+        reporter(ledger, fake, config, "host-a"),
+        reporter(ledger, fake, config, "host-a"),
+    )
+    try:
+        assert first.holder != second.holder
+        await first.outbox.plan(now, now - PLAN_HORIZON)
+        held = await first.outbox.lease(first.holder, now, 60, 100)
+        assert len(held) == 3
+        assert await second.outbox.lease(second.holder, now, 60, 100) == []
+        assert not await second.outbox.renew(second.holder, held[0], now, 60)
+    finally:
+        await first.api.close()
+        await second.api.close()
+
+
+async def test_a_reporter_whose_clock_runs_ahead_takes_no_lease_over(
+    pg_ledger: PgLedger, fake: FakeStripe
+) -> None:
+    _, ledger = pg_ledger
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    now = datetime.now(UTC)
+    await charge(ledger, tenant, "api_calls", 1, now)
+    config = stripe_config(fake)
+    first, second = reporter(ledger, fake, config, "w1"), reporter(ledger, fake, config, "w2")
+    try:
+        await first.outbox.plan(now, now - PLAN_HORIZON)
+        assert len(await first.outbox.lease(first.holder, now, 60, 100)) == 1
+        # Another machine two hours ahead: by its clock the lease ran out long ago.
+        ahead = now + timedelta(hours=2)
+        assert await second.outbox.lease(second.holder, ahead, 60, 100) == []
+    finally:
+        await first.api.close()
+        await second.api.close()
+
+
+async def test_refusals_an_error_report_does_not_name_are_found_by_summary_and_resent(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 5)
+    gone = {t: fake.customers.pop(f"cus_{t}") for t in tenants[:3]}
+    fake.error_samples = 1  # Stripe names one of the three refusals
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    start = period_of("billing_cycle", now).start
+    try:
+        for tenant in tenants:
+            await charge(ledger, tenant, "api_calls", 4, now)
+        await rep.round()
+        await asyncio.sleep(0.05)  # validated after the answer
+        (report,) = fake.core_events
+        assert report["data"]["reason"]["error_count"] == 3
+        ((sample,),) = (t["sample_errors"] for t in report["data"]["reason"]["error_types"])
+        (named,) = (t for t in gone if report_identifier(t, "api_calls", start, 1)
+                    == sample["request"]["identifier"])  # fmt: skip
+        # One unnamed refusal's customer exists now (created late, say); the other's never.
+        late, never = (t for t in gone if t != named)
+        fake.customers[f"cus_{late}"] = gone[late]
+        for _ in range(3):
+            await until_settled(rep)
+            await asyncio.sleep(0.05)
+        assert await rep.outbox.counts() == {"sent": 3, "rejected": 2}
+        assert fake.totals() == {
+            (f"cus_{t}", "api_calls"): 4 for t in tenants if t not in (named, never)
+        }
+        assert rep.metrics.failures.labels("async_rejected")._value.get() == 2
+    finally:
+        await rep.api.close()
+
+
+async def test_a_stream_request_refused_for_one_row_rejects_only_that_row(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 8)
+    fake.stream_refuses.add("cus_t5")
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    try:
+        for tenant in tenants:
+            await charge(ledger, tenant, "api_calls", 2, now)
+        await until_settled(rep)
+        await asyncio.sleep(0.05)
+        assert await rep.outbox.counts() == {"sent": 7, "rejected": 1}
+        assert fake.totals() == {(f"cus_{t}", "api_calls"): 2 for t in tenants if t != "t5"}
+        assert rep.metrics.failures.labels("rejected")._value.get() == 1
+    finally:
+        await rep.api.close()
+
+
+async def test_a_v2_session_stripe_expired_early_is_renewed_and_the_send_retried(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    fake.session_ttl_s = 90  # longer than the minute before expiry when the reporter renews
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    sessions, stream = "POST /v2/billing/meter_event_session", "POST /v2/billing/meter_event_stream"
+    try:
+        await charge(ledger, tenant, "api_calls", 1, now)
+        await until_settled(rep)
+        assert (fake.calls[sessions], fake.calls[stream]) == (1, 1)
+        fake.advance(100)  # by Stripe's clock the session is over; by ours it has 30 s left
+        await charge(ledger, tenant, "api_calls", 2, now)
+        await until_settled(rep)
+        assert (fake.calls[sessions], fake.calls[stream]) == (2, 3)  # refused, renewed, resent
+        await asyncio.sleep(0.05)
+        assert fake.totals() == {(f"cus_{tenant}", "api_calls"): 3}
+        assert sum(rep.metrics.failures.labels(k)._value.get() for k in FAILURE_KINDS) == 0
+    finally:
+        await rep.api.close()
+
+
+async def test_more_than_a_hundred_groups_go_out_in_stream_requests_of_a_hundred(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    tenants = await add_tenants(ledger, fake, 130)
+    fake.session_ttl_s = 900
+    rep = reporter(ledger, fake, stripe_config(fake, "v2"))
+    now = datetime.now(UTC)
+    try:
+        for tenant in tenants:
+            await charge(ledger, tenant, "api_calls", 1, now)
+        assert await rep.round() == 130
+        assert fake.calls["POST /v2/billing/meter_event_stream"] == 2  # 100, then 30
+        await asyncio.sleep(0.05)
+        assert fake.totals() == {(f"cus_{t}", "api_calls"): 1 for t in tenants}
+    finally:
+        await rep.api.close()
+
+
+async def test_a_row_that_waited_past_35_days_expires_unsent(
+    ledger: Ledger, fake: FakeStripe
+) -> None:
+    (tenant,) = await add_tenants(ledger, fake, 1)
+    now = datetime.now(UTC)
+    await charge(ledger, tenant, "api_calls", 3, now)
+    fake.failures.rate, fake.failures.kinds = 1.0, ("500",)
+    clock = [now]
+    rep = reporter(ledger, fake, stripe_config(fake))
+    rep._clock = lambda: clock[0]
+    try:
+        await rep.round()
+        assert await rep.outbox.counts() == {"pending": 1}
+        fake.failures.rate = 0.0
+        clock[0] = now + timedelta(days=36)  # Stripe now refuses the row's timestamp
+        await rep.round()
+        assert await rep.outbox.counts() == {"expired": 1}
+        assert fake.events == {}
+        assert rep.metrics.failures.labels("expired")._value.get() == 1
+        assert gauge(rep.metrics.pending_rows) == 0
     finally:
         await rep.api.close()

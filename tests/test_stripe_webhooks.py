@@ -14,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import stripe
 
 from gateway.auth.jwt import mint
+from gateway.invalidation import CHANNEL
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
 from tests.fake_stripe import API_KEY, FakeStripe
@@ -62,6 +64,22 @@ def subscription_event(
                 "current_period_start": 1_767_225_600, "current_period_end": 1_769_904_000,
             }]},
         }},
+    }  # fmt: skip
+
+
+def invoice_event(
+    event_id: str, created: int, kind: str, subscription: str | None, customer: str = "cus_acme"
+) -> dict[str, Any]:
+    """An invoice event as the pinned API version shapes it (no parent: a one-off invoice)."""
+    parent = None
+    if subscription is not None:
+        details = {"subscription": subscription, "metadata": {}}
+        parent = {"type": "subscription_details", "subscription_details": details}
+    return {
+        "id": event_id, "object": "event", "type": kind, "created": created,
+        "api_version": "2026-10-28.endive", "livemode": False,
+        "data": {"object": {"id": f"in_{event_id}", "object": "invoice", "customer": customer,
+                            "parent": parent}},
     }  # fmt: skip
 
 
@@ -146,13 +164,7 @@ async def test_signatures_replays_and_order(
     stored = await tenant(gw)
     assert (stored["status"], stored["plan"]) == ("active", "starter")
     # Invoices: a failed payment starts the grace period, a paid one ends it.
-    failed = {
-        "id": "evt_3",
-        "object": "event",
-        "type": "invoice.payment_failed",
-        "created": now + 20,
-        "data": {"object": {"id": "in_1", "customer": "cus_acme"}},
-    }
+    failed = invoice_event("evt_3", now + 20, "invoice.payment_failed", "sub_1")
     assert (await post(gw.port, *signed(failed)))[1]["result"] == "applied"
     status, headers = await call(gw.port)
     assert status == 200 and "grace ends" in headers["X-Quota-Warning"]
@@ -162,11 +174,96 @@ async def test_signatures_replays_and_order(
     # Another subscription of the customer ending does not cancel the tenant.
     other = subscription_event("evt_5", now + 40, "canceled", subscription="sub_old",
                                kind="customer.subscription.deleted")  # fmt: skip
-    assert (await post(gw.port, *signed(other)))[1]["result"] == "stale"
+    assert (await post(gw.port, *signed(other)))[1]["result"] == "ignored"
     assert (await tenant(gw))["status"] == "active"
     # Other event types are acknowledged and recorded, not applied.
     noise = {**failed, "id": "evt_6", "type": "charge.succeeded"}
     assert (await post(gw.port, *signed(noise)))[1]["result"] == "ignored"
+
+
+@pytest.mark.usefixtures("env")
+async def test_only_the_tenants_own_subscription_and_its_invoices_move_it(
+    upstream: Upstream, fake: FakeStripe, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(config(upstream, fake.url))
+    now = int(time.time())
+    moments = iter(range(now, now + 100))
+
+    async def result(event: dict[str, Any]) -> str:
+        status, answer = await post(gw.port, *signed(event))
+        assert status == 200, answer
+        return str(answer["result"])
+
+    async def state() -> tuple[str, str, str]:
+        stored = await tenant(gw)
+        return stored["status"], stored["plan"], stored["stripe_subscription"]
+
+    def sub(status: str, subscription: str, kind: str = "customer.subscription.updated",
+            price: str = "price_starter") -> dict[str, Any]:  # fmt: skip
+        moment = next(moments)
+        return subscription_event(f"evt_s{moment}", moment, status, kind=kind, price=price,
+                                  subscription=subscription)  # fmt: skip
+
+    def invoice(kind: str, subscription: str | None) -> dict[str, Any]:
+        moment = next(moments)
+        return invoice_event(f"evt_i{moment}", moment, kind, subscription)
+
+    failed, paid = "invoice.payment_failed", "invoice.paid"
+    assert await result(sub("active", "sub_1", "customer.subscription.created")) == "applied"
+    # An add-on subscription's changes leave the tenant's status, plan and subscription.
+    assert await result(sub("past_due", "sub_addon", price="price_pro")) == "ignored"
+    assert await state() == ("active", "starter", "sub_1")
+    # A failed one-off invoice, or one of the add-on, gates nothing.
+    assert await result(invoice(failed, None)) == "ignored"
+    assert await result(invoice(failed, "sub_addon")) == "ignored"
+    assert await state() == ("active", "starter", "sub_1")
+    assert await result(invoice(failed, "sub_1")) == "applied"
+    assert (await state())[0] == "past_due"
+    # Nor does paying them end the grace period: only the subscription's own invoice.
+    assert await result(invoice(paid, None)) == "ignored"
+    assert await result(invoice(paid, "sub_addon")) == "ignored"
+    assert (await state())[0] == "past_due"
+    assert await result(invoice(paid, "sub_1")) == "applied"
+    assert (await state())[0] == "active"
+    # Once the tenant's subscription has ended, a new one takes its place.
+    assert await result(sub("canceled", "sub_1", "customer.subscription.deleted")) == "applied"
+    assert await result(sub("canceled", "sub_addon", "customer.subscription.deleted")) == (
+        "ignored"
+    )
+    assert await state() == ("canceled", "starter", "sub_1")
+    assert await result(sub("active", "sub_2", "customer.subscription.created", "price_pro")) == (
+        "applied"
+    )
+    assert await state() == ("active", "pro", "sub_2")
+
+
+@pytest.mark.usefixtures("env")
+async def test_a_change_not_announced_is_answered_503_and_announced_on_the_retry(
+    upstream: Upstream, fake: FakeStripe, make_gateway: MakeGateway, redis_server: RedisServer
+) -> None:
+    data = config(upstream, fake.url, counters=redis_server.url, ledger="sqlite:///:memory:")
+    gw = await make_gateway(data)
+    event = subscription_event("evt_p", int(time.time()), "past_due")
+    redis_server.stop()  # the bus is down: the other processes cannot be told
+    status, answer = await post(gw.port, *signed(event))
+    assert status == 503, answer
+    assert (await tenant(gw))["status"] == "past_due"  # applied all the same
+    redis_server.start()
+    listener = aioredis.Redis.from_url(redis_server.url)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(CHANNEL)
+        status, answer = await post(gw.port, *signed(event))  # Stripe's retry
+        assert (status, answer["result"]) == (200, "duplicate"), answer
+        deadline = time.monotonic() + 10
+        message = None
+        while message is None:  # a skipped subscribe confirmation reads as None too
+            assert time.monotonic() < deadline, "the retry was not announced"
+            message = await pubsub.get_message(timeout=1)
+        assert message["data"] == b"tenant:acme"
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await listener.aclose()
 
 
 @pytest.mark.usefixtures("env")

@@ -15,13 +15,11 @@ from gateway.billing.reporter import PLAN_HORIZON
 from gateway.billing.rules import summary_window
 from gateway.billing.run import api_key
 from gateway.billing.stripe_api import SendFailure, StripeAPI, stripe_api
-from gateway.billing.webhooks import WebhookMetrics, Webhooks, subscription_change
+from gateway.billing.webhooks import ENDED, WebhookMetrics, Webhooks, subscription_change
 from gateway.clock import iso_utc
 from gateway.config.models import GatewayConfig, StripeConfig
 from gateway.ledger.store import Ledger
 from gateway.services import StartupError, make_bus, open_ledger
-
-_ENDED = ("canceled", "incomplete_expired")
 
 
 def current_subscriptions(subscriptions: Iterable[Any]) -> dict[str, Any]:
@@ -30,8 +28,8 @@ def current_subscriptions(subscriptions: Iterable[Any]) -> dict[str, Any]:
     best: dict[str, Any] = {}
     for sub in subscriptions:
         held = best.get(sub["customer"])
-        rank = (sub["status"] not in _ENDED, int(sub.get("created") or 0))
-        if held is None or rank > (held["status"] not in _ENDED, int(held.get("created") or 0)):
+        rank = (sub["status"] not in ENDED, int(sub.get("created") or 0))
+        if held is None or rank > (held["status"] not in ENDED, int(held.get("created") or 0)):
             best[sub["customer"]] = sub
     return best
 
@@ -71,7 +69,7 @@ async def run_sync(config: GatewayConfig) -> int:
                     event["type"], sub, datetime.fromtimestamp(now, UTC), stripe.prices,
                     stripe.tenant_metadata_key,
                 )  # fmt: skip
-                result, tenant = await webhooks.apply_subscription(event, change)
+                result, tenant = await webhooks.apply_subscription(event, change, current=True)
                 if result == "applied" and tenant is not None:
                     await bus.publish("tenant", tenant)
                 results[result] = results.get(result, 0) + 1

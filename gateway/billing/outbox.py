@@ -70,11 +70,18 @@ _DUE_GROUPS = """
     LIMIT $2
 """
 _LEASE = """
-    INSERT INTO stripe_leases (tenant_id, meter, holder, until) VALUES ($1, $2, $3, $4)
+    INSERT INTO stripe_leases (tenant_id, meter, holder, until) VALUES ($1, $2, $3, {until})
     ON CONFLICT (tenant_id, meter) DO UPDATE SET holder = excluded.holder, until = excluded.until
-    WHERE stripe_leases.until < $5 OR stripe_leases.holder = excluded.holder
+    WHERE stripe_leases.until < {now} OR stripe_leases.holder = excluded.holder
     RETURNING tenant_id
 """
+# Workers on several machines share a PostgreSQL ledger: its clock, not theirs, decides
+# when a lease has run out, so that a worker whose clock runs ahead takes none over.
+_LEASE_BY_DB_CLOCK = _LEASE.format(
+    until="clock_timestamp() + make_interval(secs => $4)", now="clock_timestamp()"
+)
+# SQLite is a file on one machine: the workers that share it share its clock.
+_LEASE_BY_OWN_CLOCK = _LEASE.format(until="$4", now="$5")
 _RELEASE = "DELETE FROM stripe_leases WHERE tenant_id = $1 AND meter = $2 AND holder = $3"
 _GROUP_ROWS = f"""
     SELECT {_ROW_COLUMNS} FROM stripe_outbox
@@ -99,7 +106,16 @@ _REJECT_SENT = """
     WHERE identifier = $1 AND state = 'sent'
     RETURNING identifier
 """
-_SENT_BEFORE = """
+_SENT_BETWEEN = f"""
+    SELECT {_ROW_COLUMNS} FROM stripe_outbox
+    WHERE event_name = $1 AND state = 'sent' AND sent_at >= $2 AND sent_at <= $3
+    ORDER BY tenant_id, meter, period_start, seq
+"""
+_REOPEN = """
+    UPDATE stripe_outbox SET state = 'pending', next_attempt_at = $2, last_error = $3
+    WHERE identifier = $1 AND state = 'sent'
+"""
+_SENT_TOTAL = """
     SELECT coalesce(sum(quantity), 0) FROM stripe_outbox
     WHERE tenant_id = $1 AND meter = $2 AND period_start = $3 AND state = 'sent'
 """
@@ -261,20 +277,23 @@ class Outbox:
     ) -> list[tuple[str, str]]:
         """(tenant, meter) groups with rows due, now leased to `holder`."""
         due = await self.db.fetch(_DUE_GROUPS, utc(now), limit)
-        until = utc(now + timedelta(seconds=lease_s))
         held = []
         for group in due:
             key = (group["tenant_id"], group["meter"])
-            if await self.db.fetchval(_LEASE, *key, holder, until, utc(now)) is not None:
+            if await self.renew(holder, key, now, lease_s):
                 held.append(key)
         return held
 
     async def renew(
         self, holder: str, group: tuple[str, str], now: datetime, lease_s: float
     ) -> bool:
-        """Extend a lease this holder has; False if another holder took it over."""
-        until = utc(now + timedelta(seconds=lease_s))
-        return await self.db.fetchval(_LEASE, *group, holder, until, utc(now)) is not None
+        """Take or extend the group's lease; False while another holder has it."""
+        if self.db.dialect == "postgresql":
+            taken = await self.db.fetchval(_LEASE_BY_DB_CLOCK, *group, holder, float(lease_s))
+        else:
+            until = utc(now + timedelta(seconds=lease_s))
+            taken = await self.db.fetchval(_LEASE_BY_OWN_CLOCK, *group, holder, until, utc(now))
+        return taken is not None
 
     async def release(self, holder: str, groups: Iterable[tuple[str, str]]) -> None:
         for group in groups:
@@ -306,9 +325,23 @@ class Outbox:
         """A sent row that Stripe refused later (the v2 stream validates asynchronously)."""
         return await self.db.fetchval(_REJECT_SENT, identifier, error[:500]) is not None
 
-    async def sent_before(self, row: OutboxRow) -> int:
+    async def sent_between(
+        self, event_name: str, start: datetime, end: datetime
+    ) -> list[OutboxRow]:
+        """Rows of a Stripe meter marked sent between `start` and `end`."""
+        return [
+            _row(r) for r in await self.db.fetch(_SENT_BETWEEN, event_name, utc(start), utc(end))
+        ]
+
+    async def reopen(self, identifiers: Sequence[str], now: datetime, error: str) -> None:
+        """Sent rows that Stripe may not hold after all: pending again, due now."""
+        async with self.db.transaction() as tx:
+            for identifier in identifiers:
+                await tx.execute(_REOPEN, identifier, utc(now), error[:500])
+
+    async def sent_total(self, row: OutboxRow) -> int:
         """What the row's tenant, meter and period have had marked sent."""
-        value = await self.db.fetchval(_SENT_BEFORE, row.tenant, row.meter, utc(row.period_start))
+        value = await self.db.fetchval(_SENT_TOTAL, row.tenant, row.meter, utc(row.period_start))
         return int(value or 0)
 
     async def pending(self) -> PendingStats:

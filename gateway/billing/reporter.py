@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
+import secrets
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -31,7 +34,7 @@ from gateway.billing.rules import (
     sendable,
     summary_window,
 )
-from gateway.billing.stripe_api import Meter, SendFailure, StripeAPI
+from gateway.billing.stripe_api import ErrorReports, Meter, SendFailure, StripeAPI
 from gateway.config.models import StripeConfig
 from gateway.ledger.db import LedgerUnavailable
 
@@ -42,8 +45,17 @@ V1_CONCURRENCY = 8  # groups sent at once (each group one call at a time)
 METERS_REFRESH_S = 300.0
 MISSING_METER_RETRY_S = 300.0
 AMBIGUOUS_RETRY_S = 3600.0
+# Rows sent this long before an error report's validation window (and after it) may be
+# among its refusals: Stripe validates shortly after accepting, on its own clock.
+RECHECK_BEFORE = timedelta(hours=1)
+RECHECK_AFTER = timedelta(minutes=5)
 # Periods older than this cannot take a report any more (35 days + the longest period).
 PLAN_HORIZON = STRIPE_PAST + timedelta(days=31)
+
+
+# Every kind is exported from the start at 0: `increase()` in an alert sees the first one.
+FAILURE_KINDS = ("rate_limited", "server_error", "timeout", "auth", "rejected", "async_rejected",
+                 "meter_missing", "expired", "ledger")  # fmt: skip
 
 
 class StripeMetrics:
@@ -65,11 +77,12 @@ class StripeMetrics:
         )
         self.failures = Counter(
             "gateway_stripe_send_failures",
-            "Failed Stripe calls by kind (rate_limited, server_error, timeout, auth, rejected, "
-            "async_rejected, meter_missing, expired, ledger).",
+            "Failed Stripe calls by kind (" + ", ".join(FAILURE_KINDS) + ").",
             ["kind"],
             registry=registry,
         )
+        for kind in FAILURE_KINDS:
+            self.failures.labels(kind)
         self.pending_rows = Gauge(
             "gateway_stripe_outbox_pending_rows", "Outbox rows not sent yet.", registry=registry
         )
@@ -90,8 +103,17 @@ class StripeMetrics:
         )
 
 
+def unique_holder(name: str) -> str:
+    """A lease holder no other process has: two workers may be given one consumer name
+    (the hostname by default, and one for every embedded `serve` process)."""
+    host = socket.gethostname()
+    where = name if name == host else f"{name}@{host}"
+    return f"{where}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class Reporter:
-    """One sender among possibly several worker processes (`holder` names it)."""
+    """One sender among possibly several worker processes (`name` says which; each
+    reporter holds leases under a name of its own)."""
 
     def __init__(
         self,
@@ -99,7 +121,7 @@ class Reporter:
         outbox: Outbox,
         api: StripeAPI,
         metrics: StripeMetrics,
-        holder: str,
+        name: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -107,13 +129,17 @@ class Reporter:
         self.outbox = outbox
         self.api = api
         self.metrics = metrics
-        self.holder = holder
+        self.holder = unique_holder(name)
         self._clock = clock
         self._jitter = jitter
         self._lease_s = max(60.0, 6 * config.timeout_s)
         self._meters: dict[str, Meter] = {}
         self._meters_at = datetime.min.replace(tzinfo=UTC)
         self._errors_since: datetime | None = None
+        self._reports_seen: dict[str, datetime] = {}  # error report id -> when handled
+        self._oldest_pending: datetime | None = None
+        # Aged when scraped: with the ledger down too, the gauge still grows.
+        metrics.oldest_pending.set_function(self._oldest_age)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -141,23 +167,26 @@ class Reporter:
     async def round(self) -> int:
         """Plan, send what is due, pick up asynchronous refusals; the rows sent."""
         now = self._clock()
-        created = await self.outbox.plan(now, now - PLAN_HORIZON)
-        if created:
-            log.debug("planned %d Stripe report rows", len(created))
-        groups = await self.outbox.lease(self.holder, now, self._lease_s, GROUPS_PER_ROUND)
-        sent = 0
-        if groups:
-            await self._refresh_meters(now)
-            try:
-                if self.config.mode == "v1":
-                    sent = await self._send_v1(groups)
-                else:
-                    sent = await self._send_v2(groups)
-            finally:
-                await self.outbox.release(self.holder, groups)
-        if self.config.mode == "v2":
-            await self._error_reports(now)
-        await self._export()
+        try:
+            created = await self.outbox.plan(now, now - PLAN_HORIZON)
+            if created:
+                log.debug("planned %d Stripe report rows", len(created))
+            groups = await self.outbox.lease(self.holder, now, self._lease_s, GROUPS_PER_ROUND)
+            sent = 0
+            if groups:
+                try:
+                    await self._refresh_meters(now)
+                    if self.config.mode == "v1":
+                        sent = await self._send_v1(groups)
+                    else:
+                        sent = await self._send_v2(groups)
+                finally:
+                    await self.outbox.release(self.holder, groups)
+            if self.config.mode == "v2":
+                await self._error_reports(now)
+        finally:
+            # Above all when Stripe is down: the stuck-outbox alert reads these.
+            await self._export()
         return sent
 
     async def _refresh_meters(self, now: datetime) -> None:
@@ -210,13 +239,23 @@ class Reporter:
                     break
             if not heads:
                 break
-            send = functools.partial(self.api.send_v2, heads, dict(self._meters))
-            if not await self._deliver(heads, send):
-                failed = {(r.tenant, r.meter) for r in heads}
+            held = await self._deliver_v2(heads)
+            if held:
+                failed = {(r.tenant, r.meter) for r in held}
                 queues = {g: rows for g, rows in queues.items() if g not in failed}
-                continue
-            done += len(heads)
+            done += len(heads) - len(held)
         return done
+
+    async def _deliver_v2(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        """Send rows on the stream; those held back to retry. A request refused for good
+        is halved until the row refused is alone: one bad row (of up to a hundred
+        customers) is rejected, not its neighbours."""
+        send = functools.partial(self.api.send_v2, rows, dict(self._meters))
+        outcome = await self._deliver(rows, send, divisible=len(rows) > 1)
+        if outcome is None:
+            half = len(rows) // 2
+            return await self._deliver_v2(rows[:half]) + await self._deliver_v2(rows[half:])
+        return [] if outcome else rows
 
     async def _ready(self, row: OutboxRow, group: tuple[str, str]) -> Meter | str | None:
         """The meter to send `row` with; a string when the row is settled without a send;
@@ -254,9 +293,8 @@ class Reporter:
     ) -> Literal["arrived", "missing", "unclear"]:
         """For a row whose first send Stripe may have forgotten, what its summary shows:
         `arrived` (now marked sent), `missing` (send again) or `unclear` (held back)."""
-        start, end = summary_window(row.period_start, row.period_end)
-        held = await self.api.summary(meter, row.customer, start, end)
-        before = await self.outbox.sent_before(row)
+        held = await self._held(meter, row)
+        before = await self.outbox.sent_total(row)
         if held == before + row.quantity:
             await self.outbox.finish([row.identifier], SENT, now)
             log.info("Stripe report %s found in Stripe's summary; marked sent", row.identifier)
@@ -272,18 +310,32 @@ class Reporter:
                   row.identifier, held, before, before + row.quantity)  # fmt: skip
         return "unclear"
 
+    async def _held(self, meter: Meter, row: OutboxRow) -> int:
+        """What Stripe's summary holds for the row's customer, meter and period."""
+        start, end = summary_window(row.period_start, row.period_end)
+        return await self.api.summary(meter, row.customer, start, end)
+
     async def _deliver(
-        self, rows: Sequence[OutboxRow], send: Callable[[], Awaitable[bool | None]]
-    ) -> bool:
-        """Count the attempt, send, then mark; True when Stripe has the rows."""
+        self,
+        rows: Sequence[OutboxRow],
+        send: Callable[[], Awaitable[bool | None]],
+        divisible: bool = False,
+    ) -> bool | None:
+        """Count the attempt, send, then mark; True when Stripe has the rows (or refused
+        them for good), False when they wait for a retry, None when Stripe refused the
+        request and it is `divisible` (the caller sends its rows in smaller parts)."""
         now = self._clock()
         for row in rows:
             await self.outbox.attempt(row.identifier, now)
         try:
             new = await send()
         except SendFailure as failure:
-            self.metrics.failures.labels(failure.kind).inc()
             ids = [row.identifier for row in rows]
+            if not failure.retryable and divisible:
+                log.info("Stripe refused %d reports at once (%s); sending them in parts",
+                         len(ids), failure)  # fmt: skip
+                return None
+            self.metrics.failures.labels(failure.kind).inc()
             if not failure.retryable:
                 await self.outbox.finish(ids, REJECTED, self._clock(), str(failure)[:500])
                 log.error("Stripe refused %d report(s) (%s): %s", len(ids), ids[0], failure)
@@ -305,19 +357,51 @@ class Reporter:
             m for m in self._meters.values() if m.event_name in self.config.meter_events.values()
         }
         for meter in used:
-            for report in await self.api.error_reports(meter, since - timedelta(minutes=1)):
+            found = await self.api.error_reports(meter, since - timedelta(minutes=1))
+            # Each report once (they are asked for with some overlap): a recheck of an old
+            # one would reopen a resent row before a newer report could name it.
+            fresh = [r for r in found if r.id not in self._reports_seen]
+            for report in (sample for reports in fresh for sample in reports.samples):
                 if await self.outbox.reject_sent(
                     report.identifier, f"{report.code}: {report.message}"
                 ):
                     self.metrics.failures.labels("async_rejected").inc()
                     log.error("Stripe refused report %s after accepting it: %s %s",
                               report.identifier, report.code, report.message)  # fmt: skip
+            for reports in fresh:
+                if reports.unnamed > 0:
+                    await self._recheck(meter, reports, now)
+                self._reports_seen[reports.id] = now
         self._errors_since = now
+        horizon = now - timedelta(minutes=10)
+        self._reports_seen = {k: at for k, at in self._reports_seen.items() if at > horizon}
+
+    async def _recheck(self, meter: Meter, reports: ErrorReports, now: datetime) -> None:
+        """Refusals Stripe counted without naming them: the groups of the rows sent around
+        the report whose summary falls short of what is marked sent go out again (Stripe
+        drops a resend of what it holds: they were all first sent within its dedupe window)."""
+        sent = await self.outbox.sent_between(
+            meter.event_name, reports.start - RECHECK_BEFORE, reports.end + RECHECK_AFTER
+        )
+        groups: dict[tuple[str, str, datetime], list[OutboxRow]] = {}
+        for row in sent:
+            groups.setdefault((row.tenant, row.meter, row.period_start), []).append(row)
+        for rows in groups.values():
+            held, total = await self._held(meter, rows[0]), await self.outbox.sent_total(rows[0])
+            if held >= total:
+                continue
+            ids = [row.identifier for row in rows]
+            await self.outbox.reopen(ids, now, f"Stripe holds {held} of {total} sent: resent")
+            log.warning("Stripe holds %d of the %d sent for %s %s; resending %d report(s)",
+                        held, total, rows[0].tenant, rows[0].meter, len(ids))  # fmt: skip
 
     async def _export(self) -> None:
         stats = await self.outbox.pending()
         self.metrics.pending_rows.set(stats.rows)
         self.metrics.pending_quantity.set(stats.quantity)
-        age = (self._clock() - stats.oldest).total_seconds() if stats.oldest else 0.0
-        self.metrics.oldest_pending.set(max(0.0, age))
+        self._oldest_pending = stats.oldest
         self.metrics.rejected_rows.set((await self.outbox.counts()).get(REJECTED, 0))
+
+    def _oldest_age(self) -> float:
+        oldest = self._oldest_pending
+        return max(0.0, (self._clock() - oldest).total_seconds()) if oldest else 0.0

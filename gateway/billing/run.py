@@ -64,13 +64,13 @@ class Reporting:
 
     @classmethod
     def start(
-        cls, config: GatewayConfig, db: Database, registry: CollectorRegistry, holder: str
+        cls, config: GatewayConfig, db: Database, registry: CollectorRegistry, name: str
     ) -> Reporting:
         assert config.stripe is not None
         stripe = config.stripe
         outbox = Outbox(db, config.meters, dict(stripe.meter_events))
         api = StripeAPI(stripe, api_key(stripe))
-        return cls(Reporter(stripe, outbox, api, StripeMetrics(registry), holder))
+        return cls(Reporter(stripe, outbox, api, StripeMetrics(registry), name))
 
     async def close(self) -> None:
         """Finish the call in flight (its row is marked or stays pending), then stop."""

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
-from stripe._base_address import BaseAddresses
 
 from gateway.billing.outbox import OutboxRow
 from gateway.config.models import StripeConfig
@@ -80,6 +79,22 @@ class ErrorReport:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorReports:
+    """One error report of a meter: Stripe groups refusals by code and names only
+    samples of each; `count` is every refusal validated between `start` and `end`."""
+
+    id: str
+    samples: list[ErrorReport]
+    count: int
+    start: datetime
+    end: datetime
+
+    @property
+    def unnamed(self) -> int:
+        return self.count - len({sample.identifier for sample in self.samples})
+
+
 def _at(value: Any) -> datetime:
     if isinstance(value, int | float):
         return datetime.fromtimestamp(value, UTC)
@@ -91,16 +106,15 @@ class StripeAPI:
 
     def __init__(self, config: StripeConfig, api_key: str) -> None:
         self.config = config
-        addresses: BaseAddresses = {}
-        if config.api_base:
-            addresses["api"] = config.api_base
-        if config.meter_events_base or config.api_base:
-            addresses["meter_events"] = config.meter_events_base or config.api_base
+        meter_events = config.meter_events_base or config.api_base
         self._http = stripe.AIOHTTPClient(timeout=config.timeout_s)
         self.client = stripe.StripeClient(
             api_key,
             stripe_version=STRIPE_API_VERSION,
-            base_addresses=addresses,
+            base_addresses={
+                "api": config.api_base or stripe.DEFAULT_API_BASE,
+                "meter_events": meter_events or stripe.DEFAULT_METER_EVENTS_API_BASE,
+            },
             max_network_retries=0,
             http_client=self._http,
         )
@@ -189,8 +203,8 @@ class StripeAPI:
                     raise
                 self._session_token = None  # renewed once, then the send is retried
 
-    async def error_reports(self, meter: Meter, since: datetime) -> list[ErrorReport]:
-        """The identifiers the stream refused after accepting them, since `since`."""
+    async def error_reports(self, meter: Meter, since: datetime) -> list[ErrorReports]:
+        """What the stream refused after accepting it, reported since `since`."""
         params: Any = {
             "object_id": meter.id,
             "types": [ERROR_REPORT_EVENT],
@@ -200,13 +214,14 @@ class StripeAPI:
         page = await self._call(self.client.v2.core.events.list_async(params))
         reports = []
         async for event in page.auto_paging_iter():
-            for error_type in event.data.reason.error_types:
-                for sample in error_type.sample_errors:
-                    reports.append(
-                        ErrorReport(
-                            sample.request.identifier, error_type.code, sample.error_message
-                        )
-                    )
+            reason = event.data.reason
+            samples = [
+                ErrorReport(sample.request.identifier, error_type.code, sample.error_message)
+                for error_type in reason.error_types
+                for sample in error_type.sample_errors
+            ]
+            start, end = _at(event.data.validation_start), _at(event.data.validation_end)
+            reports.append(ErrorReports(event.id, samples, int(reason.error_count), start, end))
         return reports
 
     async def summary(self, meter: Meter, customer: str, start: datetime, end: datetime) -> int:

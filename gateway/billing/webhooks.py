@@ -37,14 +37,19 @@ SUBSCRIPTION_EVENTS = (
 )
 INVOICE_EVENTS = ("invoice.paid", "invoice.payment_failed")
 _KNOWN_TYPES = frozenset(SUBSCRIPTION_EVENTS + INVOICE_EVENTS)
+ENDED = ("canceled", "incomplete_expired")  # a subscription that will not run again
+_ENDED_SQL = ", ".join(f"'{status}'" for status in ENDED)
 
 _RECORD_EVENT = """
     INSERT INTO stripe_webhook_events (id, type, created, received_at, result)
     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING id
 """
 # One statement, so that two events racing cannot interleave: the newer wins.
-# A subscription that is not the tenant's own may not cancel it ($8: terminal).
-_APPLY_SUBSCRIPTION = """
+# A subscription that is not the tenant's own (an add-on, an old one) changes nothing,
+# unless none is recorded or the recorded one has ended: then a running one ($8: the
+# change is terminal) replaces it. $9: the customer's current subscription by
+# `gateway stripe sync`, which has seen them all.
+_APPLY_SUBSCRIPTION = f"""
     UPDATE tenants SET
         status = $2,
         status_changed_at = CASE WHEN status = $2 THEN status_changed_at ELSE $3 END,
@@ -55,15 +60,19 @@ _APPLY_SUBSCRIPTION = """
         updated_at = $7
     WHERE stripe_customer = $1
     AND (stripe_updated_at IS NULL OR stripe_updated_at <= $3)
-    AND NOT ($8 AND stripe_subscription IS NOT NULL AND stripe_subscription <> $6)
+    AND (stripe_subscription IS NULL OR stripe_subscription = $6 OR $9
+         OR (status IN ({_ENDED_SQL}) AND NOT $8))
     RETURNING id
 """
+# Only the invoices of the tenant's own subscription ($7) move it.
 _APPLY_INVOICE = """
     UPDATE tenants SET status = $2, status_changed_at = $3, stripe_updated_at = $3, updated_at = $4
-    WHERE stripe_customer = $1 AND status IN ($5, $6)
+    WHERE stripe_customer = $1 AND status IN ($5, $6) AND stripe_subscription = $7
     AND (stripe_updated_at IS NULL OR stripe_updated_at <= $3)
     RETURNING id
 """
+_RECORDED_SUBSCRIPTION = "SELECT stripe_subscription FROM tenants WHERE stripe_customer = $1"
+_SET_RESULT = "UPDATE stripe_webhook_events SET result = $2 WHERE id = $1"
 _ATTACH = "UPDATE tenants SET stripe_customer = $2 WHERE id = $1 AND stripe_customer IS NULL"
 # invoice.payment_failed turns a paying tenant past_due; invoice.paid brings it back.
 _INVOICE_MOVES = {
@@ -94,6 +103,16 @@ class SubscriptionChange:
     billing_anchor: datetime | None
     created: datetime
     tenant_hint: str | None  # the subscription's own metadata naming the tenant
+
+
+def invoice_subscription(invoice: dict[str, Any]) -> str | None:
+    """The subscription an invoice bills; None for a one-off invoice."""
+    # Since API version 2025-03-31 under `parent`; before, at the top.
+    details = (invoice.get("parent") or {}).get("subscription_details") or {}
+    subscription = details.get("subscription") or invoice.get("subscription")
+    if isinstance(subscription, dict):  # expanded
+        subscription = subscription.get("id")
+    return str(subscription) if subscription else None
 
 
 def _timestamp(value: Any) -> datetime | None:
@@ -199,8 +218,11 @@ class Webhooks:
             self.metrics.received.labels(label, "error").inc()
             raise WebhookError(503, f"Stripe lookup failed ({exc.kind}); retry") from None
         self.metrics.received.labels(label, result).inc()
-        if tenant is not None and result == "applied":
-            await self.bus.publish("tenant", tenant)
+        # A duplicate is announced again: its first delivery may have been applied and then
+        # not announced, and answered 503 so that Stripe retries it (announcing is idempotent).
+        if tenant is not None and result in ("applied", "duplicate"):
+            if not await self.bus.publish("tenant", tenant):
+                raise WebhookError(503, "applied, but not announced to every process; retry")
         log.info("Stripe webhook %s %s: %s%s", event["id"], kind, result,
                  f" (tenant {tenant})" if tenant else "")  # fmt: skip
         return {"received": True, "result": result, "tenant": tenant}
@@ -217,9 +239,10 @@ class Webhooks:
             return result if await self._record(tx, event, result) else "duplicate"
 
     async def apply_subscription(
-        self, event: dict[str, Any], change: SubscriptionChange
+        self, event: dict[str, Any], change: SubscriptionChange, current: bool = False
     ) -> tuple[str, str | None]:
-        """Record the event and apply its change: (result, tenant id)."""
+        """Record the event and apply its change: (result, tenant id). `current`: Stripe
+        says this is the customer's subscription now (it replaces the recorded one)."""
         tenant = await self.ledger.tenant_by_customer(change.customer)
         if tenant is None:
             tenant = await self._adopt(change)
@@ -230,24 +253,31 @@ class Webhooks:
                     event["id"],
                 )  # fmt: skip
                 return await self._record_only(event, "unmapped"), None
-        if change.plan is None and change.status not in ("canceled", "incomplete_expired"):
+        if change.plan is None and change.status not in ENDED:
             log.warning("Stripe subscription %s has no price in stripe.prices; plan kept",
                         change.subscription)  # fmt: skip
-        terminal = change.status in ("canceled", "incomplete_expired")
         async with self.ledger.db.transaction() as tx:
             if not await self._record(tx, event, "applied"):
                 return "duplicate", tenant.id
             applied = await tx.fetchval(
                 _APPLY_SUBSCRIPTION, change.customer, change.status, utc(change.created),
                 change.plan, change.billing_anchor, change.subscription, datetime.now(UTC),
-                terminal,
+                change.status in ENDED, current,
             )  # fmt: skip
             if applied is None:
-                await tx.execute(
-                    "UPDATE stripe_webhook_events SET result = 'stale' WHERE id = $1", event["id"]
-                )
-                return "stale", tenant.id
+                return await self._not_applied(tx, event, change.customer, change.subscription,
+                                               "stale"), tenant.id  # fmt: skip
         return "applied", tenant.id
+
+    async def _not_applied(
+        self, tx: Queries, event: dict[str, Any], customer: str, subscription: str, other: str
+    ) -> str:
+        """`ignored` when the event is about another subscription than the tenant's,
+        else `other`; recorded as the event's result."""
+        recorded = await tx.fetchval(_RECORDED_SUBSCRIPTION, customer)
+        result = "ignored" if recorded is not None and recorded != subscription else other
+        await tx.execute(_SET_RESULT, event["id"], result)
+        return result
 
     async def _adopt(self, change: SubscriptionChange) -> Tenant | None:
         """The tenant a customer's first subscription names (created or attached), if any."""
@@ -282,17 +312,18 @@ class Webhooks:
         tenant = await self.ledger.tenant_by_customer(str(customer)) if customer else None
         if tenant is None:
             return await self._record_only(event, "unmapped"), None
+        subscription = invoice_subscription(invoice)
+        if subscription is None:  # a one-off invoice says nothing about the subscription
+            return await self._record_only(event, "ignored"), tenant.id
         status, from_statuses = _INVOICE_MOVES[event["type"]]
         async with self.ledger.db.transaction() as tx:
             if not await self._record(tx, event, "applied"):
                 return "duplicate", tenant.id
             applied = await tx.fetchval(
-                _APPLY_INVOICE, customer, status, utc(created), datetime.now(UTC), *from_statuses
-            )
+                _APPLY_INVOICE, customer, status, utc(created), datetime.now(UTC), *from_statuses,
+                subscription,
+            )  # fmt: skip
             if applied is None:
-                await tx.execute(
-                    "UPDATE stripe_webhook_events SET result = 'unchanged' WHERE id = $1",
-                    event["id"],
-                )
-                return "unchanged", tenant.id
+                return await self._not_applied(tx, event, str(customer), subscription,
+                                               "unchanged"), tenant.id  # fmt: skip
         return "applied", tenant.id
