@@ -44,7 +44,9 @@ async def fill(client: aioredis.Redis, count: int) -> None:
                 f"{uuid.uuid4().hex}:api_calls", tenant, "api_calls", 1, now_us + i,
                 period_us, "charge", "api", "GET", 0, uuid.uuid4().hex,
             )  # fmt: skip
-            pipe.xadd(keyspace.stream_key(tenant, SHARDS), {"e": event.encode()})
+            pipe.xadd(
+                keyspace.shard_stream(keyspace.shard_of(tenant, SHARDS)), {"e": event.encode()}
+            )
         await pipe.execute()
 
 
