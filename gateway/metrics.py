@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.config.models import HTTP_METHODS
+from gateway.config.types import HTTP_METHODS
 
 _LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
@@ -142,5 +142,55 @@ class LedgerWrites:
         self.duplicates = Counter(
             "gateway_usage_duplicate_events",
             "Redelivered events the ledger already had.",
+            registry=registry,
+        )
+
+
+# Every kind is exported from the start at 0: `increase()` in an alert sees the first one.
+FAILURE_KINDS = ("rate_limited", "server_error", "timeout", "auth", "rejected", "async_rejected",
+                 "meter_missing", "expired", "ledger")  # fmt: skip
+
+
+class StripeMetrics:
+    """What the reporter does, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reported = Counter(
+            "gateway_stripe_reported_quantity",
+            "Quantity Stripe accepted, by meter: usage, and corrections (negative reports of "
+            "refunds written after their charge was reported).",
+            ["meter", "direction"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "gateway_stripe_reported_events",
+            "Meter events Stripe accepted (or already had: duplicate).",
+            ["result"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "gateway_stripe_send_failures",
+            "Failed Stripe calls by kind (" + ", ".join(FAILURE_KINDS) + ").",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in FAILURE_KINDS:
+            self.failures.labels(kind)
+        self.pending_rows = Gauge(
+            "gateway_stripe_outbox_pending_rows", "Outbox rows not sent yet.", registry=registry
+        )
+        self.pending_quantity = Gauge(
+            "gateway_stripe_outbox_pending_quantity",
+            "Usage quantity in outbox rows not sent yet.",
+            registry=registry,
+        )
+        self.oldest_pending = Gauge(
+            "gateway_stripe_outbox_oldest_pending_seconds",
+            "Age of the oldest unsent outbox row (0 when none).",
+            registry=registry,
+        )
+        self.rejected_rows = Gauge(
+            "gateway_stripe_outbox_rejected_rows",
+            "Outbox rows Stripe refused for good (need a look).",
             registry=registry,
         )

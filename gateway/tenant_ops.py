@@ -15,7 +15,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from gateway.auth.apikeys import new_key
 from gateway.config.loader import format_path
-from gateway.config.models import GatewayConfig, LimitConfig, Name, SubscriptionStatus
+from gateway.config.models import GatewayConfig, LimitConfig
+from gateway.config.types import Name, SubscriptionStatus
 from gateway.invalidation import Bus
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
 from gateway.ledger.store import Ledger

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, json_schema, load, parse
-from gateway.config.models import UNLIMITED
+from gateway.config.types import UNLIMITED
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = sorted((Path(__file__).parent / "bad_configs").glob("*.yaml"))

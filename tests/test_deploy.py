@@ -9,8 +9,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.billing.reporter import FAILURE_KINDS, StripeMetrics
 from gateway.config import load
+from gateway.metrics import FAILURE_KINDS, StripeMetrics
 from gateway.usage.worker import WorkerMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

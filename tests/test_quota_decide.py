@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from gateway.clock import US_PER_S
-from gateway.config.models import UNLIMITED
+from gateway.config.types import UNLIMITED
 from gateway.quota.gcra import RateLimit
 from gateway.quota.periods import period_of
 from gateway.quota.rules import Decision, MeterLimit, decide, meter_state

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.clock import to_us
-from gateway.config.models import UNLIMITED
+from gateway.config.types import UNLIMITED
 from gateway.ledger.events import EventContext, UsageEvent, decode
 from gateway.quota import keyspace
 from gateway.quota.gcra import RateLimit

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.billing.outbox import Outbox
-from gateway.billing.reporter import FAILURE_KINDS, PLAN_HORIZON, Reporter, StripeMetrics
+from gateway.billing.reporter import PLAN_HORIZON, Reporter
 from gateway.billing.rules import event_time, report_identifier, summary_window
 from gateway.billing.stripe_api import SendFailure, StripeAPI
 from gateway.clock import to_us
@@ -20,6 +20,7 @@ from gateway.ledger import Ledger
 from gateway.ledger.events import UsageEvent
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
+from gateway.metrics import FAILURE_KINDS, StripeMetrics
 from gateway.quota.periods import period_of
 from tests.conftest import PgLedger
 from tests.fake_stripe import API_KEY, FakeStripe

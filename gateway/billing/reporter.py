@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from gateway.billing.outbox import EXPIRED, REJECTED, SENT, Outbox, OutboxRow
 from gateway.billing.rules import (
     STRIPE_PAST,
@@ -37,6 +35,7 @@ from gateway.billing.rules import (
 from gateway.billing.stripe_api import ErrorReports, Meter, SendFailure, StripeAPI
 from gateway.config.models import StripeConfig
 from gateway.ledger.db import LedgerUnavailable
+from gateway.metrics import StripeMetrics
 
 log = logging.getLogger("gateway.billing")
 
@@ -51,56 +50,6 @@ RECHECK_BEFORE = timedelta(hours=1)
 RECHECK_AFTER = timedelta(minutes=5)
 # Periods older than this cannot take a report any more (35 days + the longest period).
 PLAN_HORIZON = STRIPE_PAST + timedelta(days=31)
-
-
-# Every kind is exported from the start at 0: `increase()` in an alert sees the first one.
-FAILURE_KINDS = ("rate_limited", "server_error", "timeout", "auth", "rejected", "async_rejected",
-                 "meter_missing", "expired", "ledger")  # fmt: skip
-
-
-class StripeMetrics:
-    """What the reporter does, on an injected registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.reported = Counter(
-            "gateway_stripe_reported_quantity",
-            "Quantity Stripe accepted, by meter: usage, and corrections (negative reports of "
-            "refunds written after their charge was reported).",
-            ["meter", "direction"],
-            registry=registry,
-        )
-        self.events = Counter(
-            "gateway_stripe_reported_events",
-            "Meter events Stripe accepted (or already had: duplicate).",
-            ["result"],
-            registry=registry,
-        )
-        self.failures = Counter(
-            "gateway_stripe_send_failures",
-            "Failed Stripe calls by kind (" + ", ".join(FAILURE_KINDS) + ").",
-            ["kind"],
-            registry=registry,
-        )
-        for kind in FAILURE_KINDS:
-            self.failures.labels(kind)
-        self.pending_rows = Gauge(
-            "gateway_stripe_outbox_pending_rows", "Outbox rows not sent yet.", registry=registry
-        )
-        self.pending_quantity = Gauge(
-            "gateway_stripe_outbox_pending_quantity",
-            "Usage quantity in outbox rows not sent yet.",
-            registry=registry,
-        )
-        self.oldest_pending = Gauge(
-            "gateway_stripe_outbox_oldest_pending_seconds",
-            "Age of the oldest unsent outbox row (0 when none).",
-            registry=registry,
-        )
-        self.rejected_rows = Gauge(
-            "gateway_stripe_outbox_rejected_rows",
-            "Outbox rows Stripe refused for good (need a look).",
-            registry=registry,
-        )
 
 
 def unique_holder(name: str) -> str:

@@ -9,12 +9,13 @@ import os
 from prometheus_client import CollectorRegistry
 
 from gateway.billing.outbox import Outbox
-from gateway.billing.reporter import Reporter, StripeMetrics
+from gateway.billing.reporter import Reporter
 from gateway.billing.stripe_api import StripeAPI
 from gateway.billing.webhooks import WebhookMetrics, Webhooks
 from gateway.config.models import GatewayConfig, StripeConfig
 from gateway.ledger.db import Database
 from gateway.lifecycle import stop_task
+from gateway.metrics import StripeMetrics
 from gateway.services import Services, StartupError
 
 log = logging.getLogger("gateway.billing")

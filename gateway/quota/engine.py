@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gateway.clock import Clock, utc_now
-from gateway.config.models import UNLIMITED, GatewayConfig, MeterConfig, RouteConfig
+from gateway.config.models import GatewayConfig, MeterConfig, RouteConfig
+from gateway.config.types import UNLIMITED
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Literal
 
 from gateway.clock import US_PER_S
-from gateway.config.models import UNLIMITED
+from gateway.config.types import UNLIMITED
 from gateway.quota.gcra import RateLimit, gcra
 from gateway.quota.periods import Period
 
