@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.clock import to_us
 from gateway.ledger.events import EventContext, adjustment_kind
-from gateway.quota import keyspace
+from gateway.quota import keyspace, script_args
 from gateway.quota.periods import Period
 from gateway.quota.queue import EventQueue
 from gateway.quota.redis_client import Client, ScriptPipeline, close_client, redis_client
@@ -49,7 +49,8 @@ def _lua_prelude() -> str:
     return resources.files("gateway.quota").joinpath("usage_event.lua").read_text()
 
 
-SCRIPT = _lua("check_and_charge.lua")
+# Its argument layout's names first: they come from the table Python encodes by.
+SCRIPT = script_args.lua_names() + _lua("check_and_charge.lua")
 APPLY_ONCE = _lua("apply_once.lua")
 RESTORE = _lua("restore.lua", records=False)
 SET_LEVEL = _lua("set_level.lua")
@@ -115,31 +116,42 @@ class RedisStore:
     ) -> tuple[list[str], list[int | str]]:
         tenant, shards = request.tenant, self._shards
         key_list = [keyspace.memo_key(tenant, shards, request.request_id)]
-        args: list[int | str] = [
-            keyspace.MEMO_TTL_MS, keyspace.COUNTER_GRACE_MS, len(request.meters),
-            len(request.rate_limits), mode, self._event_fields(tenant, request.context),
-            request.request_id,
-        ]  # fmt: skip
+        head: dict[str, int | str] = {
+            "memo_ttl_ms": keyspace.MEMO_TTL_MS, "grace_ms": keyspace.COUNTER_GRACE_MS,
+            "meters": len(request.meters), "rates": len(request.rate_limits), "mode": mode,
+            "event_fields": self._event_fields(tenant, request.context),
+            "operation_id": request.request_id,
+        }  # fmt: skip
+        args = script_args.values(script_args.HEAD, head)
         for meter in request.meters:
             limit = meter.limit
+            fields: dict[str, int | str] = {
+                "limit": limit.limit, "hard": int(limit.hard), "cost": meter.cost,
+                "needs_remaining": int(meter.needs_remaining), "name": limit.meter,
+            }  # fmt: skip
+            credits = list(meter.credits) if meter.periods and meter.credits else [0, 0, 0]
             if meter.periods:
                 if len(meter.periods) != 3:
                     raise ValueError("a counter needs its previous, current and next periods")
                 key_list += [
                     keyspace.counter_key(tenant, shards, limit.meter, p.key) for p in meter.periods
                 ]
-                args.append("c")
-                for period in meter.periods:
-                    args += [to_us(period.start), to_us(period.end)]
+                fields["kind"] = "c"
+                for i, period in enumerate(meter.periods):
+                    fields[f"start_{i}"], fields[f"end_{i}"] = (
+                        to_us(period.start),
+                        to_us(period.end),
+                    )
             else:
                 key_list.append(keyspace.gauge_key(tenant, shards, limit.meter))
-                args += ["g", 0, 0, 0, 0, 0, 0]
-            args += [limit.limit, int(limit.hard), meter.cost, int(meter.needs_remaining)]
-            args += list(meter.credits) if meter.periods and meter.credits else [0, 0, 0]
-            args.append(limit.meter)
+                fields["kind"] = "g"
+                fields.update({f"{edge}_{i}": 0 for edge in ("start", "end") for i in range(3)})
+            fields.update({f"credit_{i}": credit for i, credit in enumerate(credits)})
+            args += script_args.values(script_args.METER, fields)
         for rate_limit, scope in request.rate_limits:
             key_list.append(keyspace.rate_key(tenant, shards, rate_limit.name, scope))
-            args += [rate_limit.interval_us, rate_limit.burst, 1]
+            rate = {"interval_us": rate_limit.interval_us, "burst": rate_limit.burst, "cost": 1}
+            args += script_args.values(script_args.RATE, rate)
         key_list += self._shard_keys(tenant)[1]
         return key_list, args
 
