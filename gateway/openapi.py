@@ -16,6 +16,9 @@ def openapi_document() -> dict[str, Any]:
         body = {"content": {media: {"schema": schema}}} if schema else {}
         return {"description": description, **body}
 
+    def json_body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+        return {"required": required, "content": {"application/json": {"schema": schema}}}
+
     tenant_ref = {"$ref": "#/components/schemas/Tenant"}
     key_ref = {"$ref": "#/components/schemas/ApiKey"}
     id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -111,14 +114,7 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "put": {
                     "summary": "Create a tenant, or change the fields given",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/TenantChanges"}
-                            }
-                        },
-                    },
+                    "requestBody": json_body({"$ref": "#/components/schemas/TenantChanges"}),
                     "responses": {
                         "200": answer("changed", tenant_ref),
                         "201": answer("created", tenant_ref),
@@ -135,16 +131,10 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [id_param],
                 "post": {
                     "summary": "Create an API key (the key is shown once)",
-                    "requestBody": {
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {"name": {"type": "string"}},
-                                }
-                            }
-                        }
-                    },
+                    "requestBody": json_body(
+                        {"type": "object", "properties": {"name": {"type": "string"}}},
+                        required=False,
+                    ),
                     "responses": {"201": answer("the new key", key_ref), **errors},
                 },
                 "get": {
@@ -195,18 +185,13 @@ def openapi_document() -> dict[str, Any]:
                 "put": {
                     "summary": "Set a gauge's level",
                     "parameters": [id_param, meter_param],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {"value": {"type": "integer", "minimum": 0}},
-                                    "required": ["value"],
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": json_body(
+                        {
+                            "type": "object",
+                            "properties": {"value": {"type": "integer", "minimum": 0}},
+                            "required": ["value"],
+                        }
+                    ),
                     "responses": {"200": answer("the usage view"), **errors},
                 }
             },
@@ -221,24 +206,19 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Add to the tenant's quota of a counter for its current period",
                     "parameters": [id_param],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {
-                                        "meter": {"type": "string"},
-                                        "quantity": {
-                                            "type": "integer",
-                                            "description": "negative takes back earlier credit",
-                                        },
-                                    },
-                                    "required": ["meter", "quantity"],
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": json_body(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "meter": {"type": "string"},
+                                "quantity": {
+                                    "type": "integer",
+                                    "description": "negative takes back earlier credit",
+                                },
+                            },
+                            "required": ["meter", "quantity"],
+                        }
+                    ),
                     "responses": {
                         "201": answer("the credit, its period and the period's total"),
                         "422": answer("invalid credit", problem_ref),

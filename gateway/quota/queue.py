@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from gateway.batching import Coalescer
 from gateway.ledger.events import split
 from gateway.lifecycle import stop_task
 from gateway.quota import keyspace
@@ -50,8 +51,9 @@ class EventQueue:
         self._shards = shards
         self._timeout_s = timeout_s
         self._journal = journal
-        self._calls: list[tuple[str, list[str], asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._appends: Coalescer[tuple[str, list[str]], None] = Coalescer(
+            self._append, "usage-queue"
+        )
         self._waiting: list[tuple[str, str]] = []  # (stream, event) the queue has not taken
         self._sealed: list[Segment] = []
         self._retry: asyncio.Task[None] | None = None
@@ -81,32 +83,22 @@ class EventQueue:
     def put(self, stream: str, wires: list[str]) -> asyncio.Future[None]:
         """Append events to a shard's stream, or keep them for later. The future is done
         once they are in the queue or kept (on disk with a journal); it never fails."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._waiting:  # the queue is behind: in order, after what waits
             self._wait(stream, wires)
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_result(None)
             return future
-        self._calls.append((stream, wires, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="usage-queue")
-        return future
+        return self._appends.submit((stream, wires))
 
-    async def _flush(self) -> None:
+    async def _append(self, batch: list[tuple[str, list[str]]]) -> list[None]:
         try:
-            while self._calls:
-                batch, self._calls = self._calls, []
-                try:
-                    async with asyncio.timeout(self._timeout_s):
-                        await self._send([(s, w) for s, wires, _ in batch for w in wires])
-                except (RedisError, OSError, TimeoutError) as exc:
-                    log.warning("usage queue unreachable (%r); events wait in the process", exc)
-                    for stream, wires, _ in batch:
-                        self._wait(stream, wires)
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-        finally:
-            self._flusher = None
+            async with asyncio.timeout(self._timeout_s):
+                await self._send([(stream, wire) for stream, wires in batch for wire in wires])
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("usage queue unreachable (%r); events wait in the process", exc)
+            for stream, wires in batch:
+                self._wait(stream, wires)
+        return [None] * len(batch)
 
     async def _send(self, events: Sequence[tuple[str, str]]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -165,8 +157,7 @@ class EventQueue:
     async def close(self) -> None:
         """Append what waits if the queue takes it; otherwise it stays in the journal."""
         await stop_task(self._retry)
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        await self._appends.drain()
         if self._waiting:
             try:
                 await self.catch_up()

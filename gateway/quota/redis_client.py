@@ -11,17 +11,18 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.lifecycle import stop_task
+from gateway.batching import Coalescer
 from gateway.quota.queue import EventQueue
 
 log = logging.getLogger("gateway.quota")
 POOL_CONNECTIONS = 64
 
 Client = aioredis.Redis | RedisCluster
+Call = tuple[list[str], list[int | str]]  # a script's KEYS and ARGV
 
 
 class ScriptPipeline:
-    """Script calls made while a round trip is under way go together in the next one.
+    """Script calls, coalesced across concurrent requests (batching.Coalescer).
 
     Each EVALSHA still runs atomically on its own; batching only spares the
     per-call client work and system calls, which dominate at high rates.
@@ -38,41 +39,31 @@ class ScriptPipeline:
         self._source = source
         self._events = queue
         self._sha = hashlib.sha1(source.encode()).hexdigest()
-        self._queue: list[tuple[list[str], list[int | str], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._calls: Coalescer[Call, Any] = Coalescer(self._round, "redis-pipeline")
 
     def call(self, key_list: list[str], args: list[int | str]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((key_list, args, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="redis-pipeline")
-        return future
+        return self._calls.submit((key_list, args))
 
-    async def _flush(self) -> None:
+    async def _round(self, batch: list[Call]) -> list[Any]:
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    results = await self._execute(batch)
-                except (RedisError, OSError) as exc:
-                    results = [exc] * len(batch)
-                for (key_list, _, future), result in zip(batch, results, strict=True):
-                    appended = None
-                    if isinstance(result, list) and self._events is not None:
-                        # The stream key is the one before last (the scripts' KEYS).
-                        appended = self._events.put(key_list[-2], [_text(e) for e in result[1:]])
-                        result = result[0]
-                    if future.done():  # its caller timed out
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result((result, appended))
-        finally:
-            self._flusher = None
+            results = await self._execute(batch)
+        except (RedisError, OSError) as exc:
+            return [exc] * len(batch)
+        answers: list[Any] = []
+        for (key_list, _), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                answers.append(result)
+                continue
+            appended = None
+            if isinstance(result, list) and self._events is not None:
+                # The stream key is the one before last (the scripts' KEYS).
+                appended = self._events.put(key_list[-2], [_text(e) for e in result[1:]])
+                result = result[0]
+            answers.append((result, appended))
+        return answers
 
-    async def _execute(self, batch: list[tuple[list[str], list[int | str], Any]]) -> list[Any]:
-        results = await self._send([(k, a) for k, a, _ in batch])
+    async def _execute(self, batch: list[Call]) -> list[Any]:
+        results = await self._send(batch)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:  # a restarted or flushed Redis
             await self._client.script_load(self._source)
@@ -90,7 +81,7 @@ class ScriptPipeline:
         return list(await pipe.execute(raise_on_error=False))
 
     async def close(self) -> None:
-        await stop_task(self._flusher)
+        await self._calls.close()
 
 
 def _text(value: bytes | str) -> str:
