@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from gateway.cli_tenants import add_parsers
 from gateway.config import ConfigError, GatewayConfig, json_schema, load
+from gateway.lifecycle import run_loop
 
 
 def _load_or_exit(path: str) -> GatewayConfig:
@@ -72,12 +73,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo.run import run_demo
 
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run_demo(args.port, args.admin_port))
-    else:
-        uvloop.run(run_demo(args.port, args.admin_port))
+    run_loop(run_demo(args.port, args.admin_port))
     return 0
 
 

@@ -1,9 +1,12 @@
-"""Stopping background tasks without trusting them to honour cancellation."""
+"""Running the event loop, and stopping background tasks without trusting them to
+honour cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 log = logging.getLogger("gateway")
 STOP_TIMEOUT_S = 2.0
@@ -22,3 +25,13 @@ async def stop_task(task: asyncio.Task[None] | None, timeout_s: float = STOP_TIM
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:
         log.warning("background task %s did not stop within %.0fs", task.get_name(), timeout_s)
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` to completion on uvloop where it is installed, else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from gateway.admin import Readiness, create_admin_app
 from gateway.app import create_app
 from gateway.config.models import GatewayConfig, TLSConfig
+from gateway.lifecycle import run_loop
 
 log = logging.getLogger("gateway")
 
@@ -100,9 +101,4 @@ def run(config: GatewayConfig) -> None:
     # Every counter would otherwise also export a `_created` series that
     # doubles the scrape and that no dashboard uses.
     disable_created_metrics()  # type: ignore[no-untyped-call]
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(config))
-    else:
-        uvloop.run(serve(config))
+    run_loop(serve(config))

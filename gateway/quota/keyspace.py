@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import zlib
 
+from gateway.clock import to_us
+from gateway.quota.periods import Period
+
 PREFIX = "q"
 MEMO_TTL_MS = 600_000  # how long a request id's first answer is remembered
 COUNTER_GRACE_MS = 7 * 86_400_000  # counters outlive their period for the usage view
@@ -53,3 +56,9 @@ def epoch_key(shard: int) -> str:
     """Set when the shard's counters are known to be whole; a Redis that lost its data
     lacks it, and nothing is checked or charged on the shard until it is restored."""
     return f"{PREFIX}:{{s{shard}}}:epoch"
+
+
+def expire_at_ms(period: Period | None) -> int:
+    """When a counter of `period` may go (Unix ms): the grace after its end; 0 (never)
+    for a gauge. check_and_charge.lua computes the same from the period it picks."""
+    return to_us(period.end) // 1000 + COUNTER_GRACE_MS if period is not None else 0

@@ -246,7 +246,7 @@ class RedisStore:
         args: list[int | str] = [datetime.now(UTC).isoformat()]
         for tenant, meter, period, value in levels:
             key_list.append(self._meter_key(tenant, meter, period))
-            expire_at = to_us(period.end) // 1000 + keyspace.COUNTER_GRACE_MS if period else 0
+            expire_at = keyspace.expire_at_ms(period)
             args += [value, expire_at]
         # Not under the request timeout: a large shard takes a while, and nothing
         # on it is served until this is done anyway.
@@ -270,7 +270,7 @@ class RedisStore:
         ]  # fmt: skip
         for meter, period, delta in adjustments:
             key_list.append(self._meter_key(tenant, meter, period))
-            expire_at = to_us(period.end) // 1000 + keyspace.COUNTER_GRACE_MS if period else 0
+            expire_at = keyspace.expire_at_ms(period)
             kind = adjustment_kind(period is None, delta, operation_id)
             args += [delta, expire_at, meter, to_us(period.start) if period else 0, kind]
         shard, trailing = self._shard_keys(tenant)
@@ -294,7 +294,7 @@ class RedisStore:
     ) -> None:
         shard, trailing = self._shard_keys(tenant)
         key_list = [self._meter_key(tenant, meter, period), *trailing]
-        expire_at = to_us(period.end) // 1000 + keyspace.COUNTER_GRACE_MS if period else 0
+        expire_at = keyspace.expire_at_ms(period)
         args: list[int | str] = [
             value, expire_at, self._event_fields(tenant, context), f"{uuid.uuid4().hex}:{meter}",
             meter, to_us(period.start) if period else 0, "gauge" if period is None else "reset",

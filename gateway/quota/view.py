@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from gateway.clock import EPOCH, iso_utc
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine, credit_of
-from gateway.quota.periods import Period, period_of
+from gateway.quota.periods import Period, meter_period, period_of
 from gateway.quota.rules import meter_state
 from gateway.quota.store import credited
 
 
 def current_period(engine: QuotaEngine, tenant: Tenant, meter: str) -> Period | None:
-    """The counter's period now (None for a gauge)."""
-    spec = engine.config.meters[meter]
-    if spec.type == "gauge":
-        return None
-    return period_of(spec.period or "billing_cycle", datetime.now(UTC), tenant.billing_anchor)
+    """The counter's period now, by the engine's clock (None for a gauge)."""
+    return meter_period(engine.config.meters[meter], engine.clock(), tenant.billing_anchor)
 
 
 async def usage_view(
@@ -28,7 +24,7 @@ async def usage_view(
     """`{tenant, plan, status, period, meters: {name: {used, limit, remaining, ...}}}`;
     with `ledger`, each meter's `recorded` is what the ledger holds for the same period."""
     policy = engine.plans.get(tenant.plan)
-    cycle = period_of("billing_cycle", datetime.now(UTC), tenant.billing_anchor)
+    cycle = period_of("billing_cycle", engine.clock(), tenant.billing_anchor)
     meters: dict[str, Any] = {}
     for name in sorted(engine.config.meters):
         period = current_period(engine, tenant, name)
