@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.auth.jwks import JWKSKeys
 from gateway.auth.jwt import JWTVerifier, mint
 from gateway.auth.keys import InvalidToken, KeyConfigError, StaticKeys
 from gateway.config.models import JWTConfig
+from gateway.metrics import AuthMetrics
 from tests.jwt_helpers import (
     AUDIENCE,
     ISSUER,
@@ -251,3 +253,24 @@ async def test_a_lookup_waits_for_the_miss_fetch_even_after_a_refresh_fetch_fini
         assert [(await first)[0], (await second)[0]] == ["beta", "gamma"]
     finally:
         await keys.stop()
+
+
+async def test_jwks_fetches_are_counted_by_result(jwks: JWKSServer) -> None:
+    registry = CollectorRegistry()
+    config = jwt_config(jwks_url=jwks.url)
+    keys = JWKSKeys(jwks.url, config.algorithms, 300, 0, metrics=AuthMetrics(registry))
+    await keys.start()  # ok
+    try:
+        jwks.keys = []
+        with pytest.raises(InvalidToken):
+            await keys.key("unknown-1", "RS256")  # empty: the last good keys are kept
+        await jwks.stop()
+        with pytest.raises(InvalidToken):
+            await keys.key("unknown-2", "RS256")  # error: the server is gone
+    finally:
+        await keys.stop()
+    counts = {
+        result: registry.get_sample_value("gateway_jwks_fetches_total", {"result": result})
+        for result in ("ok", "empty", "error")
+    }
+    assert counts == {"ok": 1.0, "empty": 1.0, "error": 1.0}

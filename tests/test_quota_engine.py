@@ -1,4 +1,4 @@
-"""The quota engine's own lifetime: nothing it starts outlives it."""
+"""The quota engine's own lifetime (nothing it starts outlives it) and its pending writes."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.config.models import GatewayConfig
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
+from gateway.metrics import QuotaMetrics
+from gateway.quota import keyspace
 from gateway.quota.engine import QuotaEngine, RouteCharges
 from gateway.quota.memory import MemoryStore
+from gateway.quota.pending import PendingCharges
 from gateway.quota.store import StoreLost
-from tests.conftest import gateway_config
+from tests.conftest import gateway_config, whole
 
 
 def engine_config() -> GatewayConfig:
@@ -59,3 +63,15 @@ async def test_a_store_lost_after_close_starts_no_restore_that_outlives_the_engi
     engine.void(request)
     assert engine_tasks() == []
     assert restored == []
+
+
+async def test_a_write_dropped_past_the_stores_memory_is_counted() -> None:
+    now = [1000.0]
+    registry = CollectorRegistry()
+    metrics = QuotaMetrics(registry)
+    pending = PendingCharges(clock=lambda: now[0], on_dropped=metrics.pending_dropped.inc)
+    pending.add("op-1", "acme", [("api_calls", None, 1)], EventContext("api"))
+    now[0] += keyspace.MEMO_TTL_MS / 1000 + 1  # the store no longer knows op-1
+    await pending.flush(await whole(MemoryStore()))
+    assert len(pending) == 0
+    assert registry.get_sample_value("gateway_quota_pending_dropped_total") == 1.0
