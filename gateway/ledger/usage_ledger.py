@@ -14,20 +14,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from datetime import UTC, datetime
 from typing import Any
 
-from gateway.clock import EPOCH, from_us, months_after
+from gateway.clock import EPOCH, months_after
 from gateway.ledger.db import Database, Queries
-from gateway.ledger.events import UsageEvent, split
+from gateway.ledger.events import COLUMNS, UsageEvent
 from gateway.ledger.timestamps import loaded, required, utc
 
-COLUMNS = (
-    "at", "id", "tenant_id", "meter", "quantity", "period_start", "kind", "route", "method",
-    "status", "request_id",
-)  # fmt: skip
 _COLUMN_LIST = ", ".join(COLUMNS)
+
 _STAGING = {
     "postgresql": (
         "CREATE TEMP TABLE IF NOT EXISTS usage_staging (LIKE usage_events) ON COMMIT DELETE ROWS"
@@ -127,10 +123,10 @@ class UsageLedger:
 
     async def write(self, events: Sequence[UsageEvent]) -> Written:
         """Insert the events not in the ledger yet and add them to the rollups, atomically."""
-        return await self.write_rows([_row(event) for event in events])
+        return await self.write_rows([event.row() for event in events])
 
     async def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> Written:
-        """`write` for rows in `COLUMNS` order (see `wire_row`)."""
+        """`write` for rows in `COLUMNS` order (see `events.wire_row`)."""
         if not rows:
             return Written(0, 0)
         if self.db.dialect == "postgresql":
@@ -190,7 +186,7 @@ class UsageLedger:
     ) -> list[tuple[str, str, datetime, int]]:
         """(tenant, meter, period start, total) of periods started since `since`, and of
         those that start at the epoch (gauges, counters that never reset), counting also
-        the `unrecorded` rows (see `wire_row`) that the ledger does not hold yet."""
+        the `unrecorded` rows (see `events.wire_row`) that the ledger does not hold yet."""
         if not unrecorded:
             rows = await self.db.fetch(_RECENT_TOTALS, utc(since), EPOCH)
         else:
@@ -213,31 +209,6 @@ class UsageLedger:
 
 def _partition(start: datetime) -> str:
     return f"usage_events_{start.year:04d}_{start.month:02d}"
-
-
-def wire_row(raw: str | bytes) -> tuple[Any, ...]:
-    """A ledger row straight from an event's wire form; ValueError if it is not one.
-
-    The worker's hot loop: no intermediate event object, and the few distinct
-    period starts are converted once.
-    """
-    _, id_, meter, quantity, at, period, kind, tenant, route, method, status, rid = split(raw)
-    return (
-        EPOCH + timedelta(microseconds=int(at)), id_, tenant, meter, int(quantity),
-        _period_start(int(period)), kind, route, method, int(status), rid,
-    )  # fmt: skip
-
-
-@lru_cache(maxsize=4096)
-def _period_start(us: int) -> datetime:
-    return from_us(us)
-
-
-def _row(event: UsageEvent) -> tuple[Any, ...]:
-    return (
-        event.at, event.id, event.tenant, event.meter, event.quantity, event.period_start,
-        event.kind, event.route, event.method, event.status, event.request_id,
-    )  # fmt: skip
 
 
 async def _add_rollups(tx: Queries, new: list[dict[str, Any]]) -> None:

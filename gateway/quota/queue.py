@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gateway.batching import Coalescer
-from gateway.ledger.events import split
+from gateway.ledger.events import tenant_of
 from gateway.lifecycle import stop_task
 from gateway.quota import keyspace
 from gateway.quota.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
@@ -65,7 +65,7 @@ class EventQueue:
             wires = wire_lines(dead.text)
             for wire in wires:
                 try:
-                    tenant = split(wire)[7]
+                    tenant = tenant_of(wire)
                     self._wait(
                         keyspace.shard_stream(keyspace.shard_of(tenant, self._shards)), [wire]
                     )

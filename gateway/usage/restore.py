@@ -17,7 +17,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.config.models import MeterConfig
-from gateway.ledger.usage_ledger import UsageLedger, wire_row
+from gateway.ledger.events import wire_row
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota import keyspace
 from gateway.quota.periods import Period, period_of
 from gateway.quota.store import CounterStore, Level

@@ -24,7 +24,8 @@ from redis.exceptions import RedisError
 
 from gateway.clock import month_start, months_after
 from gateway.ledger.db import LedgerUnavailable
-from gateway.ledger.usage_ledger import UsageLedger, wire_row
+from gateway.ledger.events import wire_row
+from gateway.ledger.usage_ledger import UsageLedger
 from gateway.metrics import LedgerWrites
 from gateway.usage.streams import Entry, UsageStreams
 
