@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.clock import US_PER_S
+from gateway.config.models import MeterConfig
 from gateway.quota.gcra import RateLimit, gcra
-from gateway.quota.periods import Period, PeriodKind, period_of
+from gateway.quota.periods import Period, PeriodKind, PeriodsCache, meter_periods, period_of
 
 
 def utc(
@@ -152,3 +153,20 @@ def test_gcra_never_allows_more_than_burst_plus_rate(
             assert result.retry_after_us > 0
     elapsed_us = now - start
     assert allowed <= burst + elapsed_us // limit.interval_us
+
+
+def test_cached_periods_follow_the_clock_across_a_boundary() -> None:
+    meters = {
+        "calls": MeterConfig(type="counter", period="day"),
+        "seats": MeterConfig(type="gauge"),
+    }
+    cache = PeriodsCache(meters, max_entries=2)
+    noon = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    first = cache.around("calls", noon, None)
+    assert first == meter_periods(meters["calls"], noon, None)
+    assert cache.around("calls", noon.replace(hour=23), None) is first  # same day: kept
+    next_day = cache.around("calls", datetime(2026, 3, 2, tzinfo=UTC), None)
+    assert next_day[1].start == datetime(2026, 3, 2, tzinfo=UTC) and next_day[0] == first[1]
+    assert cache.around("seats", noon, None) == ()
+    anchor = datetime(2025, 1, 15, 6, tzinfo=UTC)  # another key: a full cache starts again
+    assert cache.around("calls", noon, anchor) == meter_periods(meters["calls"], noon, anchor)

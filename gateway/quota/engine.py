@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -19,7 +19,7 @@ from gateway.lifecycle import stop_task
 from gateway.metrics import QuotaMetrics
 from gateway.quota.gcra import RateLimit
 from gateway.quota.pending import PendingCharges
-from gateway.quota.periods import Period, meter_period, meter_periods
+from gateway.quota.periods import Period, PeriodsCache, meter_period
 from gateway.quota.rules import MeterLimit
 from gateway.quota.spool import Spool, orphans
 from gateway.quota.store import (
@@ -127,6 +127,7 @@ class QuotaEngine:
         self.pending = PendingCharges(spool=self._spool, on_dropped=dropped)
         self._meters = config.meters
         self.plans = {name: self._plan(name) for name in config.plans}
+        self._periods = PeriodsCache(config.meters)
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -178,7 +179,7 @@ class QuotaEngine:
                 self._limit(policy, tenant, meter),
                 cost=route.fixed.get(meter, 0),
                 needs_remaining=meter in route.from_response,
-                periods=(periods := meter_periods(self._meters[meter], now, tenant.billing_anchor)),
+                periods=(periods := self._periods.around(meter, now, tenant.billing_anchor)),
                 credits=tuple(credit_of(tenant, meter, p) for p in periods),
             )
             for meter in sorted({*route.fixed, *route.from_response})
@@ -189,7 +190,7 @@ class QuotaEngine:
         )
         # A fresh id per request: the store's memo makes a retry of this call
         # idempotent, and a client's X-Request-Id may repeat.
-        return ChargeRequest(tenant.id, uuid.uuid4().hex, meters, rates, context)
+        return ChargeRequest(tenant.id, os.urandom(16).hex(), meters, rates, context)
 
     def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
         """Decide and count as usual, refuse nothing."""
@@ -288,7 +289,7 @@ class QuotaEngine:
             )
             for meter in route.from_response
         }
-        operation_id = request.request_id if request is not None else uuid.uuid4().hex
+        operation_id = request.request_id if request is not None else os.urandom(16).hex()
         return Charged(tenant.id, operation_id, costs, response_periods, route, context)
 
     def void(self, request: ChargeRequest) -> None:

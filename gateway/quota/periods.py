@@ -10,8 +10,10 @@ bills. Periods are half-open: [start, end).
 from __future__ import annotations
 
 import calendar
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Literal
 
 from gateway.clock import EPOCH, add_months
@@ -31,7 +33,7 @@ class Period:
     @property
     def key(self) -> str:
         """A stable name for the period (part of counter keys and ledger rows)."""
-        return self.start.strftime("%Y%m%dT%H%M%S")
+        return _key(self.start)
 
     def seconds_left(self, now: datetime) -> int:
         """Whole seconds to the end, rounded up (for Retry-After)."""
@@ -101,3 +103,35 @@ def meter_period(meter: MeterConfig, now: datetime, anchor: datetime | None) -> 
     if meter.type == "gauge":
         return None
     return period_of(meter.period or "billing_cycle", now, anchor)
+
+
+@lru_cache(maxsize=4096)
+def _key(start: datetime) -> str:
+    # strftime is slow, and a counter's key is built on every request.
+    return start.strftime("%Y%m%dT%H%M%S")
+
+
+class PeriodsCache:
+    """`meter_periods` remembered per meter and anchor while the current period lasts.
+
+    Periods change once a month, day or hour, yet every request needs them;
+    computing them (calendar arithmetic, three periods) cost more than the rest
+    of building a charge. Bounded: cleared when it holds `max_entries`.
+    """
+
+    def __init__(self, meters: Mapping[str, MeterConfig], max_entries: int = 100_000) -> None:
+        self._meters = meters
+        self._max_entries = max_entries
+        self._cache: dict[tuple[str, datetime | None], tuple[Period, ...]] = {}
+
+    def around(self, meter: str, now: datetime, anchor: datetime | None) -> tuple[Period, ...]:
+        """The meter's previous, current and next periods around `now`; () for a gauge."""
+        key = (meter, anchor)
+        periods = self._cache.get(key)
+        if periods is not None and (not periods or periods[1].start <= now < periods[1].end):
+            return periods
+        periods = meter_periods(self._meters[meter], now, anchor)
+        if len(self._cache) >= self._max_entries:
+            self._cache.clear()
+        self._cache[key] = periods
+        return periods
