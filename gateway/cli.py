@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from gateway import __version__
 from gateway.cli_tenants import add_parsers
 from gateway.config import ConfigError, GatewayConfig, json_schema, load
 from gateway.lifecycle import run_loop
@@ -80,6 +81,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="gateway", description="A quota-enforcing API gateway.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")

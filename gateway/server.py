@@ -16,6 +16,7 @@ from gateway.admin import Readiness, create_admin_app
 from gateway.app import create_app
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.lifecycle import run_loop
+from gateway.services import StartupError
 
 log = logging.getLogger("gateway")
 
@@ -59,8 +60,18 @@ class Gateway:
         ssl_ctx = server_ssl_context(server.tls) if server.tls else None
         site = web.TCPSite(public, server.host, server.port, ssl_context=ssl_ctx, backlog=1024)
         admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)
-        await site.start()
-        await admin_site.start()
+        for what, where, listener in (
+            ("server", (server.host, server.port), site),
+            ("admin", (self.config.admin.host, self.config.admin.port), admin_site),
+        ):
+            try:
+                await listener.start()
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(
+                    f"cannot listen on {where[0]}:{where[1]} ({exc.strerror or exc}): another "
+                    f"process holds it, or set another {what}.port"
+                ) from None
         self.port, self.admin_port = public.addresses[0][1], admin.addresses[0][1]
         self.readiness.ready = True
 

@@ -1,0 +1,36 @@
+"""The command line as a user meets it: a version, and a clear error for a port in use."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from tests.conftest import gateway_config
+from tests.procs import write_config
+
+
+def gateway_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_version() -> None:
+    done = gateway_command("--version")
+    assert (done.returncode, done.stdout.strip()) == (0, f"gateway {__version__}")
+
+
+def test_a_port_in_use_is_an_error_that_says_which_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = gateway_config("http://127.0.0.1:1", server={"host": "127.0.0.1", "port": port})
+        done = gateway_command("serve", "-c", str(write_config(tmp_path / "g.yaml", data)))
+    assert done.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port} (" in done.stderr
+    assert "set another server.port" in done.stderr
+    assert "Traceback" not in done.stderr
