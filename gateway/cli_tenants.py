@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
@@ -112,6 +111,7 @@ def run_tenants(config: GatewayConfig, args: argparse.Namespace) -> int:
 def run_token(config: GatewayConfig, tenant: str, ttl_s: float) -> int:
     """Print a development token signed with the config's HS secret."""
     from gateway.auth.jwt import mint
+    from gateway.auth.keys import KeyConfigError, hs_secret
 
     jwt = config.auth.jwt
     if jwt is None or jwt.secret_env is None:
@@ -120,9 +120,10 @@ def run_token(config: GatewayConfig, tenant: str, ttl_s: float) -> int:
             file=sys.stderr,
         )
         return 1
-    secret = os.environ.get(jwt.secret_env)
-    if not secret:
-        print(f"error: environment variable {jwt.secret_env} is not set", file=sys.stderr)
+    try:
+        secret = hs_secret(jwt)
+    except KeyConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     extra: dict[str, Any] = {}
     if jwt.issuer:

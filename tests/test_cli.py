@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -34,3 +35,25 @@ def test_a_port_in_use_is_an_error_that_says_which_not_a_traceback(tmp_path: Pat
     assert f"error: cannot listen on 127.0.0.1:{port} (" in done.stderr
     assert "set another server.port" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_token_refuses_a_secret_serve_would_refuse(tmp_path: Path) -> None:
+    data = gateway_config(
+        "http://127.0.0.1:1", auth={"jwt": {"algorithms": ["HS256"], "secret_env": "CLI_SECRET"}}
+    )
+    config = str(write_config(tmp_path / "g.yaml", data))
+    env = {**os.environ, "CLI_SECRET": "short"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "-c", config, "--tenant", "acme"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "error: environment variable CLI_SECRET must hold a secret of at least 32 bytes for HS256"
+    )
+    env["CLI_SECRET"] = "s" * 32
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "-c", config, "--tenant", "acme"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr, done.stdout.count(".")) == (0, "", 2)

@@ -62,6 +62,20 @@ def check_alg(bound: BoundKey | None, alg: str) -> BoundKey:
     return bound
 
 
+def hs_secret(config: JWTConfig) -> str:
+    """The HS secret `secret_env` names; KeyConfigError if unset or too short for the
+    algorithm (RFC 7518 3.2: at least the hash's size), for verifying and minting alike."""
+    assert config.secret_env is not None
+    secret = os.environ.get(config.secret_env, "")
+    alg = config.algorithms[0]
+    if len(secret.encode()) < MIN_SECRET_BYTES[alg]:
+        raise KeyConfigError(
+            f"environment variable {config.secret_env} must hold a secret of at least "
+            f"{MIN_SECRET_BYTES[alg]} bytes for {alg}"
+        )
+    return secret
+
+
 class StaticKeys:
     """An HS secret from the environment, or PEM public keys from files."""
 
@@ -72,14 +86,8 @@ class StaticKeys:
     def from_config(cls, config: JWTConfig) -> StaticKeys:
         algorithms = get_default_algorithms()
         if config.secret_env is not None:
-            secret = os.environ.get(config.secret_env, "")
             alg = config.algorithms[0]
-            if len(secret.encode()) < MIN_SECRET_BYTES[alg]:
-                raise KeyConfigError(
-                    f"environment variable {config.secret_env} must hold a secret of at least "
-                    f"{MIN_SECRET_BYTES[alg]} bytes for {alg}"
-                )
-            return cls({"": BoundKey(alg, algorithms[alg].prepare_key(secret))})
+            return cls({"": BoundKey(alg, algorithms[alg].prepare_key(hs_secret(config)))})
         keys = {}
         for spec in config.public_keys or []:
             try:
