@@ -269,8 +269,9 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
     restorer = recorder = None
     if usage is not None:
         restorer = functools.partial(
-            restore_shards, store, usage, config.meters, unrecorded=sink.unrecorded
-        )
+            restore_shards, store, usage, config.meters, unrecorded=sink.unrecorded,
+            expected=config.storage.embedded,
+        )  # fmt: skip
         if sink.local is not None:
             interval_s = config.usage.flush_interval_ms / 1000
             writes = LedgerWrites(app[REGISTRY])

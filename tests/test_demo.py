@@ -16,10 +16,11 @@ import pytest
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    log = (tmp_path / "demo.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--port", "0", "--admin-port", "0"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         text=True,
         cwd=tmp_path,  # the demo's SQLite ledger is created in the working directory
         env=env,
@@ -63,5 +64,10 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
         code = proc.wait(20)
         if proc.stdout is not None:
             proc.stdout.close()
+        log.close()
     assert code == 0
     assert (tmp_path / "gateway-demo.db").exists()
+    # It says where its state lives and how to start over; its normal path warns of nothing.
+    assert "Usage and tenants are kept in ./gateway-demo.db across runs; delete it" in lines[-2]
+    logged = (tmp_path / "demo.log").read_text()
+    assert " WARNING " not in logged and " ERROR " not in logged, logged

@@ -34,7 +34,7 @@ def demo_config(upstream_port: int, port: int, admin_port: int) -> GatewayConfig
     )
 
 
-def instructions(port: int, admin_port: int, token: str, admin_token: str) -> str:
+def instructions(port: int, admin_port: int, token: str, admin_token: str, ledger: str = "") -> str:
     """What to curl, printed when the demo is up."""
     base = f"http://127.0.0.1:{port}"
     admin = f"http://127.0.0.1:{admin_port}"
@@ -55,9 +55,11 @@ def instructions(port: int, admin_port: int, token: str, admin_token: str) -> st
             f"  curl -s -X POST {admin}/admin/tenants/demo/api-keys"
             f" -H 'Authorization: Bearer {admin_token}'   # an API key for X-API-Key",
             f"  curl -s {admin}/metrics | grep gateway_requests",
+            *([f"Usage and tenants are kept in {ledger} across runs; delete it to start over."]
+              if ledger else []),
             "Press Ctrl-C to stop.",
         ]
-    )
+    )  # fmt: skip
 
 
 def _secret(name: str, size: int) -> str:
@@ -84,7 +86,10 @@ async def run_demo(port: int, admin_port: int) -> None:
     gateway = Gateway(config)
     try:
         await gateway.start()
-        print(instructions(gateway.port, gateway.admin_port, token, admin_token), flush=True)
+        ledger = config.storage.ledger.removeprefix("sqlite:///")
+        print(
+            instructions(gateway.port, gateway.admin_port, token, admin_token, ledger), flush=True
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

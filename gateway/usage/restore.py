@@ -36,9 +36,11 @@ async def restore_shards(
     meters: Mapping[str, MeterConfig],
     shards: Sequence[int],
     unrecorded: Callable[[Sequence[int]], Awaitable[list[str]]] | None = None,
+    expected: bool = False,
 ) -> None:
     """Restore `shards` of `store` from the ledger's totals (and the events `unrecorded`
-    gives: a queue's, which the ledger may not have yet)."""
+    gives: a queue's, which the ledger may not have yet). `expected`: the store starts
+    empty by design (memory), so the restore is logged at INFO, not WARNING."""
     if not shards:
         return
     # The queue first: what the worker moves meanwhile is then in the ledger's
@@ -56,8 +58,11 @@ async def restore_shards(
         levels[shard].append((tenant, meter, period, quantity))
     for shard in shards:
         await store.restore(shard, levels[shard])
-        log.warning("counter store shard %d restored from the ledger (%d counters)", shard,
-                    len(levels[shard]))  # fmt: skip
+        # A new process's memory store starts empty by design; a Redis that lost its
+        # counters is news an operator must see.
+        log.log(logging.INFO if expected else logging.WARNING,
+                "counter store shard %d restored from the ledger (%d counters)", shard,
+                len(levels[shard]))  # fmt: skip
 
 
 def _rows(wires: Sequence[str]) -> list[tuple[Any, ...]]:
