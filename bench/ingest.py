@@ -106,6 +106,7 @@ async def main(count: int, rounds: int) -> None:
     finally:
         redis_server.close()
         postgres.close()
+        PostgresServer.remove_template()
     fresh = statistics.median(r[0] for r in results)
     dup = statistics.median(r[1] for r in results)
     print(f"worker ingest, {count:,} events over {SHARDS} shards and {TENANTS} tenants, "
