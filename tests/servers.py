@@ -39,7 +39,8 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    """Until something listens on 127.0.0.1:`port`; an error if `proc` exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -126,7 +127,7 @@ class RedisServer(_Process):
             "--logfile", str(self.dir / "redis.log"), *self.extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port, 10, self.proc)
+        wait_port(self.port, 10, self.proc)
         return self
 
 
@@ -235,6 +236,13 @@ class PostgresServer(_Process):
         self.data.chmod(0o700)
         self._chown(self.dir)
 
+    @classmethod
+    def remove_template(cls) -> None:
+        """Delete the initdb copied into every server (a test session leaves it to the OS)."""
+        if cls._template is not None:
+            shutil.rmtree(cls._template, ignore_errors=True)
+            cls._template = None
+
     def start(self) -> PostgresServer:
         if not self.data.exists():
             self._initdb()
@@ -251,7 +259,7 @@ class PostgresServer(_Process):
 
 def _wait_ready(pg: PostgresServer, timeout_s: float) -> None:
     assert pg.proc is not None
-    _wait_port(pg.port, timeout_s, pg.proc)
+    wait_port(pg.port, timeout_s, pg.proc)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ready = subprocess.run(

@@ -1,0 +1,270 @@
+"""The proxy benchmark's processes, each started on loopback and stopped on exit.
+
+nginx is the upstream; in front of it the naive proxy (`bench/bareproxy.py`),
+HAProxy with JWT verification and a per-tenant counter, and the gateway with
+everything on: JWT, tenants in PostgreSQL, a quota and a rate limit in Redis,
+usage events written by `gateway worker`, metrics. Configs are generated into
+one temporary directory, removed with every process when the stack closes,
+also after a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from bench.measure import binary
+from gateway.auth.jwt import mint
+from gateway.quota import keyspace
+from tests.procs import GatewayProcess, WorkerProcess, write_config
+from tests.servers import PostgresServer, RedisServer, free_port, wait_port
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "benchmark-only-secret-" + "b" * 40
+BODY = '{"id": 1, "name": "apollo", "members": [1, 2, 3], "status": "active"}'
+PATH = "/v1/projects/1?expand=members"
+TENANT_CLAIM = "org_id"
+TOKEN_TTL_S = 3600
+# Limits no run reaches: every request is checked and charged, none refused.
+QUOTA_PER_MONTH = 10**12
+RATE_PER_S = 10**6
+SHARDS = 16
+
+_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+# The token's alg must be HS256 and its signature and expiry good (as the
+# gateway checks them); then the tenant claim keys a stick-table counter.
+_HAPROXY_CFG = """\
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend bench
+    bind 127.0.0.1:{port}
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
+    http-request deny deny_status 401 unless {{ var(txn.alg) -m str HS256 }}
+    http-request deny deny_status 401 unless {{ var(txn.bearer),jwt_verify(txn.alg,"{secret}") -m int 1 }}
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
+    http-request set-var(txn.now) date
+    http-request deny deny_status 401 if {{ var(txn.exp),sub(txn.now) -m int lt 0 }}
+    http-request set-var(txn.tenant) var(txn.bearer),jwt_payload_query('$.{claim}')
+    http-request deny deny_status 403 unless {{ var(txn.tenant) -m found }}
+    http-request track-sc0 var(txn.tenant) table per_tenant
+    http-request deny deny_status 429 if {{ sc_http_req_cnt(0) gt {limit} }}
+    default_backend upstream
+backend per_tenant
+    stick-table type string len 64 size 200k expire 1h store http_req_cnt
+backend upstream
+    server nginx 127.0.0.1:{upstream}
+"""  # noqa: E501 - HAProxy has no line continuation
+
+# Each request carries the next tenant's token, read from the file named by the first argument.
+_WRK_LUA = """\
+local requests = {}
+local last = 0
+
+function init(args)
+    for token in io.lines(args[1]) do
+        requests[#requests + 1] = wrk.format(nil, nil, {Authorization = "Bearer " .. token})
+    end
+end
+
+function request()
+    last = last % #requests + 1
+    return requests[last]
+end
+"""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server wrk loads; `pid` is the process measured (and pinned, if `pinned`)."""
+
+    name: str
+    port: int
+    pid: int
+    pinned: bool = True
+
+
+@dataclass(frozen=True)
+class GatewayStack:
+    """The gateway under full enforcement and the processes it relies on."""
+
+    target: Target
+    redis_pid: int
+    redis_port: int
+    redis_url: str
+    worker_pid: int
+    streams: list[str]
+
+
+def gateway_config(upstream: int, redis_url: str, dsn: str, tenants: list[str]) -> dict[str, Any]:
+    """Full enforcement on one catch-all route: JWT, tenant, quota, rate limit, usage events."""
+    return {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        # The timeout is raised from 50 ms: Redis shares its CPU with the load generator.
+        "storage": {"counters": redis_url, "ledger": dsn, "shards": SHARDS, "timeout_ms": 1000},
+        "auth": {"jwt": {"algorithms": ["HS256"], "secret_env": "BENCH_JWT_SECRET",
+                         "tenant_claim": [TENANT_CLAIM]}},
+        "upstreams": {"app": {"url": f"http://127.0.0.1:{upstream}"}},
+        "meters": {"api_calls": {"type": "counter", "period": "billing_cycle"}},
+        "plans": {"bench": {
+            "limits": {"api_calls": {"limit": QUOTA_PER_MONTH, "enforcement": "hard"}},
+            "rate_limits": [{"name": "per_second", "rate": RATE_PER_S, "burst": RATE_PER_S}],
+        }},
+        "routes": [{"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
+                    "charge": {"api_calls": 1}}],
+        "usage": {"worker_port": free_port()},
+        "metrics": {"tenant_label": False},
+        "tenants": [{"id": tenant, "plan": "bench"} for tenant in tenants],
+    }  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class Stack:
+    """Starts the benchmark's processes; closing it stops them all and removes their files."""
+
+    def __init__(self) -> None:
+        self._exit = ExitStack()
+        self.tmp = Path(self._exit.enter_context(tempfile.TemporaryDirectory(prefix="gw-bench-")))
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._exit.close()
+
+    def _spawn(self, name: str, args: list[str], port: int) -> subprocess.Popen[bytes]:
+        log_path = self.tmp / f"{name}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self._exit.callback(_stop, proc)
+        try:
+            wait_port(port, 30, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{name} did not start: {exc}\n{log_path.read_text()}") from None
+        return proc
+
+    def tokens(self, tenants: list[str]) -> tuple[Path, Path]:
+        """One token per tenant in a file, and the wrk script that sends them in turn."""
+        tokens = self.tmp / "tokens.txt"
+        tokens.write_text(
+            "".join(
+                mint(SECRET, "HS256", [TENANT_CLAIM], tenant, TOKEN_TTL_S) + "\n"
+                for tenant in tenants
+            )
+        )
+        script = self.tmp / "rotate-tokens.lua"
+        script.write_text(_WRK_LUA)
+        return tokens, script
+
+    def nginx(self) -> Target:
+        """The upstream; it stays on the shared CPU, also when it is loaded directly."""
+        port = free_port()
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(_NGINX_CONF.format(tmp=self.tmp, port=port, body=BODY))
+        log = str(self.tmp / "nginx-error.log")
+        proc = self._spawn(
+            "nginx", [binary("nginx"), "-p", f"{self.tmp}/", "-c", str(conf), "-e", log], port
+        )
+        return Target("nginx (upstream, direct)", port, proc.pid, pinned=False)
+
+    def bare_proxy(self, upstream: int) -> Target:
+        """`python bench/bareproxy.py PORT UPSTREAM_PORT`, the naive baseline."""
+        port = free_port()
+        args = [sys.executable, "bench/bareproxy.py", str(port), str(upstream)]
+        return Target("naive proxy (bareproxy.py)", port, self._spawn("bareproxy", args, port).pid)
+
+    def haproxy(self, upstream: int, limit: int) -> Target:
+        """HAProxy with jwt_verify and a per-tenant stick-table counter denying above `limit`."""
+        port = free_port()
+        cfg = self.tmp / "haproxy.cfg"
+        cfg.write_text(
+            _HAPROXY_CFG.format(
+                port=port, upstream=upstream, secret=SECRET, claim=TENANT_CLAIM, limit=limit
+            )
+        )
+        proc = self._spawn("haproxy", [binary("haproxy"), "-db", "-f", str(cfg)], port)
+        return Target("haproxy (JWT + stick table)", port, proc.pid)
+
+    def gateway(self, upstream: int, tenants: list[str]) -> GatewayStack:
+        """Redis, PostgreSQL, `gateway migrate`, `gateway worker`, then `gateway serve`."""
+        redis_server = RedisServer()  # with AOF, as production runs the queue's Redis
+        self._exit.callback(redis_server.close)
+        redis_server.start()
+        self._exit.callback(PostgresServer.remove_template)
+        postgres = PostgresServer()
+        self._exit.callback(postgres.close)
+        postgres.start()
+        config = write_config(
+            self.tmp / "gateway.yaml",
+            gateway_config(upstream, redis_server.url, postgres.dsn, tenants),
+        )
+        env = {"BENCH_JWT_SECRET": SECRET, "GATEWAY_ADMIN_TOKEN": "bench-admin-" + "a" * 32}
+        migrate = [sys.executable, "-m", "gateway", "migrate", "-c", str(config)]
+        subprocess.run(
+            migrate, check=True, timeout=120, capture_output=True, env={**os.environ, **env}
+        )
+        worker = WorkerProcess(config, "bench", env)
+        self._exit.callback(worker.stop)
+        worker.start(60)
+        gateway = GatewayProcess(config, env)
+        self._exit.callback(gateway.stop)
+        gateway.start(120)  # it seeds the tenants before it listens
+        assert redis_server.proc is not None
+        return GatewayStack(
+            target=Target("gateway (full enforcement)", gateway.port, gateway.pid),
+            redis_pid=redis_server.proc.pid,
+            redis_port=redis_server.port,
+            redis_url=redis_server.url,
+            worker_pid=worker.pid,
+            streams=[keyspace.shard_stream(shard) for shard in range(SHARDS)],
+        )
