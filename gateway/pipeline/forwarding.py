@@ -1,4 +1,4 @@
-"""Forwarding to upstreams: pooled sessions, streamed bodies, mapped failures."""
+"""Forwarding to upstreams: pooled connections, streamed bodies, mapped failures."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from yarl import URL
 from gateway.config.models import UpstreamConfig
 from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
 from gateway.metrics import ProxyMetrics
+from gateway.pipeline.upstream_client import UpstreamClient, UpstreamResponse
+from gateway.pipeline.upstream_conn import FailureKind, UpstreamError
 from gateway.problems import Refused, answer, problem
 
 # aiohttp adds these when the caller does not; a proxy must send only what the
-# client sent.
+# client sent (WebSocket handshakes still go through aiohttp).
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK_BYTES = 64 * 1024
 # A response up to this size with a Content-Length is read whole and sent in
@@ -36,8 +38,8 @@ class BodyTooLarge(Exception):
 class LimitedBody:
     """The client's body as an async iterator that stops at `limit` bytes.
 
-    Raising from inside the upload makes aiohttp close the upstream
-    connection before the final chunk, so the upstream sees an aborted
+    Raising from inside the upload makes the upstream client abort the
+    connection before the final chunk (or short of the length), so the upstream sees an aborted
     request, never a short body that looks complete.
     """
 
@@ -64,7 +66,11 @@ class LimitedBody:
 
 
 class Upstream:
-    """One upstream: its base URL and a pooled client session."""
+    """One upstream: its base URL and its pooled connections.
+
+    Forwarded requests go through `client`, our own HTTP/1.1 client (see
+    `upstream_client`); WebSocket upgrades through an aiohttp session.
+    """
 
     def __init__(self, name: str, config: UpstreamConfig) -> None:
         self.name = name
@@ -73,18 +79,30 @@ class Upstream:
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.base_path = parts.path.rstrip("/")
         self.host_header = parts.netloc
-        self._ssl: ssl.SSLContext | bool = True
-        if parts.scheme == "https" and config.ca_file:
-            self._ssl = ssl.create_default_context(cafile=str(config.ca_file))
+        self._ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            cafile = str(config.ca_file) if config.ca_file else None
+            self._ssl = ssl.create_default_context(cafile=cafile)
+        self.client = UpstreamClient(
+            parts.hostname or "",
+            parts.port or (443 if parts.scheme == "https" else 80),
+            self._ssl,
+            max_connections=config.max_connections,
+            connect_timeout_s=config.connect_timeout_s,
+            timeout_s=config.timeout_s,
+            total_timeout_s=config.total_timeout_s,
+            host_header=self.host_header,
+        )
         self._session: aiohttp.ClientSession | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
+    def websocket_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session that opens WebSocket connections upstream."""
         # Created on first use so that it binds to the running loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self.config.max_connections, limit_per_host=0, ssl=self._ssl
+                    limit=self.config.max_connections, limit_per_host=0, ssl=self._ssl or True
                 ),
                 timeout=aiohttp.ClientTimeout(
                     total=self.config.total_timeout_s,
@@ -104,6 +122,7 @@ class Upstream:
         return URL(self.origin + self.base_path + raw_path_qs, encoded=True)
 
     async def close(self) -> None:
+        await self.client.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -133,14 +152,6 @@ class Upstreams:
 
     async def close(self) -> None:
         await asyncio.gather(*(u.close() for u in self._by_name.values()))
-
-
-def _failure_kind(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    return "reset"
 
 
 class Forwarder:
@@ -200,29 +211,29 @@ class Forwarder:
         headers = self.headers(request, plan, rid, upstream_extra, skip)
         started = time.perf_counter()
         try:
-            upstream_resp = await up.session.request(
+            upstream_resp = await up.client.request(
                 request.method,
-                up.url(request.raw_path),
-                headers=headers,
-                data=body.__aiter__() if body else data,
-                allow_redirects=False,
-                compress=None,
+                up.base_path + request.raw_path,
+                headers,
+                body.__aiter__() if body else data,
             )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return self._failed(plan, rid, body, exc)
+        except UpstreamError as exc:
+            return self._failed(plan, rid, body, exc.kind)
         self._metrics.upstream_latency(up.name, time.perf_counter() - started)
-        async with upstream_resp:
+        try:
             return await self._relay(request, upstream_resp, plan, rid, body, response_extra)
+        finally:
+            # Back to the pool only when the answer was read to its end.
+            upstream_resp.release()
 
     def _failed(
-        self, plan: RoutePlan, rid: str, body: LimitedBody | None, exc: BaseException
+        self, plan: RoutePlan, rid: str, body: LimitedBody | None, kind: FailureKind
     ) -> web.Response:
         """The problem response for an exchange that failed before we answered."""
         up = plan.upstream
         if body is not None and body.exceeded:
             self._metrics.upstream_error(up.name, "body_limit")
             return too_large(plan.max_body_bytes, rid)
-        kind = _failure_kind(exc)
         self._metrics.upstream_error(up.name, kind)
         if kind == "timeout":
             return problem(
@@ -237,7 +248,7 @@ class Forwarder:
     async def _relay(
         self,
         request: web.Request,
-        upstream_resp: aiohttp.ClientResponse,
+        upstream_resp: UpstreamResponse,
         plan: RoutePlan,
         rid: str,
         body: LimitedBody | None,
@@ -245,8 +256,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         up = plan.upstream
         headers = end_to_end(upstream_resp.headers)
-        version = upstream_resp.version or aiohttp.HttpVersion11
-        add_via(headers, (version.major, version.minor))
+        add_via(headers, upstream_resp.version)
         headers["X-Request-Id"] = rid
         headers.extend(response_extra)
         status, reason = upstream_resp.status, upstream_resp.reason
@@ -259,31 +269,30 @@ class Forwarder:
         ):
             try:
                 payload = await upstream_resp.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                return self._failed(plan, rid, body, exc)
+            except UpstreamError as exc:
+                return self._failed(plan, rid, body, exc.kind)
             return web.Response(body=payload, status=status, reason=reason, headers=headers)
         response = web.StreamResponse(status=status, reason=reason, headers=headers)
         try:
             await response.prepare(request)
         except ConnectionError:
             return response  # the client left before the headers went out
-        chunks = upstream_resp.content.iter_chunked(_CHUNK_BYTES)
         while True:
             try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                chunk = await upstream_resp.read_chunk()
+            except UpstreamError as exc:
                 # The status line is gone: the only honest signal left is to
                 # cut the connection so the client sees a truncated response.
-                kind = "body_limit" if body is not None and body.exceeded else _failure_kind(exc)
+                kind = "body_limit" if body is not None and body.exceeded else exc.kind
                 self._metrics.upstream_error(up.name, kind)
                 _abort(request)
                 return response
+            if not chunk:
+                break
             try:
                 await response.write(chunk)
             except ConnectionError:
-                return response  # the client left; leaving the block drops the upstream too
+                return response  # the client left; the unread answer closes its connection
         try:
             await response.write_eof()
         except ConnectionError:

@@ -72,7 +72,7 @@ async def relay(
         "max_msg_size": max_message_bytes,
     }
     try:
-        upstream_ws = await up.session.ws_connect(
+        upstream_ws = await up.websocket_session.ws_connect(
             up.url(request.raw_path), headers=headers, protocols=protocols, **options
         )
     except aiohttp.WSServerHandshakeError as exc:
