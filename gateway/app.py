@@ -171,11 +171,13 @@ async def _serve(
     finally:
         # Also when the forward failed unexpectedly: the charge is settled (refunded,
         # nothing was served) and the key released, not left in flight for minutes.
-        await metering.finish(
-            response.status if response else None, response.headers if response else {}
-        )
-        if claim is not None:
-            await idempotency.finish(engine.store, claim, response)
+        try:
+            await metering.finish(
+                response.status if response else None, response.headers if response else {}
+            )
+        finally:
+            if claim is not None:
+                await idempotency.finish(engine.store, claim, response)
 
 
 async def _forward(
