@@ -23,9 +23,10 @@ from gateway.clock import to_us
 from gateway.ledger import Ledger
 from gateway.ledger.events import UsageEvent
 from gateway.ledger.usage_ledger import UsageLedger
+from gateway.metrics import WorkerMetrics
 from gateway.quota import keyspace
 from gateway.usage.streams import UsageStreams
-from gateway.usage.worker import Settings, Worker, WorkerMetrics
+from gateway.usage.worker import Settings, Worker
 from tests.servers import PostgresServer, RedisServer
 
 SHARDS = 16

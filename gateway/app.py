@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.billing.run import Reporting, open_webhooks
-from gateway.billing.webhooks import WebhookError, WebhookMetrics, Webhooks
+from gateway.billing.webhooks import WebhookError, Webhooks
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
 from gateway.ledger.db import LedgerUnavailable
@@ -25,6 +25,7 @@ from gateway.metrics import (
     LedgerWrites,
     ProxyMetrics,
     QuotaMetrics,
+    WebhookMetrics,
 )
 from gateway.pipeline import idempotency, websocket
 from gateway.pipeline.admission import admit

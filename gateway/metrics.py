@@ -194,3 +194,50 @@ class StripeMetrics:
             "Outbox rows Stripe refused for good (need a look).",
             registry=registry,
         )
+
+
+class WorkerMetrics:
+    """What the worker does, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lag = Gauge(
+            "gateway_usage_lag_events",
+            "Usage events in the streams not yet written to the ledger.",
+            registry=registry,
+        )
+        self.batch = Histogram(
+            "gateway_usage_batch_events",
+            "Events per ledger write.",
+            buckets=(1, 10, 100, 1000, 5000, 20000, 80000),
+            registry=registry,
+        )
+        self.written = LedgerWrites(registry)
+        self.drifting = Gauge(
+            "gateway_usage_drifting_counters",
+            "Counters that differ from the ledger at the last reconciliation.",
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "gateway_usage_drift_events",
+            "Sum of |counter - ledger| at the last reconciliation (includes the lag).",
+            registry=registry,
+        )
+        self.errors = Counter(
+            "gateway_usage_errors",
+            "Failures, by kind (ledger, queue, malformed).",
+            ["kind"],
+            registry=registry,
+        )
+
+
+class WebhookMetrics:
+    """Stripe webhooks received on the public listener."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "gateway_stripe_webhooks",
+            "Stripe webhooks by type and result (applied, stale, duplicate, ignored, unmapped, "
+            "bad_signature, error).",
+            ["type", "result"],
+            registry=registry,
+        )

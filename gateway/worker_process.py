@@ -17,13 +17,14 @@ from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.lifecycle import stop_task
+from gateway.metrics import WorkerMetrics
 from gateway.quota.redis_client import Client, close_client, redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import StoreUnavailable
 from gateway.services import StartupError, open_ledger
 from gateway.usage.reconcile import reconcile
 from gateway.usage.streams import UsageStreams
-from gateway.usage.worker import Settings, Worker, WorkerMetrics
+from gateway.usage.worker import Settings, Worker
 
 log = logging.getLogger("gateway.usage")
 RECONCILE_S = 300.0

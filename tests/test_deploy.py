@@ -10,8 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import load
-from gateway.metrics import FAILURE_KINDS, StripeMetrics
-from gateway.usage.worker import WorkerMetrics
+from gateway.metrics import FAILURE_KINDS, StripeMetrics, WorkerMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

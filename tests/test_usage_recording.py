@@ -16,11 +16,12 @@ from gateway.config import parse
 from gateway.ledger import Ledger
 from gateway.ledger.events import decode
 from gateway.ledger.usage_ledger import UsageLedger
+from gateway.metrics import WorkerMetrics
 from gateway.quota import keyspace
 from gateway.quota.periods import period_of
 from gateway.server import Gateway
 from gateway.usage.streams import UsageStreams
-from gateway.usage.worker import Settings, Worker, WorkerMetrics
+from gateway.usage.worker import Settings, Worker
 from gateway.worker_process import run_reconcile
 from tests.conftest import MakeGateway, PgLedger
 from tests.servers import RedisServer

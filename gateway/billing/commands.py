@@ -15,10 +15,11 @@ from gateway.billing.reporter import PLAN_HORIZON
 from gateway.billing.rules import summary_window
 from gateway.billing.run import api_key
 from gateway.billing.stripe_api import SendFailure, StripeAPI, stripe_api
-from gateway.billing.webhooks import ENDED, WebhookMetrics, Webhooks, subscription_change
+from gateway.billing.webhooks import ENDED, Webhooks, subscription_change
 from gateway.clock import iso_utc
 from gateway.config.models import GatewayConfig, StripeConfig
 from gateway.ledger.store import Ledger
+from gateway.metrics import WebhookMetrics
 from gateway.services import StartupError, make_bus, open_ledger
 
 

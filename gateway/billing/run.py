@@ -11,11 +11,11 @@ from prometheus_client import CollectorRegistry
 from gateway.billing.outbox import Outbox
 from gateway.billing.reporter import Reporter
 from gateway.billing.stripe_api import StripeAPI
-from gateway.billing.webhooks import WebhookMetrics, Webhooks
+from gateway.billing.webhooks import Webhooks
 from gateway.config.models import GatewayConfig, StripeConfig
 from gateway.ledger.db import Database
 from gateway.lifecycle import stop_task
-from gateway.metrics import StripeMetrics
+from gateway.metrics import StripeMetrics, WebhookMetrics
 from gateway.services import Services, StartupError
 
 log = logging.getLogger("gateway.billing")

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import stripe
-from prometheus_client import CollectorRegistry, Counter
 
 from gateway.billing.stripe_api import SendFailure, StripeAPI
 from gateway.config.models import GatewayConfig
@@ -27,6 +26,7 @@ from gateway.ledger.db import Queries
 from gateway.ledger.records import Tenant
 from gateway.ledger.store import Ledger
 from gateway.ledger.timestamps import utc
+from gateway.metrics import WebhookMetrics
 
 log = logging.getLogger("gateway.billing")
 
@@ -79,17 +79,6 @@ _INVOICE_MOVES = {
     "invoice.payment_failed": ("past_due", ("active", "trialing")),
     "invoice.paid": ("active", ("past_due", "unpaid")),
 }
-
-
-class WebhookMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.received = Counter(
-            "gateway_stripe_webhooks",
-            "Stripe webhooks by type and result (applied, stale, duplicate, ignored, unmapped, "
-            "bad_signature, error).",
-            ["type", "result"],
-            registry=registry,
-        )
 
 
 @dataclass(frozen=True, slots=True)

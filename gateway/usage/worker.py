@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from gateway.clock import month_start, months_after
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import wire_row
 from gateway.ledger.usage_ledger import UsageLedger
-from gateway.metrics import LedgerWrites
+from gateway.metrics import WorkerMetrics
 from gateway.usage.streams import Entry, UsageStreams
 
 log = logging.getLogger("gateway.usage")
@@ -36,40 +35,6 @@ STALE_MS = 30_000  # an entry unacknowledged this long belongs to a dead consume
 HOUSEKEEPING_S = 5.0
 RETRY_S = 0.5
 RETRY_UNEXPECTED_S = 5.0
-
-
-class WorkerMetrics:
-    """What the worker does, on an injected registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.lag = Gauge(
-            "gateway_usage_lag_events",
-            "Usage events in the streams not yet written to the ledger.",
-            registry=registry,
-        )
-        self.batch = Histogram(
-            "gateway_usage_batch_events",
-            "Events per ledger write.",
-            buckets=(1, 10, 100, 1000, 5000, 20000, 80000),
-            registry=registry,
-        )
-        self.written = LedgerWrites(registry)
-        self.drifting = Gauge(
-            "gateway_usage_drifting_counters",
-            "Counters that differ from the ledger at the last reconciliation.",
-            registry=registry,
-        )
-        self.drift = Gauge(
-            "gateway_usage_drift_events",
-            "Sum of |counter - ledger| at the last reconciliation (includes the lag).",
-            registry=registry,
-        )
-        self.errors = Counter(
-            "gateway_usage_errors",
-            "Failures, by kind (ledger, queue, malformed).",
-            ["kind"],
-            registry=registry,
-        )
 
 
 @dataclass
