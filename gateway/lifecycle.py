@@ -19,12 +19,17 @@ async def stop_task(task: asyncio.Task[None] | None, timeout_s: float = STOP_TIM
     be turned into a TimeoutError (Python 3.11) and swallowed by a retry loop;
     shutting down must not hang on that.
     """
-    if task is None or task.done():
+    if task is None:
         return
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if not done:
-        log.warning("background task %s did not stop within %.0fs", task.get_name(), timeout_s)
+    if not task.done():
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            log.warning("background task %s did not stop within %.0fs", task.get_name(), timeout_s)
+            return
+    if not task.cancelled() and task.exception() is not None:
+        # Retrieved and logged here, not as "never retrieved" when it is collected.
+        log.error("background task %s had failed", task.get_name(), exc_info=task.exception())
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -75,3 +75,28 @@ async def test_a_write_dropped_past_the_stores_memory_is_counted() -> None:
     await pending.flush(await whole(MemoryStore()))
     assert len(pending) == 0
     assert registry.get_sample_value("gateway_quota_pending_dropped_total") == 1.0
+
+
+async def test_an_unexpected_restore_failure_is_retried_not_left_to_die(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A dropped database raised an error the restore loop did not expect: the task
+    # died with it (a traceback after the suite), and the shard stayed lost for good.
+    monkeypatch.setattr("gateway.quota.engine.RETRY_PENDING_S", 0.01)
+    store = MemoryStore()
+    calls: list[Sequence[int]] = []
+
+    async def restorer(shards: Sequence[int]) -> None:
+        calls.append(shards)
+        if len(calls) == 1:
+            raise RuntimeError("database dropped")
+        for shard in shards:
+            await store.restore(shard, [])
+
+    engine = QuotaEngine(engine_config(), store, restorer)
+    try:
+        await engine.prepare()
+        assert len(calls) == 2 and await store.lost() == []
+    finally:
+        await engine.close()
+    assert engine_tasks() == []

@@ -260,6 +260,12 @@ class QuotaEngine:
                 log.warning("restoring counter store shards failed (%s); retrying", exc)
                 await asyncio.sleep(RETRY_PENDING_S)
                 continue
+            except Exception:
+                # Not an outage we know, yet giving up would leave the shards lost
+                # (every request refused or unchecked) until a restart.
+                log.exception("restoring counter store shards %s failed; retrying", shards)
+                await asyncio.sleep(RETRY_PENDING_S)
+                continue
             self._lost.difference_update(shards)
             # Charges still waiting (spooled under fail_open) go in right behind the
             # restored totals, not a retry interval later.
