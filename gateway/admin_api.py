@@ -16,7 +16,7 @@ from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.openapi import openapi_document
-from gateway.problems import Refused, answer
+from gateway.problems import Refused, web_answer
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.view import current_period, usage_view
 from gateway.services import Services
@@ -54,9 +54,9 @@ async def answer_refusals(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
     except Refused as refused:
-        return answer(refused, rid)
+        return web_answer(refused, rid)
     except TenantChangeError as exc:
-        return answer(Refused(422, "invalid-change", str(exc)), rid)
+        return web_answer(Refused(422, "invalid-change", str(exc)), rid)
     response.headers.setdefault("X-Request-Id", rid)
     return response
 

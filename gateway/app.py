@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from gateway.billing.run import Reporting, open_webhooks
 from gateway.billing.webhooks import WebhookError, Webhooks
 from gateway.config.models import GatewayConfig
 from gateway.headers import TrustedProxies, request_id, request_skip
+from gateway.http.message import BodyTimeout, ClientDisconnected, Handler, Request, Response
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import EventContext
 from gateway.ledger.usage_ledger import UsageLedger
@@ -29,7 +33,13 @@ from gateway.metrics import (
 )
 from gateway.pipeline import idempotency, websocket
 from gateway.pipeline.admission import admit
-from gateway.pipeline.forwarding import Forwarder, RoutePlan, Upstreams
+from gateway.pipeline.forwarding import (
+    Forwarder,
+    LimitedBody,
+    RoutePlan,
+    Upstreams,
+    body_too_large,
+)
 from gateway.problems import Refused, answer
 from gateway.quota.engine import QuotaEngine, RouteCharges
 from gateway.quota.metering import Metering
@@ -42,8 +52,10 @@ from gateway.usage.restore import restore_shards
 
 log = logging.getLogger("gateway.app")
 
-# Handled by the gateway itself (aiohttp answers `100 Continue` to the client).
+# Handled by the gateway itself (the listener answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("Expect",)
+# Stripe's events are a few kilobytes; nothing legitimate comes near this.
+_WEBHOOK_MAX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +120,16 @@ WEBHOOK_METRICS = web.AppKey("webhook_metrics", WebhookMetrics)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
-async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResponse]:
+async def _dispatch(app: web.Application, request: Request, rid: str) -> tuple[str, Response]:
     """The route's name (for metrics) and the answer; the one place refusals become HTTP."""
-    runtime = request.app[RUNTIME]
+    runtime = app[RUNTIME]
     name = UNMATCHED
     try:
         try:
-            path = parse_path(request.raw_path)
+            path = parse_path(request.target)
             if path.reserved:
                 name = GATEWAY
-                return name, await _gateway_endpoint(request, path.segments, rid)
+                return name, await _gateway_endpoint(app, request, path.segments, rid)
             host = request.headers.get("Host", "")
             match = runtime.router.match_path(request.method, host, path)
         except BadPath as exc:
@@ -126,9 +138,15 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
             raise Refused(404, "no-route", "no route matches this request")
         route = runtime.routes[match.route.index]
         name = route.plan.name
-        return name, await _serve(request, runtime, route, rid)
+        return name, await _serve(app, request, runtime, route, rid)
     except Refused as refused:
         return name, answer(refused, rid)
+    except BodyTimeout:
+        refused = Refused(408, "body-timeout", "the request body stopped arriving", close=True)
+        return name, answer(refused, rid)
+    except ClientDisconnected:
+        request.abort()  # nobody is left to answer; 499 is only what metrics count
+        return name, Response(499, close=True)
     except Exception:
         # A bug, not the client's fault: logged with its traceback, answered as a
         # problem like every other answer of the gateway's own.
@@ -137,8 +155,8 @@ async def _dispatch(request: web.Request, rid: str) -> tuple[str, web.StreamResp
 
 
 async def _serve(
-    request: web.Request, runtime: Runtime, route: CompiledRoute, rid: str
-) -> web.StreamResponse:
+    app: web.Application, request: Request, runtime: Runtime, route: CompiledRoute, rid: str
+) -> Response:
     """Admit, claim the Idempotency-Key, meter, forward; settle in one `finally`."""
     plan = route.plan
     if _is_preflight(request):
@@ -146,16 +164,16 @@ async def _serve(
         return await runtime.forwarder.forward(request, plan, rid, skip=plan.preflight_skip)
     if not plan.auth_required:
         return await _forward(request, runtime, plan, rid)
-    admitted = await admit(request.headers, request.app[SERVICES], runtime.config)
+    admitted = await admit(request.headers, app[SERVICES], runtime.config)
     tenant = admitted.tenant
     upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
     warning = [("X-Quota-Warning", admitted.warning)] if admitted.warning else []
-    engine = request.app.get(QUOTA)
+    engine = app.get(QUOTA)
     if engine is None:
         return await _forward(request, runtime, plan, rid, upstream_extra, warning)
     metering = Metering(engine, tenant, route.charges, EventContext(plan.name, request.method, rid))
     claim: idempotency.Claim | None = None
-    response: web.StreamResponse | None = None
+    response: Response | None = None
     try:
         claimed = await idempotency.claim(
             request, engine.store, tenant.id, plan.max_body_bytes, engine.fail_open
@@ -182,14 +200,14 @@ async def _serve(
 
 
 async def _forward(
-    request: web.Request,
+    request: Request,
     runtime: Runtime,
     plan: RoutePlan,
     rid: str,
     upstream_extra: dict[str, str] | None = None,
     response_extra: list[tuple[str, str]] | None = None,
     data: bytes | None = None,
-) -> web.StreamResponse:
+) -> Response:
     if plan.websocket and websocket.is_upgrade(request):
         headers = runtime.forwarder.headers(request, plan, rid, upstream_extra)
         return await websocket.relay(request, plan.upstream, headers, rid, plan.max_body_bytes)
@@ -199,27 +217,37 @@ async def _forward(
     )  # fmt: skip
 
 
+def _json(value: object, status: int = 200, rid: str | None = None) -> Response:
+    headers = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
+    if rid:
+        headers["X-Request-Id"] = rid
+    return Response(status, headers, json.dumps(value).encode())
+
+
 async def _gateway_endpoint(
-    request: web.Request, segments: list[str], rid: str
-) -> web.StreamResponse:
+    app: web.Application, request: Request, segments: list[str], rid: str
+) -> Response:
     """Paths under /_gateway/: the calling tenant's own usage, Stripe's webhooks."""
-    webhooks = request.app.get(WEBHOOKS)
-    if webhooks is not None and request.path == webhooks.stripe.webhook_path:
+    webhooks = app.get(WEBHOOKS)
+    if webhooks is not None and unquote(request.path) == webhooks.stripe.webhook_path:
         return await _stripe_webhook(request, webhooks, rid)
-    engine = request.app.get(QUOTA)
-    services = request.app.get(SERVICES)
+    engine = app.get(QUOTA)
+    services = app.get(SERVICES)
     if segments != ["_gateway", "usage"] or engine is None or services is None:
         raise Refused(404, "not-found", "no such gateway endpoint")
     if request.method not in ("GET", "HEAD"):
         raise Refused(405, "method-not-allowed", "use GET")
-    admitted = await admit(request.headers, services, request.app[RUNTIME].config)
-    return web.json_response(await usage_view(engine, admitted.tenant))
+    admitted = await admit(request.headers, services, app[RUNTIME].config)
+    return _json(await usage_view(engine, admitted.tenant), rid=rid)
 
 
-async def _stripe_webhook(request: web.Request, webhooks: Webhooks, rid: str) -> web.Response:
+async def _stripe_webhook(request: Request, webhooks: Webhooks, rid: str) -> Response:
     if request.method != "POST":
         raise Refused(405, "method-not-allowed", "use POST")
-    body = await request.read()  # the raw bytes: the signature covers them exactly
+    # The raw bytes: the signature covers them exactly.
+    body = await LimitedBody(request, _WEBHOOK_MAX_BYTES).read()
+    if body is None:
+        raise body_too_large(_WEBHOOK_MAX_BYTES)
     try:
         result = await webhooks.handle(body, request.headers.get("Stripe-Signature"))
     except WebhookError as exc:
@@ -227,21 +255,21 @@ async def _stripe_webhook(request: web.Request, webhooks: Webhooks, rid: str) ->
     except LedgerUnavailable:
         # Not recorded: Stripe retries, and the event is applied then.
         raise Refused(503, "ledger-unavailable", "retry later") from None
-    return web.json_response(result, headers={"X-Request-Id": rid})
+    return _json(result, rid=rid)
 
 
-def _is_preflight(request: web.Request) -> bool:
+def _is_preflight(request: Request) -> bool:
     return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def handle(app: web.Application, request: Request) -> Response:
     """Every request on the public listener."""
-    metrics = request.app[METRICS]
+    metrics = app[METRICS]
     started = time.perf_counter()
     rid = request_id(request.headers)
     metrics.in_flight.inc()
     try:
-        route, response = await _dispatch(request, rid)
+        route, response = await _dispatch(app, request, rid)
     finally:
         metrics.in_flight.dec()
     metrics.observe(route, request.method, response.status, time.perf_counter() - started)
@@ -320,7 +348,9 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Application:
-    """The public application for `config`, its metrics on `registry`."""
+    """The public application for `config`, its metrics on `registry`: it holds the
+    resources (opened and closed by its cleanup contexts); requests reach it
+    through `public_handler` on the gateway's own HTTP listener."""
     app = web.Application(handler_args={"auto_decompress": False})
     metrics = ProxyMetrics(registry)
     app[METRICS] = metrics
@@ -332,5 +362,9 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_quota_ctx)
     app.cleanup_ctx.append(_webhooks_ctx)
-    app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def public_handler(app: web.Application) -> Handler:
+    """The public listener's handler for `app` (its resources live in the app's contexts)."""
+    return functools.partial(handle, app)

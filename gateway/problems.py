@@ -7,6 +7,9 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.http.message import Response
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:quota-gateway:problem:"
@@ -38,15 +41,23 @@ class Refused(Exception):
         self.extra = extra
 
 
-def answer(refused: Refused, request_id: str | None = None) -> web.Response:
-    """The problem+json response of a refusal."""
+def answer(refused: Refused, request_id: str | None = None) -> Response:
+    """The problem+json answer of a refusal on the public listener."""
     response = problem(
         refused.status, refused.kind, refused.detail, request_id=request_id,
         headers=refused.headers, **refused.extra,
     )  # fmt: skip
-    if refused.close:
-        response.force_close()
+    response.close = refused.close
     return response
+
+
+def web_answer(refused: Refused, request_id: str | None = None) -> web.Response:
+    """The same answer as an aiohttp response (the admin listener)."""
+    response = answer(refused, request_id)
+    out = web.Response(status=response.status, body=response.body, headers=response.headers)
+    if refused.close:
+        out.force_close()
+    return out
 
 
 def problem(
@@ -57,8 +68,8 @@ def problem(
     request_id: str | None = None,
     headers: dict[str, str] | None = None,
     **extra: Any,
-) -> web.Response:
-    """A problem+json response; `kind` becomes the stable `type` URI."""
+) -> Response:
+    """A problem+json answer; `kind` becomes the stable `type` URI."""
     body: dict[str, Any] = {
         "type": TYPE_BASE + kind,
         "title": HTTPStatus(status).phrase,
@@ -68,12 +79,8 @@ def problem(
     body.update({k: v for k, v in extra.items() if v is not None})
     if request_id:
         body["request_id"] = request_id
-    out_headers = dict(headers or {})
+    out_headers = CIMultiDict(headers or {})
+    out_headers["Content-Type"] = PROBLEM_JSON
     if request_id:
         out_headers["X-Request-Id"] = request_id
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type=PROBLEM_JSON,
-        headers=out_headers,
-    )
+    return Response(status, out_headers, json.dumps(body).encode())

@@ -13,8 +13,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from gateway.admin import Readiness, create_admin_app
-from gateway.app import create_app
+from gateway.app import create_app, public_handler
 from gateway.config.models import GatewayConfig, TLSConfig
+from gateway.http.server import HttpServer, Limits
 from gateway.lifecycle import run_loop
 from gateway.services import StartupError
 
@@ -30,13 +31,19 @@ def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
 
 
 class Gateway:
-    """The public and admin listeners of one process."""
+    """The public and admin listeners of one process.
+
+    The public listener is the gateway's own HTTP/1.1 server (`gateway.http`);
+    its resources live in the public aiohttp application's cleanup contexts,
+    set up here without a site of their own. The admin listener is aiohttp's.
+    """
 
     def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.readiness = Readiness()
         self._runners: list[web.AppRunner] = []
+        self._listener: HttpServer | None = None
         self.port = 0
         self.admin_port = 0
         self.app: web.Application | None = None  # the public application, once started
@@ -45,9 +52,7 @@ class Gateway:
         """Listen on both ports; port 0 picks a free one (see `port`)."""
         server = self.config.server
         public_app = self.app = create_app(self.config, self.registry)
-        public = web.AppRunner(
-            public_app, access_log=None, shutdown_timeout=server.shutdown_timeout_s
-        )
+        public = web.AppRunner(public_app, handle_signals=False)
         token = os.environ.get(self.config.admin.token_env)
         admin = web.AppRunner(
             create_admin_app(self.registry, self.readiness, public_app, token),
@@ -55,32 +60,46 @@ class Gateway:
             shutdown_timeout=1,
         )
         for runner in (public, admin):
-            await runner.setup()
+            await runner.setup()  # the public one opens the stores, the ledger, the caches
             self._runners.append(runner)
         ssl_ctx = server_ssl_context(server.tls) if server.tls else None
-        site = web.TCPSite(public, server.host, server.port, ssl_context=ssl_ctx, backlog=1024)
+        self._listener = HttpServer(
+            public_handler(public_app), scheme="https" if ssl_ctx else "http", limits=Limits()
+        )
         admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)
-        for what, where, listener in (
-            ("server", (server.host, server.port), site),
-            ("admin", (self.config.admin.host, self.config.admin.port), admin_site),
-        ):
-            try:
-                await listener.start()
-            except OSError as exc:
-                await self.stop()
-                raise StartupError(
-                    f"cannot listen on {where[0]}:{where[1]} ({exc.strerror or exc}): another "
-                    f"process holds it, or set another {what}.port"
-                ) from None
-        self.port, self.admin_port = public.addresses[0][1], admin.addresses[0][1]
+        try:
+            self.port = await self._listener.start(
+                server.host, server.port, ssl=ssl_ctx, backlog=1024
+            )
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(_port_taken("server", server.host, server.port, exc)) from None
+        try:
+            await admin_site.start()
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(
+                _port_taken("admin", self.config.admin.host, self.config.admin.port, exc)
+            ) from None
+        self.admin_port = admin.addresses[0][1]
         self.readiness.ready = True
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the shutdown timeout)."""
         self.readiness.ready = False
+        if self._listener is not None:
+            await self._listener.stop(self.config.server.shutdown_timeout_s)
+            self._listener = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+
+
+def _port_taken(what: str, host: str, port: int, exc: OSError) -> str:
+    return (
+        f"cannot listen on {host}:{port} ({exc.strerror or exc}): another "
+        f"process holds it, or set another {what}.port"
+    )
 
 
 async def serve(config: GatewayConfig) -> None:

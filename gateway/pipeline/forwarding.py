@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config.models import UpstreamConfig
 from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
+from gateway.http.message import Request, Response
 from gateway.metrics import ProxyMetrics
 from gateway.pipeline.upstream_client import UpstreamClient, UpstreamResponse
 from gateway.pipeline.upstream_conn import FailureKind, UpstreamError
@@ -24,7 +24,6 @@ from gateway.problems import Refused, answer, problem
 # aiohttp adds these when the caller does not; a proxy must send only what the
 # client sent (WebSocket handshakes still go through aiohttp).
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_CHUNK_BYTES = 64 * 1024
 # A response up to this size with a Content-Length is read whole and sent in
 # one write (headers and body together), and an upstream failure while reading
 # it can still be answered with a proper 502/504.
@@ -43,8 +42,8 @@ class LimitedBody:
     request, never a short body that looks complete.
     """
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
-        self._content = content
+    def __init__(self, request: Request, limit: int) -> None:
+        self._request = request
         self._limit = limit
         self.exceeded = False
 
@@ -57,7 +56,7 @@ class LimitedBody:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         received = 0
-        async for chunk in self._content.iter_chunked(_CHUNK_BYTES):
+        while chunk := await self._request.read_chunk():
             received += len(chunk)
             if received > self._limit:
                 self.exceeded = True
@@ -163,7 +162,7 @@ class Forwarder:
 
     def headers(
         self,
-        request: web.Request,
+        request: Request,
         plan: RoutePlan,
         rid: str,
         extra: Mapping[str, str] | None = None,
@@ -173,11 +172,11 @@ class Forwarder:
         up = plan.upstream
         headers = upstream_request_headers(
             request.headers,
-            peer=request.remote or "",
+            peer=request.peer,
             trusted=self._trusted,
             scheme=request.scheme,
             host=request.headers.get("Host"),
-            http_version=(request.version.major, request.version.minor),
+            http_version=request.version,
             rid=rid,
             skip=plan.skip_headers if skip is None else skip,
             upstream_host=None if up.config.preserve_host else up.host_header,
@@ -188,7 +187,7 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        request: Request,
         plan: RoutePlan,
         rid: str,
         *,
@@ -196,24 +195,25 @@ class Forwarder:
         response_extra: Sequence[tuple[str, str]] = (),
         skip: frozenset[str] | None = None,
         data: bytes | None = None,
-    ) -> web.StreamResponse:
+    ) -> Response:
         """Forward `request` on `plan`'s route; errors become problem responses.
 
         `upstream_extra` headers go to the upstream (the tenant), `response_extra`
         to the client (warnings); `skip` replaces the route's skipped headers;
-        `data` is a body already read (and checked against the limit).
+        `data` is a body already read (and checked against the limit). A
+        streamed answer is sent to the client before this returns.
         """
         up, limit = plan.upstream, plan.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
             return too_large(limit, rid)
-        body = LimitedBody(request.content, limit) if request.body_exists and data is None else None
+        body = LimitedBody(request, limit) if request.body_exists and data is None else None
         headers = self.headers(request, plan, rid, upstream_extra, skip)
         started = time.perf_counter()
         try:
             upstream_resp = await up.client.request(
                 request.method,
-                up.base_path + request.raw_path,
+                up.base_path + request.target,
                 headers,
                 body.__aiter__() if body else data,
             )
@@ -228,7 +228,7 @@ class Forwarder:
 
     def _failed(
         self, plan: RoutePlan, rid: str, body: LimitedBody | None, kind: FailureKind
-    ) -> web.Response:
+    ) -> Response:
         """The problem response for an exchange that failed before we answered."""
         up = plan.upstream
         if body is not None and body.exceeded:
@@ -247,14 +247,13 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: Request,
         upstream_resp: UpstreamResponse,
         plan: RoutePlan,
         rid: str,
         body: LimitedBody | None,
         response_extra: Sequence[tuple[str, str]],
-    ) -> web.StreamResponse:
-        up = plan.upstream
+    ) -> Response:
         headers = end_to_end(upstream_resp.headers)
         add_via(headers, upstream_resp.version)
         headers["X-Request-Id"] = rid
@@ -271,39 +270,26 @@ class Forwarder:
                 payload = await upstream_resp.read()
             except UpstreamError as exc:
                 return self._failed(plan, rid, body, exc.kind)
-            return web.Response(body=payload, status=status, reason=reason, headers=headers)
-        response = web.StreamResponse(status=status, reason=reason, headers=headers)
-        try:
-            await response.prepare(request)
-        except ConnectionError:
-            return response  # the client left before the headers went out
+            return Response(status, headers, payload, reason)
+        response = Response(status, headers, self._stream(upstream_resp, plan, body), reason)
+        await request.respond(response)
+        return response
+
+    async def _stream(
+        self, upstream_resp: UpstreamResponse, plan: RoutePlan, body: LimitedBody | None
+    ) -> AsyncIterator[bytes]:
+        """The answer's body as the upstream sends it. After the head went out, the
+        only honest signal of a failure is a cut connection: the error propagates."""
         while True:
             try:
                 chunk = await upstream_resp.read_chunk()
             except UpstreamError as exc:
-                # The status line is gone: the only honest signal left is to
-                # cut the connection so the client sees a truncated response.
                 kind = "body_limit" if body is not None and body.exceeded else exc.kind
-                self._metrics.upstream_error(up.name, kind)
-                _abort(request)
-                return response
+                self._metrics.upstream_error(plan.upstream.name, kind)
+                raise
             if not chunk:
-                break
-            try:
-                await response.write(chunk)
-            except ConnectionError:
-                return response  # the client left; the unread answer closes its connection
-        try:
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the client left after the last byte
-        return response
-
-
-def _abort(request: web.Request) -> None:
-    # aiohttp then finds the transport closing at write_eof and logs nothing.
-    if request.transport is not None:
-        request.transport.close()
+                return
+            yield chunk
 
 
 def body_too_large(limit: int) -> Refused:
@@ -315,6 +301,6 @@ def body_too_large(limit: int) -> Refused:
     )  # fmt: skip
 
 
-def too_large(limit: int, rid: str) -> web.Response:
+def too_large(limit: int, rid: str) -> Response:
     """The 413 answer of `body_too_large`."""
     return answer(body_too_large(limit), rid)

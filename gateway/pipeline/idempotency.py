@@ -17,8 +17,9 @@ import json
 import logging
 from dataclasses import dataclass
 
-from aiohttp import web
+from multidict import CIMultiDict
 
+from gateway.http.message import Request, Response
 from gateway.pipeline.forwarding import LimitedBody, body_too_large
 from gateway.problems import Refused
 from gateway.quota.store import CounterStore, StoreUnavailable
@@ -49,7 +50,7 @@ class Replay:
 
 
 async def claim(
-    request: web.Request,
+    request: Request,
     store: CounterStore,
     tenant: str,
     limit: int,
@@ -62,11 +63,11 @@ async def claim(
         return None
     if not 0 < len(key) <= MAX_KEY_CHARS:
         raise Refused(400, "bad-idempotency-key", f"{HEADER} must be 1-{MAX_KEY_CHARS} characters")
-    body = await LimitedBody(request.content, limit).read()
+    body = await LimitedBody(request, limit).read()
     if body is None:
         raise body_too_large(limit)
     digest = hashlib.sha256()
-    for part in (request.method.encode(), b"\n", request.raw_path.encode(), b"\n", body):
+    for part in (request.method.encode(), b"\n", request.target.encode(), b"\n", body):
         digest.update(part)
     fingerprint = digest.hexdigest()
     key_hash = hashlib.sha256(key.encode()).hexdigest()
@@ -96,12 +97,10 @@ async def claim(
     return Replay(stored)
 
 
-def record(fingerprint: str, response: web.StreamResponse) -> str | None:
+def record(fingerprint: str, response: Response) -> str | None:
     """The stored form of a response, or None when it cannot be stored."""
-    if type(response) is not web.Response or response.status >= 500:
-        return None
     body = response.body
-    if not isinstance(body, bytes) or len(body) > MAX_STORED_BYTES:
+    if response.status >= 500 or not isinstance(body, bytes) or len(body) > MAX_STORED_BYTES:
         return None
     payload = {
         "status": response.status,
@@ -112,21 +111,21 @@ def record(fingerprint: str, response: web.StreamResponse) -> str | None:
     return f"D|{fingerprint}|{json.dumps(payload, separators=(',', ':'))}"
 
 
-def replay(stored: str, rid: str) -> web.Response:
+def replay(stored: str, rid: str) -> Response:
     """The stored response again, marked as a replay."""
     payload = json.loads(stored)
-    response = web.Response(
-        status=payload["status"], reason=payload["reason"], body=base64.b64decode(payload["body"])
-    )
+    headers: CIMultiDict[str] = CIMultiDict()
     for name, value in payload["headers"]:
         if name.lower() not in ("content-length", "date"):
-            response.headers.add(name, value)
-    response.headers["X-Request-Id"] = rid
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+            headers.add(name, value)
+    headers["X-Request-Id"] = rid
+    headers["Idempotent-Replayed"] = "true"
+    return Response(
+        payload["status"], headers, base64.b64decode(payload["body"]), payload["reason"]
+    )
 
 
-async def finish(store: CounterStore, claim: Claim, response: web.StreamResponse | None) -> None:
+async def finish(store: CounterStore, claim: Claim, response: Response | None) -> None:
     """Store the response (or release the key when there is none to store)."""
     if not claim.active:
         return
