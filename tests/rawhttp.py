@@ -29,6 +29,41 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | No
     return head, body
 
 
+@dataclass
+class Answer:
+    """A response as read off the wire (`headers` keep the case and order sent)."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """The last value of header `name` (case-insensitive), None when absent."""
+        found = [v for k, v in self.headers if k.lower() == name.lower()]
+        return found[-1] if found else None
+
+
+async def read_answer(reader: asyncio.StreamReader, *, head_only: bool = False) -> Answer:
+    """One response: its head, then a body framed by Content-Length, chunked, or EOF."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    _, status, reason = lines[0].split(" ", 2)
+    headers = [(k, v) for k, _, v in (line.partition(": ") for line in lines[1:] if line)]
+    got = Answer(int(status), reason, headers, b"")
+    if head_only or got.status < 200 or got.status in (204, 304):
+        return got
+    if (length := got.header("content-length")) is not None:
+        got.body = await reader.readexactly(int(length))
+    elif got.header("transfer-encoding") == "chunked":
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            got.body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readexactly(2)
+    else:
+        got.body = await reader.read()
+    return got
+
+
 def answer(body: bytes = b"ok", status: str = "200 OK", headers: str = "") -> bytes:
     """A whole HTTP/1.1 response with a Content-Length."""
     return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body

@@ -1,0 +1,23 @@
+"""How long and how much the public listener waits for and takes from a client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The listener's timeouts and sizes (the defaults are production values)."""
+
+    header_timeout_s: float = 10.0  # the whole head, from the first byte of a request
+    body_idle_timeout_s: float = 30.0  # silence while the handler waits for body bytes
+    keepalive_idle_s: float = 75.0  # an idle kept-alive connection is closed after this
+    max_head_bytes: int = 16 * 1024  # request line and headers; over it: 431
+    # Connections over this are closed as soon as they are accepted: the
+    # client sees a reset, the ones already open are served as before.
+    max_connections: int = 10_000
+
+    @property
+    def check_every_s(self) -> float:
+        """How far ahead a connection's one timer may sleep: no deadline is set closer."""
+        return min(self.header_timeout_s, self.body_idle_timeout_s, self.keepalive_idle_s)
