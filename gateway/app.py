@@ -142,8 +142,8 @@ async def _dispatch(app: web.Application, request: Request, rid: str) -> tuple[s
     except Refused as refused:
         return name, answer(refused, rid)
     except BodyTimeout:
-        refused = Refused(408, "body-timeout", "the request body stopped arriving", close=True)
-        return name, answer(refused, rid)
+        timeout = Refused(408, "body-timeout", "the request body stopped arriving", close=True)
+        return name, answer(timeout, rid)
     except ClientDisconnected:
         request.abort()  # nobody is left to answer; 499 is only what metrics count
         return name, Response(499, close=True)

@@ -69,7 +69,8 @@ class _Client:
 
     async def pump_to(self, upstream: aiohttp.ClientWebSocketResponse) -> None:
         """Client messages to the upstream until either side closes."""
-        parts: list[str | bytes] = []
+        texts: list[str] = []
+        blobs: list[bytes] = []
         size = 0
         while True:
             data = await self._conn.receive()
@@ -84,14 +85,17 @@ class _Client:
                         await self.send(CloseConnection(WSCloseCode.MESSAGE_TOO_BIG))
                         await upstream.close(code=WSCloseCode.MESSAGE_TOO_BIG)
                         return
-                    parts.append(event.data)
+                    if isinstance(event, TextMessage):
+                        texts.append(event.data)
+                    else:
+                        blobs.append(bytes(event.data))
                     if not event.message_finished:
                         continue
                     if isinstance(event, TextMessage):
-                        await upstream.send_str("".join(str(p) for p in parts))
+                        await upstream.send_str("".join(texts))
                     else:
-                        await upstream.send_bytes(b"".join(bytes(p) for p in parts))
-                    parts, size = [], 0
+                        await upstream.send_bytes(b"".join(blobs))
+                    texts, blobs, size = [], [], 0
                 elif isinstance(event, Ping):
                     await upstream.ping(event.payload)
                 elif isinstance(event, Pong):
