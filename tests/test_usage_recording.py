@@ -156,3 +156,40 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
 
 async def _equal(totals: Any, expected: dict[str, int]) -> bool:
     return bool(await totals == expected)
+
+
+async def test_a_trickle_of_usage_is_written_in_batches_not_one_round_per_event(
+    upstream: Upstream,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    pg_ledger: PgLedger,
+) -> None:
+    dsn, ledger = pg_ledger
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    config = quota_config(upstream, tmp_path, counters=redis_server.url, ledger=dsn)
+    config["plans"]["starter"]["limits"]["api_calls"]["limit"] = 1000
+    gw = await make_gateway(config)
+    client = aioredis.Redis.from_url(redis_server.url)
+    worker = worker_for(client, ledger, "w1", linger_s=0.6)
+    task = asyncio.create_task(worker.run())
+    usage = UsageLedger(ledger.db)
+    try:
+        for _ in range(8):  # one request every 50 ms: 0.4 s in all
+            assert (await call(gw, "acme"))[0] == 200
+            await asyncio.sleep(0.05)
+        await eventually(lambda: _is_calls(ledger_totals(usage), 8))
+        batches = next(iter(worker.metrics.batch.collect())).samples
+        rounds = next(s.value for s in batches if s.name.endswith("_count"))
+        # Without the linger each request would be a round (a read and an
+        # acknowledgement per shard, a transaction); with it, one or two.
+        assert rounds <= 3, rounds
+    finally:
+        worker.stop()
+        await task
+        await client.aclose()
+
+
+async def _is_calls(totals: Any, calls: int) -> bool:
+    return bool((await totals).get("api_calls") == calls)

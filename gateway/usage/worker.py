@@ -43,6 +43,12 @@ class Settings:
     stale_ms: int = STALE_MS
     housekeeping_s: float = HOUSEKEEPING_S
     idle_sleep_s: float = 0.05
+    # A round that found fewer events than this waits `linger_s` before the
+    # next read, so that a steady trickle is written in batches: each round
+    # costs a read and an acknowledgement per shard and a ledger transaction,
+    # whatever its size. The ledger then lags the traffic by at most this.
+    linger_below_events: int = 1000
+    linger_s: float = 0.05
     retention_months: int = 24
 
 
@@ -77,28 +83,38 @@ class Worker:
         """
         await self._until_done(self.streams.ensure_groups)
         await self._drain_pending()
-        reading = asyncio.create_task(self._read())
+        reading: asyncio.Task[list[Entry]] | None = asyncio.create_task(self._read())
         try:
             while not self._stopping.is_set():
-                entries = await reading
+                entries = await reading if reading is not None else await self._read()
+                reading = None
                 if self._lost_reads:
                     # A read failed after Redis may have delivered it: its entries are
                     # pending for this consumer, and only a read of those finds them.
                     await self.write(entries)
                     await self._drain_pending()
                     entries = []
-                reading = asyncio.create_task(self._read())
+                busy = len(entries) >= self.settings.linger_below_events
+                if busy:  # read the next batch while this one is written
+                    reading = asyncio.create_task(self._read())
                 await self.write(entries)
                 if time.monotonic() - self._last_housekeeping > self.settings.housekeeping_s:
                     await self.housekeeping()
-                if not entries:
-                    try:
-                        async with asyncio.timeout(self.settings.idle_sleep_s):
-                            await self._stopping.wait()
-                    except TimeoutError:
-                        pass
+                if not busy:
+                    await self._pause(
+                        self.settings.linger_s if entries else self.settings.idle_sleep_s
+                    )
         finally:
-            reading.cancel()
+            if reading is not None:
+                reading.cancel()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless stopped meanwhile."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
 
     async def _drain_pending(self) -> None:
         self._lost_reads = False
