@@ -54,6 +54,8 @@ log = logging.getLogger("gateway.app")
 
 # Handled by the gateway itself (the listener answers `100 Continue` to the client).
 _GATEWAY_HANDLED = ("Expect",)
+# What a request whose client left mid-body counts as (nginx's "client closed request").
+_GONE = Response(499, close=True)
 # Stripe's events are a few kilobytes; nothing legitimate comes near this.
 _WEBHOOK_MAX_BYTES = 1024 * 1024
 
@@ -145,8 +147,7 @@ async def _dispatch(app: web.Application, request: Request, rid: str) -> tuple[s
         timeout = Refused(408, "body-timeout", "the request body stopped arriving", close=True)
         return name, answer(timeout, rid)
     except ClientDisconnected:
-        request.abort()  # nobody is left to answer; 499 is only what metrics count
-        return name, Response(499, close=True)
+        return name, _GONE
     except Exception:
         # A bug, not the client's fault: logged with its traceback, answered as a
         # problem like every other answer of the gateway's own.
@@ -273,6 +274,8 @@ async def handle(app: web.Application, request: Request) -> Response:
     finally:
         metrics.in_flight.dec()
     metrics.observe(route, request.method, response.status, time.perf_counter() - started)
+    if response is _GONE:
+        raise ClientDisconnected  # the listener drops the connection, answering nothing
     return response
 
 

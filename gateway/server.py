@@ -64,7 +64,9 @@ class Gateway:
             self._runners.append(runner)
         ssl_ctx = server_ssl_context(server.tls) if server.tls else None
         self._listener = HttpServer(
-            public_handler(public_app), scheme="https" if ssl_ctx else "http", limits=Limits()
+            public_handler(public_app),
+            scheme="https" if ssl_ctx else "http",
+            limits=Limits(**server.limits.model_dump()),
         )
         admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)
         try:

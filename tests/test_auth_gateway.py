@@ -300,3 +300,22 @@ async def test_admin_inputs_that_used_to_fail_with_500(gateway: Gateway) -> None
         url = f"http://127.0.0.1:{gateway.admin_port}/admin/tenants"
         async with client.get(url, headers={"Authorization": "Bearer caf\u00e9"}) as resp:
             assert resp.status == 401
+
+
+async def test_a_refused_upload_gets_no_100_continue_and_is_not_read(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    """`Expect: 100-continue` is answered only once the request is admitted: a
+    401 goes out instead, and the connection closes rather than take the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"POST /v1/things HTTP/1.1\r\nHost: api.test\r\nContent-Length: 1073741824\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)  # returns at the close
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 401 ")
+    assert b"100 Continue" not in data
+    assert b"Connection: close" in data.partition(b"\r\n\r\n")[0]
+    assert upstream.seen == []

@@ -342,3 +342,51 @@ async def test_metrics_and_health_on_the_admin_listener(
     assert 'gateway_requests_total{method="GET",route="all",status="200"} 3.0' in text
     assert 'gateway_request_duration_seconds_count{route="all"} 3.0' in text
     assert 'gateway_upstream_duration_seconds_count{upstream="app"} 3.0' in text
+
+
+async def test_a_body_that_stops_arriving_is_answered_408_and_closed(
+    upstream: Upstream, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = gateway_config(upstream.url)
+    config["server"]["limits"] = {"body_idle_timeout_s": 0.3}
+    gw = await make_gateway(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: api.test\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+    )
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)  # read() returns at the close
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"Connection: close" in head
+    assert problem_of(body)["type"].endswith(":body-timeout")
+    assert upstream.seen == []  # the upload was aborted, never taken for a whole request
+    assert not [r for r in caplog.records if r.name.startswith("gateway") and r.levelno >= 40]
+
+
+async def test_a_client_gone_mid_body_is_counted_and_logs_no_error(
+    upstream: Upstream, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await make_gateway(gateway_config(upstream.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: api.test\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    assert gw.app is not None
+    requests = gw.registry.get_sample_value(
+        "gateway_requests_total", {"route": "all", "method": "POST", "status": "499"}
+    )
+    for _ in range(50):
+        if requests:
+            break
+        await asyncio.sleep(0.05)
+        requests = gw.registry.get_sample_value(
+            "gateway_requests_total", {"route": "all", "method": "POST", "status": "499"}
+        )
+    assert requests == 1
+    assert upstream.seen == []
+    assert not [r for r in caplog.records if r.name.startswith("gateway") and r.levelno >= 40]

@@ -44,6 +44,16 @@ class TLSConfig(Model):
     key_file: Path
 
 
+class ListenerLimits(Model):
+    """Slow and idle clients on the public listener."""
+
+    header_timeout_s: PositiveFloat = 10.0  # the whole request head must arrive within it
+    body_idle_timeout_s: PositiveFloat = 30.0  # a body silent this long: 408 and closed
+    keepalive_idle_s: PositiveFloat = 75.0  # an idle keep-alive connection is closed
+    max_head_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024  # else 431
+    max_connections: PositiveInt = 10_000  # connections over it are closed on accept
+
+
 class ServerConfig(Model):
     host: str = "0.0.0.0"
     port: Port = 8080
@@ -52,6 +62,7 @@ class ServerConfig(Model):
     trusted_proxies: list[Network] = []
     tls: TLSConfig | None = None
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    limits: ListenerLimits = ListenerLimits()
 
 
 class AdminConfig(Model):

@@ -15,7 +15,7 @@ from yarl import URL
 
 from gateway.config.models import UpstreamConfig
 from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
-from gateway.http.message import Request, Response
+from gateway.http.message import ClientDisconnected, Request, Response
 from gateway.metrics import ProxyMetrics
 from gateway.pipeline.upstream_client import UpstreamClient, UpstreamResponse
 from gateway.pipeline.upstream_conn import FailureKind, UpstreamError
@@ -46,6 +46,9 @@ class LimitedBody:
         self._request = request
         self._limit = limit
         self.exceeded = False
+        # The client's own failure (it left, or went silent) while its body was read:
+        # the upstream then sees an aborted upload, but the answer is the client's.
+        self.client_error: ClientDisconnected | None = None
 
     async def read(self) -> bytes | None:
         """The whole body, or None when it passes the limit (to hash it before sending)."""
@@ -56,7 +59,14 @@ class LimitedBody:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         received = 0
-        while chunk := await self._request.read_chunk():
+        while True:
+            try:
+                chunk = await self._request.read_chunk()
+            except ClientDisconnected as exc:
+                self.client_error = exc
+                raise
+            if not chunk:
+                return
             received += len(chunk)
             if received > self._limit:
                 self.exceeded = True
@@ -231,6 +241,8 @@ class Forwarder:
     ) -> Response:
         """The problem response for an exchange that failed before we answered."""
         up = plan.upstream
+        if body is not None and body.client_error is not None:
+            raise body.client_error  # 408 for a silent client; nothing for a gone one
         if body is not None and body.exceeded:
             self._metrics.upstream_error(up.name, "body_limit")
             return too_large(plan.max_body_bytes, rid)
