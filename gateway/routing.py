@@ -74,6 +74,8 @@ def _decode(seg: str) -> str:
 
 
 def _check_segments(segments: list[str], what: str) -> None:
+    if "" not in segments[:-1] and not any(seg.startswith(".") for seg in segments):
+        return  # neither an empty inner segment nor a dot segment can be there
     for i, seg in enumerate(segments):
         # `..;x` is `..` to servlet containers (path parameters are stripped).
         if seg.split(";", 1)[0] in (".", ".."):
@@ -95,7 +97,10 @@ def parse_path(target: str) -> RequestPath:
     path = target.partition("?")[0]
     if _BAD_ESCAPE.search(path):
         raise BadPath("the path has a malformed percent-escape")
-    segments = [_decode(seg) for seg in path[1:].split("/")]
+    if "%" in path or "\x00" in path or not path.isascii():
+        segments = [_decode(seg) for seg in path[1:].split("/")]
+    else:  # the common case: nothing to decode
+        segments = path[1:].split("/")
     _check_segments(segments, "the path")
     alternate = None
     if any("/" in seg or "\\" in seg for seg in segments):
