@@ -1,22 +1,25 @@
-"""The quota engine's own lifetime (nothing it starts outlives it) and its pending writes."""
+"""The quota engine's own lifetime (nothing it starts outlives it), its pending writes and
+its compiled plans."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config.models import GatewayConfig
 from gateway.ledger.events import EventContext
-from gateway.ledger.records import Tenant
+from gateway.ledger.records import Credit, LimitOverride, Tenant
 from gateway.metrics import QuotaMetrics
 from gateway.quota import keyspace
 from gateway.quota.engine import QuotaEngine, RouteCharges
 from gateway.quota.memory import MemoryStore
 from gateway.quota.pending import PendingCharges
+from gateway.quota.plan import ChargePlan
 from gateway.quota.store import StoreLost
 from tests.conftest import gateway_config, whole
 
@@ -100,3 +103,31 @@ async def test_an_unexpected_restore_failure_is_retried_not_left_to_die(
     finally:
         await engine.close()
     assert engine_tasks() == []
+
+
+def test_a_plan_is_compiled_once_and_again_when_the_tenant_or_the_period_changes() -> None:
+    config = engine_config()
+    now = [datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)]
+    engine = QuotaEngine(config, MemoryStore(), clock=lambda: now[0])
+    route = RouteCharges.compile(config.routes[0], config.meters)
+    tenant = Tenant("acme", "starter", "active", now[0])
+
+    def plan_of(who: Tenant) -> ChargePlan:
+        request = engine.request(who, route, EventContext("api"))
+        assert request is not None and request.plan is not None
+        return request.plan
+
+    first = plan_of(tenant)
+    assert plan_of(tenant) is first  # the same tenant in the same period
+    # The directory loads a new Tenant when it changes: its override applies at once.
+    override = replace(tenant, overrides={"api_calls": LimitOverride(50)})
+    changed = plan_of(override)
+    assert changed is not first and changed.meters[0].limit.limit == 50
+    # A credit of the current period, on the tenant loaded with it.
+    month = first.meters[0].periods[1]
+    credit = Credit("api_calls", month.start, month.end, 5)
+    assert plan_of(replace(tenant, credits=(credit,))).meters[0].credits == (0, 5, 0)
+    # The month rolls over: the next request gets the next month's periods.
+    now[0] += timedelta(seconds=1)
+    rolled = plan_of(tenant)
+    assert rolled is not first and rolled.meters[0].periods[1] == first.meters[0].periods[2]
