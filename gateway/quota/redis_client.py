@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,11 +158,14 @@ class ScriptPipeline:
         try:
             await conn.send_packed_command(self._frames(calls), check_health=False)
             results: list[Any] = []
-            for _ in calls:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as exc:  # this call's error; the others still answer
-                    results.append(exc)
+            # One socket timeout for the batch's answers, not one per answer (what
+            # redis-py's read_response sets up unless told to wait without one).
+            async with asyncio.timeout(conn.socket_timeout):
+                for _ in calls:
+                    try:
+                        results.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:  # this call's error; the others still answer
+                        results.append(exc)
             return results
         except BaseException:
             await conn.disconnect()
