@@ -4,6 +4,7 @@ its compiled plans."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from gateway.ledger.events import EventContext
 from gateway.ledger.records import Credit, LimitOverride, Tenant
 from gateway.metrics import QuotaMetrics
 from gateway.quota import keyspace
-from gateway.quota.engine import QuotaEngine, RouteCharges
+from gateway.quota.engine import QuotaEngine, RouteCharges, fresh_id
 from gateway.quota.memory import MemoryStore
 from gateway.quota.pending import PendingCharges
 from gateway.quota.plan import ChargePlan
@@ -131,3 +132,18 @@ def test_a_plan_is_compiled_once_and_again_when_the_tenant_or_the_period_changes
     now[0] += timedelta(seconds=1)
     rolled = plan_of(tenant)
     assert rolled is not first and rolled.meters[0].periods[1] == first.meters[0].periods[2]
+
+
+def test_request_ids_are_fresh_in_every_process() -> None:
+    ids = {fresh_id() for _ in range(1000)}  # across several draws from the OS
+    assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()  # with ids of the parent's last draw still waiting in the list
+    if pid == 0:
+        os.write(write, fresh_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32 and child != fresh_id()

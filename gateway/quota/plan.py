@@ -14,7 +14,7 @@ itself (a refusal, duplicate names) it leaves to `rules.decide`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.clock import US_PER_S, from_us, to_us
@@ -41,12 +41,25 @@ class MeterCharge:
 
 
 RateLimits = tuple[tuple[RateLimit, str], ...]  # (limit, scope: "" or a route)
+Costs = dict[str, tuple[Period | None, int]]  # meter -> (period, cost)
+
+
+def charged_costs(meters: Sequence[MeterCharge], periods: Mapping[str, Period]) -> Costs:
+    """What the meters charge now, each in its period in `periods` (else its current one,
+    None for a gauge): what a refund or a spooled charge must take back or apply."""
+    costs: Costs = {}
+    for meter in meters:
+        if meter.cost > 0:
+            name = meter.limit.meter
+            period = periods.get(name) or (meter.periods[1] if meter.periods else None)
+            costs[name] = (period, meter.cost)
+    return costs
 
 
 class _Chosen:
     """The plan's tables for one choice of period per meter (the store's clock picks it)."""
 
-    __slots__ = ("limits", "periods", "policy", "refusing", "warning_from", "advertised")
+    __slots__ = ("limits", "periods", "policy", "refusing", "warning_from", "advertised", "costs")
 
     def __init__(
         self, meters: Sequence[MeterCharge], rate_limits: Sequence[RateLimit], chosen: Sequence[int]
@@ -73,6 +86,7 @@ class _Chosen:
                 points = [round(t * 10_000) * limit.limit for t in limit.warn_at]
                 least = min((-(-p // 10_000) for p in points), default=limit.limit + 1)
                 self.warning_from.append((i, limit, min(least, limit.limit + 1)))
+        self.costs = charged_costs(meters, self.periods)
         # (meter index, the field's start, limit, period end in us), in the field's order.
         index = {m.limit.meter: i for i, m in enumerate(meters)}
         self.advertised = [
@@ -110,6 +124,14 @@ class ChargePlan:
             tables = self._chosen[chosen] = _Chosen(self.meters, limits, chosen)
         return tables
 
+    def charged_costs(self, periods: Mapping[str, Period]) -> Costs:
+        """`charged_costs` of the plan's meters (read only: the plan's own when `periods`
+        is what its `decide` answered)."""
+        for tables in self._chosen.values():
+            if tables.periods is periods:
+                return tables.costs
+        return charged_costs(self.meters, periods)
+
     def decide(
         self, now_us: int, chosen: tuple[int, ...], used: Sequence[int], tats: Sequence[int]
     ) -> tuple[Decision, dict[str, Period]]:
@@ -117,40 +139,41 @@ class ChargePlan:
 
         The periods' mapping is the plan's own, shared by its answers: read it only.
         """
-        tables = self._tables(chosen)
+        tables = self._chosen.get(chosen) or self._tables(chosen)
         allowed = self._exact
         for i, most in tables.refusing:
             if used[i] > most:
                 allowed = False
         new_tats = {}
-        for (name, interval, capacity, _), tat in zip(self._rates, tats, strict=True):
-            new_tat = (tat if tat > now_us else now_us) + interval
-            if new_tat - now_us > capacity:
+        rate_fields = []
+        for (name, interval, capacity, start), tat in zip(self._rates, tats, strict=True):
+            held = (tat if tat > now_us else now_us) + interval - now_us  # in us, > 0
+            if held > capacity:
                 allowed = False
-            new_tats[name] = new_tat
+            new_tats[name] = now_us + held
+            remaining = (capacity - held) // interval
+            rate_fields.append(f"{start}{max(0, remaining)};t={-(-held // US_PER_S)}")
         if not allowed:
             return self._decide(tables, now_us, used, tats), tables.periods
+        costs = self._costs
         used_after = {}
-        for name, before, cost in zip(self._names, used, self._costs, strict=True):
+        for name, before, cost in zip(self._names, used, costs, strict=True):
             used_after[name] = before + cost
         warnings = []
         for i, limit, least in tables.warning_from:
-            before, after = used[i], used[i] + self._costs[i]
+            before, after = used[i], used[i] + costs[i]
             if after > before and after >= least:
                 text = warning(limit, before, after)
                 if text is not None:
                     warnings.append(text)
         fields = []
         for i, start, quota, end_us in tables.advertised:
-            left = max(0, quota - used[i] - self._costs[i])
+            left = max(0, quota - used[i] - costs[i])
             fields.append(f"{start}{left};t={ceil_seconds((end_us - now_us) / US_PER_S)}")
-        for name, interval, capacity, start in self._rates:
-            held = new_tats[name] - now_us  # what the bucket holds, in us (> 0)
-            remaining = max(0, (capacity - held) // interval)
-            fields.append(f"{start}{remaining};t={max(0, -(-held // US_PER_S))}")
         return Decision(
-            None, used_after, new_tats, tuple(warnings), tables.policy, ", ".join(fields)
-        ), tables.periods
+            None, used_after, new_tats, tuple(warnings), tables.policy,
+            ", ".join(fields + rate_fields),
+        ), tables.periods  # fmt: skip
 
     def _decide(
         self, tables: _Chosen, now_us: int, used: Sequence[int], tats: Sequence[int]
