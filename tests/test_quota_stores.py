@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -399,3 +400,18 @@ def test_a_call_template_encodes_what_redis_py_would_send() -> None:
     template.encode(out, values)
     template.encode(out, values)  # the fixed parts, encoded once, serve every call
     assert b"".join(out) == b"".join(packed) * 2
+
+
+async def test_an_encoded_call_goes_with_its_plan(shared_redis_server: RedisServer) -> None:
+    # Plans are compiled again whenever a tenant changes: their encoded calls must not pile up.
+    store = await flushed(shared_redis_server)
+    try:
+        plan = ChargePlan("acme", (api(),), ())
+        request = ChargeRequest("acme", "op-1", plan.meters, plan=plan)
+        assert (await store.check_and_charge(request)).decision.allowed
+        assert len(store._templates) == 1
+        del plan, request
+        gc.collect()
+        assert len(store._templates) == 0
+    finally:
+        await store.close()

@@ -99,7 +99,7 @@ class ChargePlan:
     """What every request of `tenant` with these meters and rate limits checks."""
 
     __slots__ = ("tenant", "meters", "rate_limits", "_names", "_costs", "_rates", "_exact",
-                 "_chosen")  # fmt: skip
+                 "_chosen", "__weakref__")  # fmt: skip
 
     def __init__(self, tenant: str, meters: tuple[MeterCharge, ...], rate_limits: RateLimits):
         self.tenant = tenant

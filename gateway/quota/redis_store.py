@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -58,12 +59,11 @@ def _lua_prelude() -> str:
 # Its argument layout's names first: they come from the table Python encodes by.
 SCRIPT = script_args.lua_names() + _lua("check_and_charge.lua")
 APPLY_ONCE = _lua("apply_once.lua")
+RESTORE = _lua("restore.lua", records=False)
+SET_LEVEL = _lua("set_level.lua")
 # The check's arguments that differ from one request to the next (besides its memo key).
 _HEAD = script_args.HEAD
 _VARYING_HEAD = ("event_fields", "operation_id")
-MAX_TEMPLATES = 100_000  # plans whose check call is kept encoded
-RESTORE = _lua("restore.lua", records=False)
-SET_LEVEL = _lua("set_level.lua")
 
 
 def _expire(answer: asyncio.Future[Any]) -> None:
@@ -102,7 +102,11 @@ class RedisStore:
         self._apply_once = ScriptPipeline(client, APPLY_ONCE, queue)
         self._set_level = ScriptPipeline(client, SET_LEVEL, queue)
         self._restore = client.register_script(RESTORE)
-        self._templates: dict[ChargePlan, tuple[CallTemplate, str]] = {}
+        # Each plan's check call, kept as long as the plan is (the engine's, until its
+        # tenant or a period changes).
+        self._templates: weakref.WeakKeyDictionary[ChargePlan, tuple[CallTemplate, str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     async def open(
@@ -213,8 +217,6 @@ class RedisStore:
             template = self._checks.template(key_list, args, varying)
             # The memo key ends with the request id (keyspace.memo_key).
             cached = (template, keyspace.memo_key(plan.tenant, self._shards, ""))
-            if len(self._templates) >= MAX_TEMPLATES:
-                self._templates.clear()
             self._templates[plan] = cached
         return cached
 
