@@ -11,6 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.batching import Coalescer
@@ -99,6 +100,7 @@ class ScriptPipeline:
         self._events = queue
         self._sha = hashlib.sha1(source.encode()).hexdigest()
         self._calls: Coalescer[Call, Any] = Coalescer(self._round, "redis-pipeline")
+        self._conn: AbstractConnection | None = None  # held between rounds (one Redis)
 
     def call(self, key_list: list[str], args: list[int | str]) -> asyncio.Future[Any]:
         return self._calls.submit((CallTemplate(self._sha, key_list, args), ()))
@@ -154,8 +156,16 @@ class ScriptPipeline:
         # (CallTemplate), and sent in one write on one connection (redis-py's
         # packing of every argument cost more than the rest of the call).
         pool = self._client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        # The connection stays with the pipeline while it works: its rounds are
+        # sent one at a time, and checking it out of the pool and back in for
+        # each cost as much as the rest of a small round.
+        conn, self._conn = self._conn, None
+        kept = conn is not None
+        if conn is None:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
+            if kept:
+                await pool.ensure_connection(conn)  # as the pool checks one it hands out
             await conn.send_packed_command(self._frames(calls), check_health=False)
             results: list[Any] = []
             # One socket timeout for the batch's answers, not one per answer (what
@@ -166,12 +176,14 @@ class ScriptPipeline:
                         results.append(await conn.read_response(timeout=math.inf))
                     except ResponseError as exc:  # this call's error; the others still answer
                         results.append(exc)
-            return results
         except BaseException:
-            await conn.disconnect()
+            try:
+                await conn.disconnect()
+            finally:
+                await pool.release(conn)
             raise
-        finally:
-            await pool.release(conn)
+        self._conn = conn
+        return results
 
     def _frames(self, calls: list[Call]) -> bytes:
         """`EVALSHA sha numkeys keys... args...` per call, in RESP."""
@@ -182,6 +194,9 @@ class ScriptPipeline:
 
     async def close(self) -> None:
         await self._calls.close()
+        conn, self._conn = self._conn, None
+        if conn is not None and not isinstance(self._client, RedisCluster):
+            await self._client.connection_pool.release(conn)
 
 
 def _bulk(value: bytes) -> bytes:
