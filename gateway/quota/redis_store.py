@@ -102,11 +102,9 @@ class RedisStore:
         self._apply_once = ScriptPipeline(client, APPLY_ONCE, queue)
         self._set_level = ScriptPipeline(client, SET_LEVEL, queue)
         self._restore = client.register_script(RESTORE)
-        # Each plan's check call, kept as long as the plan is (the engine's, until its
-        # tenant or a period changes).
-        self._templates: weakref.WeakKeyDictionary[ChargePlan, tuple[CallTemplate, str]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Each plan's check call by the plan's id, kept as long as the plan is (the
+        # engine's, until its tenant or a period changes).
+        self._templates: dict[int, tuple[weakref.ref[ChargePlan], CallTemplate, str]] = {}
 
     @classmethod
     async def open(
@@ -209,16 +207,21 @@ class RedisStore:
     def _check_template(self, plan: ChargePlan) -> tuple[CallTemplate, str]:
         """The plan's check call, fixed but for the memo key, the events' fields and the
         operation id; and the memo key without the request id."""
-        cached = self._templates.get(plan)
-        if cached is None:
+        cached = self._templates.get(id(plan))
+        if cached is None or cached[0]() is not plan:
             placeholder = ChargeRequest(plan.tenant, "", plan.meters, plan.rate_limits, plan=plan)
             key_list, args = self._encode(placeholder)
             varying = [0] + [len(key_list) + _HEAD.index(f) for f in _VARYING_HEAD]
             template = self._checks.template(key_list, args, varying)
             # The memo key ends with the request id (keyspace.memo_key).
-            cached = (template, keyspace.memo_key(plan.tenant, self._shards, ""))
-            self._templates[plan] = cached
-        return cached
+            memo_prefix = keyspace.memo_key(plan.tenant, self._shards, "")
+            key = id(plan)
+
+            def forget(_: object) -> None:  # with the plan, before its id can be reused
+                self._templates.pop(key, None)
+
+            cached = self._templates[key] = (weakref.ref(plan, forget), template, memo_prefix)
+        return cached[1], cached[2]
 
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
         plan = plan_of(request)
@@ -230,14 +233,14 @@ class RedisStore:
         )
         if appended is not None:
             await asyncio.shield(appended)
-        flag, *numbers = (answer.decode() if isinstance(answer, bytes) else str(answer)).split()
-        if flag == "E":
+        flag, *numbers = (answer if isinstance(answer, bytes) else str(answer).encode()).split()
+        if flag == b"E":
             raise StoreLost(keyspace.shard_of(tenant, self._shards))
         if not numbers or not numbers[0].isdigit():
             # The memo holds another operation's marker (voided, or applied by
             # apply_once): this request id must not charge now.
             raise StoreUnavailable(f"request {request_id} was already settled otherwise")
-        state = [int(n) for n in numbers]
+        state = list(map(int, numbers))
         n_meters = len(plan.meters)
         now_us = state[1]
         decision, periods = plan.decide(
@@ -253,7 +256,7 @@ class RedisStore:
             log.error("counter store and rules disagree for request %s", request_id)
             await self.void(request)
             raise StoreUnavailable("the counter store and the rules disagree")
-        return ChargeResult(decision, now_us, periods, replayed=flag == "R")
+        return ChargeResult(decision, now_us, periods, replayed=flag == b"R")
 
     async def _answer(self, what: str, answer: asyncio.Future[Any]) -> Any:
         """A script call's answer within the timeout; `_guard` for a pipelined call, at the
