@@ -147,3 +147,22 @@ def test_request_ids_are_fresh_in_every_process() -> None:
     child = os.read(read, 64).decode()
     os.close(read)
     assert len(child) == 32 and child != fresh_id()
+
+
+def test_compiled_plans_are_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.quota.engine.MAX_COMPILED", 2)
+    config = engine_config()
+    engine = QuotaEngine(config, MemoryStore())
+    route = RouteCharges.compile(config.routes[0], config.meters)
+    tenants = [Tenant(t, "starter", "active", datetime.now(UTC)) for t in ("a", "b", "c")]
+
+    def plan_of(who: Tenant) -> ChargePlan | None:
+        request = engine.request(who, route, EventContext("api"))
+        return request.plan if request is not None else None
+
+    first = [plan_of(t) for t in tenants]
+    assert plan_of(tenants[2]) is first[2] and plan_of(tenants[1]) is first[1]
+    recompiled = plan_of(tenants[0])  # "a" went out when "c" came in
+    assert recompiled is not None and recompiled is not first[0]
+    assert plan_of(tenants[2]) is first[2]  # "b" made room this time
+    assert plan_of(tenants[1]) is not first[1]

@@ -38,7 +38,7 @@ from gateway.quota.store import (
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
 RETRY_PENDING_S = 1.0
-MAX_COMPILED = 100_000  # tenants times routes whose plans are kept
+MAX_COMPILED = 50_000  # (tenant, route) pairs whose plans are kept
 _ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
@@ -239,9 +239,11 @@ class QuotaEngine:
             )
             plan = ChargePlan(tenant.id, tuple(meters), rates)
         compiled = _Compiled(plan, tenant, route, scope_route, valid_from, valid_until)
-        if len(self._compiled) >= MAX_COMPILED:
-            self._compiled.clear()
-        self._compiled[tenant.id, route.route] = compiled
+        key = (tenant.id, route.route)
+        # Oldest compiled first out (insertion order): one in use is compiled again.
+        if self._compiled.pop(key, None) is None and len(self._compiled) >= MAX_COMPILED:
+            del self._compiled[next(iter(self._compiled))]
+        self._compiled[key] = compiled
         return compiled
 
     def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
