@@ -1,22 +1,26 @@
-"""The quota engine's own lifetime (nothing it starts outlives it) and its pending writes."""
+"""The quota engine's own lifetime (nothing it starts outlives it), its pending writes and
+its compiled plans."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config.models import GatewayConfig
 from gateway.ledger.events import EventContext
-from gateway.ledger.records import Tenant
+from gateway.ledger.records import Credit, LimitOverride, Tenant
 from gateway.metrics import QuotaMetrics
 from gateway.quota import keyspace
-from gateway.quota.engine import QuotaEngine, RouteCharges
+from gateway.quota.engine import QuotaEngine, RouteCharges, fresh_id
 from gateway.quota.memory import MemoryStore
 from gateway.quota.pending import PendingCharges
+from gateway.quota.plan import ChargePlan
 from gateway.quota.store import StoreLost
 from tests.conftest import gateway_config, whole
 
@@ -100,3 +104,65 @@ async def test_an_unexpected_restore_failure_is_retried_not_left_to_die(
     finally:
         await engine.close()
     assert engine_tasks() == []
+
+
+def test_a_plan_is_compiled_once_and_again_when_the_tenant_or_the_period_changes() -> None:
+    config = engine_config()
+    now = [datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)]
+    engine = QuotaEngine(config, MemoryStore(), clock=lambda: now[0])
+    route = RouteCharges.compile(config.routes[0], config.meters)
+    tenant = Tenant("acme", "starter", "active", now[0])
+
+    def plan_of(who: Tenant) -> ChargePlan:
+        request = engine.request(who, route, EventContext("api"))
+        assert request is not None and request.plan is not None
+        return request.plan
+
+    first = plan_of(tenant)
+    assert plan_of(tenant) is first  # the same tenant in the same period
+    # The directory loads a new Tenant when it changes: its override applies at once.
+    override = replace(tenant, overrides={"api_calls": LimitOverride(50)})
+    changed = plan_of(override)
+    assert changed is not first and changed.meters[0].limit.limit == 50
+    # A credit of the current period, on the tenant loaded with it.
+    month = first.meters[0].periods[1]
+    credit = Credit("api_calls", month.start, month.end, 5)
+    assert plan_of(replace(tenant, credits=(credit,))).meters[0].credits == (0, 5, 0)
+    # The month rolls over: the next request gets the next month's periods.
+    now[0] += timedelta(seconds=1)
+    rolled = plan_of(tenant)
+    assert rolled is not first and rolled.meters[0].periods[1] == first.meters[0].periods[2]
+
+
+def test_request_ids_are_fresh_in_every_process() -> None:
+    ids = {fresh_id() for _ in range(1000)}  # across several draws from the OS
+    assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()  # with ids of the parent's last draw still waiting in the list
+    if pid == 0:
+        os.write(write, fresh_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32 and child != fresh_id()
+
+
+def test_compiled_plans_are_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.quota.engine.MAX_COMPILED", 2)
+    config = engine_config()
+    engine = QuotaEngine(config, MemoryStore())
+    route = RouteCharges.compile(config.routes[0], config.meters)
+    tenants = [Tenant(t, "starter", "active", datetime.now(UTC)) for t in ("a", "b", "c")]
+
+    def plan_of(who: Tenant) -> ChargePlan | None:
+        request = engine.request(who, route, EventContext("api"))
+        return request.plan if request is not None else None
+
+    first = [plan_of(t) for t in tenants]
+    assert plan_of(tenants[2]) is first[2] and plan_of(tenants[1]) is first[1]
+    recompiled = plan_of(tenants[0])  # "a" went out when "c" came in
+    assert recompiled is not None and recompiled is not first[0]
+    assert plan_of(tenants[2]) is first[2]  # "b" made room this time
+    assert plan_of(tenants[1]) is not first[1]

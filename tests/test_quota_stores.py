@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 
 from gateway.clock import to_us
 from gateway.config.types import UNLIMITED
@@ -19,7 +21,9 @@ from gateway.quota import keyspace
 from gateway.quota.gcra import RateLimit
 from gateway.quota.memory import MemoryStore
 from gateway.quota.periods import Period, periods_around
+from gateway.quota.plan import ChargePlan
 from gateway.quota.queue import EventQueue
+from gateway.quota.redis_client import CallTemplate
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import ChargeRequest, CounterStore, MeterCharge, StoreUnavailable
@@ -359,3 +363,55 @@ async def test_every_change_records_one_usage_event(store: CounterStore) -> None
         "acme", "api_calls", current
     )
     assert sum(e.quantity for e in events if e.meter == "team_members") == 5
+
+
+async def test_requests_of_one_plan_are_each_their_own(store: CounterStore) -> None:
+    # The engine's requests share a compiled plan (and, on Redis, its encoded call):
+    # each still has its own memo, events and charge.
+    plan = ChargePlan("acme", (api(),), ((PER_SECOND, ""),))
+    results = []
+    for i in range(3):
+        request_id = f"op-{i}"
+        context = EventContext("api", "GET", f"rid-{i}")
+        results.append(
+            await store.check_and_charge(
+                ChargeRequest("acme", request_id, plan.meters, plan.rate_limits, context, plan)
+            )
+        )
+    assert [(r.decision.allowed, r.replayed) for r in results] == [
+        (True, False), (True, False), (False, False)
+    ]  # fmt: skip
+    assert await store.level("acme", "api_calls", months()[1]) == 2
+    again = ChargeRequest("acme", "op-1", plan.meters, plan.rate_limits, plan=plan)
+    assert (await store.check_and_charge(again)).replayed
+
+
+def test_a_call_template_encodes_what_redis_py_would_send() -> None:
+    keys = ["memo", "q:{s1}:c", "stream"]
+    args: list[int | str] = [600, "X\x1fé", "op", -1, "c"]
+    template = CallTemplate("ab" * 20, keys, args, [0, 4, 5])
+    values = ["q:{s1}:m:acme:op-7", "R\x1facme\x1fapi", "op-7"]
+    filled_keys, filled_args = template.lists(values)
+    assert (filled_keys, filled_args) == (
+        ["q:{s1}:m:acme:op-7", "q:{s1}:c", "stream"], [600, "R\x1facme\x1fapi", "op-7", -1, "c"]
+    )  # fmt: skip
+    packed = Connection().pack_command("EVALSHA", "ab" * 20, 3, *filled_keys, *filled_args)
+    out: list[bytes] = []
+    template.encode(out, values)
+    template.encode(out, values)  # the fixed parts, encoded once, serve every call
+    assert b"".join(out) == b"".join(packed) * 2
+
+
+async def test_an_encoded_call_goes_with_its_plan(shared_redis_server: RedisServer) -> None:
+    # Plans are compiled again whenever a tenant changes: their encoded calls must not pile up.
+    store = await flushed(shared_redis_server)
+    try:
+        plan = ChargePlan("acme", (api(),), ())
+        request = ChargeRequest("acme", "op-1", plan.meters, plan=plan)
+        assert (await store.check_and_charge(request)).decision.allowed
+        assert len(store._templates) == 1
+        del plan, request
+        gc.collect()
+        assert len(store._templates) == 0
+    finally:
+        await store.close()

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from gateway.clock import Clock, utc_now
 from gateway.config.models import GatewayConfig, MeterConfig, RouteConfig
@@ -20,6 +21,7 @@ from gateway.metrics import QuotaMetrics
 from gateway.quota.gcra import RateLimit
 from gateway.quota.pending import PendingCharges
 from gateway.quota.periods import Period, PeriodsCache, meter_period
+from gateway.quota.plan import ChargePlan, Costs
 from gateway.quota.rules import MeterLimit
 from gateway.quota.spool import Spool, orphans
 from gateway.quota.store import (
@@ -30,11 +32,14 @@ from gateway.quota.store import (
     MeterCharge,
     StoreLost,
     StoreUnavailable,
+    plan_of,
 )
 
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
 RETRY_PENDING_S = 1.0
+MAX_COMPILED = 50_000  # (tenant, route) pairs whose plans are kept
+_ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +82,24 @@ class RouteCharges:
 
 
 @dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A tenant's plan on a route, and what it was compiled from and for how long."""
+
+    plan: ChargePlan | None  # None: nothing to check
+    tenant: Tenant  # the very object: the directory loads a new one when the tenant changes
+    route: RouteCharges
+    scope_route: str  # the name route-scoped rate limits are keyed by
+    valid_from: datetime  # the plan's periods are current from ...
+    valid_until: datetime  # ... until (exclusive)
+
+
+@dataclass(frozen=True, slots=True)
 class Charged:
     """What a forwarded request was charged, for settling it."""
 
     tenant: str
     operation_id: str  # the charge's request id; settlement writes derive from it
-    costs: dict[str, tuple[Period | None, int]]  # meter -> (period, cost) charged
+    costs: Costs  # meter -> (period, cost) charged (read only: may be its plan's)
     response_periods: dict[str, Period | None]  # meters to charge from the response
     route: RouteCharges
     context: EventContext  # for the usage events of its settlement
@@ -128,6 +145,7 @@ class QuotaEngine:
         self._meters = config.meters
         self.plans = {name: self._plan(name) for name in config.plans}
         self._periods = PeriodsCache(config.meters)
+        self._compiled: dict[tuple[str, str], _Compiled] = {}  # by (tenant id, route name)
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -167,30 +185,66 @@ class QuotaEngine:
         self, tenant: Tenant, route: RouteCharges, context: EventContext
     ) -> ChargeRequest | None:
         """The charge request of a request on a route, or None if nothing is checked."""
+        plan = self._compiled_plan(tenant, route, context.route)
+        if plan is None:
+            return None
+        # A fresh id per request: the store's memo makes a retry of this call
+        # idempotent, and a client's X-Request-Id may repeat.
+        request_id = fresh_id()
+        return ChargeRequest(plan.tenant, request_id, plan.meters, plan.rate_limits, context, plan)
+
+    def _compiled_plan(
+        self, tenant: Tenant, route: RouteCharges, scope_route: str
+    ) -> ChargePlan | None:
+        """The plan of the tenant on the route now, compiled again only when the tenant
+        changed (the directory loads a new Tenant), the route did, or a period rolled over."""
+        now = self.clock()
+        compiled = self._compiled.get((tenant.id, route.route))
+        if (
+            compiled is None or compiled.tenant is not tenant or compiled.route is not route
+            or compiled.scope_route != scope_route
+            or not compiled.valid_from <= now < compiled.valid_until
+        ):  # fmt: skip
+            compiled = self._compile(tenant, route, scope_route, now)
+        return compiled.plan
+
+    def _compile(
+        self, tenant: Tenant, route: RouteCharges, scope_route: str, now: datetime
+    ) -> _Compiled:
         policy = self.plans.get(tenant.plan)
         if policy is None:
             log.error("tenant %s has plan %r, which is not in the config", tenant.id, tenant.plan)
             policy = PlanPolicy({}, (), False)
-        if not route.fixed and not route.from_response and not policy.rate_limits:
-            return None
-        now = self.clock()
-        meters = tuple(
-            MeterCharge(
-                self._limit(policy, tenant, meter),
-                cost=route.fixed.get(meter, 0),
-                needs_remaining=meter in route.from_response,
-                periods=(periods := self._periods.around(meter, now, tenant.billing_anchor)),
-                credits=tuple(credit_of(tenant, meter, p) for p in periods),
+        valid_from, valid_until = _ALWAYS
+        plan = None
+        if route.fixed or route.from_response or policy.rate_limits:
+            meters = []
+            for meter in sorted({*route.fixed, *route.from_response}):
+                periods = self._periods.around(meter, now, tenant.billing_anchor)
+                if periods:
+                    valid_from = max(valid_from, periods[1].start)
+                    valid_until = min(valid_until, periods[1].end)
+                meters.append(
+                    MeterCharge(
+                        self._limit(policy, tenant, meter),
+                        cost=route.fixed.get(meter, 0),
+                        needs_remaining=meter in route.from_response,
+                        periods=periods,
+                        credits=tuple(credit_of(tenant, meter, p) for p in periods),
+                    )
+                )
+            rates = tuple(
+                (limit, scope_route if scope == "route" else "")
+                for limit, scope in policy.rate_limits
             )
-            for meter in sorted({*route.fixed, *route.from_response})
-        )
-        rates = tuple(
-            (limit, context.route if scope == "route" else "")
-            for limit, scope in policy.rate_limits
-        )
-        # A fresh id per request: the store's memo makes a retry of this call
-        # idempotent, and a client's X-Request-Id may repeat.
-        return ChargeRequest(tenant.id, os.urandom(16).hex(), meters, rates, context)
+            plan = ChargePlan(tenant.id, tuple(meters), rates)
+        compiled = _Compiled(plan, tenant, route, scope_route, valid_from, valid_until)
+        key = (tenant.id, route.route)
+        # Oldest compiled first out (insertion order): one in use is compiled again.
+        if self._compiled.pop(key, None) is None and len(self._compiled) >= MAX_COMPILED:
+            del self._compiled[next(iter(self._compiled))]
+        self._compiled[key] = compiled
+        return compiled
 
     def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
         """Decide and count as usual, refuse nothing."""
@@ -282,20 +336,16 @@ class QuotaEngine:
         context: EventContext,
     ) -> Charged:
         """What to settle later; `result` None when the store was down (fail_open)."""
-        costs: dict[str, tuple[Period | None, int]] = {}
         periods = result.periods if result is not None else {}
-        for meter in request.meters if request is not None else ():
-            period = periods.get(meter.limit.meter) or (meter.periods[1] if meter.periods else None)
-            if meter.cost > 0:
-                costs[meter.limit.meter] = (period, meter.cost)
-        now = self.clock()
-        response_periods = {
-            meter: (
-                periods.get(meter) or meter_period(self._meters[meter], now, tenant.billing_anchor)
-            )
-            for meter in route.from_response
-        }
-        operation_id = request.request_id if request is not None else os.urandom(16).hex()
+        costs = plan_of(request).charged_costs(periods) if request is not None else {}
+        response_periods: dict[str, Period | None] = {}
+        if route.from_response:
+            now = self.clock()
+            for meter in route.from_response:
+                response_periods[meter] = periods.get(meter) or meter_period(
+                    self._meters[meter], now, tenant.billing_anchor
+                )
+        operation_id = request.request_id if request is not None else fresh_id()
         return Charged(tenant.id, operation_id, costs, response_periods, route, context)
 
     def void(self, request: ChargeRequest) -> None:
@@ -386,6 +436,21 @@ class QuotaEngine:
         if self._spool is not None:
             self._spool.close()
         await self.store.close()
+
+
+_IDS_PER_DRAW = 256
+_fresh_ids: list[str] = []
+# A forked child must not hand out its parent's ids still in the list.
+os.register_at_fork(after_in_child=_fresh_ids.clear)
+
+
+def fresh_id() -> str:
+    """A new random id (128 bits, hex) from the OS's CSPRNG, drawn for many at once:
+    one system call per `_IDS_PER_DRAW` requests instead of one each."""
+    if not _fresh_ids:
+        drawn = os.urandom(16 * _IDS_PER_DRAW).hex()
+        _fresh_ids.extend(drawn[i : i + 32] for i in range(0, len(drawn), 32))
+    return _fresh_ids.pop()
 
 
 def credit_of(tenant: Tenant, meter: str, period: Period | None) -> int:

@@ -37,8 +37,12 @@ class Period:
 
     def seconds_left(self, now: datetime) -> int:
         """Whole seconds to the end, rounded up (for Retry-After)."""
-        left = (self.end - now).total_seconds()
-        return max(0, int(-(-left // 1)))
+        return ceil_seconds((self.end - now).total_seconds())
+
+
+def ceil_seconds(left_s: float) -> int:
+    """Seconds left, rounded up to whole seconds; 0 once past."""
+    return max(0, int(-(-left_s // 1)))
 
 
 def _cycle_start(anchor: datetime, year: int, month: int) -> datetime:

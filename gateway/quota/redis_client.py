@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.batching import Coalescer
@@ -18,7 +21,64 @@ log = logging.getLogger("gateway.quota")
 POOL_CONNECTIONS = 64
 
 Client = aioredis.Redis | RedisCluster
-Call = tuple[list[str], list[int | str]]  # a script's KEYS and ARGV
+
+
+class CallTemplate:
+    """A script call's KEYS and ARGV, fixed but for the positions `varying` (indexes into
+    KEYS followed by ARGV), whose values each call brings (`ScriptPipeline.fill`).
+
+    On one Redis the fixed parts are encoded once, in RESP, between the varying
+    positions: a call encodes only its own few values.
+    """
+
+    __slots__ = ("key_list", "args", "_sha", "_varying", "_chunks")
+
+    def __init__(
+        self, sha: str, key_list: list[str], args: list[int | str], varying: Sequence[int] = ()
+    ) -> None:
+        self.key_list = key_list  # the varying positions hold placeholders
+        self.args = args
+        self._sha = sha
+        self._varying = tuple(varying)
+        self._chunks: list[bytes] | None = None  # encoded on first use (never on a cluster)
+
+    def lists(self, values: Sequence[str]) -> tuple[list[str], list[int | str]]:
+        """KEYS and ARGV with `values` in the varying positions."""
+        key_list, args = list(self.key_list), list(self.args)
+        for position, value in zip(self._varying, values, strict=True):
+            if position < len(key_list):
+                key_list[position] = value
+            else:
+                args[position - len(key_list)] = value
+        return key_list, args
+
+    def encode(self, out: list[bytes], values: Sequence[str]) -> None:
+        """Append `EVALSHA sha numkeys keys... args...` in RESP to `out`."""
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = self._encode_fixed()
+        out.append(chunks[0])
+        for value, chunk in zip(values, chunks[1:], strict=True):
+            encoded = value.encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(encoded), encoded))
+            out.append(chunk)
+
+    def _encode_fixed(self) -> list[bytes]:
+        everything = [*self.key_list, *self.args]
+        current = b"*%d\r\n" % (3 + len(everything)) + _bulk(b"EVALSHA") + _bulk(self._sha.encode())
+        current += _bulk(b"%d" % len(self.key_list))
+        chunks = []
+        for position, value in enumerate(everything):
+            if position in self._varying:
+                chunks.append(current)
+                current = b""
+            else:
+                current += _bulk(value.encode() if isinstance(value, str) else b"%d" % value)
+        chunks.append(current)
+        return chunks
+
+
+Call = tuple[CallTemplate, Sequence[str]]  # a call: its template and its varying values
 
 
 class ScriptPipeline:
@@ -39,11 +99,21 @@ class ScriptPipeline:
         self._source = source
         self._events = queue
         self._sha = hashlib.sha1(source.encode()).hexdigest()
-        self._evalsha = _bulk(b"EVALSHA") + _bulk(self._sha.encode())
         self._calls: Coalescer[Call, Any] = Coalescer(self._round, "redis-pipeline")
+        self._conn: AbstractConnection | None = None  # held between rounds (one Redis)
 
     def call(self, key_list: list[str], args: list[int | str]) -> asyncio.Future[Any]:
-        return self._calls.submit((key_list, args))
+        return self._calls.submit((CallTemplate(self._sha, key_list, args), ()))
+
+    def template(
+        self, key_list: list[str], args: list[int | str], varying: Sequence[int]
+    ) -> CallTemplate:
+        """A template of this script's calls (see CallTemplate)."""
+        return CallTemplate(self._sha, key_list, args, varying)
+
+    def fill(self, template: CallTemplate, values: Sequence[str]) -> asyncio.Future[Any]:
+        """Call the script as `template` with `values` in its varying positions."""
+        return self._calls.submit((template, values))
 
     async def _round(self, batch: list[Call]) -> list[Any]:
         try:
@@ -51,14 +121,14 @@ class ScriptPipeline:
         except (RedisError, OSError) as exc:
             return [exc] * len(batch)
         answers: list[Any] = []
-        for (key_list, _), result in zip(batch, results, strict=True):
+        for (template, _), result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 answers.append(result)
                 continue
             appended = None
             if isinstance(result, list) and self._events is not None:
                 # The stream key is the one before last (the scripts' KEYS).
-                appended = self._events.put(key_list[-2], [_text(e) for e in result[1:]])
+                appended = self._events.put(template.key_list[-2], [_text(e) for e in result[1:]])
                 result = result[0]
             answers.append((result, appended))
         return answers
@@ -68,7 +138,7 @@ class ScriptPipeline:
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:  # a restarted or flushed Redis
             await self._client.script_load(self._source)
-            resent = await self._send([(batch[i][0], batch[i][1]) for i in missing])
+            resent = await self._send([batch[i] for i in missing])
             for i, result in zip(missing, resent, strict=True):
                 results[i] = result
         return results
@@ -76,44 +146,57 @@ class ScriptPipeline:
     async def _send(self, calls: list[Call]) -> list[Any]:
         if isinstance(self._client, RedisCluster):
             pipe = self._client.pipeline(transaction=False)
-            for key_list, args in calls:
+            for template, values in calls:
+                key_list, args = template.lists(values)
                 # execute_command, not evalsha: a cluster pipeline refuses the
                 # latter by name, yet routes the command by its keys all the same.
                 pipe.execute_command("EVALSHA", self._sha, len(key_list), *key_list, *args)
             return list(await pipe.execute(raise_on_error=False))
-        # One Redis: the frames are written here, the script's name encoded once,
-        # and sent in one write on one connection (redis-py's packing of every
-        # argument cost more than the rest of the call).
+        # One Redis: the frames are written here, their fixed parts encoded once
+        # (CallTemplate), and sent in one write on one connection (redis-py's
+        # packing of every argument cost more than the rest of the call).
         pool = self._client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        # The connection stays with the pipeline while it works: its rounds are
+        # sent one at a time, and checking it out of the pool and back in for
+        # each cost as much as the rest of a small round.
+        conn, self._conn = self._conn, None
+        kept = conn is not None
+        if conn is None:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
+            if kept:
+                await pool.ensure_connection(conn)  # as the pool checks one it hands out
             await conn.send_packed_command(self._frames(calls), check_health=False)
             results: list[Any] = []
-            for _ in calls:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as exc:  # this call's error; the others still answer
-                    results.append(exc)
-            return results
+            # One socket timeout for the batch's answers, not one per answer (what
+            # redis-py's read_response sets up unless told to wait without one).
+            async with asyncio.timeout(conn.socket_timeout):
+                for _ in calls:
+                    try:
+                        results.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:  # this call's error; the others still answer
+                        results.append(exc)
         except BaseException:
-            await conn.disconnect()
+            try:
+                await conn.disconnect()
+            finally:
+                await pool.release(conn)
             raise
-        finally:
-            await pool.release(conn)
+        self._conn = conn
+        return results
 
     def _frames(self, calls: list[Call]) -> bytes:
         """`EVALSHA sha numkeys keys... args...` per call, in RESP."""
-        out = bytearray()
-        for key_list, args in calls:
-            out += b"*%d\r\n" % (3 + len(key_list) + len(args))
-            out += self._evalsha
-            out += _bulk(str(len(key_list)).encode())
-            for value in (*key_list, *args):
-                out += _bulk(value.encode() if isinstance(value, str) else b"%d" % value)
-        return bytes(out)
+        out: list[bytes] = []
+        for template, values in calls:
+            template.encode(out, values)
+        return b"".join(out)
 
     async def close(self) -> None:
         await self._calls.close()
+        conn, self._conn = self._conn, None
+        if conn is not None and not isinstance(self._client, RedisCluster):
+            await self._client.connection_pool.release(conn)
 
 
 def _bulk(value: bytes) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -23,17 +24,23 @@ from gateway.clock import to_us
 from gateway.ledger.events import EventContext, adjustment_kind
 from gateway.quota import keyspace, script_args
 from gateway.quota.periods import Period
+from gateway.quota.plan import ChargePlan
 from gateway.quota.queue import EventQueue
-from gateway.quota.redis_client import Client, ScriptPipeline, close_client, redis_client
+from gateway.quota.redis_client import (
+    CallTemplate,
+    Client,
+    ScriptPipeline,
+    close_client,
+    redis_client,
+)
 from gateway.quota.store import (
     Adjustment,
     ChargeRequest,
     ChargeResult,
     Level,
     StoreLost,
-    StoreState,
     StoreUnavailable,
-    evaluate,
+    plan_of,
 )
 
 log = logging.getLogger("gateway.quota")
@@ -54,6 +61,24 @@ SCRIPT = script_args.lua_names() + _lua("check_and_charge.lua")
 APPLY_ONCE = _lua("apply_once.lua")
 RESTORE = _lua("restore.lua", records=False)
 SET_LEVEL = _lua("set_level.lua")
+# The check's arguments that differ from one request to the next (besides its memo key).
+_HEAD = script_args.HEAD
+_VARYING_HEAD = ("event_fields", "operation_id")
+
+
+def _expire(answer: asyncio.Future[Any]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError("no answer within the counter store's timeout"))
+
+
+def _unavailable(what: str, exc: BaseException) -> BaseException:
+    """What a failed call raises: StoreUnavailable, unless the caller was cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # Cancelled while the timeout expired: the cancellation wins, or a
+        # retry loop would take it for an outage and go on.
+        return asyncio.CancelledError()
+    return StoreUnavailable(f"{what} failed: {exc!r}")
 
 
 class RedisStore:
@@ -77,6 +102,9 @@ class RedisStore:
         self._apply_once = ScriptPipeline(client, APPLY_ONCE, queue)
         self._set_level = ScriptPipeline(client, SET_LEVEL, queue)
         self._restore = client.register_script(RESTORE)
+        # Each plan's check call by the plan's id, kept as long as the plan is (the
+        # engine's, until its tenant or a period changes).
+        self._templates: dict[int, tuple[weakref.ref[ChargePlan], CallTemplate, str]] = {}
 
     @classmethod
     async def open(
@@ -171,40 +199,75 @@ class RedisStore:
         self, what: str, script: ScriptPipeline, key_list: list[str], args: list[int | str]
     ) -> Any:
         """A script's answer, once the events it returned are in the queue (or kept)."""
-        answer, appended = await self._guard(what, script.call(key_list, args))
+        answer, appended = await self._answer(what, script.call(key_list, args))
         if appended is not None:
             await asyncio.shield(appended)
         return answer
 
+    def _check_template(self, plan: ChargePlan) -> tuple[CallTemplate, str]:
+        """The plan's check call, fixed but for the memo key, the events' fields and the
+        operation id; and the memo key without the request id."""
+        cached = self._templates.get(id(plan))
+        if cached is None or cached[0]() is not plan:
+            placeholder = ChargeRequest(plan.tenant, "", plan.meters, plan.rate_limits, plan=plan)
+            key_list, args = self._encode(placeholder)
+            varying = [0] + [len(key_list) + _HEAD.index(f) for f in _VARYING_HEAD]
+            template = self._checks.template(key_list, args, varying)
+            # The memo key ends with the request id (keyspace.memo_key).
+            memo_prefix = keyspace.memo_key(plan.tenant, self._shards, "")
+            key = id(plan)
+
+            def forget(_: object) -> None:  # with the plan, before its id can be reused
+                self._templates.pop(key, None)
+
+            cached = self._templates[key] = (weakref.ref(plan, forget), template, memo_prefix)
+        return cached[1], cached[2]
+
     async def check_and_charge(self, request: ChargeRequest) -> ChargeResult:
-        key_list, args = self._encode(request)
-        raw = await self._script("check_and_charge", self._checks, key_list, args)
-        flag, *numbers = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
-        if flag == "E":
-            raise StoreLost(keyspace.shard_of(request.tenant, self._shards))
+        plan = plan_of(request)
+        template, memo_prefix = self._check_template(plan)
+        request_id, tenant = request.request_id, request.tenant
+        values = (memo_prefix + request_id, self._event_fields(tenant, request.context), request_id)
+        answer, appended = await self._answer(
+            "check_and_charge", self._checks.fill(template, values)
+        )
+        if appended is not None:
+            await asyncio.shield(appended)
+        flag, *numbers = (answer if isinstance(answer, bytes) else str(answer).encode()).split()
+        if flag == b"E":
+            raise StoreLost(keyspace.shard_of(tenant, self._shards))
         if not numbers or not numbers[0].isdigit():
             # The memo holds another operation's marker (voided, or applied by
             # apply_once): this request id must not charge now.
-            raise StoreUnavailable(f"request {request.request_id} was already settled otherwise")
-        values = [int(n) for n in numbers]
-        n_meters = len(request.meters)
-        state = StoreState(
-            now_us=values[1],
-            chosen=tuple(values[2 : 2 + n_meters]),
-            used=tuple(values[2 + n_meters : 2 + 2 * n_meters]),
-            tats=tuple(values[2 + 2 * n_meters :]),
+            raise StoreUnavailable(f"request {request_id} was already settled otherwise")
+        state = list(map(int, numbers))
+        n_meters = len(plan.meters)
+        now_us = state[1]
+        decision, periods = plan.decide(
+            now_us,
+            tuple(state[2 : 2 + n_meters]),
+            state[2 + n_meters : 2 + 2 * n_meters],
+            state[2 + 2 * n_meters :],
         )
-        result = evaluate(request, state)
-        if result.decision.allowed != bool(values[0]):
+        if decision.allowed != (state[0] == 1):
             # Never tell a client something other than what was charged: undo
             # whatever the script did and let the failure policy answer. The
             # contract tests and the state machine exist so this never happens.
-            log.error("counter store and rules disagree for request %s", request.request_id)
+            log.error("counter store and rules disagree for request %s", request_id)
             await self.void(request)
             raise StoreUnavailable("the counter store and the rules disagree")
-        if flag == "R":
-            return ChargeResult(result.decision, result.now_us, result.periods, replayed=True)
-        return result
+        return ChargeResult(decision, now_us, periods, replayed=flag == b"R")
+
+    async def _answer(self, what: str, answer: asyncio.Future[Any]) -> Any:
+        """A script call's answer within the timeout; `_guard` for a pipelined call, at the
+        cost of one timer rather than a timeout context."""
+        timer = asyncio.get_running_loop().call_later(self._timeout_s, _expire, answer)
+        try:
+            return await answer
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise _unavailable(what, exc) from exc
+        finally:
+            timer.cancel()
 
     def _meter_key(self, tenant: str, meter: str, period: Period | None) -> str:
         if period is None:
@@ -216,12 +279,7 @@ class RedisStore:
             async with asyncio.timeout(self._timeout_s):
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Cancelled while the timeout expired: the cancellation wins,
-                # or a retry loop would take it for an outage and go on.
-                raise asyncio.CancelledError from exc
-            raise StoreUnavailable(f"{what} failed: {exc!r}") from exc
+            raise _unavailable(what, exc) from exc
 
     async def void(self, request: ChargeRequest) -> None:
         key_list, args = self._encode(request, mode="void")

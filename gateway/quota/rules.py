@@ -9,7 +9,7 @@ implement exactly these rules; this module is their specification.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal
 
@@ -61,6 +61,13 @@ class Decision:
         return self.refusal is None
 
 
+def credited(limit: MeterLimit, credit: int) -> MeterLimit:
+    """`limit` raised by a credit; an unlimited meter stays unlimited."""
+    if limit.unlimited or not credit:
+        return limit
+    return replace(limit, limit=limit.limit + credit)
+
+
 def _reached(used: int, threshold: float, limit: int) -> bool:
     # In basis points and integers, so that every store agrees at the boundary.
     return used * 10_000 >= round(threshold * 10_000) * limit
@@ -79,7 +86,7 @@ def meter_state(limit: MeterLimit, used: int) -> State:
     return "ok"
 
 
-def _warning(limit: MeterLimit, before: int, after: int) -> str | None:
+def warning(limit: MeterLimit, before: int, after: int) -> str | None:
     """`X-Quota-Warning` for a charge that leaves usage past a threshold or in overage."""
     if limit.unlimited or limit.limit == 0 or after <= before:
         return None
@@ -146,23 +153,23 @@ def decide(
     # A used-up quota wins over a rate limit: waiting a second would not help.
     refusal = refusal or limited
     if refusal is not None:
-        return Decision(refusal, policy=_policy(limits, periods, rate_limits))
+        return Decision(refusal, policy=policy_field(limits, periods, rate_limits))
     warnings = tuple(
         w
         for limit in limits
-        if (w := _warning(limit, used.get(limit.meter, 0), used_after.get(limit.meter, 0)))
+        if (w := warning(limit, used.get(limit.meter, 0), used_after.get(limit.meter, 0)))
     )
     return Decision(
         None,
         used_after=used_after,
         tats_after=new_tats,
         warnings=warnings,
-        policy=_policy(limits, periods, rate_limits),
-        ratelimit=_ratelimit(limits, periods, used_after, rate_limits, new_tats, now, now_us),
+        policy=policy_field(limits, periods, rate_limits),
+        ratelimit=ratelimit_field(limits, periods, used_after, rate_limits, new_tats, now, now_us),
     )
 
 
-def _advertised(
+def advertised(
     limits: Sequence[MeterLimit], periods: Mapping[str, Period]
 ) -> list[tuple[MeterLimit, Period]]:
     """Hard, limited counters with a period: the quotas the RateLimit fields describe."""
@@ -174,19 +181,19 @@ def _advertised(
     ]  # fmt: skip
 
 
-def _policy(
+def policy_field(
     limits: Sequence[MeterLimit], periods: Mapping[str, Period], rate_limits: Sequence[RateLimit]
 ) -> str:
     """`RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): hard quotas and rate limits."""
     items = [
         f'"{limit.meter}";q={limit.limit};w={int((p.end - p.start).total_seconds())}'
-        for limit, p in _advertised(limits, periods)
+        for limit, p in advertised(limits, periods)
     ]
     items += [f'"{r.name}";q={r.burst};w={r.window_s}' for r in rate_limits]
     return ", ".join(items)
 
 
-def _ratelimit(
+def ratelimit_field(
     limits: Sequence[MeterLimit],
     periods: Mapping[str, Period],
     used: Mapping[str, int],
@@ -199,7 +206,7 @@ def _ratelimit(
     items = [
         f'"{limit.meter}";r={max(0, limit.limit - used.get(limit.meter, 0))};'
         f"t={p.seconds_left(now)}"
-        for limit, p in _advertised(limits, periods)
+        for limit, p in advertised(limits, periods)
     ]
     for rate_limit in rate_limits:
         tat = tats.get(rate_limit.name, now_us)

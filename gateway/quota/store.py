@@ -9,16 +9,17 @@ store read, so the stores cannot disagree about what a request is told.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.clock import from_us, to_us
+from gateway.clock import to_us
 from gateway.ledger.events import EventContext, UsageEvent
-from gateway.quota.gcra import RateLimit
 from gateway.quota.journal import EventJournal
 from gateway.quota.periods import Period
-from gateway.quota.rules import Decision, MeterLimit, decide
+from gateway.quota.plan import ChargePlan, RateLimits
+from gateway.quota.plan import MeterCharge as MeterCharge  # part of the contract, with the plan
+from gateway.quota.rules import Decision
 
 Adjustment = tuple[str, Period | None, int]  # (meter, its period or None for a gauge, delta)
 
@@ -40,28 +41,22 @@ class StoreLost(StoreUnavailable):
 
 
 @dataclass(frozen=True, slots=True)
-class MeterCharge:
-    limit: MeterLimit
-    cost: int = 0  # charged now when positive
-    needs_remaining: bool = False  # charged from the response: something must be left
-    periods: tuple[Period, ...] = ()  # counters: periods around now (see periods_around)
-    credits: tuple[int, ...] = ()  # per period: what the tenant was credited on top of the limit
-
-
-@dataclass(frozen=True, slots=True)
 class ChargeRequest:
     tenant: str
     request_id: str
     meters: tuple[MeterCharge, ...] = ()
-    rate_limits: tuple[tuple[RateLimit, str], ...] = ()  # (limit, scope: "" or a route)
+    rate_limits: RateLimits = ()
     context: EventContext = EventContext()  # carried by the usage events of its charges
+    # The compiled form of (tenant, meters, rate_limits), from `ChargePlan.request`;
+    # None: the store compiles one for this request alone (see `plan_of`).
+    plan: ChargePlan | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class ChargeResult:
     decision: Decision
     now_us: int  # the store's clock
-    periods: dict[str, Period]  # the period charged, per counter meter
+    periods: dict[str, Period]  # the period charged, per counter meter (read only: shared)
     replayed: bool = False  # the answer to an earlier call with this request id
 
 
@@ -83,40 +78,17 @@ def choose_period(periods: Sequence[Period], now_us: int) -> int:
     return len(periods) // 2
 
 
+def plan_of(request: ChargeRequest) -> ChargePlan:
+    """The request's compiled plan."""
+    if request.plan is not None:
+        return request.plan
+    return ChargePlan(request.tenant, request.meters, request.rate_limits)
+
+
 def evaluate(request: ChargeRequest, state: StoreState) -> ChargeResult:
     """The decision for `request` given the state a store read."""
-    now = from_us(state.now_us)
-    periods = {
-        m.limit.meter: m.periods[i] for m, i in zip(request.meters, state.chosen, strict=True)
-        if m.periods
-    }  # fmt: skip
-    decision = decide(
-        [_credited(m, i) for m, i in zip(request.meters, state.chosen, strict=True)],
-        periods,
-        {m.limit.meter: used for m, used in zip(request.meters, state.used, strict=True)},
-        {m.limit.meter: m.cost for m in request.meters if m.cost > 0},
-        [limit for limit, _ in request.rate_limits],
-        _tats(request, state.tats),
-        now,
-        state.now_us,
-        needs_remaining=frozenset(m.limit.meter for m in request.meters if m.needs_remaining),
-    )
+    decision, periods = plan_of(request).decide(state.now_us, state.chosen, state.used, state.tats)
     return ChargeResult(decision, state.now_us, periods)
-
-
-def credited(limit: MeterLimit, credit: int) -> MeterLimit:
-    """`limit` raised by a credit; an unlimited meter stays unlimited."""
-    if limit.unlimited or not credit:
-        return limit
-    return replace(limit, limit=limit.limit + credit)
-
-
-def _credited(meter: MeterCharge, chosen: int) -> MeterLimit:
-    return credited(meter.limit, meter.credits[chosen] if meter.credits else 0)
-
-
-def _tats(request: ChargeRequest, tats: Sequence[int]) -> Mapping[str, int]:
-    return {limit.name: tat for (limit, _), tat in zip(request.rate_limits, tats, strict=True)}
 
 
 class Counters(Protocol):

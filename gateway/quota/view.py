@@ -9,8 +9,7 @@ from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine, credit_of
 from gateway.quota.periods import Period, meter_period, period_of
-from gateway.quota.rules import meter_state
-from gateway.quota.store import credited
+from gateway.quota.rules import credited, meter_state
 
 
 def current_period(engine: QuotaEngine, tenant: Tenant, meter: str) -> Period | None:
