@@ -260,6 +260,10 @@ async def test_head_and_bodiless_statuses_carry_no_body(serve: Serve, connect: C
             return Response(204, CIMultiDict({"Content-Length": "9"}), b"dropped")
         if request.path == "/304":
             return Response(304, CIMultiDict({"Content-Length": "9", "ETag": '"e"'}))
+        if request.path == "/proxied":  # a HEAD answered upstream: its length, no body
+            return Response(200, CIMultiDict({"Content-Length": "1234"}))
+        if request.path == "/stream":
+            return await streaming([b"never"], {"Content-Length": "5"})(request)
         return Response(200, body=b"hello")
 
     _, port = await serve(handler)
@@ -273,6 +277,10 @@ async def test_head_and_bodiless_statuses_carry_no_body(serve: Serve, connect: C
     assert (not_modified.status, not_modified.header("content-length")) == (304, "9")
     assert not_modified.header("etag") == '"e"'
     assert (await read_answer(reader)).body == b"hello"  # nothing stray came before it
+    for path, length in (b"/proxied", "1234"), (b"/stream", "5"):
+        writer.write(b"HEAD %b HTTP/1.1\r\n\r\n" % path)
+        head = await read_answer(reader, head_only=True)
+        assert (head.status, head.header("content-length")) == (200, length)
 
 
 def streaming(parts: list[bytes], headers: dict[str, str] | None = None) -> Handler:

@@ -10,9 +10,10 @@ import asyncio
 import ssl as ssl_module
 from collections.abc import Callable
 
-from gateway.http.connection import HttpConnection, ServerState
+from gateway.http.connection import HttpConnection
 from gateway.http.limits import Limits
 from gateway.http.message import Handler
+from gateway.http.shared import ServerState
 
 __all__ = ["HttpServer", "Limits"]
 
