@@ -144,9 +144,11 @@ class HttpConnection(asyncio.Protocol):
             self._start(exchange)
 
     def body_arrived(self) -> None:
-        if self._waiting_for == _BODY:
+        reader = self._reader
+        if reader is not None:
             self._deadline = self._loop.time() + self._limits.body_idle_timeout_s
-        self._wake_reader()
+            if not reader.done():
+                reader.set_result(None)
 
     # -- message.Connection
 

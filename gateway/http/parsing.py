@@ -63,6 +63,7 @@ class RequestParser:
         self._head_bytes = 0  # what the callbacks have seen of the head in progress
         self._head_spill = 0  # bytes of later reads while a head is in progress
         self._framing_given = False  # a header that may frame a body was seen
+        self._connection_given = False  # a Connection header was seen
 
     def feed(self, data: bytes) -> int | None:
         """Parse `data`; the offset where an upgraded stream starts, if one does.
@@ -90,7 +91,7 @@ class RequestParser:
         self._url = b""
         self._raw_headers = []
         self._head_bytes = self._head_spill = 0
-        self._framing_given = False
+        self._framing_given = self._connection_given = False
         self._owner.head_started()
 
     def on_url(self, url: bytes) -> None:
@@ -103,6 +104,8 @@ class RequestParser:
         size = len(name)
         if size == 14 or size == 17:  # maybe Content-Length or Transfer-Encoding
             self._framing_given = True
+        elif size == 10 and name.lower() == b"connection":  # not User-Agent
+            self._connection_given = True
         self._head_bytes += size + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
             raise HeadTooLarge
@@ -116,7 +119,14 @@ class RequestParser:
         method = _METHODS.get(raw_method)
         if method is None:
             method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
-        version = _VERSIONS.get(parser.get_http_version(), (1, 1))
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and not self._connection_given:
+            # Only HTTP/1.1 keeps alive without a Connection header, and asking
+            # llhttp for the version formats a string: a fifth of this callback.
+            version = (1, 1)
+        else:
+            given = parser.get_http_version()
+            version = _VERSIONS.get(given) or (int(given[0]), int(given[2]))
         content_length = None
         chunked = expect = False
         if not self._framing_given or parser.should_upgrade():
@@ -138,7 +148,7 @@ class RequestParser:
             chunked,
             self._owner,
         )
-        self.parsing = exchange = Exchange(request, parser.should_keep_alive(), expect)
+        self.parsing = exchange = Exchange(request, keep_alive, expect)
         self._owner.request_parsed(exchange)
 
     def on_body(self, body: bytes) -> None:
