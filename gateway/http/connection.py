@@ -1,10 +1,13 @@
 """One client connection of the public listener: an asyncio Protocol around llhttp.
 
-Requests on a connection are handled one at a time, in order, each in a task
-of its own: a pipelined request waits in the queue with its body, and reading
-pauses while a complete one waits or a body buffers past `BUFFER_HIGH_BYTES`,
-so memory stays bounded. One timer per connection enforces the head, body-idle
-and keep-alive limits without a timer per request.
+Requests on a connection are handled one at a time, in order, by one worker
+task per connection (started with the first request, kept while the connection
+is open): no task is created per request, so the requests of a connection share
+the worker's context (`contextvars`) and `asyncio.current_task()`. A pipelined
+request waits in the queue with its body, and reading pauses while a complete
+one waits or a body buffers past `BUFFER_HIGH_BYTES`, so memory stays bounded.
+One timer per connection enforces the head, body-idle and keep-alive limits
+without a timer per request.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class HttpConnection(asyncio.Protocol):
         self._peer = ""
         self._queue: deque[Exchange] = deque()  # [0] is handled when _busy
         self._busy = False
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the worker, while it runs
+        self._idle: asyncio.Future[None] | None = None  # the worker waits for a request
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._waiting_for = _NOTHING
@@ -95,6 +99,8 @@ class HttpConnection(asyncio.Protocol):
             self._timer = None
         self._wake_reader()
         self._wake_upgrade()
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade_data is not None:
@@ -141,7 +147,7 @@ class HttpConnection(asyncio.Protocol):
     def request_parsed(self, exchange: Exchange) -> None:
         self._queue.append(exchange)
         if not self._busy:
-            self._start(exchange)
+            self._start()
 
     def body_arrived(self) -> None:
         reader = self._reader
@@ -211,45 +217,68 @@ class HttpConnection(asyncio.Protocol):
             task.cancel()
         return task
 
-    def _start(self, exchange: Exchange) -> None:
+    def _start(self) -> None:
+        """Hand the next queued request to the worker, starting it if need be."""
         self._busy = True
         self._head_written = False
         self._keep_alive = False
         self._waiting_for = _NOTHING
-        self._task = self._loop.create_task(self._run(exchange))
+        idle = self._idle
+        if idle is not None:
+            if not idle.done():
+                idle.set_result(None)
+        elif self._task is None:
+            self._task = self._loop.create_task(self._work())
 
-    async def _run(self, exchange: Exchange) -> None:
-        request = exchange.request
+    async def _work(self) -> None:
+        """The connection's requests, one after the other, each to its answer."""
         state = self._state
-        state.in_flight += 1
         try:
-            response = await state.handler(request)
-            if not request.responded:
-                request.responded = True
-                if type(response.body) is bytes and response.upgrade is None:
-                    # The common case without a coroutine more.
-                    keep = answers.write_whole(
-                        self._out, request, response, self._may_keep(exchange)
+            while self._busy:
+                exchange = self._queue[0]
+                request = exchange.request
+                state.in_flight += 1
+                try:
+                    response = await state.handler(request)
+                    if not request.responded:
+                        request.responded = True
+                        if type(response.body) is bytes and response.upgrade is None:
+                            # The common case without a coroutine more.
+                            keep = answers.write_whole(
+                                self._out, request, response, self._may_keep(exchange)
+                            )
+                            self._head_written = True
+                            self._keep_alive = keep
+                        else:
+                            await self._answer(exchange, response)
+                except BodyTimeout:
+                    self._fail(_BODY_TIMEOUT)
+                except ClientDisconnected:
+                    self._fail(None)
+                except Exception as exc:
+                    log.error(
+                        "the handler failed on %s %s", request.method, request.path, exc_info=exc
                     )
-                    self._head_written = True
-                    self._keep_alive = keep
-                else:
-                    await self._answer(exchange, response)
-        except BodyTimeout:
-            self._fail(_BODY_TIMEOUT)
-        except ClientDisconnected:
-            self._fail(None)
-        except Exception as exc:
-            log.error("the handler failed on %s %s", request.method, request.path, exc_info=exc)
-            if state.on_error is not None:
-                state.on_error(exc)
-            self._fail(_INTERNAL_ERROR)
-        except asyncio.CancelledError:  # the listener stopped and its time ran out
-            self._fail(None)
-            raise
+                    if state.on_error is not None:
+                        state.on_error(exc)
+                    self._fail(_INTERNAL_ERROR)
+                except asyncio.CancelledError:  # the listener stopped and its time ran out
+                    self._fail(None)
+                    raise
+                finally:
+                    state.in_flight -= 1
+                if not self._finish():
+                    return
+                while not self._busy:  # idle: wait for the next request
+                    self._idle = self._loop.create_future()
+                    try:
+                        await self._idle
+                    finally:
+                        self._idle = None
+                    if self._out.closed:
+                        return
         finally:
-            state.in_flight -= 1
-            self._finish()
+            self._task = None
 
     def _may_keep(self, exchange: Exchange) -> bool:
         """The connection may outlive this exchange's answer (the answer may still end it)."""
@@ -304,22 +333,22 @@ class HttpConnection(asyncio.Protocol):
         else:
             self.abort()
 
-    def _finish(self) -> None:
+    def _finish(self) -> bool:
+        """After an answer: whether the connection goes on (perhaps idle for now)."""
         self._queue.popleft()
         self._busy = False
-        self._task = None
         if self._out.closed:
-            return
+            return False
         if not self._keep_alive or self._closing:
             self._ignore_input = True
             self._transport.close()
-            return
+            return False
         if self._queue:
-            self._start(self._queue[0])
+            self._start()
         elif self._pending_error is not None:
             self._out.write(self._pending_error)
             self._transport.close()
-            return
+            return False
         elif self._parser.in_head:
             self._set_deadline(_HEAD, self._limits.header_timeout_s)
         else:
@@ -329,6 +358,7 @@ class HttpConnection(asyncio.Protocol):
                 self._arm()
         if self._reading_paused or self._queue:
             self._update_reading()
+        return True
 
     def _parse_failed(self, exc: Exception) -> None:
         self._ignore_input = True
