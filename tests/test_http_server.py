@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,7 @@ from gateway.http.message import (
     Upgraded,
 )
 from gateway.http.server import HttpServer, Limits
+from tests.certs import make_certs
 from tests.rawhttp import Answer, read_answer
 
 Serve = Callable[..., Awaitable[tuple[HttpServer, int]]]
@@ -639,6 +642,76 @@ async def test_connections_over_the_limit_are_closed(serve: Serve, connect: Conn
     extra_writer.write(GET)
     assert await closed(extra_reader)
     assert server.open_connections == 1
+
+
+async def test_many_pipelined_requests_are_all_answered(serve: Serve, connect: Connect) -> None:
+    _, port = await serve(echo)
+    reader, writer = await connect(port)
+    writer.write(b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % n for n in range(500)))
+    for n in range(500):
+        assert (await read_answer(reader)).body == b"GET /%d " % n
+
+
+async def test_status_lines_and_header_order(serve: Serve, connect: Connect) -> None:
+    async def handler(request: Request) -> Response:
+        headers = CIMultiDict([("X-B", "1"), ("x-a", "2"), ("X-B", "3")])
+        if request.path == "/custom":
+            return Response(200, headers, b"", reason="Fine")
+        if request.path == "/split":
+            return Response(200, CIMultiDict({"X-Bad": "a\r\nSet-Cookie: x"}), b"")
+        return Response(299, headers, b"")
+
+    _, port = await serve(handler)
+    reader, writer = await connect(port)
+    writer.write(b"GET /custom HTTP/1.1\r\n\r\nGET /unknown HTTP/1.1\r\n\r\n")
+    custom = await read_answer(reader)
+    assert (custom.status, custom.reason) == (200, "Fine")
+    assert custom.headers[:3] == [("X-B", "1"), ("x-a", "2"), ("X-B", "3")]
+    unknown = await read_answer(reader)
+    assert (unknown.status, unknown.reason) == (299, "")
+    writer.write(b"GET /split HTTP/1.1\r\n\r\n")  # a header may not split the head
+    split = await read_answer(reader)
+    assert (split.status, split.header("set-cookie")) == (500, None)
+
+
+async def test_https_through_create_server(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs.cert_file, certs.key_file)
+    client_ctx = ssl.create_default_context(cafile=str(certs.ca_file))
+    seen: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request.scheme)
+        return await echo(request)
+
+    server = HttpServer(handler, scheme="https")
+    port = await server.start("127.0.0.1", 0, ssl=server_ctx)
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"https://127.0.0.1:{port}/s"
+            async with session.post(url, data=b"tls", ssl=client_ctx) as resp:
+                assert await resp.read() == b"POST /s tls"
+    finally:
+        await server.stop(1.0)
+    assert seen == ["https"]
+
+
+async def test_on_error_sees_what_the_handler_raised(connect: Connect) -> None:
+    errors: list[BaseException] = []
+
+    async def failing(request: Request) -> Response:
+        raise ValueError("boom")
+
+    server = HttpServer(failing, on_error=errors.append)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await connect(port)
+        writer.write(GET)
+        assert (await read_answer(reader)).status == 500
+    finally:
+        await server.stop(1.0)
+    assert [type(exc) for exc in errors] == [ValueError]
 
 
 def test_answer_helper_reads_headers_in_order() -> None:
