@@ -527,6 +527,26 @@ async def test_a_client_leaving_mid_body_raises_client_disconnected(
     assert [type(exc) for exc in raised] == [ClientDisconnected]
 
 
+async def test_a_half_closed_client_gets_its_answers(serve: Serve, connect: Connect) -> None:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(0.02)
+        return await echo(request)
+
+    _, port = await serve(slow)
+    reader, writer = await connect(port)
+    writer.write(GET + b"POST /p HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
+    writer.write_eof()
+    assert (await read_answer(reader)).body == b"GET /x?y=1 "
+    last = await read_answer(reader)
+    assert (last.body, last.header("connection")) == (b"POST /p ok", "close")
+    assert await closed(reader)
+    # A body that can no longer come ends its request at once.
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+    writer.write_eof()
+    assert await closed(reader)
+
+
 async def echo_session(upgraded: Upgraded) -> None:
     while data := await upgraded.receive():
         upgraded.write(data.upper())

@@ -58,6 +58,7 @@ class HttpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._closing = False  # close once the answer in progress is written
         self._ignore_input = False  # a parse error or a close is under way
+        self._eof = False  # the client half-closed: nothing more will come
         self._head_written = False  # the current answer's head is out
         self._keep_alive = False  # decided when the current answer's head is written
         self._preempted = False  # the listener answered a request whose body broke
@@ -127,7 +128,13 @@ class HttpConnection(asyncio.Protocol):
             self._update_reading()
 
     def eof_received(self) -> bool | None:
-        return None  # close the transport: a half-closed client gets no more answers
+        if not self._queue:
+            return None  # idle: close the transport
+        # The client sent all it will: answer what came, then close.
+        self._eof = self._closing = True
+        self._wake_reader()
+        self._wake_upgrade()  # an upgraded session reads b"" now
+        return True
 
     def pause_writing(self) -> None:
         self._out.pause()
@@ -169,7 +176,7 @@ class HttpConnection(asyncio.Protocol):
         while not exchange.chunks:
             if exchange.complete:
                 return b""
-            if self._out.closed or self._preempted:
+            if self._out.closed or self._preempted or self._eof:
                 raise ClientDisconnected("the client closed the connection mid-body")
             self._reader = self._loop.create_future()
             self._set_deadline(_BODY, self._limits.body_idle_timeout_s)
@@ -413,7 +420,7 @@ class HttpConnection(asyncio.Protocol):
     async def _receive_upgraded(self) -> bytes:
         data = cast(bytearray, self._upgrade_data)
         while not data:
-            if self._out.closed:
+            if self._out.closed or self._eof:
                 return b""
             self._upgrade_waiter = self._loop.create_future()
             try:
