@@ -47,6 +47,7 @@ class HttpConnection(asyncio.Protocol):
         self._out: answers.Output
         self._parser: RequestParser
         self._peer = ""
+        self._tls = False
         self._queue: deque[Exchange] = deque()  # [0] is handled when _busy
         self._busy = False
         self._task: asyncio.Task[None] | None = None  # the worker, while it runs
@@ -76,6 +77,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)
+        self._tls = transport.get_extra_info("sslcontext") is not None
         self._out = answers.Output(transport)
         state = self._state
         if len(state.connections) >= self._limits.max_connections:
@@ -128,8 +130,8 @@ class HttpConnection(asyncio.Protocol):
             self._update_reading()
 
     def eof_received(self) -> bool | None:
-        if not self._queue:
-            return None  # idle: close the transport
+        if not self._queue or self._tls:
+            return None  # close the transport (TLS cannot stay half-open in asyncio)
         # The client sent all it will: answer what came, then close.
         self._eof = self._closing = True
         self._wake_reader()
@@ -250,12 +252,7 @@ class HttpConnection(asyncio.Protocol):
                     if not request.responded:
                         request.responded = True
                         if type(response.body) is bytes and response.upgrade is None:
-                            # The common case without a coroutine more.
-                            keep = answers.write_whole(
-                                self._out, request, response, self._may_keep(exchange)
-                            )
-                            self._head_written = True
-                            self._keep_alive = keep
+                            self._write_whole(exchange, response)  # no coroutine more
                         else:
                             await self._answer(exchange, response)
                 except BodyTimeout:
@@ -296,6 +293,11 @@ class HttpConnection(asyncio.Protocol):
             and (self._upgrade_data is None or exchange is not self._parser.parsing)
         )
 
+    def _write_whole(self, exchange: Exchange, response: Response) -> None:
+        keep = answers.write_whole(self._out, exchange.request, response, self._may_keep(exchange))
+        self._head_written = True
+        self._keep_alive = keep
+
     async def _answer(self, exchange: Exchange, response: Response) -> None:
         request = exchange.request
         body = response.body
@@ -305,10 +307,7 @@ class HttpConnection(asyncio.Protocol):
             await self._upgrade(response, response.upgrade)
             return
         if isinstance(body, bytes):
-            self._keep_alive = answers.write_whole(
-                self._out, request, response, self._may_keep(exchange)
-            )
-            self._head_written = True
+            self._write_whole(exchange, response)
             return
         try:
             if answers.bodiless(request, response.status):
