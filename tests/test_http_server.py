@@ -79,6 +79,12 @@ async def echo(request: Request) -> Response:
     return Response(200, body=f"{request.method} {request.target} ".encode() + body)
 
 
+async def slow_echo(request: Request) -> Response:
+    """`echo`, after the request has had time to be followed by the next bytes."""
+    await asyncio.sleep(0.02)
+    return await echo(request)
+
+
 async def closed(reader: asyncio.StreamReader) -> bool:
     """The server closed the connection (EOF or reset) without sending more."""
     try:
@@ -432,14 +438,10 @@ async def test_a_malformed_request_gets_400(
 async def test_a_pipelined_malformed_request_is_answered_after_the_good_one(
     serve: Serve, connect: Connect
 ) -> None:
-    async def slow(request: Request) -> Response:
-        await asyncio.sleep(0.05)
-        return await hello(request)
-
-    _, port = await serve(slow)
+    _, port = await serve(slow_echo)
     reader, writer = await connect(port)
     writer.write(GET + b"GE(T / HTTP/1.1\r\n\r\n")
-    assert (await read_answer(reader)).body == b"hello"
+    assert (await read_answer(reader)).body == b"GET /x?y=1 "
     assert (await read_answer(reader)).status == 400
     assert await closed(reader)
 
@@ -465,15 +467,6 @@ async def test_a_head_over_the_limit_gets_431(serve: Serve, connect: Connect) ->
     assert (await read_answer(reader)).status == 200
 
 
-async def test_a_slow_head_gets_408(serve: Serve, connect: Connect) -> None:
-    _, port = await serve(hello, header_timeout_s=0.15)
-    reader, writer = await connect(port)
-    writer.write(b"GET / HTTP/1.1\r\nHost:")
-    got = await read_answer(reader)
-    assert (got.status, got.header("connection")) == (408, "close")
-    assert await closed(reader)
-
-
 async def test_an_idle_connection_is_closed(serve: Serve, connect: Connect) -> None:
     server, port = await serve(hello, keepalive_idle_s=0.15)
     reader, writer = await connect(port)
@@ -484,55 +477,58 @@ async def test_an_idle_connection_is_closed(serve: Serve, connect: Connect) -> N
     assert server.open_connections == 0
 
 
-async def test_a_stalled_body_raises_body_timeout(serve: Serve, connect: Connect) -> None:
-    raised: list[BaseException] = []
+def echo_noting_disconnects(raised: list[BaseException], noted: asyncio.Event) -> Handler:
+    """`echo`, noting the ClientDisconnected its body read raised."""
 
     async def handler(request: Request) -> Response:
         try:
             return await echo(request)
         except ClientDisconnected as exc:
             raised.append(exc)
+            noted.set()
             raise
 
-    _, port = await serve(handler, body_idle_timeout_s=0.15)
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("sent", "limit", "raised_in_handler"),
+    [
+        (b"GET / HTTP/1.1\r\nHost:", "header_timeout_s", []),
+        (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", "body_idle_timeout_s", [BodyTimeout]),
+    ],
+    ids=["head", "body"],
+)
+async def test_a_client_too_slow_gets_408(
+    serve: Serve, connect: Connect, sent: bytes, limit: str, raised_in_handler: list[type]
+) -> None:
+    raised: list[BaseException] = []
+    _, port = await serve(echo_noting_disconnects(raised, asyncio.Event()), **{limit: 0.15})
     reader, writer = await connect(port)
-    writer.write(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+    writer.write(sent)
     got = await read_answer(reader)
     assert (got.status, got.header("connection")) == (408, "close")
+    assert json.loads(got.body)["type"].endswith(":request-timeout")
     assert await closed(reader)
-    assert [type(exc) for exc in raised] == [BodyTimeout]
+    assert [type(exc) for exc in raised] == raised_in_handler
 
 
 async def test_a_client_leaving_mid_body_raises_client_disconnected(
     serve: Serve, connect: Connect
 ) -> None:
     raised: list[BaseException] = []
-
-    async def handler(request: Request) -> Response:
-        try:
-            return await echo(request)
-        except ClientDisconnected as exc:
-            raised.append(exc)
-            raise
-
-    server, port = await serve(handler)
+    noted = asyncio.Event()
+    _, port = await serve(echo_noting_disconnects(raised, noted))
     reader, writer = await connect(port)
     writer.write(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
     await asyncio.sleep(0.02)
     writer.transport.abort()
-    for _ in range(100):
-        if raised:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(noted.wait(), 2.0)
     assert [type(exc) for exc in raised] == [ClientDisconnected]
 
 
 async def test_a_half_closed_client_gets_its_answers(serve: Serve, connect: Connect) -> None:
-    async def slow(request: Request) -> Response:
-        await asyncio.sleep(0.02)
-        return await echo(request)
-
-    _, port = await serve(slow)
+    _, port = await serve(slow_echo)
     reader, writer = await connect(port)
     writer.write(GET + b"POST /p HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
     writer.write_eof()
