@@ -152,11 +152,14 @@ class RequestParser:
         self._owner.request_parsed(exchange)
 
     def on_body(self, body: bytes) -> None:
-        exchange = cast(Exchange, self.parsing)
+        exchange = self.parsing
+        assert exchange is not None  # llhttp sends a body only after a head
         exchange.chunks.append(body)
         exchange.buffered += len(body)
         self._owner.body_arrived()
 
     def on_message_complete(self) -> None:
-        cast(Exchange, self.parsing).complete = True
+        exchange = self.parsing
+        assert exchange is not None
+        exchange.complete = True
         self._owner.body_arrived()
