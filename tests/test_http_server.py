@@ -385,6 +385,32 @@ async def test_a_client_leaving_mid_stream_closes_the_stream(
     assert server.requests_in_flight == 0
 
 
+async def test_a_client_leaving_while_the_stream_waits_closes_the_stream(
+    serve: Serve, connect: Connect
+) -> None:
+    closed_stream = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield b"first"
+                await asyncio.Event().wait()  # an upstream that went quiet
+                yield b"never"
+            finally:
+                closed_stream.set()
+
+        return Response(200, body=body())
+
+    server, port = await serve(handler)
+    reader, writer = await connect(port)
+    writer.write(GET)
+    await reader.readuntil(b"first\r\n")
+    writer.transport.abort()
+    await asyncio.wait_for(closed_stream.wait(), 2.0)
+    await asyncio.sleep(0.01)
+    assert server.requests_in_flight == 0
+
+
 async def test_a_stream_waits_for_a_slow_client(serve: Serve, connect: Connect) -> None:
     total = 64 * 1024 * 1024
     sent = 0

@@ -67,6 +67,7 @@ class HttpConnection(asyncio.Protocol):
         self._upgrade_data: bytearray | None = None  # bytes after an Upgrade request's head
         self._upgrade_waiter: asyncio.Future[None] | None = None
         self._upgraded = False  # the 101 is out: the bytes belong to the session
+        self._streaming = False  # a streamed body is being sent
 
     @property
     def body_bytes_buffered(self) -> int:
@@ -104,6 +105,10 @@ class HttpConnection(asyncio.Protocol):
         self._wake_upgrade()
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+        if self._streaming and self._task is not None:
+            # The stream may wait long for its next piece (an idle upstream):
+            # cancelling the wait lets its cleanup run now.
+            self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade_data is not None:
@@ -130,8 +135,10 @@ class HttpConnection(asyncio.Protocol):
             self._update_reading()
 
     def eof_received(self) -> bool | None:
-        if not self._queue or self._tls:
-            return None  # close the transport (TLS cannot stay half-open in asyncio)
+        if not self._queue or self._tls or self._streaming:
+            # Idle, TLS (asyncio cannot keep it half-open) or a stream under way
+            # (most likely the client left: a stream would wait on in vain).
+            return None
         # The client sent all it will: answer what came, then close.
         self._eof = self._closing = True
         self._wake_reader()
@@ -321,8 +328,17 @@ class HttpConnection(asyncio.Protocol):
                 request, response, self._may_keep(exchange)
             )
             self._out.write(head)
-            self._head_written = True
-            self._keep_alive = await answers.send_stream(self._out, body, length, chunked) and keep
+            self._head_written = self._streaming = True
+            try:
+                sent = await answers.send_stream(self._out, body, length, chunked)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._out.closed or task is None or task.uncancel() > 0:
+                    raise
+                return  # the client left while the stream waited: cancelled by connection_lost
+            finally:
+                self._streaming = False
+            self._keep_alive = sent and keep
         finally:
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
