@@ -72,10 +72,11 @@ def bodiless(request: Request, status: int) -> bool:
     return status < 200 or status in NO_BODY_STATUSES or request.method == "HEAD"
 
 
-def write_whole(out: Output, request: Request, response: Response, may_keep: bool) -> bool:
-    """A bytes body with its Content-Length, head and body in one write; returns keep-alive."""
-    body = response.body
-    assert isinstance(body, bytes)
+def write_whole(
+    out: Output, request: Request, response: Response, body: bytes, may_keep: bool
+) -> bool:
+    """`response` with its bytes `body` and Content-Length, head and body in one write;
+    returns keep-alive."""
     status = response.status
     if bodiless(request, status):
         return write_head_only(out, request, response, may_keep)

@@ -258,8 +258,9 @@ class HttpConnection(asyncio.Protocol):
                     response = await state.handler(request)
                     if not request.responded:
                         request.responded = True
-                        if type(response.body) is bytes and response.upgrade is None:
-                            self._write_whole(exchange, response)  # no coroutine more
+                        body = response.body
+                        if type(body) is bytes and response.upgrade is None:
+                            self._write_whole(exchange, response, body)  # no coroutine more
                         else:
                             await self._answer(exchange, response)
                 except BodyTimeout:
@@ -300,8 +301,9 @@ class HttpConnection(asyncio.Protocol):
             and (self._upgrade_data is None or exchange is not self._parser.parsing)
         )
 
-    def _write_whole(self, exchange: Exchange, response: Response) -> None:
-        keep = answers.write_whole(self._out, exchange.request, response, self._may_keep(exchange))
+    def _write_whole(self, exchange: Exchange, response: Response, body: bytes) -> None:
+        may_keep = self._may_keep(exchange)
+        keep = answers.write_whole(self._out, exchange.request, response, body, may_keep)
         self._head_written = True
         self._keep_alive = keep
 
@@ -314,7 +316,7 @@ class HttpConnection(asyncio.Protocol):
             await self._upgrade(response, response.upgrade)
             return
         if isinstance(body, bytes):
-            self._write_whole(exchange, response)
+            self._write_whole(exchange, response, body)
             return
         try:
             if answers.bodiless(request, response.status):
