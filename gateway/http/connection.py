@@ -23,6 +23,7 @@ from gateway.http import answers, wire
 from gateway.http.message import BodyTimeout, ClientDisconnected, Request, Response, Upgraded
 from gateway.http.parsing import Exchange, HeadTooLarge, RequestParser
 from gateway.http.shared import ServerState, log, refusals
+from gateway.http.upgrade import UpgradeBuffer
 
 # Reading pauses while this much body (or upgraded stream) waits for the handler.
 BUFFER_HIGH_BYTES = 256 * 1024
@@ -64,8 +65,7 @@ class HttpConnection(asyncio.Protocol):
         self._keep_alive = False  # decided when the current answer's head is written
         self._preempted = False  # the listener answered a request whose body broke
         self._pending_error: bytes | None = None  # answered once the queue is done
-        self._upgrade_data: bytearray | None = None  # bytes after an Upgrade request's head
-        self._upgrade_waiter: asyncio.Future[None] | None = None
+        self._upgrade: UpgradeBuffer | None = None  # after an Upgrade request's head
         self._upgraded = False  # the 101 is out: the bytes belong to the session
         self._streaming = False  # a streamed body is being sent
 
@@ -102,7 +102,8 @@ class HttpConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._wake_reader()
-        self._wake_upgrade()
+        if self._upgrade is not None:
+            self._upgrade.end()
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
         if self._streaming and self._task is not None:
@@ -111,9 +112,8 @@ class HttpConnection(asyncio.Protocol):
             self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self._upgrade_data is not None:
-            self._upgrade_data += data
-            self._wake_upgrade()
+        if self._upgrade is not None:
+            self._upgrade.feed(data)
             self._update_reading()
             return
         if self._ignore_input:
@@ -124,7 +124,7 @@ class HttpConnection(asyncio.Protocol):
             self._parse_failed(exc)
             return
         if upgrade_at is not None:
-            self._upgrade_data = bytearray(data[upgrade_at:])
+            self._upgrade = UpgradeBuffer(data[upgrade_at:], self._update_reading)
         parsing = self._parser.parsing
         if (
             self._reading_paused
@@ -142,7 +142,8 @@ class HttpConnection(asyncio.Protocol):
         # The client sent all it will: answer what came, then close.
         self._eof = self._closing = True
         self._wake_reader()
-        self._wake_upgrade()  # an upgraded session reads b"" now
+        if self._upgrade is not None:
+            self._upgrade.end()  # an upgraded session reads b"" now
         return True
 
     def pause_writing(self) -> None:
@@ -298,7 +299,7 @@ class HttpConnection(asyncio.Protocol):
             exchange.keep_alive
             and exchange.complete  # an unread body is not read to throw away
             and not self._closing
-            and (self._upgrade_data is None or exchange is not self._parser.parsing)
+            and (self._upgrade is None or exchange is not self._parser.parsing)
         )
 
     def _write_whole(self, exchange: Exchange, response: Response, body: bytes) -> None:
@@ -311,9 +312,9 @@ class HttpConnection(asyncio.Protocol):
         request = exchange.request
         body = response.body
         if response.status == 101:
-            if response.upgrade is None or self._upgrade_data is None:
+            if response.upgrade is None or self._upgrade is None:
                 raise RuntimeError("a 101 answer without an upgrade on both sides")
-            await self._upgrade(response, response.upgrade)
+            await self._hand_over(response, self._upgrade, response.upgrade)
             return
         if isinstance(body, bytes):
             self._write_whole(exchange, response, body)
@@ -419,8 +420,11 @@ class HttpConnection(asyncio.Protocol):
 
     # -- upgrades
 
-    async def _upgrade(
-        self, response: Response, session: Callable[[Upgraded], Awaitable[None]]
+    async def _hand_over(
+        self,
+        response: Response,
+        buffer: UpgradeBuffer,
+        session: Callable[[Upgraded], Awaitable[None]],
     ) -> None:
         head = wire.encode_head(101, response.reason, response.headers, wire.DROP_FOR_UPGRADE, "")
         self._out.write(head)
@@ -430,29 +434,9 @@ class HttpConnection(asyncio.Protocol):
         transport = self._transport
         out = self._out
         try:
-            await session(Upgraded(self._receive_upgraded, out.write, out.drain, transport.close))
+            await session(Upgraded(buffer.receive, out.write, out.drain, transport.close))
         finally:
             transport.close()
-
-    async def _receive_upgraded(self) -> bytes:
-        data = cast(bytearray, self._upgrade_data)
-        while not data:
-            if self._out.closed or self._eof:
-                return b""
-            self._upgrade_waiter = self._loop.create_future()
-            try:
-                await self._upgrade_waiter
-            finally:
-                self._upgrade_waiter = None
-        chunk = bytes(data)
-        data.clear()
-        self._update_reading()
-        return chunk
-
-    def _wake_upgrade(self) -> None:
-        waiter = self._upgrade_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # -- flow control and timing
 
@@ -465,9 +449,9 @@ class HttpConnection(asyncio.Protocol):
         """Pause reading while a whole request or a full buffer waits, resume after."""
         if self._out.closed or self._pending_error is not None:
             return
-        if self._upgrade_data is not None:
+        if self._upgrade is not None:
             # Before the 101 is out the handler may still answer otherwise.
-            pause = len(self._upgrade_data) > BUFFER_HIGH_BYTES or not self._upgraded
+            pause = len(self._upgrade.data) > BUFFER_HIGH_BYTES or not self._upgraded
         else:
             parsing = self._parser.parsing
             queue = self._queue
