@@ -44,7 +44,7 @@ class HttpConnection(asyncio.Protocol):
         self._limits = limits = state.limits
         self._check_every_s = limits.check_every_s
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport  # these two are set by connection_made
+        self._transport: asyncio.Transport  # these three are set by connection_made
         self._out: answers.Output
         self._parser: RequestParser
         self._peer = ""
@@ -350,8 +350,8 @@ class HttpConnection(asyncio.Protocol):
     def _fail(self, answer: bytes | None) -> None:
         """After a failed handler: the error answer if none was started, else a cut."""
         self._keep_alive = False
-        if self._out.closed:
-            return
+        if self._out.closed or self._preempted:
+            return  # gone, or the listener's 400 is out: close once it is written
         if answer is not None and not self._head_written:
             self._head_written = True
             self._out.write(answer)
