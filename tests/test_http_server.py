@@ -10,7 +10,9 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -665,6 +667,8 @@ async def test_a_failing_handler_gets_500_and_is_logged_once(
     writer.write(GET)
     got = await read_answer(reader)
     assert (got.status, got.header("content-type")) == (500, "application/problem+json")
+    sent_at = parsedate_to_datetime(got.header("date") or "").timestamp()
+    assert abs(sent_at - time.time()) < 5  # the Date of now, not of the module's import
     assert json.loads(got.body) == {
         "type": "urn:quota-gateway:problem:internal-error",
         "title": "Internal Server Error",
@@ -701,6 +705,8 @@ async def test_status_lines_and_header_order(serve: Serve, connect: Connect) -> 
             return Response(200, headers, b"", reason="Fine")
         if request.path == "/split":
             return Response(200, CIMultiDict({"X-Bad": "a\r\nSet-Cookie: x"}), b"")
+        if request.path == "/split-reason":
+            return Response(200, body=b"", reason="OK\r\nSet-Cookie: x")
         return Response(299, headers, b"")
 
     _, port = await serve(handler)
@@ -711,9 +717,11 @@ async def test_status_lines_and_header_order(serve: Serve, connect: Connect) -> 
     assert custom.headers[:3] == [("X-B", "1"), ("x-a", "2"), ("X-B", "3")]
     unknown = await read_answer(reader)
     assert (unknown.status, unknown.reason) == (299, "")
-    writer.write(b"GET /split HTTP/1.1\r\n\r\n")  # a header may not split the head
-    split = await read_answer(reader)
-    assert (split.status, split.header("set-cookie")) == (500, None)
+    for path in (b"/split", b"/split-reason"):  # neither may split the head
+        reader, writer = await connect(port)
+        writer.write(b"GET %b HTTP/1.1\r\n\r\n" % path)
+        split = await read_answer(reader)
+        assert (split.status, split.header("set-cookie")) == (500, None)
 
 
 async def test_https_through_create_server(tmp_path: Path) -> None:

@@ -28,9 +28,10 @@ from gateway.http.upgrade import UpgradeBuffer
 # Reading pauses while this much body (or upgraded stream) waits for the handler.
 BUFFER_HIGH_BYTES = 256 * 1024
 
-_INTERNAL_ERROR = wire.problem_answer(500, "internal-error", "the gateway failed")
-_HEAD_TIMEOUT = wire.problem_answer(408, "request-timeout", "the request head came too slowly")
-_BODY_TIMEOUT = wire.problem_answer(408, "request-timeout", "the request body stopped coming")
+# The listener's own answers (status, problem kind, detail), encoded when sent for their Date.
+_INTERNAL_ERROR = (500, "internal-error", "the gateway failed")
+_HEAD_TIMEOUT = (408, "request-timeout", "the request head came too slowly")
+_BODY_TIMEOUT = (408, "request-timeout", "the request body stopped coming")
 
 # What the connection's one timer is waiting for (_BODY_EXPIRED: read_body_chunk raises).
 _NOTHING, _HEAD, _BODY, _IDLE, _BODY_EXPIRED = range(5)
@@ -347,14 +348,14 @@ class HttpConnection(asyncio.Protocol):
             if aclose is not None:
                 await aclose()
 
-    def _fail(self, answer: bytes | None) -> None:
+    def _fail(self, answer: tuple[int, str, str] | None) -> None:
         """After a failed handler: the error answer if none was started, else a cut."""
         self._keep_alive = False
         if self._out.closed or self._preempted:
             return  # gone, or the listener's 400 is out: close once it is written
         if answer is not None and not self._head_written:
             self._head_written = True
-            self._out.write(answer)
+            self._out.write(wire.problem_answer(*answer))
         else:
             self.abort()
 
@@ -494,5 +495,5 @@ class HttpConnection(asyncio.Protocol):
         self._ignore_input = True
         if waiting_for == _HEAD and not self._busy:
             refusals.note(408, self._peer, "the request head came too slowly")
-            self._out.write(_HEAD_TIMEOUT)
+            self._out.write(wire.problem_answer(*_HEAD_TIMEOUT))
         self._transport.close()

@@ -32,6 +32,8 @@ _date_field = ""
 def status_line(status: int, reason: str) -> str:
     """`HTTP/1.1 404 Not Found\\r\\n`; the reason is empty for a code HTTPStatus lacks."""
     if reason:
+        if "\r" in reason or "\n" in reason:
+            raise ValueError("a reason phrase holds CR or LF")
         return f"HTTP/1.1 {status} {reason}\r\n"
     line = _status_lines.get(status)
     if line is None:
