@@ -698,6 +698,28 @@ async def test_many_pipelined_requests_are_all_answered(serve: Serve, connect: C
         assert (await read_answer(reader)).body == b"GET /%d " % n
 
 
+async def test_a_flood_of_tiny_pipelined_requests_is_parsed_as_it_is_answered(
+    serve: Serve, connect: Connect
+) -> None:
+    most = 0
+
+    async def handler(request: Request) -> Response:
+        nonlocal most
+        most = max(most, server.requests_parsed)
+        return await echo(request)
+
+    server, port = await serve(handler)
+    reader, writer = await connect(port)
+    requests = b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % n for n in range(20_000))
+    writer.write(requests[:5])  # a head in two reads, the rest in large ones
+    await asyncio.sleep(0.01)
+    writer.write(requests[5:])
+    for n in range(20_000):
+        assert (await read_answer(reader)).body == b"GET /%d " % n
+    # Never more than a 4 KiB piece of requests past the 16 queued.
+    assert 16 < most <= 16 + 4096 // len(b"GET /0 HTTP/1.1\r\n\r\n")
+
+
 async def test_status_lines_and_header_order(serve: Serve, connect: Connect) -> None:
     async def handler(request: Request) -> Response:
         headers = CIMultiDict([("X-B", "1"), ("x-a", "2"), ("X-B", "3")])

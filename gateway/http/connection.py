@@ -27,6 +27,10 @@ from gateway.http.upgrade import UpgradeBuffer
 
 # Reading pauses while this much body (or upgraded stream) waits for the handler.
 BUFFER_HIGH_BYTES = 256 * 1024
+# A read longer than this is parsed in pieces of it outside bodies, and parsing
+# stops while more requests than _MAX_QUEUED wait (see _feed_sliced).
+_FEED_SLICE_BYTES = 4096
+_MAX_QUEUED = 16
 
 # The listener's own answers (status, problem kind, detail), encoded when sent for their Date.
 _INTERNAL_ERROR = (500, "internal-error", "the gateway failed")
@@ -67,8 +71,14 @@ class HttpConnection(asyncio.Protocol):
         self._preempted = False  # the listener answered a request whose body broke
         self._pending_error: bytes | None = None  # answered once the queue is done
         self._upgrade: UpgradeBuffer | None = None  # after an Upgrade request's head
+        self._backlog: bytearray | None = None  # read, not parsed: many requests queued
         self._upgraded = False  # the 101 is out: the bytes belong to the session
         self._streaming = False  # a streamed body is being sent
+
+    @property
+    def requests_parsed(self) -> int:
+        """Requests parsed and not yet answered (the one in hand included)."""
+        return len(self._queue)
 
     @property
     def body_bytes_buffered(self) -> int:
@@ -119,21 +129,56 @@ class HttpConnection(asyncio.Protocol):
             return
         if self._ignore_input:
             return
-        try:
-            upgrade_at = self._parser.feed(data)
-        except (httptools.HttpParserError, HeadTooLarge) as exc:
-            self._parse_failed(exc)
+        if self._backlog is not None:
+            self._backlog += data  # read before reading paused
             return
-        if upgrade_at is not None:
-            self._upgrade = UpgradeBuffer(data[upgrade_at:], self._update_reading)
+        if len(data) <= _FEED_SLICE_BYTES:
+            self._feed(data)
+        else:
+            self._feed_sliced(data)
         parsing = self._parser.parsing
         if (
             self._reading_paused
             or len(self._queue) > 1
             or (parsing is not None and parsing.buffered > BUFFER_HIGH_BYTES)
-            or upgrade_at is not None
+            or self._upgrade is not None
+            or self._backlog is not None
         ):
             self._update_reading()
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """Parse `data`; False when parsing ends here (an upgrade or a malformed request)."""
+        try:
+            upgrade_at = self._parser.feed(data)
+        except (httptools.HttpParserError, HeadTooLarge) as exc:
+            self._parse_failed(exc)
+            return False
+        if upgrade_at is None:
+            return True
+        self._upgrade = UpgradeBuffer(data[upgrade_at:], self._update_reading)
+        return False
+
+    def _feed_sliced(self, data: bytes) -> None:
+        """Parse a large read piece by piece outside bodies, keeping what follows
+        `_MAX_QUEUED` requests for later: tiny pipelined requests are cheap to send and
+        dear to hold, so one read may not turn into thousands of them."""
+        view = memoryview(data)
+        offset, size = 0, len(data)
+        parser = self._parser
+        while offset < size:
+            parsing = parser.parsing
+            if parsing is not None and not parsing.complete and not parser.in_head:
+                end = size  # inside a body: no requests pile up
+            elif len(self._queue) > _MAX_QUEUED:
+                self._backlog = bytearray(view[offset:])
+                return
+            else:
+                end = offset + _FEED_SLICE_BYTES
+            if not self._feed(view[offset:end]):
+                if self._upgrade is not None:
+                    self._upgrade.feed(bytes(view[end:]))
+                return
+            offset = end
 
     def eof_received(self) -> bool | None:
         if not self._queue or self._tls or self._streaming:
@@ -369,7 +414,14 @@ class HttpConnection(asyncio.Protocol):
             self._ignore_input = True
             self._transport.close()
             return False
-        if self._queue:
+        if self._backlog is not None and len(self._queue) <= _MAX_QUEUED:
+            backlog, self._backlog = self._backlog, None
+            self._feed_sliced(bytes(backlog))
+            if self._ignore_input:
+                return False  # it held a malformed request, answered already
+        if self._busy:
+            pass  # the backlog's first request has started
+        elif self._queue:
             self._start()
         elif self._pending_error is not None:
             self._out.write(self._pending_error)
@@ -456,8 +508,10 @@ class HttpConnection(asyncio.Protocol):
         else:
             parsing = self._parser.parsing
             queue = self._queue
-            pause = (len(queue) > 1 and queue[-1].complete) or (
-                parsing is not None and parsing.buffered > BUFFER_HIGH_BYTES
+            pause = (
+                (len(queue) > 1 and queue[-1].complete)
+                or (parsing is not None and parsing.buffered > BUFFER_HIGH_BYTES)
+                or self._backlog is not None
             )
         if pause != self._reading_paused:
             self._reading_paused = pause

@@ -65,7 +65,7 @@ class RequestParser:
         self._framing_given = False  # a header that may frame a body was seen
         self._connection_given = False  # a Connection header was seen
 
-    def feed(self, data: bytes) -> int | None:
+    def feed(self, data: bytes | memoryview) -> int | None:
         """Parse `data`; the offset where an upgraded stream starts, if one does.
 
         Raises httptools.HttpParserError on a malformed request, HeadTooLarge

@@ -47,6 +47,11 @@ class HttpServer:
         return self._state.in_flight
 
     @property
+    def requests_parsed(self) -> int:
+        """Requests parsed and not yet answered (those in flight included)."""
+        return sum(connection.requests_parsed for connection in self._state.connections)
+
+    @property
     def body_bytes_buffered(self) -> int:
         """Request body bytes the connections hold for their handlers."""
         return sum(connection.body_bytes_buffered for connection in self._state.connections)
