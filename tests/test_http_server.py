@@ -9,7 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +29,7 @@ from gateway.http.message import (
     Upgraded,
 )
 from gateway.http.server import HttpServer, Limits
+from tests.certs import make_certs
 from tests.rawhttp import Answer, read_answer
 
 Serve = Callable[..., Awaitable[tuple[HttpServer, int]]]
@@ -74,6 +79,12 @@ async def hello(request: Request) -> Response:
 async def echo(request: Request) -> Response:
     body = b"".join([chunk async for chunk in request.chunks()])
     return Response(200, body=f"{request.method} {request.target} ".encode() + body)
+
+
+async def slow_echo(request: Request) -> Response:
+    """`echo`, after the request has had time to be followed by the next bytes."""
+    await asyncio.sleep(0.02)
+    return await echo(request)
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
@@ -260,6 +271,10 @@ async def test_head_and_bodiless_statuses_carry_no_body(serve: Serve, connect: C
             return Response(204, CIMultiDict({"Content-Length": "9"}), b"dropped")
         if request.path == "/304":
             return Response(304, CIMultiDict({"Content-Length": "9", "ETag": '"e"'}))
+        if request.path == "/proxied":  # a HEAD answered upstream: its length, no body
+            return Response(200, CIMultiDict({"Content-Length": "1234"}))
+        if request.path == "/stream":
+            return await streaming([b"never"], {"Content-Length": "5"})(request)
         return Response(200, body=b"hello")
 
     _, port = await serve(handler)
@@ -273,6 +288,10 @@ async def test_head_and_bodiless_statuses_carry_no_body(serve: Serve, connect: C
     assert (not_modified.status, not_modified.header("content-length")) == (304, "9")
     assert not_modified.header("etag") == '"e"'
     assert (await read_answer(reader)).body == b"hello"  # nothing stray came before it
+    for path, length in (b"/proxied", "1234"), (b"/stream", "5"):
+        writer.write(b"HEAD %b HTTP/1.1\r\n\r\n" % path)
+        head = await read_answer(reader, head_only=True)
+        assert (head.status, head.header("content-length")) == (200, length)
 
 
 def streaming(parts: list[bytes], headers: dict[str, str] | None = None) -> Handler:
@@ -368,6 +387,32 @@ async def test_a_client_leaving_mid_stream_closes_the_stream(
     assert server.requests_in_flight == 0
 
 
+async def test_a_client_leaving_while_the_stream_waits_closes_the_stream(
+    serve: Serve, connect: Connect
+) -> None:
+    closed_stream = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield b"first"
+                await asyncio.Event().wait()  # an upstream that went quiet
+                yield b"never"
+            finally:
+                closed_stream.set()
+
+        return Response(200, body=body())
+
+    server, port = await serve(handler)
+    reader, writer = await connect(port)
+    writer.write(GET)
+    await reader.readuntil(b"first\r\n")
+    writer.transport.abort()
+    await asyncio.wait_for(closed_stream.wait(), 2.0)
+    await asyncio.sleep(0.01)
+    assert server.requests_in_flight == 0
+
+
 async def test_a_stream_waits_for_a_slow_client(serve: Serve, connect: Connect) -> None:
     total = 64 * 1024 * 1024
     sent = 0
@@ -404,7 +449,7 @@ async def test_a_malformed_request_gets_400(
     serve: Serve, connect: Connect, caplog: pytest.LogCaptureFixture, raw: bytes
 ) -> None:
     caplog.set_level(logging.INFO, "gateway.http")
-    _, port = await serve(hello)
+    _, port = await serve(echo)  # reads the body: a broken chunk is its ClientDisconnected
     reader, writer = await connect(port)
     writer.write(raw)
     got = await read_answer(reader)
@@ -421,14 +466,10 @@ async def test_a_malformed_request_gets_400(
 async def test_a_pipelined_malformed_request_is_answered_after_the_good_one(
     serve: Serve, connect: Connect
 ) -> None:
-    async def slow(request: Request) -> Response:
-        await asyncio.sleep(0.05)
-        return await hello(request)
-
-    _, port = await serve(slow)
+    _, port = await serve(slow_echo)
     reader, writer = await connect(port)
     writer.write(GET + b"GE(T / HTTP/1.1\r\n\r\n")
-    assert (await read_answer(reader)).body == b"hello"
+    assert (await read_answer(reader)).body == b"GET /x?y=1 "
     assert (await read_answer(reader)).status == 400
     assert await closed(reader)
 
@@ -454,15 +495,6 @@ async def test_a_head_over_the_limit_gets_431(serve: Serve, connect: Connect) ->
     assert (await read_answer(reader)).status == 200
 
 
-async def test_a_slow_head_gets_408(serve: Serve, connect: Connect) -> None:
-    _, port = await serve(hello, header_timeout_s=0.15)
-    reader, writer = await connect(port)
-    writer.write(b"GET / HTTP/1.1\r\nHost:")
-    got = await read_answer(reader)
-    assert (got.status, got.header("connection")) == (408, "close")
-    assert await closed(reader)
-
-
 async def test_an_idle_connection_is_closed(serve: Serve, connect: Connect) -> None:
     server, port = await serve(hello, keepalive_idle_s=0.15)
     reader, writer = await connect(port)
@@ -473,47 +505,70 @@ async def test_an_idle_connection_is_closed(serve: Serve, connect: Connect) -> N
     assert server.open_connections == 0
 
 
-async def test_a_stalled_body_raises_body_timeout(serve: Serve, connect: Connect) -> None:
-    raised: list[BaseException] = []
+def echo_noting_disconnects(raised: list[BaseException], noted: asyncio.Event) -> Handler:
+    """`echo`, noting the ClientDisconnected its body read raised."""
 
     async def handler(request: Request) -> Response:
         try:
             return await echo(request)
         except ClientDisconnected as exc:
             raised.append(exc)
+            noted.set()
             raise
 
-    _, port = await serve(handler, body_idle_timeout_s=0.15)
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("sent", "limit", "raised_in_handler"),
+    [
+        (b"GET / HTTP/1.1\r\nHost:", "header_timeout_s", []),
+        (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", "body_idle_timeout_s", [BodyTimeout]),
+    ],
+    ids=["head", "body"],
+)
+async def test_a_client_too_slow_gets_408(
+    serve: Serve, connect: Connect, sent: bytes, limit: str, raised_in_handler: list[type]
+) -> None:
+    raised: list[BaseException] = []
+    _, port = await serve(echo_noting_disconnects(raised, asyncio.Event()), **{limit: 0.15})
     reader, writer = await connect(port)
-    writer.write(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+    writer.write(sent)
     got = await read_answer(reader)
     assert (got.status, got.header("connection")) == (408, "close")
+    assert json.loads(got.body)["type"].endswith(":request-timeout")
     assert await closed(reader)
-    assert [type(exc) for exc in raised] == [BodyTimeout]
+    assert [type(exc) for exc in raised] == raised_in_handler
 
 
 async def test_a_client_leaving_mid_body_raises_client_disconnected(
     serve: Serve, connect: Connect
 ) -> None:
     raised: list[BaseException] = []
-
-    async def handler(request: Request) -> Response:
-        try:
-            return await echo(request)
-        except ClientDisconnected as exc:
-            raised.append(exc)
-            raise
-
-    server, port = await serve(handler)
+    noted = asyncio.Event()
+    _, port = await serve(echo_noting_disconnects(raised, noted))
     reader, writer = await connect(port)
     writer.write(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
     await asyncio.sleep(0.02)
     writer.transport.abort()
-    for _ in range(100):
-        if raised:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(noted.wait(), 2.0)
     assert [type(exc) for exc in raised] == [ClientDisconnected]
+
+
+async def test_a_half_closed_client_gets_its_answers(serve: Serve, connect: Connect) -> None:
+    _, port = await serve(slow_echo)
+    reader, writer = await connect(port)
+    writer.write(GET + b"POST /p HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
+    writer.write_eof()
+    assert (await read_answer(reader)).body == b"GET /x?y=1 "
+    last = await read_answer(reader)
+    assert (last.body, last.header("connection")) == (b"POST /p ok", "close")
+    assert await closed(reader)
+    # A body that can no longer come ends its request at once.
+    reader, writer = await connect(port)
+    writer.write(b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+    writer.write_eof()
+    assert await closed(reader)
 
 
 async def echo_session(upgraded: Upgraded) -> None:
@@ -612,6 +667,8 @@ async def test_a_failing_handler_gets_500_and_is_logged_once(
     writer.write(GET)
     got = await read_answer(reader)
     assert (got.status, got.header("content-type")) == (500, "application/problem+json")
+    sent_at = parsedate_to_datetime(got.header("date") or "").timestamp()
+    assert abs(sent_at - time.time()) < 5  # the Date of now, not of the module's import
     assert json.loads(got.body) == {
         "type": "urn:quota-gateway:problem:internal-error",
         "title": "Internal Server Error",
@@ -631,6 +688,102 @@ async def test_connections_over_the_limit_are_closed(serve: Serve, connect: Conn
     extra_writer.write(GET)
     assert await closed(extra_reader)
     assert server.open_connections == 1
+
+
+async def test_many_pipelined_requests_are_all_answered(serve: Serve, connect: Connect) -> None:
+    _, port = await serve(echo)
+    reader, writer = await connect(port)
+    writer.write(b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % n for n in range(500)))
+    for n in range(500):
+        assert (await read_answer(reader)).body == b"GET /%d " % n
+
+
+async def test_a_flood_of_tiny_pipelined_requests_is_parsed_as_it_is_answered(
+    serve: Serve, connect: Connect
+) -> None:
+    most = 0
+
+    async def handler(request: Request) -> Response:
+        nonlocal most
+        most = max(most, server.requests_parsed)
+        return await echo(request)
+
+    server, port = await serve(handler)
+    reader, writer = await connect(port)
+    requests = b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % n for n in range(20_000))
+    writer.write(requests[:5])  # a head in two reads, the rest in large ones
+    await asyncio.sleep(0.01)
+    writer.write(requests[5:])
+    for n in range(20_000):
+        assert (await read_answer(reader)).body == b"GET /%d " % n
+    # Never more than a 4 KiB piece of requests past the 16 queued.
+    assert 16 < most <= 16 + 4096 // len(b"GET /0 HTTP/1.1\r\n\r\n")
+
+
+async def test_status_lines_and_header_order(serve: Serve, connect: Connect) -> None:
+    async def handler(request: Request) -> Response:
+        headers = CIMultiDict([("X-B", "1"), ("x-a", "2"), ("X-B", "3")])
+        if request.path == "/custom":
+            return Response(200, headers, b"", reason="Fine")
+        if request.path == "/split":
+            return Response(200, CIMultiDict({"X-Bad": "a\r\nSet-Cookie: x"}), b"")
+        if request.path == "/split-reason":
+            return Response(200, body=b"", reason="OK\r\nSet-Cookie: x")
+        return Response(299, headers, b"")
+
+    _, port = await serve(handler)
+    reader, writer = await connect(port)
+    writer.write(b"GET /custom HTTP/1.1\r\n\r\nGET /unknown HTTP/1.1\r\n\r\n")
+    custom = await read_answer(reader)
+    assert (custom.status, custom.reason) == (200, "Fine")
+    assert custom.headers[:3] == [("X-B", "1"), ("x-a", "2"), ("X-B", "3")]
+    unknown = await read_answer(reader)
+    assert (unknown.status, unknown.reason) == (299, "")
+    for path in (b"/split", b"/split-reason"):  # neither may split the head
+        reader, writer = await connect(port)
+        writer.write(b"GET %b HTTP/1.1\r\n\r\n" % path)
+        split = await read_answer(reader)
+        assert (split.status, split.header("set-cookie")) == (500, None)
+
+
+async def test_https_through_create_server(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs.cert_file, certs.key_file)
+    client_ctx = ssl.create_default_context(cafile=str(certs.ca_file))
+    seen: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request.scheme)
+        return await echo(request)
+
+    server = HttpServer(handler, scheme="https")
+    port = await server.start("127.0.0.1", 0, ssl=server_ctx)
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"https://127.0.0.1:{port}/s"
+            async with session.post(url, data=b"tls", ssl=client_ctx) as resp:
+                assert await resp.read() == b"POST /s tls"
+    finally:
+        await server.stop(1.0)
+    assert seen == ["https"]
+
+
+async def test_on_error_sees_what_the_handler_raised(connect: Connect) -> None:
+    errors: list[BaseException] = []
+
+    async def failing(request: Request) -> Response:
+        raise ValueError("boom")
+
+    server = HttpServer(failing, on_error=errors.append)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await connect(port)
+        writer.write(GET)
+        assert (await read_answer(reader)).status == 500
+    finally:
+        await server.stop(1.0)
+    assert [type(exc) for exc in errors] == [ValueError]
 
 
 def test_answer_helper_reads_headers_in_order() -> None:

@@ -1,108 +1,44 @@
 """One client connection of the public listener: an asyncio Protocol around llhttp.
 
-Requests on a connection are handled one at a time, in order: a pipelined
+Requests on a connection are handled one at a time, in order, by one worker
+task per connection (started with the first request, kept while the connection
+is open): no task is created per request, so the requests of a connection share
+the worker's context (`contextvars`) and `asyncio.current_task()`. A pipelined
 request waits in the queue with its body, and reading pauses while a complete
 one waits or a body buffers past `BUFFER_HIGH_BYTES`, so memory stays bounded.
-One timer per connection enforces the head, body-idle and keep-alive limits.
+One timer per connection enforces the head, body-idle and keep-alive limits
+without a timer per request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.http import wire
-from gateway.http.limits import Limits
-from gateway.http.message import (
-    BodyTimeout,
-    ClientDisconnected,
-    Handler,
-    Request,
-    Response,
-    Upgraded,
-)
+from gateway.http import answers, wire
+from gateway.http.message import BodyTimeout, ClientDisconnected, Request, Response, Upgraded
+from gateway.http.parsing import Exchange, HeadTooLarge, RequestParser
+from gateway.http.shared import ServerState, log, refusals
+from gateway.http.upgrade import UpgradeBuffer
 
-log = logging.getLogger("gateway.http")
-
-# Reading pauses while this much body waits for the handler.
+# Reading pauses while this much body (or upgraded stream) waits for the handler.
 BUFFER_HIGH_BYTES = 256 * 1024
-_BAD_REQUEST_LOG_EVERY_S = 1.0
+# A read longer than this is parsed in pieces of it outside bodies, and parsing
+# stops while more requests than _MAX_QUEUED wait (see _feed_sliced).
+_FEED_SLICE_BYTES = 4096
+_MAX_QUEUED = 16
 
-_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
-_METHODS: dict[bytes, str] = {}
-_NO_BODY_STATUSES = frozenset({204, 304})
-_INTERNAL_ERROR = wire.problem_answer(500, "internal-error", "the gateway failed")
-_HEAD_TIMEOUT = wire.problem_answer(408, "request-timeout", "the request head came too slowly")
-_BODY_TIMEOUT = wire.problem_answer(408, "request-timeout", "the request body stopped coming")
+# The listener's own answers (status, problem kind, detail), encoded when sent for their Date.
+_INTERNAL_ERROR = (500, "internal-error", "the gateway failed")
+_HEAD_TIMEOUT = (408, "request-timeout", "the request head came too slowly")
+_BODY_TIMEOUT = (408, "request-timeout", "the request body stopped coming")
 
 # What the connection's one timer is waiting for (_BODY_EXPIRED: read_body_chunk raises).
 _NOTHING, _HEAD, _BODY, _IDLE, _BODY_EXPIRED = range(5)
-
-
-class ServerState:
-    """What a listener's connections share: the handler, the limits and the counts."""
-
-    __slots__ = ("handler", "scheme", "limits", "on_error", "connections", "in_flight", "emptied")
-
-    def __init__(
-        self,
-        handler: Handler,
-        scheme: str,
-        limits: Limits,
-        on_error: Callable[[BaseException], None] | None,
-    ) -> None:
-        self.handler = handler
-        self.scheme = scheme
-        self.limits = limits
-        self.on_error = on_error
-        self.connections: set[HttpConnection] = set()
-        self.in_flight = 0  # requests whose handler runs
-        self.emptied: asyncio.Event | None = None  # set when the last connection ends (stop)
-
-
-class _BadRequestLog:
-    """One INFO line per interval at most: a flood of garbage must not flood the log."""
-
-    def __init__(self) -> None:
-        self.next_at = 0.0
-        self.dropped = 0
-
-    def note(self, status: int, peer: str, reason: str) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.dropped += 1
-            return
-        log.info("answered %d to %s: %s (%d not logged)", status, peer, reason, self.dropped)
-        self.next_at = now + _BAD_REQUEST_LOG_EVERY_S
-        self.dropped = 0
-
-
-_bad_requests = _BadRequestLog()
-
-
-class _HeadTooLarge(Exception):
-    pass
-
-
-class _Exchange:
-    """A parsed request and its body as it arrives."""
-
-    __slots__ = ("request", "chunks", "buffered", "complete", "keep_alive", "expect_continue")
-
-    def __init__(self, request: Request, keep_alive: bool, expect_continue: bool) -> None:
-        self.request = request
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.complete = False
-        self.keep_alive = keep_alive
-        self.expect_continue = expect_continue
 
 
 class HttpConnection(asyncio.Protocol):
@@ -110,39 +46,39 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, state: ServerState) -> None:
         self._state = state
-        self._limits = state.limits
-        self._check_every_s = state.limits.check_every_s
+        self._limits = limits = state.limits
+        self._check_every_s = limits.check_every_s
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport  # set by connection_made
-        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport  # these three are set by connection_made
+        self._out: answers.Output
+        self._parser: RequestParser
         self._peer = ""
-        self._queue: deque[_Exchange] = deque()  # [0] is handled when _busy
-        self._parsing: _Exchange | None = None  # the exchange whose body the parser fills
+        self._tls = False
+        self._queue: deque[Exchange] = deque()  # [0] is handled when _busy
         self._busy = False
-        self._task: asyncio.Task[None] | None = None
-        self._in_head = False
-        self._url = b""
-        self._raw_headers: list[tuple[str, str]] = []
-        self._head_bytes = 0  # what the callbacks have seen of the head in progress
-        self._head_spill = 0  # bytes of later reads while a head is in progress
-        self._framing_given = False  # a header that may frame a body was seen
+        self._task: asyncio.Task[None] | None = None  # the worker, while it runs
+        self._idle: asyncio.Future[None] | None = None  # the worker waits for a request
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._waiting_for = _NOTHING
-        self._reader: asyncio.Future[None] | None = None
+        self._reader: asyncio.Future[None] | None = None  # a body read waits
         self._reading_paused = False
-        self._writing_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._closed = False  # the transport is gone
         self._closing = False  # close once the answer in progress is written
         self._ignore_input = False  # a parse error or a close is under way
+        self._eof = False  # the client half-closed: nothing more will come
         self._head_written = False  # the current answer's head is out
         self._keep_alive = False  # decided when the current answer's head is written
+        self._preempted = False  # the listener answered a request whose body broke
         self._pending_error: bytes | None = None  # answered once the queue is done
-        self._upgrade_data: bytearray | None = None  # bytes after an Upgrade request's head
-        self._upgrade_waiter: asyncio.Future[None] | None = None
+        self._upgrade: UpgradeBuffer | None = None  # after an Upgrade request's head
+        self._backlog: bytearray | None = None  # read, not parsed: many requests queued
         self._upgraded = False  # the 101 is out: the bytes belong to the session
-        self._preempted = False  # the listener answered a request with a broken body
+        self._streaming = False  # a streamed body is being sent
+
+    @property
+    def requests_parsed(self) -> int:
+        """Requests parsed and not yet answered (the one in hand included)."""
+        return len(self._queue)
 
     @property
     def body_bytes_buffered(self) -> int:
@@ -153,15 +89,18 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)
+        self._tls = transport.get_extra_info("sslcontext") is not None
+        self._out = answers.Output(transport)
         state = self._state
         if len(state.connections) >= self._limits.max_connections:
-            self._closed = True
+            self._out.closed = True
             transport.abort()
             return
         state.connections.add(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self._peer = str(peer[0])
+        self._parser = RequestParser(self, self._peer, state.scheme, self._limits.max_head_bytes)
         self._set_deadline(_IDLE, self._limits.keepalive_idle_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -169,139 +108,116 @@ class HttpConnection(asyncio.Protocol):
         state.connections.discard(self)
         if not state.connections and state.emptied is not None:
             state.emptied.set()
-        self._closed = True
+        self._out.lost()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for waiter in (self._reader, self._drain_waiter, self._upgrade_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        self._wake_reader()
+        if self._upgrade is not None:
+            self._upgrade.end()
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        if self._streaming and self._task is not None:
+            # The stream may wait long for its next piece (an idle upstream):
+            # cancelling the wait lets its cleanup run now.
+            self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self._upgrade_data is not None:
-            self._upgrade_data += data
-            self._wake_upgrade()
+        if self._upgrade is not None:
+            self._upgrade.feed(data)
             self._update_reading()
             return
         if self._ignore_input:
             return
-        in_head = self._in_head
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade_data = bytearray(data[cast(int, exc.args[0]) :])
-        except httptools.HttpParserError as exc:
-            self._parse_failed(exc)
+        if self._backlog is not None:
+            self._backlog += data  # read before reading paused
             return
-        if in_head and self._in_head:
-            # The callbacks count what llhttp has finished; this keeps a field
-            # it is still buffering (a long header value) from growing without end.
-            self._head_spill += len(data)
-            if self._head_spill > self._limits.max_head_bytes:
-                self._parse_failed(_HeadTooLarge())
-                return
-        parsing = self._parsing
+        if len(data) <= _FEED_SLICE_BYTES:
+            self._feed(data)
+        else:
+            self._feed_sliced(data)
+        parsing = self._parser.parsing
         if (
             self._reading_paused
             or len(self._queue) > 1
             or (parsing is not None and parsing.buffered > BUFFER_HIGH_BYTES)
+            or self._upgrade is not None
+            or self._backlog is not None
         ):
             self._update_reading()
 
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """Parse `data`; False when parsing ends here (an upgrade or a malformed request)."""
+        try:
+            upgrade_at = self._parser.feed(data)
+        except (httptools.HttpParserError, HeadTooLarge) as exc:
+            self._parse_failed(exc)
+            return False
+        if upgrade_at is None:
+            return True
+        self._upgrade = UpgradeBuffer(data[upgrade_at:], self._update_reading)
+        return False
+
+    def _feed_sliced(self, data: bytes) -> None:
+        """Parse a large read piece by piece outside bodies, keeping what follows
+        `_MAX_QUEUED` requests for later: tiny pipelined requests are cheap to send and
+        dear to hold, so one read may not turn into thousands of them."""
+        view = memoryview(data)
+        offset, size = 0, len(data)
+        parser = self._parser
+        while offset < size:
+            parsing = parser.parsing
+            if parsing is not None and not parsing.complete and not parser.in_head:
+                end = size  # inside a body: no requests pile up
+            elif len(self._queue) > _MAX_QUEUED:
+                self._backlog = bytearray(view[offset:])
+                return
+            else:
+                end = offset + _FEED_SLICE_BYTES
+            if not self._feed(view[offset:end]):
+                if self._upgrade is not None:
+                    self._upgrade.feed(bytes(view[end:]))
+                return
+            offset = end
+
     def eof_received(self) -> bool | None:
-        return None  # close the transport: a half-closed client gets no more answers
+        if not self._queue or self._tls or self._streaming:
+            # Idle, TLS (asyncio cannot keep it half-open) or a stream under way
+            # (most likely the client left: a stream would wait on in vain).
+            return None
+        # The client sent all it will: answer what came, then close.
+        self._eof = self._closing = True
+        self._wake_reader()
+        if self._upgrade is not None:
+            self._upgrade.end()  # an upgraded session reads b"" now
+        return True
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self._out.pause()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._out.resume()
 
-    # -- llhttp callbacks
+    # -- parsing.Owner
 
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._url = b""
-        self._raw_headers = []
-        self._head_bytes = 0
-        self._head_spill = 0
-        self._framing_given = False
+    def head_started(self) -> None:
         if not self._busy:
             self._waiting_for = _HEAD
             self._deadline = self._loop.time() + self._limits.header_timeout_s
             if self._timer is None:
                 self._arm()
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > self._limits.max_head_bytes:
-            raise _HeadTooLarge
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name)
-        if size == 14 or size == 17:  # maybe Content-Length or Transfer-Encoding
-            self._framing_given = True
-        self._head_bytes += size + len(value) + 4
-        if self._head_bytes > self._limits.max_head_bytes:
-            raise _HeadTooLarge
-        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        parser = self._parser
-        headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
-        raw_method = parser.get_method()
-        method = _METHODS.get(raw_method)
-        if method is None:
-            method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
-        version = _VERSIONS.get(parser.get_http_version(), (1, 1))
-        content_length = None
-        chunked = expect = False
-        if not self._framing_given or parser.should_upgrade():
-            pass  # no body, or what follows the head is the upgraded stream
-        elif (te := headers.get("transfer-encoding")) is not None:
-            chunked = te.rpartition(",")[2].strip().lower() == "chunked"
-        elif (length := headers.get("content-length")) is not None:
-            content_length = int(length)  # llhttp has checked it is one number
-        if (chunked or content_length) and version == (1, 1):
-            expect = headers.get("expect", "").lower() == "100-continue"
-        request = Request(
-            method,
-            self._url.decode("latin-1"),
-            version,
-            headers,
-            self._peer,
-            self._state.scheme,
-            content_length,
-            chunked,
-            self,
-        )
-        exchange = _Exchange(request, parser.should_keep_alive(), expect)
-        self._parsing = exchange
+    def request_parsed(self, exchange: Exchange) -> None:
         self._queue.append(exchange)
         if not self._busy:
-            self._start(exchange)
+            self._start()
 
-    def on_body(self, body: bytes) -> None:
-        exchange = self._parsing
-        assert exchange is not None
-        exchange.chunks.append(body)
-        exchange.buffered += len(body)
-        if self._waiting_for == _BODY:
+    def body_arrived(self) -> None:
+        reader = self._reader
+        if reader is not None:
             self._deadline = self._loop.time() + self._limits.body_idle_timeout_s
-        if self._reader is not None and not self._reader.done():
-            self._reader.set_result(None)
-
-    def on_message_complete(self) -> None:
-        exchange = self._parsing
-        assert exchange is not None
-        exchange.complete = True
-        if self._reader is not None and not self._reader.done():
-            self._reader.set_result(None)
+            if not reader.done():
+                reader.set_result(None)
 
     # -- message.Connection
 
@@ -311,12 +227,12 @@ class HttpConnection(asyncio.Protocol):
         if exchange.expect_continue:
             exchange.expect_continue = False
             # RFC 9110 10.1.1: no need to invite a body that has already come.
-            if not exchange.complete and not exchange.buffered and not self._closed:
-                self._write(wire.CONTINUE)
+            if not exchange.complete and not exchange.buffered:
+                self._out.write(wire.CONTINUE)
         while not exchange.chunks:
             if exchange.complete:
                 return b""
-            if self._closed or self._preempted:
+            if self._out.closed or self._preempted or self._eof:
                 raise ClientDisconnected("the client closed the connection mid-body")
             self._reader = self._loop.create_future()
             self._set_deadline(_BODY, self._limits.body_idle_timeout_s)
@@ -341,10 +257,7 @@ class HttpConnection(asyncio.Protocol):
         exchange = self._queue[0] if self._queue else None
         if exchange is None or exchange.request is not request or self._head_written:
             raise RuntimeError("an answer to a request that is not waiting for one")
-        if type(response.body) is bytes and response.upgrade is None:
-            self._write_whole(exchange, response, response.body)
-        else:
-            await self._write_other(exchange, response)
+        await self._answer(exchange, response)
 
     def abort(self) -> None:
         """Cut the connection now."""
@@ -367,71 +280,154 @@ class HttpConnection(asyncio.Protocol):
             task.cancel()
         return task
 
-    def _start(self, exchange: _Exchange) -> None:
+    def _start(self) -> None:
+        """Hand the next queued request to the worker, starting it if need be."""
         self._busy = True
         self._head_written = False
         self._keep_alive = False
         self._waiting_for = _NOTHING
-        self._task = self._loop.create_task(self._run(exchange))
+        idle = self._idle
+        if idle is not None:
+            if not idle.done():
+                idle.set_result(None)
+        elif self._task is None:
+            self._task = self._loop.create_task(self._work())
 
-    async def _run(self, exchange: _Exchange) -> None:
-        request = exchange.request
+    async def _work(self) -> None:
+        """The connection's requests, one after the other, each to its answer."""
         state = self._state
-        state.in_flight += 1
         try:
-            response = await state.handler(request)
-            if not request.responded:
-                request.responded = True
-                body = response.body
-                if type(body) is bytes and response.upgrade is None:
-                    self._write_whole(exchange, response, body)
-                else:
-                    await self._write_other(exchange, response)
-        except BodyTimeout:
-            self._fail(_BODY_TIMEOUT)
-        except ClientDisconnected:
-            self._fail(None)
-        except Exception as exc:
-            log.error("the handler failed on %s %s", request.method, request.path, exc_info=exc)
-            if state.on_error is not None:
-                state.on_error(exc)
-            self._fail(_INTERNAL_ERROR)
-        except asyncio.CancelledError:  # the listener stopped and its time ran out
-            self._fail(None)
-            raise
+            while self._busy:
+                exchange = self._queue[0]
+                request = exchange.request
+                state.in_flight += 1
+                try:
+                    response = await state.handler(request)
+                    if not request.responded:
+                        request.responded = True
+                        body = response.body
+                        if type(body) is bytes and response.upgrade is None:
+                            self._write_whole(exchange, response, body)  # no coroutine more
+                        else:
+                            await self._answer(exchange, response)
+                except BodyTimeout:
+                    self._fail(_BODY_TIMEOUT)
+                except ClientDisconnected:
+                    self._fail(None)
+                except Exception as exc:
+                    log.error(
+                        "the handler failed on %s %s", request.method, request.path, exc_info=exc
+                    )
+                    if state.on_error is not None:
+                        state.on_error(exc)
+                    self._fail(_INTERNAL_ERROR)
+                except asyncio.CancelledError:  # the listener stopped and its time ran out
+                    self._fail(None)
+                    raise
+                finally:
+                    state.in_flight -= 1
+                if not self._finish():
+                    return
+                while not self._busy:  # idle: wait for the next request
+                    self._idle = self._loop.create_future()
+                    try:
+                        await self._idle
+                    finally:
+                        self._idle = None
+                    if self._out.closed:
+                        return
         finally:
-            state.in_flight -= 1
-            self._finish()
+            self._task = None
 
-    def _fail(self, answer: bytes | None) -> None:
+    def _may_keep(self, exchange: Exchange) -> bool:
+        """The connection may outlive this exchange's answer (the answer may still end it)."""
+        return (
+            exchange.keep_alive
+            and exchange.complete  # an unread body is not read to throw away
+            and not self._closing
+            and (self._upgrade is None or exchange is not self._parser.parsing)
+        )
+
+    def _write_whole(self, exchange: Exchange, response: Response, body: bytes) -> None:
+        may_keep = self._may_keep(exchange)
+        keep = answers.write_whole(self._out, exchange.request, response, body, may_keep)
+        self._head_written = True
+        self._keep_alive = keep
+
+    async def _answer(self, exchange: Exchange, response: Response) -> None:
+        request = exchange.request
+        body = response.body
+        if response.status == 101:
+            if response.upgrade is None or self._upgrade is None:
+                raise RuntimeError("a 101 answer without an upgrade on both sides")
+            await self._hand_over(response, self._upgrade, response.upgrade)
+            return
+        if isinstance(body, bytes):
+            self._write_whole(exchange, response, body)
+            return
+        try:
+            if answers.bodiless(request, response.status):
+                keep = answers.write_head_only(
+                    self._out, request, response, self._may_keep(exchange)
+                )
+                self._head_written = True
+                self._keep_alive = keep
+                return
+            head, length, chunked, keep = answers.stream_head(
+                request, response, self._may_keep(exchange)
+            )
+            self._out.write(head)
+            self._head_written = self._streaming = True
+            try:
+                sent = await answers.send_stream(self._out, body, length, chunked)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._out.closed or task is None or task.uncancel() > 0:
+                    raise
+                return  # the client left while the stream waited: cancelled by connection_lost
+            finally:
+                self._streaming = False
+            self._keep_alive = sent and keep
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _fail(self, answer: tuple[int, str, str] | None) -> None:
         """After a failed handler: the error answer if none was started, else a cut."""
         self._keep_alive = False
-        if self._closed:
-            return
+        if self._out.closed or self._preempted:
+            return  # gone, or the listener's 400 is out: close once it is written
         if answer is not None and not self._head_written:
             self._head_written = True
-            self._write(answer)
+            self._out.write(wire.problem_answer(*answer))
         else:
             self.abort()
 
-    def _finish(self) -> None:
+    def _finish(self) -> bool:
+        """After an answer: whether the connection goes on (perhaps idle for now)."""
         self._queue.popleft()
         self._busy = False
-        self._task = None
-        if self._closed:
-            return
-        transport = self._transport
+        if self._out.closed:
+            return False
         if not self._keep_alive or self._closing:
             self._ignore_input = True
-            transport.close()
-            return
-        if self._queue:
-            self._start(self._queue[0])
+            self._transport.close()
+            return False
+        if self._backlog is not None and len(self._queue) <= _MAX_QUEUED:
+            backlog, self._backlog = self._backlog, None
+            self._feed_sliced(bytes(backlog))
+            if self._ignore_input:
+                return False  # it held a malformed request, answered already
+        if self._busy:
+            pass  # the backlog's first request has started
+        elif self._queue:
+            self._start()
         elif self._pending_error is not None:
-            self._write(self._pending_error)
-            transport.close()
-            return
-        elif self._in_head:
+            self._out.write(self._pending_error)
+            self._transport.close()
+            return False
+        elif self._parser.in_head:
             self._set_deadline(_HEAD, self._limits.header_timeout_s)
         else:
             self._waiting_for = _IDLE
@@ -440,19 +436,19 @@ class HttpConnection(asyncio.Protocol):
                 self._arm()
         if self._reading_paused or self._queue:
             self._update_reading()
+        return True
 
     def _parse_failed(self, exc: Exception) -> None:
         self._ignore_input = True
-        if isinstance(exc, _HeadTooLarge) or isinstance(exc.__context__, _HeadTooLarge):
+        if isinstance(exc, HeadTooLarge) or isinstance(exc.__context__, HeadTooLarge):
             status, kind = 431, "request-header-fields-too-large"
             detail = f"the request head is over {self._limits.max_head_bytes} bytes"
         else:
             status, kind = 400, "bad-request"
-            detail = (str(exc) or type(exc).__name__)[:100]
-        _bad_requests.note(status, self._peer, detail)
+            detail = (str(exc) or type(exc).__name__)[:100]  # llhttp's reason, no raw bytes
+        refusals.note(status, self._peer, detail)
         answer = wire.problem_answer(status, kind, detail)
-        transport = self._transport
-        parsing = self._parsing
+        parsing = self._parser.parsing
         if parsing is not None and not parsing.complete and parsing in self._queue:
             # The broken part is a body: its reader gets ClientDisconnected.
             if parsing is self._queue[0] and self._busy:
@@ -463,207 +459,66 @@ class HttpConnection(asyncio.Protocol):
                 # The handler's own answer, if it still gives one, is dropped.
                 self._head_written = self._preempted = True
                 parsing.request.responded = True
-                self._write(answer)
-                if self._reader is not None and not self._reader.done():
-                    self._reader.set_result(None)
+                self._out.write(answer)
+                self._wake_reader()
                 return
             self._queue.pop()
         if self._busy:
             self._pending_error = answer
-            transport.pause_reading()
+            self._transport.pause_reading()
             self._reading_paused = True
         else:
-            self._write(answer)
-            transport.close()
-
-    # -- writing answers
-
-    def _write(self, data: bytes) -> None:
-        if not self._closed:
-            # Not closed means connection_made has run.
-            self._transport.write(data)
-
-    def _decide_keep_alive(self, exchange: _Exchange, response: Response, framed: bool) -> str:
-        """Whether the connection outlives this answer; the Connection line that says so."""
-        request = exchange.request
-        keep = (
-            exchange.keep_alive
-            and exchange.complete
-            and framed
-            and not response.close
-            and not self._closing
-            and (self._upgrade_data is None or exchange is not self._parsing)
-        )
-        self._keep_alive = keep
-        if not keep:
-            return "Connection: close\r\n"
-        return "Connection: keep-alive\r\n" if request.version == (1, 0) else ""
-
-    def _write_whole(self, exchange: _Exchange, response: Response, body: bytes) -> None:
-        status = response.status
-        if status < 200 or status in _NO_BODY_STATUSES:
-            self._write_no_body(exchange, response)
-            return
-        framing = f"Content-Length: {len(body)}\r\n" + self._decide_keep_alive(
-            exchange, response, True
-        )
-        head = wire.encode_head(
-            status, response.reason, response.headers, wire.DROP_FOR_LENGTH, framing
-        )
-        self._head_written = True
-        # One write: head and body leave in one segment.
-        self._write(head if exchange.request.method == "HEAD" else head + body)
-
-    def _write_no_body(self, exchange: _Exchange, response: Response) -> None:
-        status = response.status
-        # RFC 9110 8.6: no Content-Length on 1xx and 204; a 304 keeps the GET's.
-        drop = wire.DROP_FOR_STREAM if status == 304 else wire.DROP_FOR_LENGTH
-        framing = self._decide_keep_alive(exchange, response, True)
-        self._head_written = True
-        self._write(wire.encode_head(status, response.reason, response.headers, drop, framing))
-
-    async def _write_other(self, exchange: _Exchange, response: Response) -> None:
-        status = response.status
-        body = response.body
-        if status == 101:
-            if response.upgrade is None or exchange.request.method == "HEAD":
-                raise RuntimeError("a 101 answer without an upgrade")
-            await self._upgrade(exchange, response, response.upgrade)
-            return
-        if isinstance(body, bytes):
-            self._write_whole(exchange, response, body)
-            return
-        try:
-            if exchange.request.method == "HEAD" or status < 200 or status in _NO_BODY_STATUSES:
-                if exchange.request.method == "HEAD" and status not in _NO_BODY_STATUSES:
-                    framing = self._decide_keep_alive(exchange, response, True)
-                    head = wire.encode_head(
-                        status, response.reason, response.headers, wire.DROP_FOR_STREAM, framing
-                    )
-                    self._head_written = True
-                    self._write(head)
-                else:
-                    self._write_no_body(exchange, response)
-                return
-            await self._stream(exchange, response, body)
-        finally:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    async def _stream(
-        self, exchange: _Exchange, response: Response, body: AsyncIterator[bytes]
-    ) -> None:
-        length_field = response.headers.get("content-length")
-        length = int(length_field) if length_field is not None else None
-        chunked = length is None and exchange.request.version >= (1, 1)
-        framing = "Transfer-Encoding: chunked\r\n" if chunked else ""
-        framing += self._decide_keep_alive(exchange, response, length is not None or chunked)
-        head = wire.encode_head(
-            response.status, response.reason, response.headers, wire.DROP_FOR_STREAM, framing
-        )
-        self._head_written = True
-        self._write(head)
-        sent = 0
-        try:
-            async for chunk in body:
-                if self._closed:
-                    return  # the client left: the caller closes the stream
-                if not chunk:
-                    continue
-                sent += len(chunk)
-                if length is not None and sent > length:
-                    raise ValueError(f"the stream outran its Content-Length {length}")
-                self._write(wire.frame_chunk(chunk) if chunked else chunk)
-                if self._writing_paused:
-                    await self._drain()
-        except Exception as exc:
-            # Usually the upstream cut its answer: the client must see a cut too.
-            log.debug("the answer stream failed, cutting the connection", exc_info=exc)
-            self.abort()
-            return
-        if self._closed:
-            return
-        if chunked:
-            self._write(wire.LAST_CHUNK)
-        elif length is not None and sent != length:
-            log.debug("the answer stream ended %d bytes short", length - sent)
-            self.abort()
-
-    async def _drain(self) -> None:
-        while self._writing_paused and not self._closed:
-            self._drain_waiter = self._loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
+            self._out.write(answer)
+            self._transport.close()
 
     # -- upgrades
 
-    async def _upgrade(
+    async def _hand_over(
         self,
-        exchange: _Exchange,
         response: Response,
+        buffer: UpgradeBuffer,
         session: Callable[[Upgraded], Awaitable[None]],
     ) -> None:
-        if self._upgrade_data is None:
-            raise RuntimeError("a 101 answer to a request that asked for no upgrade")
         head = wire.encode_head(101, response.reason, response.headers, wire.DROP_FOR_UPGRADE, "")
-        self._head_written = True
+        self._out.write(head)
+        self._head_written = self._upgraded = True
         self._keep_alive = False
-        self._upgraded = True
-        self._write(head)
         self._update_reading()
         transport = self._transport
-        upgraded = Upgraded(self._receive_upgraded, self._write, self._drain, transport.close)
+        out = self._out
         try:
-            await session(upgraded)
+            await session(Upgraded(buffer.receive, out.write, out.drain, transport.close))
         finally:
             transport.close()
 
-    async def _receive_upgraded(self) -> bytes:
-        data = self._upgrade_data
-        assert data is not None
-        while not data:
-            if self._closed:
-                return b""
-            self._upgrade_waiter = self._loop.create_future()
-            try:
-                await self._upgrade_waiter
-            finally:
-                self._upgrade_waiter = None
-        chunk = bytes(data)
-        data.clear()
-        self._update_reading()
-        return chunk
-
-    def _wake_upgrade(self) -> None:
-        waiter = self._upgrade_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     # -- flow control and timing
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
 
     def _update_reading(self) -> None:
         """Pause reading while a whole request or a full buffer waits, resume after."""
-        if self._closed or self._pending_error is not None:
+        if self._out.closed or self._pending_error is not None:
             return
-        if self._upgrade_data is not None:
+        if self._upgrade is not None:
             # Before the 101 is out the handler may still answer otherwise.
-            pause = len(self._upgrade_data) > BUFFER_HIGH_BYTES or not self._upgraded
+            pause = len(self._upgrade.data) > BUFFER_HIGH_BYTES or not self._upgraded
         else:
-            parsing = self._parsing
+            parsing = self._parser.parsing
             queue = self._queue
-            pause = (len(queue) > 1 and queue[-1].complete) or (
-                parsing is not None and parsing.buffered > BUFFER_HIGH_BYTES
+            pause = (
+                (len(queue) > 1 and queue[-1].complete)
+                or (parsing is not None and parsing.buffered > BUFFER_HIGH_BYTES)
+                or self._backlog is not None
             )
         if pause != self._reading_paused:
-            transport = self._transport
             self._reading_paused = pause
             if pause:
-                transport.pause_reading()
+                self._transport.pause_reading()
             else:
-                transport.resume_reading()
+                self._transport.resume_reading()
 
     def _set_deadline(self, waiting_for: int, delay_s: float) -> None:
         self._waiting_for = waiting_for
@@ -680,21 +535,19 @@ class HttpConnection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         waiting_for = self._waiting_for
-        if self._closed or waiting_for not in (_HEAD, _BODY, _IDLE):
+        if self._out.closed or waiting_for not in (_HEAD, _BODY, _IDLE):
             return
         if self._loop.time() < self._deadline:
             self._arm()
             return
-        transport = self._transport
         if waiting_for == _BODY:
             self._waiting_for = _BODY_EXPIRED
             self._closing = True
-            if self._reader is not None and not self._reader.done():
-                self._reader.set_result(None)
+            self._wake_reader()
             return
         self._waiting_for = _NOTHING
         self._ignore_input = True
         if waiting_for == _HEAD and not self._busy:
-            _bad_requests.note(408, self._peer, "the request head came too slowly")
-            self._write(_HEAD_TIMEOUT)
-        transport.close()
+            refusals.note(408, self._peer, "the request head came too slowly")
+            self._out.write(wire.problem_answer(*_HEAD_TIMEOUT))
+        self._transport.close()

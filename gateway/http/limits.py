@@ -17,6 +17,11 @@ class Limits:
     # client sees a reset, the ones already open are served as before.
     max_connections: int = 10_000
 
+    def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "body_idle_timeout_s", "keepalive_idle_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be positive")
+
     @property
     def check_every_s(self) -> float:
         """How far ahead a connection's one timer may sleep: no deadline is set closer."""

@@ -10,9 +10,10 @@ import asyncio
 import ssl as ssl_module
 from collections.abc import Callable
 
-from gateway.http.connection import HttpConnection, ServerState
+from gateway.http.connection import HttpConnection
 from gateway.http.limits import Limits
 from gateway.http.message import Handler
+from gateway.http.shared import ServerState
 
 __all__ = ["HttpServer", "Limits"]
 
@@ -44,6 +45,11 @@ class HttpServer:
     def requests_in_flight(self) -> int:
         """Requests whose handler is running."""
         return self._state.in_flight
+
+    @property
+    def requests_parsed(self) -> int:
+        """Requests parsed and not yet answered (those in flight included)."""
+        return sum(connection.requests_parsed for connection in self._state.connections)
 
     @property
     def body_bytes_buffered(self) -> int:

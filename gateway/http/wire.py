@@ -20,9 +20,9 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
 # Header fields the listener frames itself, dropped from what a handler passed.
-DROP_FOR_LENGTH = ("content-length", "transfer-encoding", "connection")
-DROP_FOR_STREAM = ("transfer-encoding", "connection")  # keeps a Content-Length
-DROP_FOR_UPGRADE = ("content-length", "transfer-encoding")  # keeps Connection: upgrade
+DROP_FOR_LENGTH: tuple[str, ...] = ("content-length", "transfer-encoding", "connection")
+DROP_FOR_STREAM: tuple[str, ...] = ("transfer-encoding", "connection")  # keeps a Content-Length
+DROP_FOR_UPGRADE: tuple[str, ...] = ("content-length", "transfer-encoding")  # keeps Connection
 
 _status_lines: dict[int, str] = {}
 _date_second = -1
@@ -32,6 +32,8 @@ _date_field = ""
 def status_line(status: int, reason: str) -> str:
     """`HTTP/1.1 404 Not Found\\r\\n`; the reason is empty for a code HTTPStatus lacks."""
     if reason:
+        if "\r" in reason or "\n" in reason:
+            raise ValueError("a reason phrase holds CR or LF")
         return f"HTTP/1.1 {status} {reason}\r\n"
     line = _status_lines.get(status)
     if line is None:
@@ -61,10 +63,9 @@ def encode_head(
 
     Raises ValueError when a header would split the head (CR or LF in it).
     """
-    if not headers:
-        return f"{status_line(status, reason)}{date_field()}{framing}\r\n".encode(
-            "utf-8", "surrogateescape"
-        )
+    if not headers and not reason:
+        line = _status_lines.get(status) or status_line(status, "")
+        return f"{line}{date_field()}{framing}\r\n".encode()
     for name in drop:
         if name in headers:
             fields = [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() not in drop]
