@@ -21,16 +21,12 @@ import httptools
 
 from gateway.http import answers, wire
 from gateway.http.message import BodyTimeout, ClientDisconnected, Request, Response, Upgraded
-from gateway.http.parsing import Exchange, HeadTooLarge, RequestParser
+from gateway.http.parsing import ALL_PARSED, MAX_QUEUED, Exchange, HeadTooLarge, RequestParser
 from gateway.http.shared import ServerState, log, refusals
 from gateway.http.upgrade import UpgradeBuffer
 
 # Reading pauses while this much body (or upgraded stream) waits for the handler.
 BUFFER_HIGH_BYTES = 256 * 1024
-# A read longer than this is parsed in pieces of it outside bodies, and parsing
-# stops while more requests than _MAX_QUEUED wait (see _feed_sliced).
-_FEED_SLICE_BYTES = 4096
-_MAX_QUEUED = 16
 
 # The listener's own answers (status, problem kind, detail), encoded when sent for their Date.
 _INTERNAL_ERROR = (500, "internal-error", "the gateway failed")
@@ -132,10 +128,7 @@ class HttpConnection(asyncio.Protocol):
         if self._backlog is not None:
             self._backlog += data  # read before reading paused
             return
-        if len(data) <= _FEED_SLICE_BYTES:
-            self._feed(data)
-        else:
-            self._feed_sliced(data)
+        self._feed(data)
         parsing = self._parser.parsing
         if (
             self._reading_paused
@@ -146,39 +139,20 @@ class HttpConnection(asyncio.Protocol):
         ):
             self._update_reading()
 
-    def _feed(self, data: bytes | memoryview) -> bool:
-        """Parse `data`; False when parsing ends here (an upgrade or a malformed request)."""
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data`; False when parsing stops (a malformed request, an upgrade)."""
         try:
-            upgrade_at = self._parser.feed(data)
+            fed = self._parser.feed(data)
         except (httptools.HttpParserError, HeadTooLarge) as exc:
             self._parse_failed(exc)
             return False
-        if upgrade_at is None:
+        if fed is ALL_PARSED:
             return True
-        self._upgrade = UpgradeBuffer(data[upgrade_at:], self._update_reading)
-        return False
-
-    def _feed_sliced(self, data: bytes) -> None:
-        """Parse a large read piece by piece outside bodies, keeping what follows
-        `_MAX_QUEUED` requests for later: tiny pipelined requests are cheap to send and
-        dear to hold, so one read may not turn into thousands of them."""
-        view = memoryview(data)
-        offset, size = 0, len(data)
-        parser = self._parser
-        while offset < size:
-            parsing = parser.parsing
-            if parsing is not None and not parsing.complete and not parser.in_head:
-                end = size  # inside a body: no requests pile up
-            elif len(self._queue) > _MAX_QUEUED:
-                self._backlog = bytearray(view[offset:])
-                return
-            else:
-                end = offset + _FEED_SLICE_BYTES
-            if not self._feed(view[offset:end]):
-                if self._upgrade is not None:
-                    self._upgrade.feed(bytes(view[end:]))
-                return
-            offset = end
+        if fed.upgraded is not None:
+            self._upgrade = UpgradeBuffer(fed.upgraded, self._update_reading)
+            return False
+        self._backlog = bytearray(fed.rest)  # parsed once fewer requests wait
+        return True
 
     def eof_received(self) -> bool | None:
         if not self._queue or self._tls or self._streaming:
@@ -414,9 +388,9 @@ class HttpConnection(asyncio.Protocol):
             self._ignore_input = True
             self._transport.close()
             return False
-        if self._backlog is not None and len(self._queue) <= _MAX_QUEUED:
+        if self._backlog is not None and len(self._queue) <= MAX_QUEUED:
             backlog, self._backlog = self._backlog, None
-            self._feed_sliced(bytes(backlog))
+            self._feed(bytes(backlog))
             if self._ignore_input:
                 return False  # it held a malformed request, answered already
         if self._busy:
