@@ -20,25 +20,19 @@ from typing import cast
 import httptools
 
 from gateway.http import answers, wire
+from gateway.http.deadline import BODY, HEAD, IDLE, NOTHING, Deadline
 from gateway.http.message import BodyTimeout, ClientDisconnected, Request, Response, Upgraded
-from gateway.http.parsing import Exchange, HeadTooLarge, RequestParser
+from gateway.http.parsing import ALL_PARSED, MAX_QUEUED, Exchange, HeadTooLarge, RequestParser
 from gateway.http.shared import ServerState, log, refusals
 from gateway.http.upgrade import UpgradeBuffer
 
 # Reading pauses while this much body (or upgraded stream) waits for the handler.
 BUFFER_HIGH_BYTES = 256 * 1024
-# A read longer than this is parsed in pieces of it outside bodies, and parsing
-# stops while more requests than _MAX_QUEUED wait (see _feed_sliced).
-_FEED_SLICE_BYTES = 4096
-_MAX_QUEUED = 16
 
 # The listener's own answers (status, problem kind, detail), encoded when sent for their Date.
 _INTERNAL_ERROR = (500, "internal-error", "the gateway failed")
 _HEAD_TIMEOUT = (408, "request-timeout", "the request head came too slowly")
 _BODY_TIMEOUT = (408, "request-timeout", "the request body stopped coming")
-
-# What the connection's one timer is waiting for (_BODY_EXPIRED: read_body_chunk raises).
-_NOTHING, _HEAD, _BODY, _IDLE, _BODY_EXPIRED = range(5)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -47,7 +41,6 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, state: ServerState) -> None:
         self._state = state
         self._limits = limits = state.limits
-        self._check_every_s = limits.check_every_s
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport  # these three are set by connection_made
         self._out: answers.Output
@@ -58,9 +51,8 @@ class HttpConnection(asyncio.Protocol):
         self._busy = False
         self._task: asyncio.Task[None] | None = None  # the worker, while it runs
         self._idle: asyncio.Future[None] | None = None  # the worker waits for a request
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
-        self._waiting_for = _NOTHING
+        self._deadline = Deadline(self._loop, limits.check_every_s, self._expired)
+        self._body_expired = False  # read_body_chunk raises BodyTimeout
         self._reader: asyncio.Future[None] | None = None  # a body read waits
         self._reading_paused = False
         self._closing = False  # close once the answer in progress is written
@@ -101,7 +93,7 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self._peer = str(peer[0])
         self._parser = RequestParser(self, self._peer, state.scheme, self._limits.max_head_bytes)
-        self._set_deadline(_IDLE, self._limits.keepalive_idle_s)
+        self._deadline.set(IDLE, self._limits.keepalive_idle_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self._state
@@ -109,9 +101,7 @@ class HttpConnection(asyncio.Protocol):
         if not state.connections and state.emptied is not None:
             state.emptied.set()
         self._out.lost()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._wake_reader()
         if self._upgrade is not None:
             self._upgrade.end()
@@ -132,10 +122,7 @@ class HttpConnection(asyncio.Protocol):
         if self._backlog is not None:
             self._backlog += data  # read before reading paused
             return
-        if len(data) <= _FEED_SLICE_BYTES:
-            self._feed(data)
-        else:
-            self._feed_sliced(data)
+        self._feed(data)
         parsing = self._parser.parsing
         if (
             self._reading_paused
@@ -146,39 +133,20 @@ class HttpConnection(asyncio.Protocol):
         ):
             self._update_reading()
 
-    def _feed(self, data: bytes | memoryview) -> bool:
-        """Parse `data`; False when parsing ends here (an upgrade or a malformed request)."""
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data`; False when parsing stops (a malformed request, an upgrade)."""
         try:
-            upgrade_at = self._parser.feed(data)
+            fed = self._parser.feed(data)
         except (httptools.HttpParserError, HeadTooLarge) as exc:
             self._parse_failed(exc)
             return False
-        if upgrade_at is None:
+        if fed is ALL_PARSED:
             return True
-        self._upgrade = UpgradeBuffer(data[upgrade_at:], self._update_reading)
-        return False
-
-    def _feed_sliced(self, data: bytes) -> None:
-        """Parse a large read piece by piece outside bodies, keeping what follows
-        `_MAX_QUEUED` requests for later: tiny pipelined requests are cheap to send and
-        dear to hold, so one read may not turn into thousands of them."""
-        view = memoryview(data)
-        offset, size = 0, len(data)
-        parser = self._parser
-        while offset < size:
-            parsing = parser.parsing
-            if parsing is not None and not parsing.complete and not parser.in_head:
-                end = size  # inside a body: no requests pile up
-            elif len(self._queue) > _MAX_QUEUED:
-                self._backlog = bytearray(view[offset:])
-                return
-            else:
-                end = offset + _FEED_SLICE_BYTES
-            if not self._feed(view[offset:end]):
-                if self._upgrade is not None:
-                    self._upgrade.feed(bytes(view[end:]))
-                return
-            offset = end
+        if fed.upgraded is not None:
+            self._upgrade = UpgradeBuffer(fed.upgraded, self._update_reading)
+            return False
+        self._backlog = bytearray(fed.rest)  # parsed once fewer requests wait
+        return True
 
     def eof_received(self) -> bool | None:
         if not self._queue or self._tls or self._streaming:
@@ -202,10 +170,7 @@ class HttpConnection(asyncio.Protocol):
 
     def head_started(self) -> None:
         if not self._busy:
-            self._waiting_for = _HEAD
-            self._deadline = self._loop.time() + self._limits.header_timeout_s
-            if self._timer is None:
-                self._arm()
+            self._deadline.set(HEAD, self._limits.header_timeout_s)
 
     def request_parsed(self, exchange: Exchange) -> None:
         self._queue.append(exchange)
@@ -215,7 +180,7 @@ class HttpConnection(asyncio.Protocol):
     def body_arrived(self) -> None:
         reader = self._reader
         if reader is not None:
-            self._deadline = self._loop.time() + self._limits.body_idle_timeout_s
+            self._deadline.at = self._loop.time() + self._limits.body_idle_timeout_s
             if not reader.done():
                 reader.set_result(None)
 
@@ -232,18 +197,18 @@ class HttpConnection(asyncio.Protocol):
         while not exchange.chunks:
             if exchange.complete:
                 return b""
+            if self._body_expired:
+                raise BodyTimeout("the client sent no body for the idle timeout")
             if self._out.closed or self._preempted or self._eof:
                 raise ClientDisconnected("the client closed the connection mid-body")
             self._reader = self._loop.create_future()
-            self._set_deadline(_BODY, self._limits.body_idle_timeout_s)
+            self._deadline.set(BODY, self._limits.body_idle_timeout_s)
             try:
                 await self._reader
             finally:
                 self._reader = None
-                if self._waiting_for == _BODY:
-                    self._waiting_for = _NOTHING
-            if self._waiting_for == _BODY_EXPIRED:
-                raise BodyTimeout("the client sent no body for the idle timeout")
+                if self._deadline.what == BODY:
+                    self._deadline.what = NOTHING
         chunk = exchange.chunks.popleft()
         exchange.buffered -= len(chunk)
         if self._reading_paused:
@@ -285,7 +250,7 @@ class HttpConnection(asyncio.Protocol):
         self._busy = True
         self._head_written = False
         self._keep_alive = False
-        self._waiting_for = _NOTHING
+        self._deadline.what = NOTHING
         idle = self._idle
         if idle is not None:
             if not idle.done():
@@ -414,9 +379,9 @@ class HttpConnection(asyncio.Protocol):
             self._ignore_input = True
             self._transport.close()
             return False
-        if self._backlog is not None and len(self._queue) <= _MAX_QUEUED:
+        if self._backlog is not None and len(self._queue) <= MAX_QUEUED:
             backlog, self._backlog = self._backlog, None
-            self._feed_sliced(bytes(backlog))
+            self._feed(bytes(backlog))
             if self._ignore_input:
                 return False  # it held a malformed request, answered already
         if self._busy:
@@ -428,12 +393,9 @@ class HttpConnection(asyncio.Protocol):
             self._transport.close()
             return False
         elif self._parser.in_head:
-            self._set_deadline(_HEAD, self._limits.header_timeout_s)
+            self._deadline.set(HEAD, self._limits.header_timeout_s)
         else:
-            self._waiting_for = _IDLE
-            self._deadline = self._loop.time() + self._limits.keepalive_idle_s
-            if self._timer is None:
-                self._arm()
+            self._deadline.set(IDLE, self._limits.keepalive_idle_s)
         if self._reading_paused or self._queue:
             self._update_reading()
         return True
@@ -520,34 +482,16 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self._transport.resume_reading()
 
-    def _set_deadline(self, waiting_for: int, delay_s: float) -> None:
-        self._waiting_for = waiting_for
-        self._deadline = self._loop.time() + delay_s
-        if self._timer is None:
-            self._arm()
-
-    def _arm(self) -> None:
-        # Never further ahead than the shortest limit, so a deadline set later
-        # is never earlier than the timer: no timer is cancelled per request.
-        when = min(self._deadline, self._loop.time() + self._check_every_s)
-        self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        waiting_for = self._waiting_for
-        if self._out.closed or waiting_for not in (_HEAD, _BODY, _IDLE):
+    def _expired(self, what: int) -> None:
+        """The head, a body read or the next request took longer than its limit."""
+        if self._out.closed:
             return
-        if self._loop.time() < self._deadline:
-            self._arm()
-            return
-        if waiting_for == _BODY:
-            self._waiting_for = _BODY_EXPIRED
-            self._closing = True
+        if what == BODY:
+            self._body_expired = self._closing = True
             self._wake_reader()
             return
-        self._waiting_for = _NOTHING
         self._ignore_input = True
-        if waiting_for == _HEAD and not self._busy:
+        if what == HEAD and not self._busy:
             refusals.note(408, self._peer, "the request head came too slowly")
             self._out.write(wire.problem_answer(*_HEAD_TIMEOUT))
         self._transport.close()

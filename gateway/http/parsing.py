@@ -8,12 +8,17 @@ since llhttp itself sets no limit.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.http.message import Connection, Request
+
+# A read longer than this is parsed in pieces of it outside bodies, and parsing
+# stops while more requests than MAX_QUEUED wait (see RequestParser.feed).
+FEED_SLICE_BYTES = 4096
+MAX_QUEUED = 16
 
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
 _METHODS: dict[bytes, str] = {}
@@ -37,8 +42,22 @@ class Exchange:
         self.expect_continue = expect_continue  # 100 Continue is due on the first read
 
 
+class Fed(NamedTuple):
+    """What a read left over: bytes to parse once fewer requests wait (b"" if none),
+    the first bytes of an upgraded stream (None unless an Upgrade request came)."""
+
+    rest: bytes
+    upgraded: bytes | None
+
+
+ALL_PARSED = Fed(b"", None)
+
+
 class Owner(Connection, Protocol):
     """What the parser tells the connection it parses for."""
+
+    @property
+    def requests_parsed(self) -> int: ...
 
     def head_started(self) -> None: ...
 
@@ -65,12 +84,39 @@ class RequestParser:
         self._framing_given = False  # a header that may frame a body was seen
         self._connection_given = False  # a Connection header was seen
 
-    def feed(self, data: bytes | memoryview) -> int | None:
-        """Parse `data`; the offset where an upgraded stream starts, if one does.
+    def feed(self, data: bytes) -> Fed:
+        """Parse `data`, all of it or up to where requests pile up (see `Fed`).
+
+        A read longer than FEED_SLICE_BYTES is parsed in pieces of it outside
+        bodies, and parsing stops while more than MAX_QUEUED requests wait:
+        tiny pipelined requests are cheap to send and dear to hold, so one read
+        may not turn into thousands of them.
 
         Raises httptools.HttpParserError on a malformed request, HeadTooLarge
         (perhaps as the error's context) when the head outgrows its limit.
         """
+        if len(data) <= FEED_SLICE_BYTES:
+            upgrade_at = self._feed_piece(data)
+            return ALL_PARSED if upgrade_at is None else Fed(b"", data[upgrade_at:])
+        view = memoryview(data)
+        offset, size = 0, len(data)
+        while offset < size:
+            parsing = self.parsing
+            if parsing is not None and not parsing.complete and not self.in_head:
+                end = size  # inside a body: no requests pile up
+            elif self._owner.requests_parsed > MAX_QUEUED:
+                return Fed(bytes(view[offset:]), None)
+            else:
+                end = offset + FEED_SLICE_BYTES
+            piece = view[offset:end]
+            upgrade_at = self._feed_piece(piece)
+            if upgrade_at is not None:
+                return Fed(b"", bytes(piece[upgrade_at:]) + bytes(view[end:]))
+            offset = end
+        return ALL_PARSED
+
+    def _feed_piece(self, data: bytes | memoryview) -> int | None:
+        """Parse `data` whole; the offset where an upgraded stream starts, if one does."""
         in_head = self.in_head
         try:
             self._parser.feed_data(data)

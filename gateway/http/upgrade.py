@@ -12,7 +12,7 @@ class UpgradeBuffer:
 
     __slots__ = ("data", "ended", "_waiter", "_on_read")
 
-    def __init__(self, first: bytes | memoryview, on_read: Callable[[], None]) -> None:
+    def __init__(self, first: bytes, on_read: Callable[[], None]) -> None:
         self.data = bytearray(first)
         self.ended = False  # the client closed or half-closed: nothing more comes
         self._waiter: asyncio.Future[None] | None = None
