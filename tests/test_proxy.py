@@ -390,3 +390,20 @@ async def test_a_client_gone_mid_body_is_counted_and_logs_no_error(
     assert requests == 1
     assert upstream.seen == []
     assert not [r for r in caplog.records if r.name.startswith("gateway") and r.levelno >= 40]
+
+
+async def test_header_bytes_that_are_not_ascii_reach_the_upstream_unchanged(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(gateway_config(upstream.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /echo HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n"
+        b"X-Name: caf\xc3\xa9 \xff\xfe\r\n\r\n"
+    )
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    seen = upstream.seen[-1].header("X-Name")
+    assert seen is not None
+    assert seen.encode("latin-1") == b"caf\xc3\xa9 \xff\xfe"  # as the upstream read them

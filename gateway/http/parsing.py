@@ -155,7 +155,8 @@ class RequestParser:
         self._head_bytes += size + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
             raise HeadTooLarge
-        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # As the upstream client encodes them: bytes that are not UTF-8 pass unchanged.
+        self._raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
