@@ -384,6 +384,8 @@ async def test_requests_of_one_plan_are_each_their_own(store: CounterStore) -> N
     assert await store.level("acme", "api_calls", months()[1]) == 2
     again = ChargeRequest("acme", "op-1", plan.meters, plan.rate_limits, plan=plan)
     assert (await store.check_and_charge(again)).replayed
+    events = [(e.id, e.method, e.request_id) for e in await recorded(store)]
+    assert events == [("op-0:api_calls", "GET", "rid-0"), ("op-1:api_calls", "GET", "rid-1")]
 
 
 def test_a_call_template_encodes_what_redis_py_would_send() -> None:
