@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,18 @@ def cpu_s(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def rss_kib(pid: int) -> int:
+    """The resident set of one process (VmRSS), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise KeyError(f"no VmRSS for {pid}")
+
+
+# The target under test runs alone on TEST_CPU; everything else shares SHARED_CPU.
+TEST_CPU, SHARED_CPU = 1, 0
+
+
 def pin(root: int, cpu: int) -> None:
     """Every thread of `root` and its descendants onto `cpu` (what `taskset -a -p -c` does)."""
     for pid in process_tree(root):
@@ -96,7 +109,7 @@ def segments_sent(pids: set[int], port: int) -> int:
     return total
 
 
-def wait_drained(client: redis.Redis, streams: list[str], timeout_s: float) -> None:
+def wait_drained(client: redis.Redis, streams: Sequence[str], timeout_s: float) -> None:
     """Until every consumer group has read and acknowledged everything in `streams`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -1,0 +1,415 @@
+"""Scale: the gateway with 10 vs 100,000 active tenants and 10 vs 10,000 routes.
+
+One private Redis, PostgreSQL and `gateway worker`; the ledger seeded with
+100,000 tenants; three `gateway serve` processes under full enforcement (the
+proxy benchmark's config) with 1, 10 and 10,000 routes. wrk loads one of them
+at a time, alone on the test CPU, each request the next of a list built from a
+tokens file and a paths file: 10 or all 100,000 tenants on the 1-route
+gateway, 1,000 tenants over every route of the 10- and 10,000-route gateways.
+A first pass sends every request of each list once (cold caches, and every
+tenant charged); then interleaved rounds, medians. After the tenant rounds,
+Redis memory per tenant-meter counter. `python -m bench.proxy --scale`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import textwrap
+import time
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from math import nan as NAN
+from pathlib import Path
+
+import redis
+
+from bench import capacity, measure
+from bench.measure import SHARED_CPU, TEST_CPU, Load
+from bench.stack import PATH, STREAMS, Stack, Target, gateway_config, mint_tokens
+from gateway.ledger import Ledger
+from gateway.ledger.records import Tenant
+from gateway.quota import keyspace
+
+FEW = 10
+ROUTE_TENANTS = 1000
+SEED_CONCURRENCY = 10  # the ledger's connection pool
+FIRST_PASS_CHUNK_S = 5.0  # wrk runs of the first pass, until every request was sent once
+DRAIN_TIMEOUT_S = 60.0
+MEMORY_SAMPLE_KEYS = 1000  # MEMORY USAGE calls per key kind
+
+# Request i carries token i mod T and path i mod P, prebuilt for i < max(T, P);
+# each run starts where the previous one of the same list stopped. Arguments:
+# tokens file, paths file, start index.
+_ROTATE_LUA = """\
+local requests = {}
+local last = 0
+
+function init(args)
+    local tokens, paths = {}, {}
+    for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
+    for line in io.lines(args[2]) do paths[#paths + 1] = line end
+    for i = 0, math.max(#tokens, #paths) - 1 do
+        requests[i + 1] = wrk.format("GET", paths[i % #paths + 1],
+            {Authorization = "Bearer " .. tokens[i % #tokens + 1]})
+    end
+    last = tonumber(args[3]) % #requests
+end
+
+function request()
+    last = last % #requests + 1
+    return requests[last]
+end
+"""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the table: a gateway and the requests rotated across it."""
+
+    name: str
+    target: Target
+    tokens: Path
+    paths: Path
+    distinct: int  # requests in the rotation
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One run; costs in µs of CPU per request."""
+
+    rps: float
+    p99_ms: float
+    errors: float
+    gateway_us: float
+    redis_us: float
+    worker_us: float
+    postgres_us: float
+
+
+def median_figures(runs: list[Figures]) -> Figures:
+    return Figures(*(statistics.median(getattr(r, f.name) for r in runs) for f in fields(Figures)))
+
+
+def numbered_routes(count: int) -> list[dict[str, object]]:
+    """Route i matches /v1/r{i}/**; every one charges the meter."""
+    return [
+        {"name": f"r{i}", "match": {"path": f"/v1/r{i}/**"}, "upstream": "app",
+         "charge": {"api_calls": 1}}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+async def seed(dsn: str, tenants: list[str], plan: str) -> None:
+    """Create `tenants` through the ledger (what the config's `tenants:` does, concurrently)."""
+    ledger = await Ledger.open(dsn)
+    now = datetime.now(UTC)
+    try:
+        for start in range(0, len(tenants), SEED_CONCURRENCY):
+            await asyncio.gather(
+                *(
+                    ledger.create_tenant_if_missing(Tenant(tenant, plan, "active", now))
+                    for tenant in tenants[start : start + SEED_CONCURRENCY]
+                )
+            )
+    finally:
+        await ledger.close()
+
+
+class ScaleBench:
+    """The stack with its three gateways, and the load each configuration gets."""
+
+    def __init__(self, stack: Stack, args: argparse.Namespace, pinning: bool) -> None:
+        self.stack, self.args, self.pinning = stack, args, pinning
+        self.notes: list[str] = []
+        nginx = stack.nginx()
+        self.stores = stores = stack.stores()
+        tenants = [f"tenant-{i:06d}" for i in range(args.scale_tenants)]
+        base = gateway_config(nginx.port, stores.redis_url, stores.dsn, [])
+        one_route = stack.write_config("gateway-1", base)
+        stack.migrate(one_route)
+        started = time.perf_counter()
+        asyncio.run(seed(stores.dsn, tenants, "bench"))
+        self.seed_s = time.perf_counter() - started
+        self.worker_pid = stack.worker(one_route)
+        gateways: dict[int, Target] = {}
+        self.start_s: dict[int, float] = {}
+        for routes in (1, FEW, args.scale_routes):
+            config = (
+                one_route
+                if routes == 1
+                else stack.write_config(
+                    f"gateway-{routes}", {**base, "routes": numbered_routes(routes)}
+                )
+            )
+            started = time.perf_counter()
+            gateways[routes] = stack.serve(f"{routes:,} route(s)", config)
+            self.start_s[routes] = time.perf_counter() - started
+        tokens = mint_tokens(tenants)
+        single = self._file("path-single", [PATH])
+        numbered = [f"/v1/r{i}/projects/1?expand=members" for i in range(args.scale_routes)]
+        self.tenant_configs = [
+            self._config(f"{n:,} tenants, 1 route", gateways[1], tokens[:n], single, [PATH])
+            for n in (FEW, args.scale_tenants)
+        ]
+        self.route_configs = [
+            self._config(
+                f"{n:,} routes, {ROUTE_TENANTS:,} tenants", gateways[n],
+                tokens[:ROUTE_TENANTS], self._file(f"paths-{n}", numbered[:n]), numbered[:n],
+            )
+            for n in (FEW, args.scale_routes)
+        ]  # fmt: skip
+        self.redis = redis.Redis.from_url(stores.redis_url)
+        self.offsets: dict[str, int] = {}
+        self.script = stack.tmp / "rotate.lua"
+        self.script.write_text(_ROTATE_LUA)
+
+    def _file(self, name: str, lines: list[str]) -> Path:
+        path = self.stack.tmp / f"{name}.txt"
+        path.write_text("".join(line + "\n" for line in lines))
+        return path
+
+    def _config(
+        self, name: str, target: Target, tokens: list[str], paths: Path, path_list: list[str]
+    ) -> Config:
+        token_file = self._file(f"tokens-{len(tokens)}", tokens)
+        return Config(name, target, token_file, paths, max(len(tokens), len(path_list)))
+
+    def run(self, config: Config, duration_s: float) -> tuple[Load, dict[str, float]]:
+        """One wrk run on `config` alone on the test CPU, costs counted until the worker is done."""
+        watched = {
+            "gateway": config.target.pid,
+            "redis": self.stores.redis_pid,
+            "worker": self.worker_pid,
+            "postgres": self.stores.postgres_pid,
+        }
+        if self.pinning:
+            measure.pin(config.target.pid, TEST_CPU)
+        try:
+            before = {name: measure.cpu_s(pid) for name, pid in watched.items()}
+            offset = self.offsets.get(config.name, 0)
+            load = measure.wrk(
+                f"http://127.0.0.1:{config.target.port}/", duration_s, self.args.connections,
+                self.script, str(config.tokens), str(config.paths), str(offset),
+            )  # fmt: skip
+            self.offsets[config.name] = offset + load.requests
+            measure.wait_drained(self.redis, STREAMS, DRAIN_TIMEOUT_S)
+            spent = {name: measure.cpu_s(pid) - before[name] for name, pid in watched.items()}
+        finally:
+            if self.pinning:
+                measure.pin(config.target.pid, SHARED_CPU)
+        return load, spent
+
+    def first_pass(self, config: Config) -> Figures:
+        """Runs until every request of the list was sent once; p99 is not kept."""
+        requests, seconds, errors = 0, 0.0, 0
+        spent: dict[str, float] = {}
+        while requests < config.distinct:
+            load, run_spent = self.run(config, FIRST_PASS_CHUNK_S)
+            requests += load.requests
+            seconds += load.requests / max(load.rps, 1e-9)
+            errors += load.errors
+            spent = {name: spent.get(name, 0.0) + cpu for name, cpu in run_spent.items()}
+        return figures(Load(requests / seconds, NAN, NAN, requests, errors), spent)
+
+
+def figures(load: Load, spent: dict[str, float]) -> Figures:
+    per_request_us = 1e6 / max(load.requests, 1)
+    return Figures(
+        load.rps, load.p99_ms, load.errors,
+        *(spent[name] * per_request_us for name in ("gateway", "redis", "worker", "postgres")),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RedisMemory:
+    """Redis memory after the tenant runs, against the baseline before any load."""
+
+    keys: dict[str, int]  # key kind -> keys present
+    sampled_bytes: dict[str, float]  # key kind -> mean MEMORY USAGE of a sample
+    streams_bytes: int
+    stream_entries: int
+    memo_bytes: float  # used_memory freed per request memo deleted
+    tenant_bytes: int  # used_memory less the streams, without the memos, over the baseline
+
+    @property
+    def per_tenant_meter(self) -> float:
+        """Bytes per counter key of what the load left but the streams and memos."""
+        return self.tenant_bytes / max(self.keys.get(_COUNTER, 0), 1)
+
+
+_COUNTER, _MEMO = "c", "m"
+_KINDS = {_COUNTER: "counter", "r": "rate-limit state", _MEMO: "request memo", "g": "gauge",
+          "i": "idempotency record", "epoch": "shard epoch", "usage": "usage stream"}  # fmt: skip
+
+
+def streams_bytes(client: redis.Redis) -> int:
+    return sum(int(client.memory_usage(stream, samples=0) or 0) for stream in STREAMS)
+
+
+def used_but_streams(client: redis.Redis) -> int:
+    """used_memory less the usage streams (which the worker trims as it goes)."""
+    return int(client.info("memory")["used_memory"]) - streams_bytes(client)
+
+
+def redis_memory(client: redis.Redis, baseline: int) -> RedisMemory:
+    """Keys by kind (keyspace.py's layout, by SCAN), a sample of each kind's MEMORY USAGE,
+    then the request memos deleted for what they held and what the tenants hold without them.
+    A memo only answers a retry of the same request id, which no later run makes."""
+    keys: dict[str, int] = {}
+    samples: dict[str, list[bytes]] = {}
+    memos: list[bytes] = []
+    for key in client.scan_iter(match=f"{keyspace.PREFIX}:*", count=10_000):
+        kind = key.split(b":")[2].decode()
+        keys[kind] = keys.get(kind, 0) + 1
+        sample = samples.setdefault(kind, [])
+        if len(sample) < MEMORY_SAMPLE_KEYS:
+            sample.append(key)
+        if kind == _MEMO:
+            memos.append(key)
+    sampled = {}
+    for kind, sample in samples.items():
+        pipe = client.pipeline(transaction=False)
+        for key in sample:
+            pipe.memory_usage(key, samples=0)
+        sizes = [size for size in pipe.execute() if size is not None]
+        sampled[kind] = sum(sizes) / max(len(sizes), 1)
+    streams = streams_bytes(client)
+    with_memos = used_but_streams(client)
+    for start in range(0, len(memos), 10_000):
+        client.delete(*memos[start : start + 10_000])
+    without_memos = used_but_streams(client)
+    return RedisMemory(
+        keys=keys,
+        sampled_bytes=sampled,
+        streams_bytes=streams,
+        stream_entries=sum(int(client.xlen(s)) for s in STREAMS),
+        memo_bytes=(with_memos - without_memos) / max(len(memos), 1),
+        tenant_bytes=without_memos - baseline,
+    )
+
+
+def interleaved(bench: ScaleBench, configs: list[Config]) -> dict[str, Figures]:
+    """A first pass over each list, then the rounds; medians of the rounds."""
+    args = bench.args
+    for config in configs:
+        first = bench.first_pass(config)
+        bench.notes.append(
+            f"First pass, {config.name} (each of its {config.distinct:,} requests sent at least "
+            f"once, caches cold): {first.rps:,.0f} req/s, {first.errors:.0f} errors, gateway "
+            f"{first.gateway_us:,.1f} µs/req, PostgreSQL {first.postgres_us:,.1f} µs/req."
+        )
+    runs: dict[str, list[Figures]] = {c.name: [] for c in configs}
+    for _ in range(args.rounds):
+        for config in configs:
+            runs[config.name].append(figures(*bench.run(config, args.duration)))
+    return {name: median_figures(rs) for name, rs in runs.items()}
+
+
+_COLUMNS = ("req/s", "p99 ms", "errors", "gateway µs/req", "Redis µs/req", "worker µs/req",
+            "PostgreSQL µs/req")  # fmt: skip
+_WIDTHS = (8, 7, 6, 14, 12, 13, 17)
+
+
+def _row(first: str, cells: tuple[str, ...]) -> str:
+    return f"{first:30} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True))
+
+
+def _table(results: dict[str, Figures]) -> None:
+    print(_row("configuration", _COLUMNS))
+    for name, r in results.items():
+        cells = (f"{r.rps:,.0f}", f"{r.p99_ms:.2f}", f"{r.errors:.0f}", f"{r.gateway_us:,.1f}",
+                 f"{r.redis_us:,.1f}", f"{r.worker_us:,.1f}", f"{r.postgres_us:,.1f}")  # fmt: skip
+        print(_row(name, cells))
+
+
+def _ratio(label: str, many: Figures, few: Figures) -> float:
+    ratio = many.rps / few.rps
+    verdict = "within 10%" if ratio >= 0.9 else "NOT within 10%"
+    print(f"  {label}: {ratio:.3f} ({verdict})")
+    return ratio
+
+
+def _memory_notes(memory: RedisMemory) -> list[str]:
+    kinds = ", ".join(
+        f"{_KINDS.get(kind, kind)} {count:,} keys ~{memory.sampled_bytes.get(kind, 0):,.0f} B each"
+        for kind, count in sorted(memory.keys.items())
+    )
+    return [
+        f"Redis memory after the tenant runs. Keys present (MEMORY USAGE SAMPLES 0 of up to "
+        f"{MEMORY_SAMPLE_KEYS:,} per kind, without the expiry table's entry): {kinds}.",
+        f"Left out: the usage streams ({memory.stream_entries:,} entries in "
+        f"{memory.streams_bytes:,} B not yet trimmed by the worker's housekeeping) and the request "
+        f"memos (one per request, kept {keyspace.MEMO_TTL_MS // 1000} s; deleting them freed "
+        f"{memory.memo_bytes:,.0f} B of used_memory each). What remains over the baseline taken "
+        f"before any load, {memory.tenant_bytes:,} B, is {memory.per_tenant_meter:,.0f} B per "
+        "counter key: the tenant-meter's counter and, while the tenant is active, its "
+        "rate-limit state, with the hash-table and expiry entries of both.",
+    ]
+
+
+def _gateway_notes(bench: ScaleBench) -> list[str]:
+    args = bench.args
+    configs = bench.tenant_configs[:1] + bench.route_configs
+    rss = ", ".join(
+        f"{c.target.name} {measure.rss_kib(c.target.pid) / 1024:,.0f} MiB" for c in configs
+    )
+    return [
+        f"Setup: {args.scale_tenants:,} tenants created through Ledger.create_tenant_if_missing, "
+        f"{SEED_CONCURRENCY} at a time, in {bench.seed_s:.1f} s; `gateway serve` up in "
+        + ", ".join(f"{bench.start_s[n]:.1f} s with {n:,} route(s)" for n in sorted(bench.start_s))
+        + f". Gateway RSS after the runs: {rss}.",
+    ]
+
+
+def report(
+    bench: ScaleBench, results: dict[str, Figures], memory: RedisMemory
+) -> tuple[float, float]:
+    """The table, the ratios, the notes; returns the tenants and routes ratios."""
+    args = bench.args
+    cpus = (
+        f"the gateway loaded alone on CPU {TEST_CPU}, everything else on CPU {SHARED_CPU}"
+        if bench.pinning
+        else "not pinned"
+    )
+    print(
+        f"\nscale: wrk -t1 -c{args.connections} -d{args.duration:g}s per run, median of "
+        f"{args.rounds} interleaved rounds after a first pass over every request of each "
+        f"list; {cpus}"
+    )
+    _table(results)
+    few_tenants, many_tenants = (results[c.name] for c in bench.tenant_configs)
+    few_routes, many_routes = (results[c.name] for c in bench.route_configs)
+    print("throughput ratios:")
+    tenants_ratio = _ratio(f"{args.scale_tenants:,}/{FEW} tenants", many_tenants, few_tenants)
+    routes_ratio = _ratio(f"{args.scale_routes:,}/{FEW} routes", many_routes, few_routes)
+    notes = [*bench.notes, *_memory_notes(memory), *_gateway_notes(bench)]
+    for note in notes:
+        print(textwrap.fill(note, 100, initial_indent="  ", subsequent_indent="    "))
+    print(f"\ncapacity at {args.scale_tenants:,} active tenants, from this run's figures:")
+    capacity.report(
+        capacity.Costs(
+            gateway_us=many_tenants.gateway_us,
+            redis_us=many_tenants.redis_us,
+            worker_us=many_tenants.worker_us,
+            postgres_us=many_tenants.postgres_us,
+            memo_bytes=memory.memo_bytes,
+        )
+    )
+    return tenants_ratio, routes_ratio
+
+
+def benchmark(args: argparse.Namespace, pinning: bool) -> None:
+    """`--scale`: the tenant rounds, Redis memory, the route rounds, the SCALE line."""
+    with Stack() as stack:
+        bench = ScaleBench(stack, args, pinning)
+        baseline = used_but_streams(bench.redis)
+        results = interleaved(bench, bench.tenant_configs)
+        memory = redis_memory(bench.redis, baseline)
+        results |= interleaved(bench, bench.route_configs)
+        tenants_ratio, routes_ratio = report(bench, results, memory)
+    print(
+        f"SCALE tenants_ratio={tenants_ratio:.3f} routes_ratio={routes_ratio:.3f} "
+        f"redis_bytes_per_tenant_meter={memory.per_tenant_meter:.0f}"
+    )
