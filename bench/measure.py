@@ -55,12 +55,15 @@ def process_tree(root: int) -> list[int]:
 
 
 def cpu_s(root: int) -> float:
-    """User plus system CPU seconds of `root` and its descendants (all their threads)."""
+    """User plus system CPU seconds of `root` and its descendants (all their threads),
+    with those of the descendants that have exited (PostgreSQL's come and go)."""
     ticks = 0
     for pid in process_tree(root):
         with suppress(OSError):
             fields = _stat_fields(pid)
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+            # utime, stime, cutime, cstime: fields 14 to 17 of stat; a child's own
+            # figures move to its parent's cutime and cstime when it is reaped.
+            ticks += sum(int(f) for f in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

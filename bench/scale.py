@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import textwrap
 import time
+import urllib.request
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from math import nan as NAN
@@ -146,6 +148,8 @@ class ScaleBench:
             started = time.perf_counter()
             gateways[routes] = stack.serve(f"{routes:,} route(s)", config)
             self.start_s[routes] = time.perf_counter() - started
+        self.start_rss_kib = {n: measure.rss_kib(t.pid) for n, t in gateways.items()}
+        self.gateways = gateways
         tokens = mint_tokens(tenants)
         single = self._file("path-single", [PATH])
         numbered = [f"/v1/r{i}/projects/1?expand=members" for i in range(args.scale_routes)]
@@ -349,18 +353,36 @@ def _memory_notes(memory: RedisMemory) -> list[str]:
     ]
 
 
+def scrape(target: Target) -> tuple[str, float]:
+    """The gateway's /metrics and the seconds it took."""
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{target.admin_port}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    return text, time.perf_counter() - started
+
+
+_STATUS = re.compile(r'^gateway_requests_total\{[^}]*status="(\d+)"[^}]*\} ([\d.e+]+)$', re.M)
+
+
 def _gateway_notes(bench: ScaleBench) -> list[str]:
-    args = bench.args
-    configs = bench.tenant_configs[:1] + bench.route_configs
-    rss = ", ".join(
-        f"{c.target.name} {measure.rss_kib(c.target.pid) / 1024:,.0f} MiB" for c in configs
-    )
-    return [
-        f"Setup: {args.scale_tenants:,} tenants created through Ledger.create_tenant_if_missing, "
-        f"{SEED_CONCURRENCY} at a time, in {bench.seed_s:.1f} s; `gateway serve` up in "
-        + ", ".join(f"{bench.start_s[n]:.1f} s with {n:,} route(s)" for n in sorted(bench.start_s))
-        + f". Gateway RSS after the runs: {rss}.",
+    notes = [
+        f"Setup: {bench.args.scale_tenants:,} tenants created through "
+        f"Ledger.create_tenant_if_missing, {SEED_CONCURRENCY} at a time, in {bench.seed_s:.1f} s."
     ]
+    for routes, target in bench.gateways.items():
+        text, scrape_s = scrape(target)
+        statuses: dict[str, float] = {}
+        for status, count in _STATUS.findall(text):
+            statuses[status] = statuses.get(status, 0) + float(count)
+        answered = ", ".join(f"{n:,.0f} × {status}" for status, n in sorted(statuses.items()))
+        series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+        notes.append(
+            f"Gateway with {routes:,} route(s): up in {bench.start_s[routes]:.1f} s, RSS "
+            f"{bench.start_rss_kib[routes] / 1024:,.0f} MiB at start and "
+            f"{measure.rss_kib(target.pid) / 1024:,.0f} MiB after the runs; /metrics "
+            f"{len(text):,} B, {series:,} series, {scrape_s * 1000:,.0f} ms; answered {answered}."
+        )
+    return notes
 
 
 def report(

@@ -122,6 +122,7 @@ class Target:
     port: int
     pid: int
     pinned: bool = True
+    admin_port: int = 0  # the gateway's (/metrics)
 
 
 @dataclass(frozen=True)
@@ -295,4 +296,4 @@ class Stack:
         gateway = GatewayProcess(config, _ENV)
         self._exit.callback(gateway.stop)
         gateway.start(start_timeout_s)  # it seeds the config's tenants before it listens
-        return Target(name, gateway.port, gateway.pid)
+        return Target(name, gateway.port, gateway.pid, admin_port=gateway.admin_port)
