@@ -29,7 +29,7 @@ import redis
 
 from bench import capacity, measure
 from bench.measure import SHARED_CPU, TEST_CPU, Load
-from bench.stack import PATH, STREAMS, Stack, Target, gateway_config, mint_tokens
+from bench.stack import PATH, ROTATE_LUA, STREAMS, Stack, Target, gateway_config, mint_tokens
 from gateway.ledger import Ledger
 from gateway.ledger.records import Tenant
 from gateway.quota import keyspace
@@ -40,30 +40,6 @@ SEED_CONCURRENCY = 10  # the ledger's connection pool
 FIRST_PASS_CHUNK_S = 5.0  # wrk runs of the first pass, until every request was sent once
 DRAIN_TIMEOUT_S = 60.0
 MEMORY_SAMPLE_KEYS = 1000  # MEMORY USAGE calls per key kind
-
-# Request i carries token i mod T and path i mod P, prebuilt for i < max(T, P);
-# each run starts where the previous one of the same list stopped. Arguments:
-# tokens file, paths file, start index.
-_ROTATE_LUA = """\
-local requests = {}
-local last = 0
-
-function init(args)
-    local tokens, paths = {}, {}
-    for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
-    for line in io.lines(args[2]) do paths[#paths + 1] = line end
-    for i = 0, math.max(#tokens, #paths) - 1 do
-        requests[i + 1] = wrk.format("GET", paths[i % #paths + 1],
-            {Authorization = "Bearer " .. tokens[i % #tokens + 1]})
-    end
-    last = tonumber(args[3]) % #requests
-end
-
-function request()
-    last = last % #requests + 1
-    return requests[last]
-end
-"""
 
 
 @dataclass(frozen=True)
@@ -167,7 +143,7 @@ class ScaleBench:
         self.redis = redis.Redis.from_url(stores.redis_url)
         self.offsets: dict[str, int] = {}
         self.script = stack.tmp / "rotate.lua"
-        self.script.write_text(_ROTATE_LUA)
+        self.script.write_text(ROTATE_LUA)
 
     def _file(self, name: str, lines: list[str]) -> Path:
         path = self.stack.tmp / f"{name}.txt"

@@ -96,15 +96,26 @@ backend upstream
     server nginx 127.0.0.1:{upstream}
 """  # noqa: E501 - HAProxy has no line continuation
 
-# Each request carries the next tenant's token, read from the file named by the first argument.
-_WRK_LUA = """\
+# Request i carries token i mod T and path i mod P (prebuilt for i < max(T, P)).
+# Arguments: a file of tokens; optionally a file of paths (else the URL's path)
+# and the index to start at, so that a run can go on where the last one stopped.
+ROTATE_LUA = """\
 local requests = {}
 local last = 0
 
 function init(args)
-    for token in io.lines(args[1]) do
-        requests[#requests + 1] = wrk.format(nil, nil, {Authorization = "Bearer " .. token})
+    local tokens, paths = {}, {}
+    for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
+    if args[2] then
+        for line in io.lines(args[2]) do paths[#paths + 1] = line end
+    else
+        paths[1] = wrk.path
     end
+    for i = 0, math.max(#tokens, #paths) - 1 do
+        requests[i + 1] = wrk.format(nil, paths[i % #paths + 1],
+            {Authorization = "Bearer " .. tokens[i % #tokens + 1]})
+    end
+    last = tonumber(args[3] or "0") % #requests
 end
 
 function request()
@@ -214,7 +225,7 @@ class Stack:
         tokens = self.tmp / "tokens.txt"
         tokens.write_text("".join(token + "\n" for token in mint_tokens(tenants)))
         script = self.tmp / "rotate-tokens.lua"
-        script.write_text(_WRK_LUA)
+        script.write_text(ROTATE_LUA)
         return tokens, script
 
     def nginx(self) -> Target:
