@@ -22,24 +22,23 @@ import time
 import urllib.request
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from math import nan as NAN
+from math import nan
 from pathlib import Path
 
 import redis
 
-from bench import capacity, measure
+from bench import capacity, measure, redis_memory
 from bench.measure import SHARED_CPU, TEST_CPU, Load
+from bench.redis_memory import RedisMemory
 from bench.stack import PATH, ROTATE_LUA, STREAMS, Stack, Target, gateway_config, mint_tokens
 from gateway.ledger import Ledger
 from gateway.ledger.records import Tenant
-from gateway.quota import keyspace
 
 FEW = 10
 ROUTE_TENANTS = 1000
 SEED_CONCURRENCY = 10  # the ledger's connection pool
 FIRST_PASS_CHUNK_S = 5.0  # wrk runs of the first pass, until every request was sent once
 DRAIN_TIMEOUT_S = 60.0
-MEMORY_SAMPLE_KEYS = 1000  # MEMORY USAGE calls per key kind
 
 
 @dataclass(frozen=True)
@@ -191,7 +190,7 @@ class ScaleBench:
             seconds += load.requests / max(load.rps, 1e-9)
             errors += load.errors
             spent = {name: spent.get(name, 0.0) + cpu for name, cpu in run_spent.items()}
-        return figures(Load(requests / seconds, NAN, NAN, requests, errors), spent)
+        return figures(Load(requests / seconds, nan, nan, requests, errors), spent)
 
 
 def figures(load: Load, spent: dict[str, float]) -> Figures:
@@ -200,74 +199,6 @@ def figures(load: Load, spent: dict[str, float]) -> Figures:
         load.rps, load.p99_ms, load.errors,
         *(spent[name] * per_request_us for name in ("gateway", "redis", "worker", "postgres")),
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RedisMemory:
-    """Redis memory after the tenant runs, against the baseline before any load."""
-
-    keys: dict[str, int]  # key kind -> keys present
-    sampled_bytes: dict[str, float]  # key kind -> mean MEMORY USAGE of a sample
-    streams_bytes: int
-    stream_entries: int
-    memo_bytes: float  # used_memory freed per request memo deleted
-    tenant_bytes: int  # used_memory less the streams, without the memos, over the baseline
-
-    @property
-    def per_tenant_meter(self) -> float:
-        """Bytes per counter key of what the load left but the streams and memos."""
-        return self.tenant_bytes / max(self.keys.get(_COUNTER, 0), 1)
-
-
-_COUNTER, _MEMO = "c", "m"
-_KINDS = {_COUNTER: "counter", "r": "rate-limit state", _MEMO: "request memo", "g": "gauge",
-          "i": "idempotency record", "epoch": "shard epoch", "usage": "usage stream"}  # fmt: skip
-
-
-def streams_bytes(client: redis.Redis) -> int:
-    return sum(int(client.memory_usage(stream, samples=0) or 0) for stream in STREAMS)
-
-
-def used_but_streams(client: redis.Redis) -> int:
-    """used_memory less the usage streams (which the worker trims as it goes)."""
-    return int(client.info("memory")["used_memory"]) - streams_bytes(client)
-
-
-def redis_memory(client: redis.Redis, baseline: int) -> RedisMemory:
-    """Keys by kind (keyspace.py's layout, by SCAN), a sample of each kind's MEMORY USAGE,
-    then the request memos deleted for what they held and what the tenants hold without them.
-    A memo only answers a retry of the same request id, which no later run makes."""
-    keys: dict[str, int] = {}
-    samples: dict[str, list[bytes]] = {}
-    memos: list[bytes] = []
-    for key in client.scan_iter(match=f"{keyspace.PREFIX}:*", count=10_000):
-        kind = key.split(b":")[2].decode()
-        keys[kind] = keys.get(kind, 0) + 1
-        sample = samples.setdefault(kind, [])
-        if len(sample) < MEMORY_SAMPLE_KEYS:
-            sample.append(key)
-        if kind == _MEMO:
-            memos.append(key)
-    sampled = {}
-    for kind, sample in samples.items():
-        pipe = client.pipeline(transaction=False)
-        for key in sample:
-            pipe.memory_usage(key, samples=0)
-        sizes = [size for size in pipe.execute() if size is not None]
-        sampled[kind] = sum(sizes) / max(len(sizes), 1)
-    streams = streams_bytes(client)
-    with_memos = used_but_streams(client)
-    for start in range(0, len(memos), 10_000):
-        client.delete(*memos[start : start + 10_000])
-    without_memos = used_but_streams(client)
-    return RedisMemory(
-        keys=keys,
-        sampled_bytes=sampled,
-        streams_bytes=streams,
-        stream_entries=sum(int(client.xlen(s)) for s in STREAMS),
-        memo_bytes=(with_memos - without_memos) / max(len(memos), 1),
-        tenant_bytes=without_memos - baseline,
-    )
 
 
 def interleaved(bench: ScaleBench, configs: list[Config]) -> dict[str, Figures]:
@@ -309,24 +240,6 @@ def _ratio(label: str, many: Figures, few: Figures) -> float:
     verdict = "within 10%" if ratio >= 0.9 else "NOT within 10%"
     print(f"  {label}: {ratio:.3f} ({verdict})")
     return ratio
-
-
-def _memory_notes(memory: RedisMemory) -> list[str]:
-    kinds = ", ".join(
-        f"{_KINDS.get(kind, kind)} {count:,} keys ~{memory.sampled_bytes.get(kind, 0):,.0f} B each"
-        for kind, count in sorted(memory.keys.items())
-    )
-    return [
-        f"Redis memory after the tenant runs. Keys present (MEMORY USAGE SAMPLES 0 of up to "
-        f"{MEMORY_SAMPLE_KEYS:,} per kind, without the expiry table's entry): {kinds}.",
-        f"Left out: the usage streams ({memory.stream_entries:,} entries in "
-        f"{memory.streams_bytes:,} B not yet trimmed by the worker's housekeeping) and the request "
-        f"memos (one per request, kept {keyspace.MEMO_TTL_MS // 1000} s; deleting them freed "
-        f"{memory.memo_bytes:,.0f} B of used_memory each). What remains over the baseline taken "
-        f"before any load, {memory.tenant_bytes:,} B, is {memory.per_tenant_meter:,.0f} B per "
-        "counter key: the tenant-meter's counter and, while the tenant is active, its "
-        "rate-limit state, with the hash-table and expiry entries of both.",
-    ]
 
 
 def scrape(target: Target) -> tuple[str, float]:
@@ -382,7 +295,7 @@ def report(
     print("throughput ratios:")
     tenants_ratio = _ratio(f"{args.scale_tenants:,}/{FEW} tenants", many_tenants, few_tenants)
     routes_ratio = _ratio(f"{args.scale_routes:,}/{FEW} routes", many_routes, few_routes)
-    notes = [*bench.notes, *_memory_notes(memory), *_gateway_notes(bench)]
+    notes = [*bench.notes, *redis_memory.notes(memory), *_gateway_notes(bench)]
     for note in notes:
         print(textwrap.fill(note, 100, initial_indent="  ", subsequent_indent="    "))
     print(f"\ncapacity at {args.scale_tenants:,} active tenants, from this run's figures:")
@@ -402,9 +315,9 @@ def benchmark(args: argparse.Namespace, pinning: bool) -> None:
     """`--scale`: the tenant rounds, Redis memory, the route rounds, the SCALE line."""
     with Stack() as stack:
         bench = ScaleBench(stack, args, pinning)
-        baseline = used_but_streams(bench.redis)
+        baseline = redis_memory.used_but_streams(bench.redis)
         results = interleaved(bench, bench.tenant_configs)
-        memory = redis_memory(bench.redis, baseline)
+        memory = redis_memory.measure(bench.redis, baseline)
         results |= interleaved(bench, bench.route_configs)
         tenants_ratio, routes_ratio = report(bench, results, memory)
     print(
