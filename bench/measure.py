@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,28 @@ def process_tree(root: int) -> list[int]:
 
 
 def cpu_s(root: int) -> float:
-    """User plus system CPU seconds of `root` and its descendants (all their threads)."""
+    """User plus system CPU seconds of `root` and its descendants (all their threads),
+    with those of the descendants that have exited (PostgreSQL's come and go)."""
     ticks = 0
     for pid in process_tree(root):
         with suppress(OSError):
             fields = _stat_fields(pid)
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+            # utime, stime, cutime, cstime: fields 14 to 17 of stat; a child's own
+            # figures move to its parent's cutime and cstime when it is reaped.
+            ticks += sum(int(f) for f in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set of one process (VmRSS), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise KeyError(f"no VmRSS for {pid}")
+
+
+# The target under test runs alone on TEST_CPU; everything else shares SHARED_CPU.
+TEST_CPU, SHARED_CPU = 1, 0
 
 
 def pin(root: int, cpu: int) -> None:
@@ -96,7 +112,7 @@ def segments_sent(pids: set[int], port: int) -> int:
     return total
 
 
-def wait_drained(client: redis.Redis, streams: list[str], timeout_s: float) -> None:
+def wait_drained(client: redis.Redis, streams: Sequence[str], timeout_s: float) -> None:
     """Until every consumer group has read and acknowledged everything in `streams`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

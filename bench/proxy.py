@@ -7,6 +7,8 @@ CPU 1, everything else on CPU 0. Each target gets the same wrk load in
 interleaved rounds (medians shown); then hey paces nginx and the gateway at
 half the gateway's maximum for the latency the gateway adds.
 Usage: python -m bench.proxy [--duration S] [--rounds N] [--connections N] [--tenants N]
+With --scale, the scale benchmark instead (bench/scale.py): 10 vs 100,000
+active tenants, 10 vs 10,000 routes, Redis memory per tenant-meter.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from types import FrameType
 
 import redis
 
-from bench import measure
-from bench.measure import Load
-from bench.stack import PATH, Stack, Target
+from bench import measure, scale
+from bench.measure import SHARED_CPU, TEST_CPU, Load
+from bench.stack import PATH, STREAMS, Stack, Target
 
-TEST_CPU, SHARED_CPU = 1, 0
 WARMUP_S = 3.0
 DRAIN_TIMEOUT_S = 30.0
 
@@ -68,7 +69,7 @@ class Bench:
             stack.haproxy(nginx.port, limit=10**9),
             self.gw.target,
         ]
-        self.redis = redis.Redis.from_url(self.gw.redis_url)
+        self.redis = redis.Redis.from_url(self.gw.stores.redis_url)
 
     def url(self, target: Target) -> str:
         return f"http://127.0.0.1:{target.port}{PATH}"
@@ -79,20 +80,20 @@ class Bench:
 
     def load(self, target: Target, duration_s: float) -> tuple[Load, dict[str, float]]:
         """One wrk run on `target` alone on the test CPU; CPU seconds and segments spent."""
-        gw = self.gw
-        watched = {"proxy": target.pid, "redis": gw.redis_pid, "worker": gw.worker_pid}
+        gw, stores = self.gw, self.gw.stores
+        watched = {"proxy": target.pid, "redis": stores.redis_pid, "worker": gw.worker_pid}
         self._pin(target, TEST_CPU)
         try:
             before = {name: measure.cpu_s(pid) for name, pid in watched.items()}
             gw_pids = set(measure.process_tree(gw.target.pid))
-            segments = measure.segments_sent(gw_pids, gw.redis_port)
+            segments = measure.segments_sent(gw_pids, stores.redis_port)
             load = measure.wrk(
                 self.url(target), duration_s, self.args.connections, self.script, str(self.tokens)
             )
             if target is gw.target:  # the worker's share: until it has written every event
-                measure.wait_drained(self.redis, gw.streams, DRAIN_TIMEOUT_S)
+                measure.wait_drained(self.redis, STREAMS, DRAIN_TIMEOUT_S)
             spent = {name: measure.cpu_s(pid) - before[name] for name, pid in watched.items()}
-            spent["segments"] = measure.segments_sent(gw_pids, gw.redis_port) - segments
+            spent["segments"] = measure.segments_sent(gw_pids, stores.redis_port) - segments
         finally:
             self._pin(target, SHARED_CPU)
         return load, spent
@@ -169,7 +170,6 @@ def _notes(bench: Bench, paced: dict[str, Load], rate: float) -> list[str]:
         f"p99 {gw.p99_ms:.2f} ms at {gw.rps:,.0f} req/s. A hey worker waits for each answer, "
         "so one slower than its interval delays the next request: not a strict open loop "
         "(wrk2 is not packaged).",
-        "--scale (10 vs 100,000 tenants, 10 vs 10,000 routes) is not built yet.",
     ]
 
 
@@ -228,12 +228,19 @@ def _out_of_time(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=float, default=8, help="seconds per run")
+    parser.add_argument("--duration", type=float, help="seconds per run (default 8, --scale 5)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per target (median shown)")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--tenants", type=int, default=1000, help="tokens rotated by wrk")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds before giving up")
+    parser.add_argument("--timeout", type=int, help="seconds before giving up (600, --scale 1800)")
+    parser.add_argument("--scale", action="store_true", help="the scale benchmark instead")
+    parser.add_argument("--scale-tenants", type=int, default=100_000, help="active tenants")
+    parser.add_argument("--scale-routes", type=int, default=10_000, help="routes configured")
     args = parser.parse_args()
+    if args.duration is None:
+        args.duration = 5 if args.scale else 8
+    if args.timeout is None:
+        args.timeout = 1800 if args.scale else 600
     os.chdir(Path(__file__).resolve().parent.parent)
     pinning = {TEST_CPU, SHARED_CPU} <= os.sched_getaffinity(0)
     if pinning:
@@ -243,7 +250,7 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _out_of_time)
     signal.alarm(args.timeout)
     try:
-        benchmark(args, pinning)
+        (scale.benchmark if args.scale else benchmark)(args, pinning)
     finally:
         signal.alarm(0)
     sys.stdout.flush()

@@ -36,6 +36,8 @@ TOKEN_TTL_S = 3600
 QUOTA_PER_MONTH = 10**12
 RATE_PER_S = 10**6
 SHARDS = 16
+STREAMS = tuple(keyspace.shard_stream(shard) for shard in range(SHARDS))  # the usage events
+_ENV = {"BENCH_JWT_SECRET": SECRET, "GATEWAY_ADMIN_TOKEN": "bench-admin-" + "a" * 32}
 
 _NGINX_CONF = """\
 worker_processes 1;
@@ -94,15 +96,26 @@ backend upstream
     server nginx 127.0.0.1:{upstream}
 """  # noqa: E501 - HAProxy has no line continuation
 
-# Each request carries the next tenant's token, read from the file named by the first argument.
-_WRK_LUA = """\
+# Request i carries token i mod T and path i mod P (prebuilt for i < max(T, P)).
+# Arguments: a file of tokens; optionally a file of paths (else the URL's path)
+# and the index to start at, so that a run can go on where the last one stopped.
+ROTATE_LUA = """\
 local requests = {}
 local last = 0
 
 function init(args)
-    for token in io.lines(args[1]) do
-        requests[#requests + 1] = wrk.format(nil, nil, {Authorization = "Bearer " .. token})
+    local tokens, paths = {}, {}
+    for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
+    if args[2] then
+        for line in io.lines(args[2]) do paths[#paths + 1] = line end
+    else
+        paths[1] = wrk.path
     end
+    for i = 0, math.max(#tokens, #paths) - 1 do
+        requests[i + 1] = wrk.format(nil, paths[i % #paths + 1],
+            {Authorization = "Bearer " .. tokens[i % #tokens + 1]})
+    end
+    last = tonumber(args[3] or "0") % #requests
 end
 
 function request()
@@ -120,6 +133,18 @@ class Target:
     port: int
     pid: int
     pinned: bool = True
+    admin_port: int = 0  # the gateway's (/metrics)
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The gateway's private Redis and PostgreSQL."""
+
+    redis_pid: int
+    redis_port: int
+    redis_url: str
+    postgres_pid: int
+    dsn: str
 
 
 @dataclass(frozen=True)
@@ -127,11 +152,8 @@ class GatewayStack:
     """The gateway under full enforcement and the processes it relies on."""
 
     target: Target
-    redis_pid: int
-    redis_port: int
-    redis_url: str
     worker_pid: int
-    streams: list[str]
+    stores: Stores
 
 
 def gateway_config(upstream: int, redis_url: str, dsn: str, tenants: list[str]) -> dict[str, Any]:
@@ -155,6 +177,11 @@ def gateway_config(upstream: int, redis_url: str, dsn: str, tenants: list[str]) 
         "metrics": {"tenant_label": False},
         "tenants": [{"id": tenant, "plan": "bench"} for tenant in tenants],
     }  # fmt: skip
+
+
+def mint_tokens(tenants: list[str]) -> list[str]:
+    """A token for each tenant, as the gateway checks them (HS256, the tenant claim)."""
+    return [mint(SECRET, "HS256", [TENANT_CLAIM], tenant, TOKEN_TTL_S) for tenant in tenants]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -196,14 +223,9 @@ class Stack:
     def tokens(self, tenants: list[str]) -> tuple[Path, Path]:
         """One token per tenant in a file, and the wrk script that sends them in turn."""
         tokens = self.tmp / "tokens.txt"
-        tokens.write_text(
-            "".join(
-                mint(SECRET, "HS256", [TENANT_CLAIM], tenant, TOKEN_TTL_S) + "\n"
-                for tenant in tenants
-            )
-        )
+        tokens.write_text("".join(token + "\n" for token in mint_tokens(tenants)))
         script = self.tmp / "rotate-tokens.lua"
-        script.write_text(_WRK_LUA)
+        script.write_text(ROTATE_LUA)
         return tokens, script
 
     def nginx(self) -> Target:
@@ -237,6 +259,16 @@ class Stack:
 
     def gateway(self, upstream: int, tenants: list[str]) -> GatewayStack:
         """Redis, PostgreSQL, `gateway migrate`, `gateway worker`, then `gateway serve`."""
+        stores = self.stores()
+        config = self.write_config(
+            "gateway", gateway_config(upstream, stores.redis_url, stores.dsn, tenants)
+        )
+        self.migrate(config)
+        worker_pid = self.worker(config)
+        return GatewayStack(self.serve("gateway (full enforcement)", config), worker_pid, stores)
+
+    def stores(self) -> Stores:
+        """A private Redis and PostgreSQL (empty: `migrate` creates the ledger's schema)."""
         redis_server = RedisServer()  # with AOF, as production runs the queue's Redis
         self._exit.callback(redis_server.close)
         redis_server.start()
@@ -244,27 +276,35 @@ class Stack:
         postgres = PostgresServer()
         self._exit.callback(postgres.close)
         postgres.start()
-        config = write_config(
-            self.tmp / "gateway.yaml",
-            gateway_config(upstream, redis_server.url, postgres.dsn, tenants),
-        )
-        env = {"BENCH_JWT_SECRET": SECRET, "GATEWAY_ADMIN_TOKEN": "bench-admin-" + "a" * 32}
-        migrate = [sys.executable, "-m", "gateway", "migrate", "-c", str(config)]
-        subprocess.run(
-            migrate, check=True, timeout=120, capture_output=True, env={**os.environ, **env}
-        )
-        worker = WorkerProcess(config, "bench", env)
-        self._exit.callback(worker.stop)
-        worker.start(60)
-        gateway = GatewayProcess(config, env)
-        self._exit.callback(gateway.stop)
-        gateway.start(120)  # it seeds the tenants before it listens
-        assert redis_server.proc is not None
-        return GatewayStack(
-            target=Target("gateway (full enforcement)", gateway.port, gateway.pid),
+        assert redis_server.proc is not None and postgres.proc is not None
+        return Stores(
             redis_pid=redis_server.proc.pid,
             redis_port=redis_server.port,
             redis_url=redis_server.url,
-            worker_pid=worker.pid,
-            streams=[keyspace.shard_stream(shard) for shard in range(SHARDS)],
+            postgres_pid=postgres.proc.pid,
+            dsn=postgres.dsn,
         )
+
+    def write_config(self, name: str, config: dict[str, Any]) -> Path:
+        return write_config(self.tmp / f"{name}.yaml", config)
+
+    def migrate(self, config: Path) -> None:
+        """`gateway migrate`: the ledger's schema."""
+        migrate = [sys.executable, "-m", "gateway", "migrate", "-c", str(config)]
+        subprocess.run(
+            migrate, check=True, timeout=120, capture_output=True, env={**os.environ, **_ENV}
+        )
+
+    def worker(self, config: Path) -> int:
+        """`gateway worker`, running until the stack closes; its pid."""
+        worker = WorkerProcess(config, "bench", _ENV)
+        self._exit.callback(worker.stop)
+        worker.start(60)
+        return worker.pid
+
+    def serve(self, name: str, config: Path, start_timeout_s: float = 120) -> Target:
+        """`gateway serve`, running until the stack closes."""
+        gateway = GatewayProcess(config, _ENV)
+        self._exit.callback(gateway.stop)
+        gateway.start(start_timeout_s)  # it seeds the config's tenants before it listens
+        return Target(name, gateway.port, gateway.pid, admin_port=gateway.admin_port)
