@@ -24,7 +24,7 @@ log = logging.getLogger("gateway.directory")
 
 K = TypeVar("K")
 V = TypeVar("V")
-MAX_ENTRIES = 100_000
+MAX_ENTRIES = 250_000  # the default of storage.cache_entries
 MAX_MISSING = 10_000
 TOUCH_INTERVAL_S = 60.0  # how often an API key's last_used_at is written
 
@@ -46,9 +46,12 @@ class _Cache(Generic[K, V]):
     made-up keys, never the tenants and keys in use.
     """
 
-    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, ttl_s: float, clock: Callable[[], float], max_entries: int = MAX_ENTRIES
+    ) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
+        self._max_entries = max_entries
         self._found: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._missing: OrderedDict[K, float] = OrderedDict()
         self._loading: dict[K, asyncio.Future[V | None]] = {}
@@ -105,7 +108,7 @@ class _Cache(Generic[K, V]):
             self._missing.pop(key, None)
             self._found[key] = (expires, value)
             self._found.move_to_end(key)
-            while len(self._found) > MAX_ENTRIES:
+            while len(self._found) > self._max_entries:
                 self._found.popitem(last=False)
 
     def drop(self, key: K) -> None:
@@ -123,11 +126,15 @@ class Directory:
     """Cached lookups of tenants (by id) and API keys (by prefix)."""
 
     def __init__(
-        self, ledger: Ledger, ttl_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        ledger: Ledger,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = MAX_ENTRIES,
     ) -> None:
         self.ledger = ledger
-        self._tenants: _Cache[str, Tenant] = _Cache(ttl_s, clock)
-        self._keys: _Cache[str, ApiKey] = _Cache(ttl_s, clock)
+        self._tenants: _Cache[str, Tenant] = _Cache(ttl_s, clock, max_entries)
+        self._keys: _Cache[str, ApiKey] = _Cache(ttl_s, clock, max_entries)
         self._clock = clock
         self._touched: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()

@@ -128,7 +128,9 @@ class Services:
             raise
         if created:
             log.info("created %d seed tenant(s) from the config", created)
-        directory = Directory(ledger, config.storage.cache_ttl_s)
+        directory = Directory(
+            ledger, config.storage.cache_ttl_s, max_entries=config.storage.cache_entries
+        )
         api_keys = config.auth.api_keys
         authenticator = Authenticator(
             verifier, directory, api_keys.header if api_keys.enabled else None

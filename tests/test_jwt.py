@@ -274,3 +274,22 @@ async def test_jwks_fetches_are_counted_by_result(jwks: JWKSServer) -> None:
         for result in ("ok", "empty", "error")
     }
     assert counts == {"ok": 1.0, "empty": 1.0, "error": 1.0}
+
+
+async def test_the_token_cache_holds_as_many_tokens_as_configured() -> None:
+    calls = []
+
+    class CountingKeys:
+        async def key(self, kid: str | None, alg: str) -> Any:
+            calls.append(kid)
+            return await StaticKeys({RSA.kid: _bound(RSA)}).key(kid, alg)
+
+    verifier = JWTVerifier(jwt_config(cache_entries=3), CountingKeys())
+    tokens = [sign(RSA, claims(f"tenant-{i}", exp=int(time.time()) + 600)) for i in range(4)]
+    for token in tokens[:3] * 2:  # three tokens in rotation: verified once each
+        await verifier.verify(token)
+    assert len(calls) == 3
+    for token in tokens:  # a fourth evicts the oldest, which is verified again
+        await verifier.verify(token)
+    await verifier.verify(tokens[0])
+    assert len(calls) == 5

@@ -14,7 +14,6 @@ from gateway.config.models import JWTConfig
 # Headers that tell a verifier where to fetch or find a key. Following them
 # lets the token's author choose the key that verifies it.
 _KEY_LOCATING_HEADERS = ("jku", "x5u", "jwk", "x5c")
-CACHE_ENTRIES = 65_536
 
 
 def tenant_from_claims(claims: dict[str, Any], path: list[str]) -> str:
@@ -55,7 +54,7 @@ class JWTVerifier:
                 return cached
             del self._cache[token]
         tenant, exp = await self._verify(token)
-        if len(self._cache) >= CACHE_ENTRIES:
+        if len(self._cache) >= self._config.cache_entries:
             del self._cache[next(iter(self._cache))]
         self._cache[token] = (tenant, exp)
         return tenant, exp

@@ -85,6 +85,9 @@ class StorageConfig(Model):
     # Tenants and API keys are cached in each process and invalidated by a
     # message on change; this TTL is only the backstop for a lost message.
     cache_ttl_s: PositiveFloat = 600.0
+    # Tenants (and, apart, API keys) each process keeps; every active tenant
+    # should fit, or its requests read the ledger.
+    cache_entries: PositiveInt = 250_000
 
     @property
     def embedded(self) -> bool:
@@ -122,6 +125,9 @@ class JWTConfig(Model):
     # a claim name (URLs allowed), or a list for a path into nested claims
     tenant_claim: StrList = ["org_id"]
     leeway_s: Annotated[float, Field(ge=0)] = 30.0
+    # Verified tokens kept (until they expire) per process: every token in
+    # use should fit, or each of its requests verifies it again.
+    cache_entries: PositiveInt = 262_144
 
     @model_validator(mode="after")
     def _one_key_source_bound_to_its_algorithms(self) -> JWTConfig:
