@@ -149,9 +149,11 @@ def test_request_ids_are_fresh_in_every_process() -> None:
     assert len(child) == 32 and child != fresh_id()
 
 
-def test_compiled_plans_are_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.quota.engine.MAX_COMPILED", 2)
-    config = engine_config()
+def test_compiled_plans_are_bounded_oldest_out() -> None:
+    base = engine_config()
+    config = base.model_copy(
+        update={"storage": base.storage.model_copy(update={"cache_entries": 2})}
+    )
     engine = QuotaEngine(config, MemoryStore())
     route = RouteCharges.compile(config.routes[0], config.meters)
     tenants = [Tenant(t, "starter", "active", datetime.now(UTC)) for t in ("a", "b", "c")]

@@ -85,8 +85,9 @@ class StorageConfig(Model):
     # Tenants and API keys are cached in each process and invalidated by a
     # message on change; this TTL is only the backstop for a lost message.
     cache_ttl_s: PositiveFloat = 600.0
-    # Tenants (and, apart, API keys) each process keeps; every active tenant
-    # should fit, or its requests read the ledger.
+    # Tenants (and, apart, API keys and compiled plans per tenant and route)
+    # each process keeps; every active tenant should fit, or its requests read
+    # the ledger and recompile.
     cache_entries: PositiveInt = 250_000
 
     @property

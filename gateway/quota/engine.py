@@ -38,7 +38,6 @@ from gateway.quota.store import (
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
 RETRY_PENDING_S = 1.0
-MAX_COMPILED = 50_000  # (tenant, route) pairs whose plans are kept
 _ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
@@ -146,6 +145,8 @@ class QuotaEngine:
         self.plans = {name: self._plan(name) for name in config.plans}
         self._periods = PeriodsCache(config.meters)
         self._compiled: dict[tuple[str, str], _Compiled] = {}  # by (tenant id, route name)
+        # As many (tenant, route) plans as tenants cached: one route each at least.
+        self._max_compiled = config.storage.cache_entries
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -241,7 +242,7 @@ class QuotaEngine:
         compiled = _Compiled(plan, tenant, route, scope_route, valid_from, valid_until)
         key = (tenant.id, route.route)
         # Oldest compiled first out (insertion order): one in use is compiled again.
-        if self._compiled.pop(key, None) is None and len(self._compiled) >= MAX_COMPILED:
+        if self._compiled.pop(key, None) is None and len(self._compiled) >= self._max_compiled:
             del self._compiled[next(iter(self._compiled))]
         self._compiled[key] = compiled
         return compiled
