@@ -218,11 +218,9 @@ async def _forward(
     )  # fmt: skip
 
 
-def _json(value: object, status: int = 200, rid: str | None = None) -> Response:
-    headers = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
-    if rid:
-        headers["X-Request-Id"] = rid
-    return Response(status, headers, json.dumps(value).encode())
+def _json(value: object, rid: str) -> Response:
+    headers = CIMultiDict({"Content-Type": "application/json; charset=utf-8", "X-Request-Id": rid})
+    return Response(200, headers, json.dumps(value).encode())
 
 
 async def _gateway_endpoint(
@@ -239,7 +237,7 @@ async def _gateway_endpoint(
     if request.method not in ("GET", "HEAD"):
         raise Refused(405, "method-not-allowed", "use GET")
     admitted = await admit(request.headers, services, app[RUNTIME].config)
-    return _json(await usage_view(engine, admitted.tenant), rid=rid)
+    return _json(await usage_view(engine, admitted.tenant), rid)
 
 
 async def _stripe_webhook(request: Request, webhooks: Webhooks, rid: str) -> Response:
@@ -256,7 +254,7 @@ async def _stripe_webhook(request: Request, webhooks: Webhooks, rid: str) -> Res
     except LedgerUnavailable:
         # Not recorded: Stripe retries, and the event is applied then.
         raise Refused(503, "ledger-unavailable", "retry later") from None
-    return _json(result, rid=rid)
+    return _json(result, rid)
 
 
 def _is_preflight(request: Request) -> bool:
