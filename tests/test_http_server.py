@@ -359,58 +359,55 @@ async def test_a_stream_that_raises_cuts_the_connection(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_a_client_leaving_mid_stream_closes_the_stream(
-    serve: Serve, connect: Connect
+async def _leave_mid_stream(
+    serve: Serve,
+    connect: Connect,
+    body: Callable[[asyncio.Event], AsyncIterator[bytes]],
+    seen: bytes,
 ) -> None:
+    """The client reads up to `seen`, then cuts its connection: the stream's
+    cleanup runs at once and the request is no longer in flight."""
     closed_stream = asyncio.Event()
-    sent = 0
 
     async def handler(request: Request) -> Response:
-        async def body() -> AsyncIterator[bytes]:
-            nonlocal sent
-            try:
-                while True:
-                    sent += 1
-                    yield b"x" * 65536
-                    await asyncio.sleep(0.001)
-            finally:
-                closed_stream.set()
-
-        return Response(200, body=body())
+        return Response(200, body=body(closed_stream))
 
     server, port = await serve(handler)
     reader, writer = await connect(port)
     writer.write(GET)
-    await reader.readuntil(b"\r\n\r\n")
+    await reader.readuntil(seen)
     writer.transport.abort()
     await asyncio.wait_for(closed_stream.wait(), 2.0)
+    await asyncio.sleep(0.01)
     assert server.requests_in_flight == 0
+
+
+async def test_a_client_leaving_mid_stream_closes_the_stream(
+    serve: Serve, connect: Connect
+) -> None:
+    async def body(closed: asyncio.Event) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"x" * 65536
+                await asyncio.sleep(0.001)
+        finally:
+            closed.set()
+
+    await _leave_mid_stream(serve, connect, body, b"\r\n\r\n")
 
 
 async def test_a_client_leaving_while_the_stream_waits_closes_the_stream(
     serve: Serve, connect: Connect
 ) -> None:
-    closed_stream = asyncio.Event()
+    async def body(closed: asyncio.Event) -> AsyncIterator[bytes]:
+        try:
+            yield b"first"
+            await asyncio.Event().wait()  # an upstream that went quiet
+            yield b"never"
+        finally:
+            closed.set()
 
-    async def handler(request: Request) -> Response:
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                yield b"first"
-                await asyncio.Event().wait()  # an upstream that went quiet
-                yield b"never"
-            finally:
-                closed_stream.set()
-
-        return Response(200, body=body())
-
-    server, port = await serve(handler)
-    reader, writer = await connect(port)
-    writer.write(GET)
-    await reader.readuntil(b"first\r\n")
-    writer.transport.abort()
-    await asyncio.wait_for(closed_stream.wait(), 2.0)
-    await asyncio.sleep(0.01)
-    assert server.requests_in_flight == 0
+    await _leave_mid_stream(serve, connect, body, b"first\r\n")
 
 
 async def test_a_stream_waits_for_a_slow_client(serve: Serve, connect: Connect) -> None:
