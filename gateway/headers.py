@@ -26,8 +26,28 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the gateway itself; a client's copy would be believed upstream.
-_SPOOFABLE = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip")
-_REQUEST_SKIP = HOP_BY_HOP | {*_SPOOFABLE, "host", "x-request-id"}
+_SPOOFABLE = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded")
+# Never forwarded, whoever sends them (README "Forwarded headers"): an upstream
+# framework that honours one serves another path or method than the one routed
+# and charged.
+OVERRIDE_HEADERS = (
+    "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Override-URL",
+    "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override",
+    "X-Forwarded-Prefix", "X-Forwarded-Path", "X-Forwarded-Uri", "X-Forwarded-Port",
+    "X-Forwarded-Server", "X-Forwarded-Scheme", "X-Forwarded-Ssl", "Front-End-Https", "X-Host",
+)  # fmt: skip
+# Client addresses in the spellings of other proxies and CDNs, never forwarded
+# either (also not from `trusted_proxies`): the upstream learns the client from
+# the X-Forwarded-For chain the gateway builds.
+CLIENT_IP_HEADERS = (
+    "X-Real-IP", "True-Client-IP", "CF-Connecting-IP", "Fastly-Client-IP", "X-Client-IP",
+    "X-Cluster-Client-IP", "X-Originating-IP", "X-Remote-IP", "X-Remote-Addr", "Client-IP",
+    "X-ProxyUser-IP", "Forwarded-For", "X-Forwarded",
+)  # fmt: skip
+_REQUEST_SKIP = HOP_BY_HOP | {
+    *_SPOOFABLE, *(h.lower() for h in (*OVERRIDE_HEADERS, *CLIENT_IP_HEADERS)), "host",
+    "x-request-id",
+}  # fmt: skip
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Request ids need to be unique, not secret: a PRNG seeded from the OS per
 # process avoids a getrandom() system call on every request.
