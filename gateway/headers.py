@@ -123,6 +123,16 @@ class TrustedProxies:
         return peer
 
 
+def single(headers: Mapping[str, str], name: str) -> str | None:
+    """The one value of header `name`; ValueError when it came more than once."""
+    value = headers.get(name)
+    # Plain mappings (benchmarks, tests) hold one value per name anyway.
+    if value is not None and isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        if len(headers.getall(name)) > 1:
+            raise ValueError(f"{name} was sent more than once")
+    return value
+
+
 def request_id(headers: Mapping[str, str]) -> str:
     """Keep a well-formed client `X-Request-Id`, otherwise make a new one."""
     given = headers.get("X-Request-Id")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+
 import aiohttp
 import pytest
 
 from gateway.headers import CLIENT_IP_HEADERS, OVERRIDE_HEADERS
+from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
+from tests.jwt_helpers import RSA, JWKSServer, claims, sign, unsigned
+from tests.test_auth_gateway import ADMIN_TOKEN, admin, auth_config
 from tests.upstream import Upstream
 
 # Every header of the documented lists, as a client or a scanner sends it.
@@ -61,3 +68,97 @@ async def test_override_and_client_ip_headers_never_reach_the_upstream(
     # A trusted proxy's `Forwarded` is believed, as its X-Forwarded-For is.
     assert leaked == ({"Forwarded"} if trusted else set())
     assert seen.header("X-Forwarded-For") == "127.0.0.1"
+
+
+async def exchange(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One request written exactly as given (lines joined by CRLF), on its own connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = head.strip("\n").split("\n")
+    writer.write("\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1") + body)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *fields = head_bytes.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+    return int(status_line.split()[1]), headers, rest
+
+
+def alg_none(tenant: str = "acme") -> str:
+    return unsigned(claims(tenant), {"alg": "none", "typ": "JWT", "kid": RSA.kid})
+
+
+@pytest.fixture
+async def authed(
+    upstream: Upstream,
+    jwks: JWKSServer,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Gateway:
+    """JWT and API keys in front of three upstreams: the default (verified credentials
+    only), `always` (the client's Authorization as sent) and `never`."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = auth_config(upstream, jwks, tmp_path)
+    config["upstreams"] = {
+        "app": {"url": upstream.url},
+        "own-auth": {"url": upstream.url, "forward_authorization": "always"},
+        "private": {"url": upstream.url, "forward_authorization": "never"},
+    }
+    config["routes"] = [
+        {"name": "open", "match": {"path": "/open/**"}, "upstream": "app", "auth": "none"},
+        {"name": "login", "match": {"path": "/login/**"}, "upstream": "own-auth", "auth": "none"},
+        {"name": "private", "match": {"path": "/private/**"}, "upstream": "private"},
+        {"name": "api", "match": {"path": "/**"}, "upstream": "app"},
+    ]
+    return await make_gateway(config)
+
+
+async def test_only_a_verified_authorization_reaches_the_upstream(
+    authed: Gateway, upstream: Upstream
+) -> None:
+    _, created = await admin(authed, "POST", "/admin/tenants/acme/api-keys")
+    key, token = created["key"], sign(RSA, claims("acme"))
+
+    async def forwarded(path: str, *fields: str) -> str | None:
+        """The Authorization the upstream received for GET `path` with `fields`."""
+        head = "\n".join([f"GET {path} HTTP/1.1", "Host: t", *fields])
+        assert (await exchange(authed.port, head))[0] == 200
+        seen = upstream.seen[-1]
+        assert seen.raw_path == path and seen.header("X-API-Key") is None
+        assert len(seen.all("Authorization")) <= 1
+        return seen.header("Authorization")
+
+    # An API key authenticates: the forged token beside it is not forwarded.
+    assert (
+        await forwarded("/v1/a", f"X-API-Key: {key}", f"Authorization: Bearer {alg_none()}") is None
+    )
+    assert upstream.seen[-1].header("X-Tenant-Id") == "acme"
+    # The token the gateway verified is forwarded, as it came.
+    assert await forwarded("/v1/b", f"Authorization: Bearer {token}") == f"Bearer {token}"
+    # `never`: not even a verified one.
+    assert await forwarded("/private/c", f"Authorization: Bearer {token}") is None
+    # `auth: none` verifies nothing, so forwards no Authorization, unless `always`.
+    assert await forwarded("/open/d", "Authorization: Basic dTpw") is None
+    assert await forwarded("/login/e", "Authorization: Basic dTpw") == "Basic dTpw"
+
+
+async def test_two_authorization_headers_are_refused(authed: Gateway, upstream: Upstream) -> None:
+    token = sign(RSA, claims("acme"))
+    _, created = await admin(authed, "POST", "/admin/tenants/acme/api-keys")
+    for first, second in ((token, alg_none()), (alg_none(), token), (token, token)):
+        head = (
+            f"GET /v1/x HTTP/1.1\nHost: t\nAuthorization: Bearer {first}\n"
+            f"Authorization: Bearer {second}"
+        )
+        status, headers, body = await exchange(authed.port, head)
+        assert status == 400, (first, second)
+        assert headers["content-type"] == "application/problem+json"
+        assert json.loads(body)["type"].endswith(":ambiguous-credentials")
+    # With an API key too, and with two API keys.
+    key = created["key"]
+    for extra in (f"Authorization: Bearer {token}\nAuthorization: Bearer {token}",
+                  f"X-API-Key: {key}"):  # fmt: skip
+        head = f"GET /v1/x HTTP/1.1\nHost: t\nX-API-Key: {key}\n{extra}"
+        assert (await exchange(authed.port, head))[0] == 400, extra
+    assert upstream.seen == []

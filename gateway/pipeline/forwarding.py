@@ -145,6 +145,7 @@ class RoutePlan:
     upstream: Upstream
     max_body_bytes: int
     skip_headers: frozenset[str]  # request headers not forwarded as they came
+    bearer_skip: frozenset[str]  # the same when the gateway verified the bearer token
     preflight_skip: frozenset[str]  # the same, plus credentials (CORS preflights)
     websocket: bool
     auth_required: bool
