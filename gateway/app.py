@@ -102,9 +102,11 @@ class Runtime:
                 max_body_bytes=config.server.max_body_bytes if limit is None else limit,
                 skip_headers=request_skip(unverified),
                 bearer_skip=request_skip(verified),
-                preflight_skip=request_skip([*drop, *credentials]),
+                # A preflight goes on without its body, so without its framing either.
+                preflight_skip=request_skip([*drop, *credentials, "Content-Length"]),
                 websocket=route.websocket,
                 auth_required=route.auth == "required",
+                preflight=route.cors or route.auth == "none",
             )
             routes.append(CompiledRoute(plan, RouteCharges.compile(route, config.meters)))
         return cls(
@@ -165,8 +167,15 @@ async def _serve(
     """Admit, claim the Idempotency-Key, meter, forward; settle in one `finally`."""
     plan = route.plan
     if _is_preflight(request):
-        # Browsers send preflights without credentials; they are never charged.
-        return await runtime.forwarder.forward(request, plan, rid, skip=plan.preflight_skip)
+        # Browsers send preflights without credentials; they are never charged, and
+        # go on bare (no body, no credentials) only where the route allows CORS.
+        if not plan.preflight:
+            raise Refused(
+                403, "cors-not-allowed", f"route {plan.name!r} does not allow CORS (cors: true)"
+            )
+        return await runtime.forwarder.forward(
+            request, plan, rid, skip=plan.preflight_skip, data=b""
+        )
     if not plan.auth_required:
         return await _forward(request, runtime, plan, rid, plan.skip_headers)
     admitted = await admit(request.headers, app[SERVICES], runtime.config)

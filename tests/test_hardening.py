@@ -162,3 +162,48 @@ async def test_two_authorization_headers_are_refused(authed: Gateway, upstream: 
         head = f"GET /v1/x HTTP/1.1\nHost: t\nX-API-Key: {key}\n{extra}"
         assert (await exchange(authed.port, head))[0] == 400, extra
     assert upstream.seen == []
+
+
+PREFLIGHT = (
+    "OPTIONS {path} HTTP/1.1\nHost: t\nOrigin: https://app.example.com\n"
+    "Access-Control-Request-Method: POST\nAuthorization: Bearer {token}\nX-API-Key: gk_x\n"
+    "Content-Length: 6"
+)
+
+
+async def test_preflights_go_on_bare_uncharged_and_only_where_the_route_allows_cors(
+    upstream: Upstream,
+    jwks: JWKSServer,
+    tmp_path: Path,
+    make_gateway: MakeGateway,
+) -> None:
+    config = auth_config(upstream, jwks, tmp_path)
+    config["meters"] = {"api_calls": {"type": "counter", "period": "month"}}
+    config["plans"] = {"starter": {"limits": {"api_calls": {"limit": 1}}}}
+    charge = {"api_calls": 1}
+    config["routes"] = [
+        {"name": "cors", "match": {"path": "/cors/**"}, "upstream": "app", "cors": True,
+         "charge": charge},
+        {"name": "open", "match": {"path": "/open/**"}, "upstream": "app", "auth": "none"},
+        {"name": "api", "match": {"path": "/**"}, "upstream": "app", "charge": charge},
+    ]  # fmt: skip
+    gw = await make_gateway(config)
+    token = sign(RSA, claims("acme"))
+    for path in ("/cors/a", "/cors/b", "/open/c"):
+        status, _, _ = await exchange(gw.port, PREFLIGHT.format(path=path, token=token), b"secret")
+        assert status == 200, path
+        seen = upstream.seen[-1]
+        assert (seen.method, seen.raw_path, seen.body) == ("OPTIONS", path, b"")
+        for name in ("Authorization", "X-API-Key", "X-Tenant-Id"):
+            assert seen.header(name) is None, (path, name)
+        assert seen.header("Origin") == "https://app.example.com"
+    # A route without `cors: true` forwards no preflight, credentials or not.
+    status, headers, body = await exchange(
+        gw.port, PREFLIGHT.format(path="/v1/x", token=token), b"secret"
+    )
+    assert status == 403 and json.loads(body)["type"].endswith(":cors-not-allowed")
+    assert len(upstream.seen) == 3
+    # Nothing was charged: the quota of 1 is still whole.
+    head = f"GET /cors/d HTTP/1.1\nHost: t\nAuthorization: Bearer {token}"
+    assert (await exchange(gw.port, head))[0] == 200
+    assert (await exchange(gw.port, head))[0] == 402

@@ -244,6 +244,9 @@ class RouteConfig(Model):
     max_body_bytes: NonNegativeInt | None = None
     websocket: bool = False
     shadow: bool = False
+    # CORS preflights on an `auth: required` route are forwarded (bare: no body, no
+    # credentials, never charged) only with this; otherwise answered 403.
+    cors: bool = False
 
 
 class UsageConfig(Model):

@@ -146,9 +146,10 @@ class RoutePlan:
     max_body_bytes: int
     skip_headers: frozenset[str]  # request headers not forwarded as they came
     bearer_skip: frozenset[str]  # the same when the gateway verified the bearer token
-    preflight_skip: frozenset[str]  # the same, plus credentials (CORS preflights)
+    preflight_skip: frozenset[str]  # the same, plus credentials and framing (CORS preflights)
     websocket: bool
     auth_required: bool
+    preflight: bool  # CORS preflights are forwarded (`cors: true`, or `auth: none`)
 
 
 class Upstreams:
