@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +58,12 @@ async def answer_refusals(request: web.Request, handler: Handler) -> web.StreamR
         return web_answer(refused, rid)
     except TenantChangeError as exc:
         return web_answer(Refused(422, "invalid-change", str(exc)), rid)
+    except web.HTTPException as exc:  # aiohttp's own: no route (404), wrong method (405), ...
+        if exc.status < 400:
+            raise
+        kind = HTTPStatus(exc.status).phrase.lower().replace(" ", "-")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web_answer(Refused(exc.status, kind, exc.reason, headers=allow), rid)
     response.headers.setdefault("X-Request-Id", rid)
     return response
 

@@ -7,8 +7,12 @@ import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 # RFC 9110 7.6.1, plus the proxy-only headers of RFC 9110 11.7 and the
 # non-standard Proxy-Connection that old clients still send.
@@ -139,6 +143,14 @@ def request_id(headers: Mapping[str, str]) -> str:
     if given and _REQUEST_ID.match(given):
         return given
     return f"{_ids.getrandbits(128):032x}"
+
+
+async def own_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` of the aiohttp listeners (admin, worker): no `Server` of
+    our own (aiohttp adds its version), and `X-Request-Id` on every answer, also on
+    those no middleware saw."""
+    response.headers.popall("Server", None)
+    response.headers.setdefault("X-Request-Id", request_id(request.headers))
 
 
 def upstream_request_headers(

@@ -207,3 +207,39 @@ async def test_preflights_go_on_bare_uncharged_and_only_where_the_route_allows_c
     head = f"GET /cors/d HTTP/1.1\nHost: t\nAuthorization: Bearer {token}"
     assert (await exchange(gw.port, head))[0] == 200
     assert (await exchange(gw.port, head))[0] == 402
+
+
+async def test_the_gateways_own_answers_are_problems_with_a_request_id_and_no_server(
+    authed: Gateway,
+) -> None:
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    admin_base = f"http://127.0.0.1:{authed.admin_port}"
+    public_base = f"http://127.0.0.1:{authed.port}"
+    cases: list[tuple[str, str, dict[str, str], int]] = [
+        ("GET", f"{admin_base}/admin/nothing-here", bearer, 404),
+        ("POST", f"{admin_base}/admin/tenants", bearer, 405),
+        ("POST", f"{admin_base}/healthz", {}, 405),
+        ("GET", f"{admin_base}/nothing-here", {}, 404),
+        ("GET", f"{admin_base}/admin/tenants", {}, 401),
+        ("GET", f"{admin_base}/admin/tenants/ghost", bearer, 404),
+        ("GET", f"{admin_base}/admin/tenants", bearer, 200),
+        ("GET", f"{admin_base}/healthz", {}, 200),
+        ("GET", f"{admin_base}/metrics", {}, 200),
+        ("GET", f"{public_base}/_gateway/nothing-here", {}, 404),
+        ("GET", f"{public_base}/_gateway/usage", {}, 404),  # no quotas here
+        ("POST", f"{public_base}/_gateway/usage", {"X-Request-Id": "mine-1"}, 404),
+    ]
+    async with aiohttp.ClientSession() as client:
+        for method, url, headers, expected in cases:
+            async with client.request(method, url, headers=headers) as resp:
+                case = (method, url, headers)
+                assert resp.status == expected, case
+                assert "Server" not in resp.headers, case
+                rid = resp.headers.get("X-Request-Id")
+                assert rid and rid == headers.get("X-Request-Id", rid), case
+                if expected >= 400:
+                    assert resp.content_type == "application/problem+json", case
+                    problem = await resp.json(content_type=None)
+                    assert (problem["status"], problem["request_id"]) == (expected, rid), case
+                if expected == 405:
+                    assert resp.headers["Allow"], case
