@@ -199,7 +199,7 @@ async def _serve(
         await metering.check()
         response = await _forward(
             request, runtime, plan, rid, skip, upstream_extra, warning + metering.headers,
-            claim.body if claim is not None else None,
+            claim.body.chunks() if claim is not None else None,
         )  # fmt: skip
         return response
     finally:
@@ -222,7 +222,7 @@ async def _forward(
     skip: frozenset[str],
     upstream_extra: dict[str, str] | None = None,
     response_extra: list[tuple[str, str]] | None = None,
-    data: bytes | None = None,
+    data: AsyncIterator[bytes] | None = None,
 ) -> Response:
     if plan.websocket and websocket.is_upgrade(request):
         headers = runtime.forwarder.headers(request, plan, rid, upstream_extra, skip)

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import tracemalloc
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from gateway.auth.jwt import mint
 from gateway.headers import CLIENT_IP_HEADERS, OVERRIDE_HEADERS
+from gateway.pipeline.idempotency import SPOOL_MEMORY_BYTES
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
 from tests.jwt_helpers import RSA, JWKSServer, claims, sign, unsigned
 from tests.test_auth_gateway import ADMIN_TOKEN, admin, auth_config
+from tests.test_quota_gateway import SECRET, quota_config
 from tests.upstream import Upstream
 
 # Every header of the documented lists, as a client or a scanner sends it.
@@ -243,3 +250,45 @@ async def test_the_gateways_own_answers_are_problems_with_a_request_id_and_no_se
                     assert (problem["status"], problem["request_id"]) == (expected, rid), case
                 if expected == 405:
                     assert resp.headers["Allow"], case
+
+
+async def test_an_idempotent_upload_passes_in_bounded_memory(
+    upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 MB with an Idempotency-Key: hashed as it streams, spooled past a bound, never
+    held whole (the gateway, the upstream and this client share the process)."""
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    config = quota_config(upstream, tmp_path)
+    upload = {"name": "upload", "match": {"path": "/upload"}, "upstream": "app",
+              "charge": {"api_calls": 1}, "max_body_bytes": 64 * 1024 * 1024}  # fmt: skip
+    config["routes"] = [upload, *config["routes"]]
+    gw = await make_gateway(config)
+    token = mint(SECRET, "HS256", ["org_id"], "acme", 600)
+    block, blocks = bytes(range(256)) * 256, 800  # 64 KiB x 800: 50 MiB (52 MB)
+    digest = hashlib.sha256(block * blocks).hexdigest()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(blocks):
+            yield block
+
+    async def post(data: AsyncIterator[bytes] | bytes) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "upload-1"}
+        if isinstance(data, bytes):
+            headers["Content-Length"] = str(len(data))
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{gw.port}/upload"
+            async with client.post(url, data=data, headers=headers) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+    tracemalloc.start()
+    try:
+        status, answer = await post(body())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (status, answer) == (200, {"body_bytes": 256 * 256 * blocks, "body_sha256": digest})
+    print(f"50 MiB idempotent upload: peak traced memory {peak / 2**20:.1f} MiB")
+    assert peak < SPOOL_MEMORY_BYTES + 4 * 2**20, peak  # it was twice the body, and more
+    # The stored fingerprint covers the whole body: another payload is 422.
+    assert (await post(b"other"))[0] == 422
+    assert upstream.seen[-1].body_bytes == 256 * 256 * blocks and len(upstream.seen) == 1
