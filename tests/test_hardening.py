@@ -14,7 +14,9 @@ import aiohttp
 import pytest
 
 from gateway.auth.jwt import mint
+from gateway.config.types import MAX_QUANTITY
 from gateway.headers import CLIENT_IP_HEADERS, OVERRIDE_HEADERS
+from gateway.openapi import openapi_document
 from gateway.pipeline.idempotency import SPOOL_MEMORY_BYTES
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
@@ -292,3 +294,106 @@ async def test_an_idempotent_upload_passes_in_bounded_memory(
     # The stored fingerprint covers the whole body: another payload is 422.
     assert (await post(b"other"))[0] == 422
     assert upstream.seen[-1].body_bytes == 256 * 256 * blocks and len(upstream.seen) == 1
+
+
+async def raw_status(port: int, head: bytes) -> int:
+    """The status of one request whose head is written byte for byte."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Connection: close\r\n\r\n")
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    return int(status_line.split()[1])
+
+
+@pytest.fixture
+async def metered(
+    upstream: Upstream, tmp_path: Path, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> Gateway:
+    """Quotas (a counter, a gauge), JWT and API keys, the admin API."""
+    monkeypatch.setenv("QUOTA_JWT_SECRET", SECRET)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = quota_config(upstream, tmp_path)
+    config["auth"]["api_keys"] = {"enabled": True}
+    return await make_gateway(config)
+
+
+async def test_admin_numbers_beyond_the_stores_and_odd_input_are_4xx(
+    metered: Gateway, upstream: Upstream
+) -> None:
+    def kind(body: Any) -> str:
+        return str(body["type"]).rsplit(":", 1)[1]
+
+    gauge = "/admin/tenants/acme/gauges/team_members"
+    for value in (2**63, 2**53, -1, 10**15 + 1):
+        status, body = await admin(metered, "PUT", gauge, {"value": value})
+        assert status in (400, 422) and status != 500, value
+    assert (await admin(metered, "PUT", gauge, {"value": 10**15}))[0] == 200
+    assert (await admin(metered, "PUT", gauge, {"value": 2**63}))[0] == 400
+    for quantity in (10**23, -(10**23), 10**15 + 1):
+        status, body = await admin(
+            metered,
+            "POST",
+            "/admin/tenants/acme/credits",
+            {"meter": "api_calls", "quantity": quantity},
+        )
+        assert (status, kind(body)) == (400, "out-of-range"), quantity
+    for limit in ("0", "-1", str(-(10**30)), "9" * 5000, "1e3", ""):
+        status, body = await admin(metered, "GET", f"/admin/tenants?limit={limit}")
+        assert (status, kind(body)) == (400, "bad-query"), limit
+    hourly = "/admin/tenants/acme/usage/api_calls/hourly"
+    for query in (
+        "since=0001-01-01T00:00:00Z&until=0001-01-02T00:00:00Z",
+        "until=0001-01-01T00:00:00Z",
+        "since=0001-01-01T00:30:00%2B01:00",
+        "since=9999-12-31T00:00:00Z&until=9999-12-31T23:59:59Z",
+        "since=9999-12-31T23:00:00-14:00",
+        "since=1969-12-31T00:00:00Z&until=1970-01-01T00:00:00Z",
+    ):
+        status, body = await admin(metered, "GET", f"{hourly}?{query}")
+        assert (status, kind(body)) == (400, "bad-query"), query
+    override = {"overrides": {"api_calls": {"limit": 10**23}}}
+    assert (await admin(metered, "PUT", "/admin/tenants/acme", override))[0] == 422
+    # A body that is JSON but not an object creates nothing.
+    for body in ([], ["name"], "x", 5, False):
+        status, _ = await admin(metered, "POST", "/admin/tenants/acme/api-keys", body)
+        assert status == 422, body
+    assert (await admin(metered, "GET", "/admin/tenants/acme/api-keys"))[1]["api_keys"] == []
+    # Bytes that are not UTF-8 where a credential or key goes: 401 or 400, never 500.
+    admin_head = b"GET /admin/tenants HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \xff\xfe\r\n"
+    assert await raw_status(metered.admin_port, admin_head) == 401
+    token = mint(SECRET, "HS256", ["org_id"], "acme", 600).encode()
+    for field, expected in (
+        (b"Authorization: Bearer \xff\xfe" + token, 401),
+        (b"Authorization: Bearer " + token[:-2] + b"\xc3\xa9", 401),
+        (b"X-API-Key: gk_\xff", 401),
+        (b"Authorization: Bearer " + token + b"\r\nIdempotency-Key: k\xff\xfe", 400),
+        (b"Authorization: Bearer " + token + b"\r\nIdempotency-Key: caf\xc3\xa9", 400),
+    ):
+        head = b"POST /v1/things HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n" + field + b"\r\n"
+        assert await raw_status(metered.port, head) == expected, field
+    assert upstream.seen == []
+
+
+def test_the_openapi_document_states_the_refusals_and_the_bounds() -> None:
+    spec = openapi_document()
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            answers = set(operation["responses"])
+            assert {"401", "403"} <= answers, (method, path)
+            if "requestBody" in operation:
+                assert {"400", "422"} <= answers, (method, path)
+    gauge = spec["paths"]["/admin/tenants/{id}/gauges/{meter}"]["put"]
+    value = gauge["requestBody"]["content"]["application/json"]["schema"]["properties"]["value"]
+    assert (value["minimum"], value["maximum"]) == (0, MAX_QUANTITY)
+    credit = spec["paths"]["/admin/tenants/{id}/credits"]["post"]
+    quantity = credit["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert (quantity["quantity"]["minimum"], quantity["quantity"]["maximum"]) == (
+        -MAX_QUANTITY, MAX_QUANTITY
+    )  # fmt: skip
+    hourly = spec["paths"]["/admin/tenants/{id}/usage/{meter}/hourly"]["get"]
+    assert (
+        "400" in hourly["responses"]
+        and "400" in spec["paths"]["/admin/tenants"]["get"]["responses"]
+    )

@@ -68,6 +68,8 @@ class Authenticator:
             raise Unauthenticated("expected a Bearer token", token_sent=False)
         if not token:
             raise Unauthenticated("the bearer token is empty", token_sent=False)
+        if not token.isascii():  # a JWT is base64url; other bytes would fail to encode
+            raise Unauthenticated("the token is not a well-formed JWT", token_sent=True)
         try:
             tenant, _ = await self._jwt.verify(token)
         except InvalidToken as exc:

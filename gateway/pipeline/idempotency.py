@@ -102,8 +102,12 @@ async def claim(
     key = request.headers.get(HEADER)
     if key is None:
         return None
-    if not 0 < len(key) <= MAX_KEY_CHARS:
-        raise Refused(400, "bad-idempotency-key", f"{HEADER} must be 1-{MAX_KEY_CHARS} characters")
+    # Printable ASCII, as a structured-field string (draft-ietf-httpapi-idempotency-key).
+    if not (0 < len(key) <= MAX_KEY_CHARS and key.isascii() and key.isprintable()):
+        raise Refused(
+            400, "bad-idempotency-key",
+            f"{HEADER} must be 1-{MAX_KEY_CHARS} printable ASCII characters",
+        )  # fmt: skip
     digest = hashlib.sha256()
     for part in (request.method.encode(), b"\n", request.target.encode(), b"\n"):
         digest.update(part)
