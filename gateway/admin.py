@@ -12,6 +12,7 @@ from gateway.admin_api import (
     answer_refusals,
     require_token,
 )
+from gateway.headers import own_headers
 
 
 class Readiness:
@@ -51,6 +52,7 @@ def create_admin_app(
 ) -> web.Application:
     """The admin application; its metrics come from `registry`, tenants from `public_app`."""
     app = web.Application(middlewares=[answer_refusals, require_token])
+    app.on_response_prepare.append(own_headers)
     app[REGISTRY] = registry
     app[READINESS] = readiness
     app[PUBLIC_APP] = public_app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +12,7 @@ from aiohttp.typedefs import Handler
 
 from gateway.app import QUOTA, RUNTIME, SERVICES
 from gateway.clock import iso_utc
+from gateway.config.types import MAX_QUANTITY
 from gateway.headers import request_id
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
@@ -57,6 +59,12 @@ async def answer_refusals(request: web.Request, handler: Handler) -> web.StreamR
         return web_answer(refused, rid)
     except TenantChangeError as exc:
         return web_answer(Refused(422, "invalid-change", str(exc)), rid)
+    except web.HTTPException as exc:  # aiohttp's own: no route (404), wrong method (405), ...
+        if exc.status < 400:
+            raise
+        kind = HTTPStatus(exc.status).phrase.lower().replace(" ", "-")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web_answer(Refused(exc.status, kind, exc.reason, headers=allow), rid)
     response.headers.setdefault("X-Request-Id", rid)
     return response
 
@@ -70,9 +78,10 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     if not expected:
         raise Refused(403, "admin-disabled", "the admin token's environment variable is not set")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Bytes: compare_digest refuses non-ASCII str, and a 500 is not an answer.
+    # Bytes: compare_digest refuses non-ASCII str, and a 500 is not an answer; header
+    # bytes that are not UTF-8 arrive as surrogates, which only this encoding takes.
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
+        given.strip().encode("utf-8", "surrogateescape"), expected.encode()
     ):
         raise Refused(
             401, "unauthenticated", "the admin API needs the admin bearer token",
@@ -86,6 +95,26 @@ async def _json(request: web.Request) -> Any:
         return await request.json()
     except ValueError:
         raise Refused(400, "bad-json", "the body is not JSON") from None
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    """The JSON object in the body (none: {}); 422 for JSON that is not an object."""
+    body = await _json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise Refused(422, "invalid-change", "body: expected a JSON object")
+    return body
+
+
+def _quantity(value: object, name: str, low: int) -> int:
+    """`value` as an integer from `low` to MAX_QUANTITY: 422 for another type, 400 out of
+    range (the stores hold int64, the scripts' doubles are exact to 2**53)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Refused(422, "invalid-change", f"{name}: expected an integer")
+    if not low <= value <= MAX_QUANTITY:
+        raise Refused(
+            400, "out-of-range", f"{name}: expected an integer from {low} to {MAX_QUANTITY}"
+        )
+    return value
 
 
 def _unknown_tenant(tenant_id: str) -> Refused:
@@ -134,8 +163,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
 async def create_api_key(request: web.Request) -> web.Response:
     """POST /admin/tenants/{id}/api-keys -> {key} (shown once)."""
     tenant_id = request.match_info["id"]
-    body = await _json(request) if request.can_read_body else {}
-    name = body.get("name") if isinstance(body, dict) else None
+    name = (await _object(request)).get("name")
     if name is not None and not isinstance(name, str):
         raise Refused(422, "invalid-change", "name: expected a string")
     created = await _ops(request).create_key(tenant_id, name)
@@ -184,6 +212,10 @@ async def get_usage(request: web.Request) -> web.Response:
 
 
 HISTORY_MAX = timedelta(days=93)
+# The ledger's hours and partitions are computed around the range: keep it far
+# from the calendar's edges (year 1 and 9999), where that arithmetic overflows.
+HISTORY_FIRST = datetime(1970, 1, 1, tzinfo=UTC)
+HISTORY_LAST = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 async def get_hourly(request: web.Request) -> web.Response:
@@ -195,8 +227,13 @@ async def get_hourly(request: web.Request) -> web.Response:
         since = _instant(request.query.get("since")) or until - timedelta(hours=24)
     except ValueError as exc:
         raise Refused(400, "bad-query", str(exc)) from None
-    if not since < until or until - since > HISTORY_MAX:
-        raise Refused(400, "bad-query", "since must be before until, at most 93 days apart")
+    except OverflowError:  # until=0001-01-01T00:00:00Z: the default since is no date
+        raise Refused(400, "bad-query", "until is at the calendar's start") from None
+    if not HISTORY_FIRST <= since < until <= HISTORY_LAST or until - since > HISTORY_MAX:
+        raise Refused(
+            400, "bad-query",
+            "since must be before until, at most 93 days apart, both in 1970 to 9998",
+        )  # fmt: skip
     ledger = UsageLedger(_services(request).ledger.db)
     hours = await ledger.hourly(tenant.id, meter, since, until)
     return web.json_response(
@@ -219,7 +256,10 @@ def _instant(value: str | None) -> datetime | None:
         raise ValueError(f"{value!r} is not an ISO 8601 time") from None
     if moment.tzinfo is None:
         raise ValueError(f"{value!r} has no time zone")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:30+01:00 is before the calendar's start
+        raise ValueError(f"{value!r} is outside the calendar") from None
 
 
 async def put_gauge(request: web.Request) -> web.Response:
@@ -228,10 +268,7 @@ async def put_gauge(request: web.Request) -> web.Response:
     engine = _engine(request)
     if engine.config.meters[meter].type != "gauge":
         raise Refused(422, "invalid-change", f"{meter} is a counter; reset it instead")
-    body = await _json(request)
-    value = body.get("value") if isinstance(body, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise Refused(422, "invalid-change", "value: expected a non-negative integer")
+    value = _quantity((await _object(request)).get("value"), "value", 0)
     await engine.store.set_level(tenant.id, meter, None, value, _admin_context(request))
     return web.json_response(await usage_view(engine, tenant))
 
@@ -253,12 +290,12 @@ async def reset_meter(request: web.Request) -> web.Response:
 async def add_credit(request: web.Request) -> web.Response:
     """POST /admin/tenants/{id}/credits {"meter": M, "quantity": N}: this period's quota + N."""
     tenant_id = request.match_info["id"]
-    body = await _json(request)
-    meter = body.get("meter") if isinstance(body, dict) else None
-    quantity = body.get("quantity") if isinstance(body, dict) else None
+    body = await _object(request)
+    meter = body.get("meter")
     if not isinstance(meter, str):
         raise Refused(422, "invalid-change", "meter: expected a meter name")
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity == 0:
+    quantity = _quantity(body.get("quantity"), "quantity", -MAX_QUANTITY)
+    if quantity == 0:
         raise Refused(422, "invalid-change", "quantity: expected a non-zero integer")
     credit = await _ops(request).credit(tenant_id, meter, quantity)
     if credit is None:

@@ -90,17 +90,23 @@ class Runtime:
         for route in config.routes:
             upstream = upstreams[route.upstream]
             drop = [tenant_header, *_GATEWAY_HANDLED, *credentials[1:]]
-            if not upstream.config.forward_authorization:
-                drop.append("Authorization")
+            # Only a credential the gateway verified goes on (DESIGN 6a), unless the
+            # upstream asks for the client's own (`always`) or for none (`never`).
+            mode = upstream.config.authorization
+            unverified = drop if mode == "always" else [*drop, "Authorization"]
+            verified = [*drop, "Authorization"] if mode == "never" else drop
             limit = route.max_body_bytes
             plan = RoutePlan(
                 name=route.name,
                 upstream=upstream,
                 max_body_bytes=config.server.max_body_bytes if limit is None else limit,
-                skip_headers=request_skip(drop),
-                preflight_skip=request_skip([*drop, *credentials]),
+                skip_headers=request_skip(unverified),
+                bearer_skip=request_skip(verified),
+                # A preflight goes on without its body, so without its framing either.
+                preflight_skip=request_skip([*drop, *credentials, "Content-Length"]),
                 websocket=route.websocket,
                 auth_required=route.auth == "required",
+                preflight=route.cors or route.auth == "none",
             )
             routes.append(CompiledRoute(plan, RouteCharges.compile(route, config.meters)))
         return cls(
@@ -161,17 +167,25 @@ async def _serve(
     """Admit, claim the Idempotency-Key, meter, forward; settle in one `finally`."""
     plan = route.plan
     if _is_preflight(request):
-        # Browsers send preflights without credentials; they are never charged.
-        return await runtime.forwarder.forward(request, plan, rid, skip=plan.preflight_skip)
+        # Browsers send preflights without credentials; they are never charged, and
+        # go on bare (no body, no credentials) only where the route allows CORS.
+        if not plan.preflight:
+            raise Refused(
+                403, "cors-not-allowed", f"route {plan.name!r} does not allow CORS (cors: true)"
+            )
+        return await runtime.forwarder.forward(
+            request, plan, rid, skip=plan.preflight_skip, data=b""
+        )
     if not plan.auth_required:
-        return await _forward(request, runtime, plan, rid)
+        return await _forward(request, runtime, plan, rid, plan.skip_headers)
     admitted = await admit(request.headers, app[SERVICES], runtime.config)
     tenant = admitted.tenant
     upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
     warning = [("X-Quota-Warning", admitted.warning)] if admitted.warning else []
+    skip = plan.bearer_skip if admitted.bearer else plan.skip_headers
     engine = app.get(QUOTA)
     if engine is None:
-        return await _forward(request, runtime, plan, rid, upstream_extra, warning)
+        return await _forward(request, runtime, plan, rid, skip, upstream_extra, warning)
     metering = Metering(engine, tenant, route.charges, EventContext(plan.name, request.method, rid))
     claim: idempotency.Claim | None = None
     response: Response | None = None
@@ -184,8 +198,8 @@ async def _serve(
         claim = claimed
         await metering.check()
         response = await _forward(
-            request, runtime, plan, rid, upstream_extra, warning + metering.headers,
-            claim.body if claim is not None else None,
+            request, runtime, plan, rid, skip, upstream_extra, warning + metering.headers,
+            claim.body.chunks() if claim is not None else None,
         )  # fmt: skip
         return response
     finally:
@@ -205,16 +219,17 @@ async def _forward(
     runtime: Runtime,
     plan: RoutePlan,
     rid: str,
+    skip: frozenset[str],
     upstream_extra: dict[str, str] | None = None,
     response_extra: list[tuple[str, str]] | None = None,
-    data: bytes | None = None,
+    data: AsyncIterator[bytes] | None = None,
 ) -> Response:
     if plan.websocket and websocket.is_upgrade(request):
-        headers = runtime.forwarder.headers(request, plan, rid, upstream_extra)
+        headers = runtime.forwarder.headers(request, plan, rid, upstream_extra, skip)
         return await websocket.relay(request, plan.upstream, headers, rid, plan.max_body_bytes)
     return await runtime.forwarder.forward(
         request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra or (),
-        data=data,
+        skip=skip, data=data,
     )  # fmt: skip
 
 

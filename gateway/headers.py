@@ -7,8 +7,12 @@ import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 # RFC 9110 7.6.1, plus the proxy-only headers of RFC 9110 11.7 and the
 # non-standard Proxy-Connection that old clients still send.
@@ -26,8 +30,28 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the gateway itself; a client's copy would be believed upstream.
-_SPOOFABLE = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip")
-_REQUEST_SKIP = HOP_BY_HOP | {*_SPOOFABLE, "host", "x-request-id"}
+_SPOOFABLE = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded")
+# Never forwarded, whoever sends them (README "Forwarded headers"): an upstream
+# framework that honours one serves another path or method than the one routed
+# and charged.
+OVERRIDE_HEADERS = (
+    "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Override-URL",
+    "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override",
+    "X-Forwarded-Prefix", "X-Forwarded-Path", "X-Forwarded-Uri", "X-Forwarded-Port",
+    "X-Forwarded-Server", "X-Forwarded-Scheme", "X-Forwarded-Ssl", "Front-End-Https", "X-Host",
+)  # fmt: skip
+# Client addresses in the spellings of other proxies and CDNs, never forwarded
+# either (also not from `trusted_proxies`): the upstream learns the client from
+# the X-Forwarded-For chain the gateway builds.
+CLIENT_IP_HEADERS = (
+    "X-Real-IP", "True-Client-IP", "CF-Connecting-IP", "Fastly-Client-IP", "X-Client-IP",
+    "X-Cluster-Client-IP", "X-Originating-IP", "X-Remote-IP", "X-Remote-Addr", "Client-IP",
+    "X-ProxyUser-IP", "Forwarded-For", "X-Forwarded",
+)  # fmt: skip
+_REQUEST_SKIP = HOP_BY_HOP | {
+    *_SPOOFABLE, *(h.lower() for h in (*OVERRIDE_HEADERS, *CLIENT_IP_HEADERS)), "host",
+    "x-request-id",
+}  # fmt: skip
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Request ids need to be unique, not secret: a PRNG seeded from the OS per
 # process avoids a getrandom() system call on every request.
@@ -103,12 +127,30 @@ class TrustedProxies:
         return peer
 
 
+def single(headers: Mapping[str, str], name: str) -> str | None:
+    """The one value of header `name`; ValueError when it came more than once."""
+    value = headers.get(name)
+    # Plain mappings (benchmarks, tests) hold one value per name anyway.
+    if value is not None and isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        if len(headers.getall(name)) > 1:
+            raise ValueError(f"{name} was sent more than once")
+    return value
+
+
 def request_id(headers: Mapping[str, str]) -> str:
     """Keep a well-formed client `X-Request-Id`, otherwise make a new one."""
     given = headers.get("X-Request-Id")
     if given and _REQUEST_ID.match(given):
         return given
     return f"{_ids.getrandbits(128):032x}"
+
+
+async def own_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` of the aiohttp listeners (admin, worker): no `Server` of
+    our own (aiohttp adds its version), and `X-Request-Id` on every answer, also on
+    those no middleware saw."""
+    response.headers.popall("Server", None)
+    response.headers.setdefault("X-Request-Id", request_id(request.headers))
 
 
 def upstream_request_headers(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.config.types import MAX_QUANTITY
 from gateway.tenant_ops import TenantChanges
 
 
@@ -23,10 +24,18 @@ def openapi_document() -> dict[str, Any]:
     key_ref = {"$ref": "#/components/schemas/ApiKey"}
     id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     meter_param = {"name": "meter", "in": "path", "required": True, "schema": {"type": "string"}}
-    errors = {
+    # Every /admin/ operation may answer these; those with a body or a query more.
+    denied = {
         "401": answer("missing or wrong admin token", problem_ref),
-        "404": answer("unknown tenant", problem_ref),
+        "403": answer("the admin token's environment variable is not set", problem_ref),
     }
+    errors = {**denied, "404": answer("unknown tenant (or meter)", problem_ref)}
+    with_body = {
+        **errors,
+        "400": answer("the body is not JSON, or a number is out of range", problem_ref),
+        "422": answer("the body is not an object, or a field is invalid", problem_ref),
+    }
+    quantity = {"type": "integer", "maximum": MAX_QUANTITY}
     changes = TenantChanges.model_json_schema(ref_template="#/components/schemas/{model}")
     nested = changes.pop("$defs", {})
     return {
@@ -93,6 +102,8 @@ def openapi_document() -> dict[str, Any]:
                         {"name": "after", "in": "query", "schema": {"type": "string"}},
                     ],
                     "responses": {
+                        **denied,
+                        "400": answer("limit is not an integer from 1 to 1000", problem_ref),
                         "200": answer(
                             "a page of tenants",
                             {
@@ -102,7 +113,7 @@ def openapi_document() -> dict[str, Any]:
                                     "next": {"type": ["string", "null"]},
                                 },
                             },
-                        )
+                        ),
                     },
                 }
             },
@@ -118,8 +129,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": answer("changed", tenant_ref),
                         "201": answer("created", tenant_ref),
-                        "422": answer("invalid change", problem_ref),
-                        **errors,
+                        **with_body,
                     },
                 },
                 "delete": {
@@ -135,7 +145,7 @@ def openapi_document() -> dict[str, Any]:
                         {"type": "object", "properties": {"name": {"type": "string"}}},
                         required=False,
                     ),
-                    "responses": {"201": answer("the new key", key_ref), **errors},
+                    "responses": {"201": answer("the new key", key_ref), **with_body},
                 },
                 "get": {
                     "summary": "The tenant's API keys (never the keys themselves)",
@@ -146,7 +156,8 @@ def openapi_document() -> dict[str, Any]:
                                 "type": "object",
                                 "properties": {"api_keys": {"type": "array", "items": key_ref}},
                             },
-                        )
+                        ),
+                        **denied,
                     },
                 },
             },
@@ -168,6 +179,8 @@ def openapi_document() -> dict[str, Any]:
                                 "name": name,
                                 "in": "query",
                                 "schema": {"type": "string", "format": "date-time"},
+                                "description": "with a time zone; 1970 to 9998, since before "
+                                "until and at most 93 days apart (default: the last 24 h)",
                             }
                             for name in ("since", "until")
                         ),
@@ -188,11 +201,11 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": json_body(
                         {
                             "type": "object",
-                            "properties": {"value": {"type": "integer", "minimum": 0}},
+                            "properties": {"value": {**quantity, "minimum": 0}},
                             "required": ["value"],
                         }
                     ),
-                    "responses": {"200": answer("the usage view"), **errors},
+                    "responses": {"200": answer("the usage view"), **with_body},
                 }
             },
             "/admin/tenants/{id}/meters/{meter}/reset": {
@@ -212,7 +225,9 @@ def openapi_document() -> dict[str, Any]:
                             "properties": {
                                 "meter": {"type": "string"},
                                 "quantity": {
-                                    "type": "integer",
+                                    **quantity,
+                                    "minimum": -MAX_QUANTITY,
+                                    "not": {"const": 0},
                                     "description": "negative takes back earlier credit",
                                 },
                             },
@@ -221,8 +236,7 @@ def openapi_document() -> dict[str, Any]:
                     ),
                     "responses": {
                         "201": answer("the credit, its period and the period's total"),
-                        "422": answer("invalid credit", problem_ref),
-                        **errors,
+                        **with_body,
                     },
                 }
             },

@@ -16,7 +16,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from gateway.auth.apikeys import new_key
 from gateway.config.loader import format_path
 from gateway.config.models import GatewayConfig, LimitConfig
-from gateway.config.types import Name, SubscriptionStatus
+from gateway.config.types import MAX_QUANTITY, Name, SubscriptionStatus
 from gateway.invalidation import Bus
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
 from gateway.ledger.store import Ledger
@@ -167,6 +167,8 @@ class TenantOps:
         period = meter_period(spec, datetime.now(UTC), current.billing_anchor)
         assert period is not None  # a counter, checked above
         already = current.credited(meter, period.start)
+        if already + quantity > MAX_QUANTITY:
+            raise TenantChangeError(f"quantity: the period's credit would pass {MAX_QUANTITY}")
         if already + quantity < 0:
             raise TenantChangeError(
                 f"quantity: {quantity} would take back more than the {already} credited"

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gateway.billing.run import Reporting
 from gateway.clock import iso_utc
 from gateway.config.models import GatewayConfig
+from gateway.headers import own_headers
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
 from gateway.ledger.usage_ledger import UsageLedger
@@ -38,6 +39,7 @@ def _metrics_app(registry: CollectorRegistry) -> web.Application:
         return web.json_response({"status": "ok"})
 
     app = web.Application()
+    app.on_response_prepare.append(own_headers)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     return app

@@ -46,7 +46,7 @@ def auth_config(upstream: Upstream, jwks: JWKSServer, tmp_path: Path) -> dict[st
         tenants=[{"id": "acme", "plan": "starter"}],
         routes=[
             {"name": "health", "match": {"path": "/healthz"}, "upstream": "app", "auth": "none"},
-            {"name": "api", "match": {"path": "/**"}, "upstream": "app"},
+            {"name": "api", "match": {"path": "/**"}, "upstream": "app", "cors": True},
         ],
     )
 

@@ -42,7 +42,7 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
             assert out.returncode == 0, (cmd, out.stderr)
         head, _, body = outputs[0].stdout.replace("\r\n", "\n").partition("\n\n")
         assert 'RateLimit-Policy: "api_calls";q=1000;w=' in head
-        assert '"per_second";q=20;w=1' in head
+        assert '"per_second";q=20;w=2' in head
         created, fetched, member, refused, api_key = (json.loads(o.stdout) for o in outputs[1:6])
         assert json.loads(body) == {"projects": []}
         assert created == {"id": 1, "name": "apollo", "tenant": "demo"}

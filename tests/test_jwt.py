@@ -293,3 +293,27 @@ async def test_the_token_cache_holds_as_many_tokens_as_configured() -> None:
         await verifier.verify(token)
     await verifier.verify(tokens[0])
     assert len(calls) == 5
+
+
+async def test_an_absurd_exp_and_an_altered_signature_get_our_own_401_text() -> None:
+    verifier = JWTVerifier(jwt_config(), StaticKeys({RSA.kid: _bound(RSA)}))
+    head, body, signature = sign(RSA, claims()).split(".")
+    cases = {
+        "exp of 10**400": sign(RSA, claims(exp=10**400)),
+        "exp past the year 9999": sign(RSA, claims(exp=10**12)),
+        "exp as a float beyond any date": sign(RSA, claims(exp=1e300)),
+        "exp of infinity": sign(RSA, claims(exp=float("inf"))),
+        "signature one character short": f"{head}.{body}.{signature[:-1]}",
+        "signature not base64": f"{head}.{body}.{signature}!!",
+        "signature of one character": f"{head}.{body}.a",
+        "signature altered": f"{head}.{body}.{'A' * len(signature)}",
+    }
+    for case, token in cases.items():
+        with pytest.raises(InvalidToken) as refused:
+            await verifier.verify(token)
+            pytest.fail(f"accepted: {case}")
+        text = str(refused.value)
+        assert text.startswith("the token"), (case, text)
+        # Our sentences only: nothing of the JOSE library's own wording.
+        for leaked in ("padding", "Invalid", "(", "Signature verification failed"):
+            assert leaked not in text, (case, text)

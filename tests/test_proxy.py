@@ -145,7 +145,8 @@ async def test_request_ids_host_tenant_and_authorization_headers(
     upstream: Upstream, make_gateway: MakeGateway
 ) -> None:
     upstreams = {
-        "app": {"url": upstream.url},
+        # `always`: the client's own Authorization on an `auth: none` route.
+        "app": {"url": upstream.url, "forward_authorization": "always"},
         "private": {"url": upstream.url, "forward_authorization": False, "preserve_host": True},
     }
     routes = [

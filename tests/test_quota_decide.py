@@ -89,7 +89,7 @@ def test_allowed_request_charges_everything_and_advertises_limits() -> None:
     assert decision.used_after == {"api_calls": 6}
     assert decision.tats_after == {"per_second": NOW_US + PER_SECOND.interval_us}
     assert decision.policy == (
-        '"api_calls";q=1000;w=2592000, "tokens";q=50000;w=2592000, "per_second";q=10;w=1'
+        '"api_calls";q=1000;w=2592000, "tokens";q=50000;w=2592000, "per_second";q=10;w=2'
     )
     assert decision.ratelimit.endswith('"per_second";r=9;t=1')
 
@@ -116,3 +116,33 @@ def test_meter_states() -> None:
         "ok", "warning", "warning", "overage"
     ]  # fmt: skip
     assert meter_state(MeterLimit("x", "counter", UNLIMITED), 10**9) == "ok"
+
+
+def test_rate_limit_policy_advertises_a_full_burst_and_its_refill_time() -> None:
+    # DESIGN 6a: q=<burst>;w=<ceil(burst * per_s / rate)>, so that r never exceeds q.
+    cases = [
+        (RateLimit("a", rate=10, per_s=1, burst=20), '"a";q=20;w=2'),
+        (RateLimit("b", rate=5, per_s=1, burst=10), '"b";q=10;w=2'),
+        (RateLimit("c", rate=3, per_s=1, burst=1), '"c";q=1;w=1'),
+        (RateLimit("d", rate=100, per_s=60, burst=7), '"d";q=7;w=5'),
+        (RateLimit("e", rate=1, per_s=0.5, burst=1), '"e";q=1;w=1'),
+        (RateLimit("f", rate=1, per_s=3600, burst=3), '"f";q=3;w=10800'),
+    ]
+    for limit, policy in cases:
+        assert run([], {}, {}, (limit,)).policy == policy
+
+
+def test_refusals_carry_ratelimit_with_r_0_for_the_refusing_policy() -> None:
+    seconds_left = int((MONTH.end - NOW).total_seconds())
+    quota = run([API], {"api_calls": 998}, {"api_calls": 5}, (PER_SECOND,))
+    assert quota.refusal is not None and quota.refusal.status == 402
+    # The refusing quota at 0 (2 left, but not the 5 asked), the rate limit as it stands.
+    assert quota.ratelimit == f'"api_calls";r=0;t={seconds_left}, "per_second";r=10;t=0'
+    # The rate limit's burst spent: r=0 until the next request may pass.
+    full = NOW_US + 2 * US_PER_S
+    limited = run([API], {"api_calls": 5}, {"api_calls": 1}, (PER_SECOND,), {"per_second": full})
+    assert limited.refusal is not None and limited.refusal.status == 429
+    assert limited.ratelimit == f'"api_calls";r=995;t={seconds_left}, "per_second";r=0;t=1'
+    # A gauge is not advertised: no field to carry.
+    gauge = run([MEMBERS], {"team_members": 3}, {"team_members": 1})
+    assert gauge.refusal is not None and (gauge.policy, gauge.ratelimit) == ("", "")

@@ -137,6 +137,9 @@ async def test_a_hard_quota_answers_402_past_the_limit(
     assert (body["meter"], body["limit"], body["used"]) == ("api_calls", 6, 6)
     assert body["upgrade_url"] == "https://example.com/billing"
     assert body["reset_at"].endswith("Z") and int(headers["Retry-After"]) > 0
+    # DESIGN 6a: the refusal carries both fields, the refusing quota at r=0.
+    assert headers["RateLimit-Policy"].startswith('"api_calls";q=6;w=')
+    assert headers["RateLimit"] == f'"api_calls";r=0;t={headers["Retry-After"]}'
     assert len(upstream.seen) == 6  # the refused request never reached the upstream
 
 
@@ -151,8 +154,9 @@ async def test_failed_responses_are_refunded(gateway: Gateway, upstream: Upstrea
 async def test_gauges_rise_before_and_fall_after_success(gateway: Gateway) -> None:
     assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 200
     assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 200
-    status, _, body = await call(gateway, "acme", "POST", "/v1/members")
+    status, headers, body = await call(gateway, "acme", "POST", "/v1/members")
     assert (status, body["meter"]) == (402, "team_members")
+    assert "Retry-After" not in headers  # waiting frees no seat
     # A removal that fails upstream does not lower the gauge...
     assert (await call(gateway, "acme", "DELETE", "/v1/respond/7?status=404"))[0] == 404
     assert (await call(gateway, "acme", "POST", "/v1/members"))[0] == 402
@@ -184,6 +188,7 @@ async def test_rate_limits_answer_429_with_retry_after(gateway: Gateway) -> None
     status, headers, body = answers[2]
     assert body["type"].endswith(":rate-limited") and headers["Retry-After"] == "1"
     assert headers["RateLimit-Policy"] == '"per_second";q=2;w=1'
+    assert headers["RateLimit"] == '"per_second";r=0;t=1'
 
 
 @pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])

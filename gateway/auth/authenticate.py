@@ -9,6 +9,11 @@ from gateway.auth.apikeys import key_prefix, matches
 from gateway.auth.jwt import JWTVerifier
 from gateway.auth.keys import InvalidToken
 from gateway.directory import Directory
+from gateway.headers import single
+
+
+class AmbiguousCredentials(Exception):
+    """A credential header sent twice: which copy would count is a guess (answered 400)."""
 
 
 class Unauthenticated(Exception):
@@ -46,12 +51,15 @@ class Authenticator:
         self._api_key_header = api_key_header
 
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
-        """The principal, or Unauthenticated."""
-        if self._api_key_header is not None:
-            key = headers.get(self._api_key_header)
-            if key is not None:
-                return await self._api_key(key.strip())
-        authorization = headers.get("Authorization")
+        """The principal; Unauthenticated, or AmbiguousCredentials for a header sent twice."""
+        try:
+            authorization = single(headers, "Authorization")
+            header = self._api_key_header
+            key = single(headers, header) if header is not None else None
+        except ValueError as exc:
+            raise AmbiguousCredentials(str(exc)) from None
+        if key is not None:
+            return await self._api_key(key.strip())
         if authorization is None or self._jwt is None:
             raise Unauthenticated("credentials are required", token_sent=False)
         scheme, _, token = authorization.strip().partition(" ")
@@ -60,6 +68,8 @@ class Authenticator:
             raise Unauthenticated("expected a Bearer token", token_sent=False)
         if not token:
             raise Unauthenticated("the bearer token is empty", token_sent=False)
+        if not token.isascii():  # a JWT is base64url; other bytes would fail to encode
+            raise Unauthenticated("the token is not a well-formed JWT", token_sent=True)
         try:
             tenant, _ = await self._jwt.verify(token)
         except InvalidToken as exc:

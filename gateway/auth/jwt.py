@@ -14,6 +14,8 @@ from gateway.config.models import JWTConfig
 # Headers that tell a verifier where to fetch or find a key. Following them
 # lets the token's author choose the key that verifies it.
 _KEY_LOCATING_HEADERS = ("jku", "x5u", "jwk", "x5c")
+# 9999-12-31T23:59:59Z: a later `exp` is no date at all (10**400 does not even fit a float).
+MAX_EXP_S = 253_402_300_799
 
 
 def tenant_from_claims(claims: dict[str, Any], path: list[str]) -> str:
@@ -62,8 +64,9 @@ class JWTVerifier:
     async def _verify(self, token: str) -> tuple[str, float]:
         try:
             header = pyjwt.get_unverified_header(token)
-        except pyjwt.InvalidTokenError as exc:  # malformed, or PyJWT's own header checks
-            raise InvalidToken(f"the token is not a well-formed JWT ({exc})") from None
+        except pyjwt.InvalidTokenError:  # malformed, or PyJWT's own header checks
+            # Our own words: the library's text describes its internals, not the token.
+            raise InvalidToken("the token is not a well-formed JWT") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._allowed:
             raise InvalidToken(f"the token's algorithm {alg!r} is not allowed")
@@ -105,6 +108,8 @@ class JWTVerifier:
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, int | float):
             raise InvalidToken("the token's exp claim is not a number")
+        if not exp <= MAX_EXP_S:  # NaN fails this too
+            raise InvalidToken("the token's exp claim is not a date")
         return tenant_from_claims(claims, config.tenant_claim), float(exp)
 
 

@@ -174,9 +174,20 @@ class UpstreamConfig(Model):
     connect_timeout_s: PositiveFloat = 2.0
     timeout_s: PositiveFloat = 30.0
     total_timeout_s: PositiveFloat | None = None
-    forward_authorization: bool = True
+    # Which `Authorization` reaches the upstream: `verified` only the bearer token the
+    # gateway verified for the request (`true` means this), `always` the client's as
+    # sent (an upstream with its own authentication), `never` none (`false`).
+    forward_authorization: Literal["verified", "always", "never"] | bool = "verified"
     max_connections: PositiveInt = 256
     preserve_host: bool = False
+
+    @property
+    def authorization(self) -> Literal["verified", "always", "never"]:
+        """`forward_authorization` with the booleans spelled out."""
+        given = self.forward_authorization
+        if isinstance(given, bool):
+            return "verified" if given else "never"
+        return given
 
 
 class MeterConfig(Model):
@@ -233,6 +244,9 @@ class RouteConfig(Model):
     max_body_bytes: NonNegativeInt | None = None
     websocket: bool = False
     shadow: bool = False
+    # CORS preflights on an `auth: required` route are forwarded (bare: no body, no
+    # credentials, never charged) only with this; otherwise answered 403.
+    cors: bool = False
 
 
 class UsageConfig(Model):

@@ -11,6 +11,10 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BeforeValidator, Field
 
 UNLIMITED = -1
+# The largest quantity a limit, gauge level or credit may hold: the Lua scripts'
+# numbers are doubles, exact up to 2**53 (about 9.007e15), and sums of such
+# quantities must stay inside Redis' and the ledger's int64 (bigint).
+MAX_QUANTITY = 10**15
 
 SubscriptionStatus = Literal[
     "active",
@@ -60,6 +64,8 @@ def _limit(value: Any) -> int:
     if value == "unlimited" or value == UNLIMITED:
         return UNLIMITED
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if value > MAX_QUANTITY:
+            raise ValueError(f'at most {MAX_QUANTITY}; use "unlimited" for no limit')
         return value
     raise ValueError('expected an integer or "unlimited"')
 
@@ -76,6 +82,8 @@ def _charge(value: Any) -> int | str:
     if value == "response":
         return "response"
     if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_QUANTITY:
+            raise ValueError(f"at most {MAX_QUANTITY} either way")
         return int(value)
     raise ValueError('expected an integer or "response"')
 

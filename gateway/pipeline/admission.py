@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.auth.authenticate import Unauthenticated
+from gateway.auth.authenticate import AmbiguousCredentials, Unauthenticated
 from gateway.clock import Clock, utc_now
 from gateway.config.models import GatewayConfig
 from gateway.directory import DirectoryUnavailable
@@ -19,6 +19,7 @@ from gateway.subscription import standing
 class Admitted:
     tenant: Tenant
     warning: str | None  # X-Quota-Warning, e.g. while in a grace period
+    bearer: bool  # authenticated by the bearer token in Authorization (not an API key)
 
 
 async def admit(
@@ -35,6 +36,8 @@ async def admit(
         raise Refused(
             401, "unauthenticated", exc.detail, headers={"WWW-Authenticate": exc.challenge()}
         ) from None
+    except AmbiguousCredentials as exc:
+        raise Refused(400, "ambiguous-credentials", str(exc)) from None
     except DirectoryUnavailable:
         raise Refused(
             503, "ledger-unavailable", "tenant lookups are failing; retry shortly",
@@ -53,4 +56,4 @@ async def admit(
             config.subscription.deny_status, "subscription-inactive", verdict.detail,
             tenant=tenant.id, plan=tenant.plan, upgrade_url=config.upgrade_url(tenant.plan),
         )  # fmt: skip
-    return Admitted(tenant, verdict.warning)
+    return Admitted(tenant, verdict.warning, principal.via == "jwt")

@@ -15,7 +15,7 @@ from yarl import URL
 
 from gateway.config.models import UpstreamConfig
 from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
-from gateway.http.message import ClientDisconnected, Request, Response
+from gateway.http.message import Body, ClientDisconnected, Request, Response
 from gateway.metrics import ProxyMetrics
 from gateway.pipeline.upstream_client import UpstreamClient, UpstreamResponse
 from gateway.pipeline.upstream_conn import FailureKind, UpstreamError
@@ -145,9 +145,11 @@ class RoutePlan:
     upstream: Upstream
     max_body_bytes: int
     skip_headers: frozenset[str]  # request headers not forwarded as they came
-    preflight_skip: frozenset[str]  # the same, plus credentials (CORS preflights)
+    bearer_skip: frozenset[str]  # the same when the gateway verified the bearer token
+    preflight_skip: frozenset[str]  # the same, plus credentials and framing (CORS preflights)
     websocket: bool
     auth_required: bool
+    preflight: bool  # CORS preflights are forwarded (`cors: true`, or `auth: none`)
 
 
 class Upstreams:
@@ -204,13 +206,14 @@ class Forwarder:
         upstream_extra: Mapping[str, str] | None = None,
         response_extra: Sequence[tuple[str, str]] = (),
         skip: frozenset[str] | None = None,
-        data: bytes | None = None,
+        data: Body | None = None,
     ) -> Response:
         """Forward `request` on `plan`'s route; errors become problem responses.
 
         `upstream_extra` headers go to the upstream (the tenant), `response_extra`
         to the client (warnings); `skip` replaces the route's skipped headers;
-        `data` is a body already read (and checked against the limit). A
+        `data` is a body already read (and checked against the limit): bytes, or
+        the pieces of a spooled one (sent with the client's framing). A
         streamed answer is sent to the client before this returns.
         """
         up, limit = plan.upstream, plan.max_body_bytes

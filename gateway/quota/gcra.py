@@ -28,8 +28,11 @@ class RateLimit:
 
     @property
     def window_s(self) -> int:
-        """The policy window advertised in `RateLimit-Policy` (w=)."""
-        return max(1, round(self.per_s))
+        """The policy window advertised in `RateLimit-Policy` (w=): the time a full
+        burst takes to refill, ceil(burst * per_s / rate) (DESIGN 6a), so that a client
+        pacing by q per w never sends faster than the limit allows."""
+        # Rounded to the microsecond first, so that 20 * 0.1 / 2 is 1, not 2.
+        return max(1, -(-round(self.burst * self.per_s * US_PER_S / self.rate) // US_PER_S))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,9 @@ def quota_refusal(engine: QuotaEngine, tenant: Tenant, decision: Decision) -> Re
     refusal = decision.refusal
     assert refusal is not None
     headers = dict(rate_limit_fields(decision))
-    headers["Retry-After"] = str(max(1, refusal.retry_after_s))
+    if refusal.status == 429 or refusal.reset_at is not None:
+        # Not for a gauge (or a counter without period): waiting frees nothing.
+        headers["Retry-After"] = str(max(1, refusal.retry_after_s))
     if refusal.status == 429:
         return Refused(
             429, "rate-limited",

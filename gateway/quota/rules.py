@@ -153,7 +153,14 @@ def decide(
     # A used-up quota wins over a rate limit: waiting a second would not help.
     refusal = refusal or limited
     if refusal is not None:
-        return Decision(refusal, policy=policy_field(limits, periods, rate_limits))
+        # Nothing was charged: the field shows what remains, the refusing policy at 0.
+        return Decision(
+            refusal,
+            policy=policy_field(limits, periods, rate_limits),
+            ratelimit=ratelimit_field(
+                limits, periods, used, rate_limits, tats, now, now_us, refusal
+            ),
+        )
     warnings = tuple(
         w
         for limit in limits
@@ -201,15 +208,19 @@ def ratelimit_field(
     tats: Mapping[str, int],
     now: datetime,
     now_us: int,
+    refused: Refusal | None = None,
 ) -> str:
-    """`RateLimit`: what remains of each advertised policy, and when it resets."""
-    items = [
-        f'"{limit.meter}";r={max(0, limit.limit - used.get(limit.meter, 0))};'
-        f"t={p.seconds_left(now)}"
-        for limit, p in advertised(limits, periods)
-    ]
+    """`RateLimit`: what remains of each advertised policy, and when it resets; the
+    policy that `refused` the request at r=0 until it may pass (DESIGN 6a)."""
+    quota = refused.name if refused is not None and refused.status == 402 else None
+    items = []
+    for limit, p in advertised(limits, periods):
+        left = 0 if limit.meter == quota else max(0, limit.limit - used.get(limit.meter, 0))
+        items.append(f'"{limit.meter}";r={left};t={p.seconds_left(now)}')
     for rate_limit in rate_limits:
-        tat = tats.get(rate_limit.name, now_us)
-        probe = gcra(rate_limit, tat, now_us, 0)
+        if refused is not None and refused.status == 429 and rate_limit.name == refused.name:
+            items.append(f'"{rate_limit.name}";r=0;t={refused.retry_after_s}')
+            continue
+        probe = gcra(rate_limit, tats.get(rate_limit.name, now_us), now_us, 0)
         items.append(f'"{rate_limit.name}";r={probe.remaining};t={_seconds(probe.reset_us)}')
     return ", ".join(items)
