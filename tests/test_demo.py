@@ -68,6 +68,9 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     assert code == 0
     assert (tmp_path / "gateway-demo.db").exists()
     # It says where its state lives and how to start over; its normal path warns of nothing.
-    assert "Usage and tenants are kept in ./gateway-demo.db across runs; delete it" in lines[-2]
+    state = (tmp_path / "gateway-demo.db").resolve()
+    assert lines[-2] == (
+        f"Usage and tenants are kept in {state} across runs; `gateway demo --reset` starts over."
+    )
     logged = (tmp_path / "demo.log").read_text()
     assert " WARNING " not in logged and " ERROR " not in logged, logged

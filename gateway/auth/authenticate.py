@@ -60,6 +60,9 @@ class Authenticator:
             raise Unauthenticated("expected a Bearer token", token_sent=False)
         if not token:
             raise Unauthenticated("the bearer token is empty", token_sent=False)
+        if not token.isascii():
+            # Bytes past ASCII arrive as surrogates, which no JWT library can encode.
+            raise Unauthenticated("the bearer token is not a JWT", token_sent=True)
         try:
             tenant, _ = await self._jwt.verify(token)
         except InvalidToken as exc:
@@ -67,7 +70,7 @@ class Authenticator:
         return Principal(tenant, "jwt")
 
     async def _api_key(self, key: str) -> Principal:
-        prefix = key_prefix(key)
+        prefix = key_prefix(key) if key.isascii() else None
         record = await self._directory.api_key(prefix) if prefix else None
         if record is None or record.revoked_at is not None or not matches(key, record.key_hash):
             raise Unauthenticated("the API key is unknown or revoked", token_sent=True)

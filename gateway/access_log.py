@@ -1,0 +1,144 @@
+"""The access log: one line per request on the public listener, JSON or text.
+
+It is on by default, so a line costs a few microseconds: no `logging` record,
+no dict to serialize. The fields the gateway controls (the request id, method,
+route name, decision, numbers, the peer's address) are safe as they are; every
+string a client controls is written through `json_string`. The path is logged
+without its query string, which is where clients put `api_key=`, `token=` and
+the like; no header other than a well-formed `traceparent` is logged.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+from gateway.config.models import GatewayConfig
+from gateway.headers import TrustedProxies
+from gateway.http.message import Request, Response
+from gateway.logs import LineBuffer, json_string, timestamp
+
+FORWARDED = "forwarded"  # answered by the upstream (whatever its status)
+GATEWAY_ENDPOINT = "gateway-endpoint"  # /_gateway/: usage view, Stripe webhooks
+IDEMPOTENT_REPLAY = "idempotent-replay"  # a stored answer, not forwarded
+CLIENT_GONE = "client-gone"  # the client left before its body was read (499)
+# Refusals are logged by their problem `type` suffix: "unauthenticated",
+# "quota-exhausted", "rate-limited", "no-route", "upstream-timeout", ...
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+class Outcome:
+    """What the stages learned about one request, for its access-log line."""
+
+    __slots__ = ("decision", "tenant", "upstream_s", "streamed_bytes")
+
+    def __init__(self) -> None:
+        self.decision = FORWARDED
+        self.tenant: str | None = None  # once admitted
+        self.upstream_s: float | None = None  # to the upstream's answer head (or failure)
+        self.streamed_bytes = 0  # a streamed answer's body, counted as it was sent
+
+
+class AccessLog:
+    """Writes the line of each request to a `LineBuffer` (stdout)."""
+
+    def __init__(
+        self,
+        out: LineBuffer,
+        text: bool = False,
+        trusted: TrustedProxies | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._out = out
+        self._trusted = trusted or TrustedProxies([])
+        self._clock = clock
+        self._line = self._text if text else self._json
+
+    @classmethod
+    def for_config(cls, config: GatewayConfig) -> AccessLog:
+        """The access log `config.logging` asks for, on stdout."""
+        trusted = TrustedProxies(config.server.trusted_proxies)
+        return cls(LineBuffer(), text=config.logging.format == "text", trusted=trusted)
+
+    def write(
+        self,
+        request: Request,
+        rid: str,
+        route: str,
+        response: Response,
+        outcome: Outcome,
+        total_s: float,
+    ) -> None:
+        """The line of one answered request (a streamed answer has been sent by now)."""
+        body = response.body
+        sent = len(body) if type(body) is bytes else outcome.streamed_bytes
+        self._line(request, rid, route, response.status, outcome, total_s, sent)
+
+    def flush(self) -> None:
+        """Write the buffered lines now (at shutdown)."""
+        self._out.flush()
+
+    def _client(self, request: Request) -> str:
+        """The client's address, JSON-quoted: the peer, or what trusted proxies say."""
+        peer = request.peer
+        if peer not in self._trusted:  # no trusted proxies: False at once
+            return f'"{peer}"'  # an IP address from the socket
+        return json_string(
+            self._trusted.client(peer, request.headers.getall("X-Forwarded-For", ()))
+        )
+
+    def _json(
+        self,
+        request: Request,
+        rid: str,
+        route: str,
+        status: int,
+        outcome: Outcome,
+        total_s: float,
+        bytes_out: int,
+    ) -> None:
+        """One JSON object: see the README's "Access log" for its fields."""
+        tenant = outcome.tenant
+        upstream_s = outcome.upstream_s
+        tp = request.headers.get("traceparent")
+        trace = f'"{tp}"' if tp is not None and _TRACEPARENT.fullmatch(tp) else "null"
+        self._out.write(
+            f'{{"ts":"{timestamp(self._clock())}","level":"info","logger":"gateway.access",'
+            f'"request_id":"{rid}",'
+            f'"traceparent":{trace},'
+            f'"tenant":{"null" if tenant is None else json_string(tenant)},'
+            f'"route":"{route}","method":"{request.method}",'
+            f'"path":{json_string(request.path)},"status":{status},'
+            f'"decision":"{outcome.decision}",'
+            f'"upstream_ms":{"null" if upstream_s is None else f"{upstream_s * 1000:.3f}"},'
+            f'"total_ms":{total_s * 1000:.3f},'
+            f'"bytes_in":{request.body_bytes_read},"bytes_out":{bytes_out},'
+            f'"client":{self._client(request)}}}\n'
+        )
+
+    def _text(
+        self,
+        request: Request,
+        rid: str,
+        route: str,
+        status: int,
+        outcome: Outcome,
+        total_s: float,
+        bytes_out: int,
+    ) -> None:
+        """The same fields on one line of text; client strings quoted as in JSON."""
+        tenant = outcome.tenant
+        upstream_s = outcome.upstream_s
+        tp = request.headers.get("traceparent")
+        self._out.write(
+            f"{timestamp(self._clock())} INFO gateway.access: {self._client(request)} "
+            f"{request.method} {json_string(request.path)} {status} {outcome.decision}"
+            f" route={route} tenant={'-' if tenant is None else json_string(tenant)}"
+            f" request_id={rid}"
+            f" traceparent={tp if tp is not None and _TRACEPARENT.fullmatch(tp) else '-'}"
+            f" upstream_ms={'-' if upstream_s is None else f'{upstream_s * 1000:.3f}'}"
+            f" total_ms={total_s * 1000:.3f}"
+            f" bytes_in={request.body_bytes_read} bytes_out={bytes_out}\n"
+        )
