@@ -175,6 +175,8 @@ def gateway_config(upstream: int, redis_url: str, dsn: str, tenants: list[str]) 
                     "charge": {"api_calls": 1}}],
         "usage": {"worker_port": free_port()},
         "metrics": {"tenant_label": False},
+        # On, as by default: its cost is part of what is measured.
+        "logging": {"format": "json", "access_log": True},
         "tenants": [{"id": tenant, "plan": "bench"} for tenant in tenants],
     }  # fmt: skip
 

@@ -4,7 +4,6 @@ and the buffered stream the access log writes to stdout."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import sys
@@ -28,15 +27,18 @@ _LEVELS = {
 }
 
 
-@functools.lru_cache(maxsize=4)
-def _second(epoch_s: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s))
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
+_seconds: dict[int, str] = {}  # the current second's text: one entry
 
 
 def timestamp(epoch_s: float) -> str:
-    """RFC 3339 in UTC with milliseconds; the second's text is formatted once."""
+    """RFC 3339 in UTC with milliseconds; each second's text is formatted once."""
     whole = int(epoch_s)
-    return f"{_second(whole)}.{int((epoch_s - whole) * 1000):03d}Z"
+    text = _seconds.get(whole)
+    if text is None:
+        _seconds.clear()
+        text = _seconds[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return text + _MILLIS[int((epoch_s - whole) * 1000)]
 
 
 class JsonFormatter(logging.Formatter):

@@ -193,7 +193,8 @@ def test_client_strings_are_escaped_into_valid_json() -> None:
     outcome = Outcome()
     outcome.tenant = 'ten"ant\\'
     path = '/a"b\\c\u00e9\udcff\x7f/%0A'
-    log.write(_request(path + "?q=1", {"traceparent": "bogus"}), "r1", "api", Response(200),
+    trace = 'x"\\\x01' + "y" * 100
+    log.write(_request(path + "?q=1", {"traceparent": trace}), "r1", "api", Response(200),
               outcome, 0.0015)  # fmt: skip
     log.flush()
     line = stream.getvalue()
@@ -201,7 +202,7 @@ def test_client_strings_are_escaped_into_valid_json() -> None:
     parsed = json.loads(line)
     assert (parsed["path"], parsed["tenant"]) == (path, 'ten"ant\\')
     assert (parsed["traceparent"], parsed["ts"], parsed["total_ms"]) == (
-        None, "1970-01-01T00:00:01.500Z", 1.5,
+        trace[:64], "1970-01-01T00:00:01.500Z", 1.5,
     )  # fmt: skip
 
 
@@ -234,7 +235,7 @@ async def test_text_format_and_the_off_switch(
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO gateway\.access: \"127\.0\.0\.1\" GET "
         r"\"/download\" 200 forwarded route=all tenant=- request_id=[0-9a-f]{32} "
-        rf"traceparent={TRACEPARENT} upstream_ms=[\d.]+ total_ms=[\d.]+ "
+        rf"traceparent=\"{TRACEPARENT}\" upstream_ms=[\d.]+ total_ms=[\d.]+ "
         r"bytes_in=0 bytes_out=200000",
         lines[0],
     ), lines[0]
