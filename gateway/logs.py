@@ -53,7 +53,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        return json.dumps(out, separators=(",", ":"))
 
 
 class TextFormatter(logging.Formatter):

@@ -37,6 +37,14 @@ def test_a_port_in_use_is_an_error_that_says_which_not_a_traceback(tmp_path: Pat
     assert "Traceback" not in done.stderr
 
 
+def test_a_missing_config_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    for command in ("serve", "worker"):
+        done = gateway_command(command, "-c", str(missing))
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr == f"{missing}: cannot read the file: No such file or directory\n"
+
+
 def test_token_refuses_a_secret_serve_would_refuse(tmp_path: Path) -> None:
     data = gateway_config(
         "http://127.0.0.1:1", auth={"jwt": {"algorithms": ["HS256"], "secret_env": "CLI_SECRET"}}

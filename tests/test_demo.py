@@ -74,3 +74,28 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     )
     logged = (tmp_path / "demo.log").read_text()
     assert " WARNING " not in logged and " ERROR " not in logged, logged
+
+
+def test_demo_reset_deletes_its_state_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "gateway-demo.db").write_text("not a database: the reset removes it")
+    (tmp_path / "gateway-demo.db-usage").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "demo", "--reset", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("Press Ctrl-C"):
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    state = (tmp_path / "gateway-demo.db").resolve()
+    assert lines[:2] == [f"deleted {state}", f"deleted {state}-usage"]
+    assert code == 0 and "tenant 'demo'" in "\n".join(lines).lower()

@@ -117,14 +117,14 @@ async def run_demo(port: int, admin_port: int, reset: bool = False) -> None:
     gateway = Gateway(config)
     try:
         await gateway.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)  # before "Press Ctrl-C" is printed
         ledger = str(demo_state(config)[0])
         print(
             instructions(gateway.port, gateway.admin_port, token, admin_token, ledger), flush=True
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         await gateway.stop()
