@@ -55,27 +55,13 @@ class AccessLog:
         self._trusted = trusted or TrustedProxies([])
         self._proxied = bool(trusted and trusted.networks)  # some peers' X-Forwarded-For counts
         self._clock = clock
-        self._line = self._text if text else self._json
+        self._text = text
 
     @classmethod
     def for_config(cls, config: GatewayConfig) -> AccessLog:
         """The access log `config.logging` asks for, on stdout."""
         trusted = TrustedProxies(config.server.trusted_proxies)
         return cls(LineBuffer(), text=config.logging.format == "text", trusted=trusted)
-
-    def write(
-        self,
-        request: Request,
-        rid: str,
-        route: str,
-        response: Response,
-        outcome: Outcome,
-        total_s: float,
-    ) -> None:
-        """The line of one answered request (a streamed answer has been sent by now)."""
-        body = response.body
-        sent = len(body) if type(body) is bytes else outcome.streamed_bytes
-        self._line(request, rid, route, response.status, outcome, total_s, sent)
 
     def flush(self) -> None:
         """Write the buffered lines now (at shutdown)."""
@@ -90,55 +76,45 @@ class AccessLog:
             self._trusted.client(peer, request.headers.getall("X-Forwarded-For", ()))
         )
 
-    def _json(
+    def write(
         self,
         request: Request,
         rid: str,
         route: str,
-        status: int,
+        response: Response,
         outcome: Outcome,
         total_s: float,
-        bytes_out: int,
     ) -> None:
-        """One JSON object: see the README's "Access log" for its fields."""
+        """The line of one answered request (a streamed answer has been sent by now);
+        the README's "Logs and the access log" describes its fields."""
+        body = response.body
+        sent = len(body) if type(body) is bytes else outcome.streamed_bytes
         tenant = outcome.tenant
         upstream_s = outcome.upstream_s
         tp = request.headers.get("traceparent")
-        self._out.write(
-            f'{{"ts":"{timestamp(self._clock())}","level":"info","logger":"gateway.access",'
-            f'"request_id":"{rid}",'
-            f'"traceparent":{"null" if tp is None else json_string(tp[:_TRACEPARENT_CHARS])},'
-            f'"tenant":{"null" if tenant is None else json_string(tenant)},'
-            f'"route":"{route}","method":"{request.method}",'
-            f'"path":{json_string(request.path)},"status":{status},'
-            f'"decision":"{outcome.decision}",'
-            f'"upstream_ms":{"null" if upstream_s is None else f"{upstream_s * 1000:.3f}"},'
-            f'"total_ms":{total_s * 1000:.3f},'
-            f'"bytes_in":{request.body_bytes_read},"bytes_out":{bytes_out},'
-            f'"client":{self._client(request)}}}\n'
-        )
-
-    def _text(
-        self,
-        request: Request,
-        rid: str,
-        route: str,
-        status: int,
-        outcome: Outcome,
-        total_s: float,
-        bytes_out: int,
-    ) -> None:
-        """The same fields on one line of text; client strings quoted as in JSON."""
-        tenant = outcome.tenant
-        upstream_s = outcome.upstream_s
-        tp = request.headers.get("traceparent")
-        self._out.write(
-            f"{timestamp(self._clock())} INFO gateway.access: {self._client(request)} "
-            f"{request.method} {json_string(request.path)} {status} {outcome.decision}"
-            f" route={route} tenant={'-' if tenant is None else json_string(tenant)}"
-            f" request_id={rid}"
-            f" traceparent={'-' if tp is None else json_string(tp[:_TRACEPARENT_CHARS])}"
-            f" upstream_ms={'-' if upstream_s is None else f'{upstream_s * 1000:.3f}'}"
-            f" total_ms={total_s * 1000:.3f}"
-            f" bytes_in={request.body_bytes_read} bytes_out={bytes_out}\n"
-        )
+        if self._text:  # the same fields; client strings quoted as in JSON
+            line = (
+                f"{timestamp(self._clock())} INFO gateway.access: {self._client(request)} "
+                f"{request.method} {json_string(request.path)} {response.status} "
+                f"{outcome.decision} route={route}"
+                f" tenant={'-' if tenant is None else json_string(tenant)} request_id={rid}"
+                f" traceparent={'-' if tp is None else json_string(tp[:_TRACEPARENT_CHARS])}"
+                f" upstream_ms={'-' if upstream_s is None else f'{upstream_s * 1000:.3f}'}"
+                f" total_ms={total_s * 1000:.3f}"
+                f" bytes_in={request.body_bytes_read} bytes_out={sent}\n"
+            )
+        else:
+            line = (
+                f'{{"ts":"{timestamp(self._clock())}","level":"info","logger":"gateway.access",'
+                f'"request_id":"{rid}",'
+                f'"traceparent":{"null" if tp is None else json_string(tp[:_TRACEPARENT_CHARS])},'
+                f'"tenant":{"null" if tenant is None else json_string(tenant)},'
+                f'"route":"{route}","method":"{request.method}",'
+                f'"path":{json_string(request.path)},"status":{response.status},'
+                f'"decision":"{outcome.decision}",'
+                f'"upstream_ms":{"null" if upstream_s is None else f"{upstream_s * 1000:.3f}"},'
+                f'"total_ms":{total_s * 1000:.3f},'
+                f'"bytes_in":{request.body_bytes_read},"bytes_out":{sent},'
+                f'"client":{self._client(request)}}}\n'
+            )
+        self._out.write(line)

@@ -9,8 +9,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
+
+
+def _banner(stdout: IO[str]) -> list[str]:
+    """The demo's lines up to its last, "Press Ctrl-C to stop." """
+    lines = []
+    for line in stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("Press Ctrl-C"):
+            break
+    return lines
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -27,11 +38,7 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Press Ctrl-C"):
-                break
+        lines = _banner(proc.stdout)
         commands = [line.strip() for line in lines if line.strip().startswith("curl ")]
         assert len(commands) == 7, lines
         outputs = [
@@ -86,11 +93,7 @@ def test_demo_reset_deletes_its_state_and_says_so(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Press Ctrl-C"):
-                break
+        lines = _banner(proc.stdout)
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(20)
