@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import aiohttp
 import jwt as pyjwt
@@ -19,9 +20,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.access_log import AccessLog, Outcome
 from gateway.app import ACCESS_LOG
+from gateway.config.models import LoggingConfig
 from gateway.headers import TrustedProxies
 from gateway.http.message import Connection, Request, Response
-from gateway.logs import LineBuffer
+from gateway.logs import LineBuffer, configure
 from tests.conftest import MakeGateway, gateway_config
 from tests.procs import GatewayProcess, write_config
 from tests.rawhttp import read_answer
@@ -239,3 +241,31 @@ async def test_text_format_and_the_off_switch(
         r"bytes_in=0 bytes_out=200000",
         lines[0],
     ), lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_process_log_takes_the_configured_format(fmt: Literal["json", "text"]) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        configure(LoggingConfig(format=fmt, level="warning"), stream)
+        logging.getLogger("gateway.test").info("not at this level")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("gateway.test").exception('it "failed"\non two lines')
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    out = stream.getvalue()
+    if fmt == "json":
+        (line,) = out.splitlines()
+        record = json.loads(line)
+        assert {k: record[k] for k in ("level", "logger", "message")} == {
+            "level": "error", "logger": "gateway.test", "message": 'it "failed"\non two lines',
+        }  # fmt: skip
+        assert record["exc"].endswith("ValueError: boom")
+    else:
+        first = out.splitlines()[0]
+        assert re.fullmatch(r"\S+Z ERROR gateway\.test: it \"failed\"", first), first
+        assert out.rstrip().endswith("ValueError: boom")
