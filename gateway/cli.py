@@ -84,8 +84,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo.run import run_demo
 
-    run_loop(run_demo(args.port, args.admin_port, args.reset))
-    return 0
+    return _reporting(lambda: run_loop(run_demo(args.port, args.admin_port, args.reset)))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from gateway.auth.jwt import mint
 from gateway.config import GatewayConfig, load
 from gateway.logs import configure
 from gateway.server import Gateway
+from gateway.services import StartupError
 from gateway.usage.recorder import journal_directory
 
 
@@ -116,7 +117,10 @@ async def run_demo(port: int, admin_port: int, reset: bool = False) -> None:
     token = mint(secret, "HS256", config.auth.jwt.tenant_claim, "demo", 86400)
     gateway = Gateway(config)
     try:
-        await gateway.start()
+        try:
+            await gateway.start()
+        except StartupError as exc:
+            raise StartupError(f"{exc} (the demo's: --port, --admin-port)") from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
