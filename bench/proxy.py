@@ -7,6 +7,7 @@ CPU 1, everything else on CPU 0. Each target gets the same wrk load in
 interleaved rounds (medians shown); then hey paces nginx and the gateway at
 half the gateway's maximum for the latency the gateway adds.
 Usage: python -m bench.proxy [--duration S] [--rounds N] [--connections N] [--tenants N]
+  [--access-log-ab] (also a gateway with its access log off, in the same rounds)
 With --scale, the scale benchmark instead (bench/scale.py): 10 vs 100,000
 active tenants, 10 vs 10,000 routes, Redis memory per tenant-meter.
 """
@@ -69,6 +70,10 @@ class Bench:
             stack.haproxy(nginx.port, limit=10**9),
             self.gw.target,
         ]
+        if args.access_log_ab:  # the same gateway with its access log off, in the same rounds
+            self.targets.append(
+                stack.gateway_without_access_log(nginx.port, tenants, self.gw.stores)
+            )
         self.redis = redis.Redis.from_url(self.gw.stores.redis_url)
 
     def url(self, target: Target) -> str:
@@ -184,7 +189,7 @@ def report(bench: Bench, results: dict[str, Run], paced: dict[str, Load], rate: 
     _table(results)
     for note in _notes(bench, paced, rate):
         print(textwrap.fill(note, 100, initial_indent="  ", subsequent_indent="    "))
-    bare, haproxy, gateway = (results[t.name] for t in bench.targets[1:])
+    bare, haproxy, gateway = (results[t.name] for t in bench.targets[1:4])
     nginx, gw = paced["nginx"], paced["gateway"]
     print(
         f"RESULT ratio_vs_bare={gateway.rps / bare.rps:.3f} "
@@ -233,6 +238,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--tenants", type=int, default=1000, help="tokens rotated by wrk")
     parser.add_argument("--timeout", type=int, help="seconds before giving up (600, --scale 1800)")
+    parser.add_argument(
+        "--access-log-ab", action="store_true",
+        help="also load a gateway with its access log off, for the log's cost",
+    )  # fmt: skip
     parser.add_argument("--scale", action="store_true", help="the scale benchmark instead")
     parser.add_argument("--scale-tenants", type=int, default=100_000, help="active tenants")
     parser.add_argument("--scale-routes", type=int, default=10_000, help="routes configured")

@@ -175,6 +175,8 @@ def gateway_config(upstream: int, redis_url: str, dsn: str, tenants: list[str]) 
                     "charge": {"api_calls": 1}}],
         "usage": {"worker_port": free_port()},
         "metrics": {"tenant_label": False},
+        # On, as by default: its cost is part of what is measured.
+        "logging": {"format": "json", "access_log": True},
         "tenants": [{"id": tenant, "plan": "bench"} for tenant in tenants],
     }  # fmt: skip
 
@@ -267,6 +269,14 @@ class Stack:
         worker_pid = self.worker(config)
         return GatewayStack(self.serve("gateway (full enforcement)", config), worker_pid, stores)
 
+    def gateway_without_access_log(
+        self, upstream: int, tenants: list[str], stores: Stores
+    ) -> Target:
+        """A second `gateway serve` like `gateway`'s, on the same stores, its access log off."""
+        data = gateway_config(upstream, stores.redis_url, stores.dsn, tenants)
+        data["logging"] = {"format": "json", "access_log": False}
+        return self.serve("gateway, access log off", self.write_config("gateway-quiet", data))
+
     def stores(self) -> Stores:
         """A private Redis and PostgreSQL (empty: `migrate` creates the ledger's schema)."""
         redis_server = RedisServer()  # with AOF, as production runs the queue's Redis
@@ -304,7 +314,8 @@ class Stack:
 
     def serve(self, name: str, config: Path, start_timeout_s: float = 120) -> Target:
         """`gateway serve`, running until the stack closes."""
-        gateway = GatewayProcess(config, _ENV)
+        # The access log goes to a file, as it would in production, not to /dev/null.
+        gateway = GatewayProcess(config, _ENV, stdout=self.tmp / f"{config.stem}-access.log")
         self._exit.callback(gateway.stop)
         gateway.start(start_timeout_s)  # it seeds the config's tenants before it listens
         return Target(name, gateway.port, gateway.pid, admin_port=gateway.admin_port)

@@ -14,6 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
+from gateway import access_log as access
 from gateway.billing.run import Reporting, open_webhooks
 from gateway.billing.webhooks import WebhookError, Webhooks
 from gateway.config.models import GatewayConfig
@@ -126,9 +127,12 @@ METRICS = web.AppKey("metrics", ProxyMetrics)
 WEBHOOKS = web.AppKey("webhooks", Webhooks)
 WEBHOOK_METRICS = web.AppKey("webhook_metrics", WebhookMetrics)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+ACCESS_LOG = web.AppKey("access_log", access.AccessLog)
 
 
-async def _dispatch(app: web.Application, request: Request, rid: str) -> tuple[str, Response]:
+async def _dispatch(
+    app: web.Application, request: Request, rid: str, outcome: access.Outcome
+) -> tuple[str, Response]:
     """The route's name (for metrics) and the answer; the one place refusals become HTTP."""
     runtime = app[RUNTIME]
     name = UNMATCHED
@@ -136,7 +140,7 @@ async def _dispatch(app: web.Application, request: Request, rid: str) -> tuple[s
         try:
             path = parse_path(request.target)
             if path.reserved:
-                name = GATEWAY
+                name, outcome.decision = GATEWAY, access.GATEWAY_ENDPOINT
                 return name, await _gateway_endpoint(app, request, path.segments, rid)
             host = request.headers.get("Host", "")
             match = runtime.router.match_path(request.method, host, path)
@@ -146,23 +150,30 @@ async def _dispatch(app: web.Application, request: Request, rid: str) -> tuple[s
             raise Refused(404, "no-route", "no route matches this request")
         route = runtime.routes[match.route.index]
         name = route.plan.name
-        return name, await _serve(app, request, runtime, route, rid)
+        return name, await _serve(app, request, runtime, route, rid, outcome)
     except Refused as refused:
-        return name, answer(refused, rid)
+        return name, answer(refused, rid, outcome)
     except BodyTimeout:
         timeout = Refused(408, "body-timeout", "the request body stopped arriving", close=True)
-        return name, answer(timeout, rid)
+        return name, answer(timeout, rid, outcome)
     except ClientDisconnected:
+        outcome.decision = access.CLIENT_GONE
         return name, _GONE
     except Exception:
         # A bug, not the client's fault: logged with its traceback, answered as a
         # problem like every other answer of the gateway's own.
         log.exception("request %s on route %s failed", rid, name)
-        return name, answer(Refused(500, "internal-error", "the gateway failed"), rid)
+        failed = Refused(500, "internal-error", "the gateway failed")
+        return name, answer(failed, rid, outcome)
 
 
 async def _serve(
-    app: web.Application, request: Request, runtime: Runtime, route: CompiledRoute, rid: str
+    app: web.Application,
+    request: Request,
+    runtime: Runtime,
+    route: CompiledRoute,
+    rid: str,
+    outcome: access.Outcome,
 ) -> Response:
     """Admit, claim the Idempotency-Key, meter, forward; settle in one `finally`."""
     plan = route.plan
@@ -174,18 +185,19 @@ async def _serve(
                 403, "cors-not-allowed", f"route {plan.name!r} does not allow CORS (cors: true)"
             )
         return await runtime.forwarder.forward(
-            request, plan, rid, skip=plan.preflight_skip, data=b""
+            request, plan, rid, skip=plan.preflight_skip, data=b"", outcome=outcome
         )
     if not plan.auth_required:
-        return await _forward(request, runtime, plan, rid, plan.skip_headers)
+        return await _forward(request, runtime, plan, rid, outcome, plan.skip_headers)
     admitted = await admit(request.headers, app[SERVICES], runtime.config)
     tenant = admitted.tenant
+    outcome.tenant = tenant.id
     upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
     warning = [("X-Quota-Warning", admitted.warning)] if admitted.warning else []
     skip = plan.bearer_skip if admitted.bearer else plan.skip_headers
     engine = app.get(QUOTA)
     if engine is None:
-        return await _forward(request, runtime, plan, rid, skip, upstream_extra, warning)
+        return await _forward(request, runtime, plan, rid, outcome, skip, upstream_extra, warning)
     metering = Metering(engine, tenant, route.charges, EventContext(plan.name, request.method, rid))
     claim: idempotency.Claim | None = None
     response: Response | None = None
@@ -194,12 +206,13 @@ async def _serve(
             request, engine.store, tenant.id, plan.max_body_bytes, engine.fail_open
         )
         if isinstance(claimed, idempotency.Replay):
+            outcome.decision = access.IDEMPOTENT_REPLAY
             return idempotency.replay(claimed.stored, rid)
         claim = claimed
         await metering.check()
         response = await _forward(
-            request, runtime, plan, rid, skip, upstream_extra, warning + metering.headers,
-            claim.body.chunks() if claim is not None else None,
+            request, runtime, plan, rid, outcome, skip, upstream_extra,
+            warning + metering.headers, claim.body.chunks() if claim is not None else None,
         )  # fmt: skip
         return response
     finally:
@@ -219,6 +232,7 @@ async def _forward(
     runtime: Runtime,
     plan: RoutePlan,
     rid: str,
+    outcome: access.Outcome,
     skip: frozenset[str],
     upstream_extra: dict[str, str] | None = None,
     response_extra: list[tuple[str, str]] | None = None,
@@ -229,7 +243,7 @@ async def _forward(
         return await websocket.relay(request, plan.upstream, headers, rid, plan.max_body_bytes)
     return await runtime.forwarder.forward(
         request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra or (),
-        skip=skip, data=data,
+        skip=skip, data=data, outcome=outcome,
     )  # fmt: skip
 
 
@@ -281,15 +295,25 @@ async def handle(app: web.Application, request: Request) -> Response:
     metrics = app[METRICS]
     started = time.perf_counter()
     rid = request_id(request.headers)
+    outcome = access.Outcome()
     metrics.in_flight.inc()
     try:
-        route, response = await _dispatch(app, request, rid)
+        route, response = await _dispatch(app, request, rid, outcome)
     finally:
         metrics.in_flight.dec()
-    metrics.observe(route, request.method, response.status, time.perf_counter() - started)
+    elapsed_s = time.perf_counter() - started
+    metrics.observe(route, request.method, response.status, elapsed_s)
+    if (access_log := app.get(ACCESS_LOG)) is not None:
+        access_log.write(request, rid, route, response, outcome, elapsed_s)
     if response is _GONE:
         raise ClientDisconnected  # the listener drops the connection, answering nothing
     return response
+
+
+async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    if (access_log := app.get(ACCESS_LOG)) is not None:
+        access_log.flush()  # the listener has stopped: these are the last lines
 
 
 async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -374,6 +398,9 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app[WEBHOOK_METRICS] = WebhookMetrics(registry)
     app[REGISTRY] = registry
     app[RUNTIME] = Runtime.build(config, metrics)
+    if config.logging.access_log:
+        app[ACCESS_LOG] = access.AccessLog.for_config(config)
+    app.cleanup_ctx.append(_access_log_ctx)
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_quota_ctx)

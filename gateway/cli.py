@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from gateway import __version__
 from gateway.cli_tenants import add_parsers
 from gateway.config import ConfigError, GatewayConfig, json_schema, load
+from gateway.config.models import LoggingConfig
 from gateway.lifecycle import run_loop
+from gateway.logs import configure
 
 
 def _load_or_exit(path: str) -> GatewayConfig:
@@ -20,6 +21,13 @@ def _load_or_exit(path: str) -> GatewayConfig:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _load_process(path: str) -> GatewayConfig:
+    """The config of a long-running command, its `logging` section applied."""
+    config = _load_or_exit(path)
+    configure(config.logging)
+    return config
 
 
 def _reporting(run: Callable[[], int | None]) -> int:
@@ -36,26 +44,28 @@ def _reporting(run: Callable[[], int | None]) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from gateway.server import run
 
-    return _reporting(lambda: run(_load_or_exit(args.config)))
+    config = _load_process(args.config)
+    return _reporting(lambda: run(config))
 
 
 def _worker(args: argparse.Namespace) -> int:
     from gateway.worker_process import run_worker
 
-    return _reporting(lambda: asyncio.run(run_worker(_load_or_exit(args.config), args.consumer)))
+    config = _load_process(args.config)
+    return _reporting(lambda: asyncio.run(run_worker(config, args.consumer)))
 
 
 def _reconcile(args: argparse.Namespace) -> int:
     from gateway.worker_process import run_reconcile
 
-    config = _load_or_exit(args.config)
+    config = _load_process(args.config)
     return _reporting(lambda: asyncio.run(run_reconcile(config, args.fail_on_drift)))
 
 
 def _stripe(args: argparse.Namespace) -> int:
     from gateway.billing.commands import run_stripe_reconcile, run_sync
 
-    config = _load_or_exit(args.config)
+    config = _load_process(args.config)
     command = run_sync if args.action == "sync" else run_stripe_reconcile
     return _reporting(lambda: asyncio.run(command(config)))
 
@@ -74,8 +84,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo.run import run_demo
 
-    run_loop(run_demo(args.port, args.admin_port))
-    return 0
+    return _reporting(lambda: run_loop(run_demo(args.port, args.admin_port, args.reset)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,15 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the gateway in front of a bundled sample API")
     demo.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
     demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090)")
+    demo.add_argument(
+        "--reset", action="store_true", help="delete the demo's ledger and journal first"
+    )
     demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gateway` console script."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure(LoggingConfig(format="text"))  # until a command's config says otherwise
     args = build_parser().parse_args(argv)
     result: int = args.func(args)
     return result

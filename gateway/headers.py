@@ -92,10 +92,10 @@ class TrustedProxies:
     """Which peers' `X-Forwarded-*` headers to believe."""
 
     def __init__(self, networks: Sequence[IPv4Network | IPv6Network]) -> None:
-        self._networks = tuple(networks)
+        self.networks = tuple(networks)
 
     def __contains__(self, addr: str) -> bool:
-        if not self._networks:
+        if not self.networks:
             return False
         try:
             ip = ip_address(addr)
@@ -103,7 +103,7 @@ class TrustedProxies:
             return False
         if isinstance(ip, IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
-        return any(ip in net for net in self._networks)
+        return any(ip in net for net in self.networks)
 
     def chain(self, peer: str, forwarded_for: Sequence[str]) -> list[str]:
         """The X-Forwarded-For chain to send on, ending with `peer`.

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.access_log import Outcome
 from gateway.http.message import Response
 
 PROBLEM_JSON = "application/problem+json"
@@ -41,8 +42,12 @@ class Refused(Exception):
         self.extra = extra
 
 
-def answer(refused: Refused, request_id: str | None = None) -> Response:
-    """The problem+json answer of a refusal on the public listener."""
+def answer(
+    refused: Refused, request_id: str | None = None, outcome: Outcome | None = None
+) -> Response:
+    """The problem+json answer of a refusal on the public listener (noted in `outcome`)."""
+    if outcome is not None:
+        outcome.decision = refused.kind
     response = problem(
         refused.status, refused.kind, refused.detail, request_id=request_id,
         headers=refused.headers, **refused.extra,

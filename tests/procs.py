@@ -28,8 +28,11 @@ class GatewayProcess:
     command: tuple[str, ...] = ("serve",)
     ready = _LISTENING
 
-    def __init__(self, config_file: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config_file: Path, env: dict[str, str] | None = None, stdout: Path | None = None
+    ) -> None:
         self.config_file = config_file
+        self.stdout = stdout  # a file for the access log; else it is thrown away
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
@@ -38,13 +41,18 @@ class GatewayProcess:
         self._drainer: threading.Thread | None = None
 
     def start(self, timeout_s: float = 20) -> Self:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *self.command, "-c", str(self.config_file)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-        )
+        out = self.stdout.open("a") if self.stdout is not None else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", *self.command, "-c", str(self.config_file)],
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=self.env,
+            )
+        finally:
+            if not isinstance(out, int):
+                out.close()  # the child has its own copy
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

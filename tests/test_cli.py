@@ -37,6 +37,29 @@ def test_a_port_in_use_is_an_error_that_says_which_not_a_traceback(tmp_path: Pat
     assert "Traceback" not in done.stderr
 
 
+def test_the_demo_on_a_port_in_use_says_which_and_how_to_pick_another(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "demo", "--port", str(port), "--admin-port", "0"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port} (")
+    assert done.stderr.endswith("(the demo's: --port, --admin-port)\n")
+
+
+def test_a_missing_config_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    for command in ("serve", "worker"):
+        done = gateway_command(command, "-c", str(missing))
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr == f"{missing}: cannot read the file: No such file or directory\n"
+
+
 def test_token_refuses_a_secret_serve_would_refuse(tmp_path: Path) -> None:
     data = gateway_config(
         "http://127.0.0.1:1", auth={"jwt": {"algorithms": ["HS256"], "secret_env": "CLI_SECRET"}}

@@ -9,8 +9,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
+
+
+def _banner(stdout: IO[str]) -> list[str]:
+    """The demo's lines up to its last, "Press Ctrl-C to stop." """
+    lines = []
+    for line in stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("Press Ctrl-C"):
+            break
+    return lines
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -27,11 +38,7 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Press Ctrl-C"):
-                break
+        lines = _banner(proc.stdout)
         commands = [line.strip() for line in lines if line.strip().startswith("curl ")]
         assert len(commands) == 7, lines
         outputs = [
@@ -68,6 +75,30 @@ def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     assert code == 0
     assert (tmp_path / "gateway-demo.db").exists()
     # It says where its state lives and how to start over; its normal path warns of nothing.
-    assert "Usage and tenants are kept in ./gateway-demo.db across runs; delete it" in lines[-2]
+    state = (tmp_path / "gateway-demo.db").resolve()
+    assert lines[-2] == (
+        f"Usage and tenants are kept in {state} across runs; `gateway demo --reset` starts over."
+    )
     logged = (tmp_path / "demo.log").read_text()
     assert " WARNING " not in logged and " ERROR " not in logged, logged
+
+
+def test_demo_reset_deletes_its_state_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "gateway-demo.db").write_text("not a database: the reset removes it")
+    (tmp_path / "gateway-demo.db-usage").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "demo", "--reset", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = _banner(proc.stdout)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    state = (tmp_path / "gateway-demo.db").resolve()
+    assert lines[:2] == [f"deleted {state}", f"deleted {state}-usage"]
+    assert code == 0 and "tenant 'demo'" in "\n".join(lines).lower()

@@ -77,7 +77,7 @@ class Authenticator:
         return Principal(tenant, "jwt")
 
     async def _api_key(self, key: str) -> Principal:
-        prefix = key_prefix(key)
+        prefix = key_prefix(key) if key.isascii() else None
         record = await self._directory.api_key(prefix) if prefix else None
         if record is None or record.revoked_at is not None or not matches(key, record.key_hash):
             raise Unauthenticated("the API key is unknown or revoked", token_sent=True)

@@ -114,6 +114,11 @@ def _validation_issues(exc: ValidationError) -> list[Issue]:
     return issues
 
 
+def _unknown(kind: str, name: str, defined: Iterable[str]) -> str:
+    """`unknown meter 'api_cals' (defined: api_calls, tokens)`: the fix is in the list."""
+    return f"unknown {kind} {name!r} (defined: {', '.join(sorted(defined)) or 'none'})"
+
+
 def _references(cfg: GatewayConfig) -> Iterator[Issue]:
     """Cross-references that a single model cannot see."""
     names: set[str] = set()
@@ -123,8 +128,7 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
             yield f"{at}.name", f"duplicate route name {route.name!r}"
         names.add(route.name)
         if route.upstream not in cfg.upstreams:
-            known = ", ".join(sorted(cfg.upstreams))
-            yield f"{at}.upstream", f"unknown upstream {route.upstream!r} (defined: {known})"
+            yield f"{at}.upstream", _unknown("upstream", route.upstream, cfg.upstreams)
         try:
             parse_template(route.match.path)
         except TemplateError as exc:
@@ -139,7 +143,7 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
         for meter, cost in route.charge.items():
             spec = cfg.meters.get(meter)
             if spec is None:
-                yield f"{at}.charge.{meter}", "unknown meter"
+                yield f"{at}.charge.{meter}", _unknown("meter", meter, cfg.meters)
             elif cost == "response" and not spec.from_response_header:
                 yield f"{at}.charge.{meter}", '"response" needs the meter\'s from_response_header'
     for meter_name, spec in cfg.meters.items():
@@ -153,7 +157,7 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
     for plan_name, plan in cfg.plans.items():
         for meter in plan.limits:
             if meter not in cfg.meters:
-                yield f"plans.{plan_name}.limits.{meter}", "unknown meter"
+                yield f"plans.{plan_name}.limits.{meter}", _unknown("meter", meter, cfg.meters)
         seen: set[str] = set()
         for j, rate_limit in enumerate(plan.rate_limits):
             if rate_limit.name in seen:
@@ -161,7 +165,7 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
             seen.add(rate_limit.name)
     for i, tenant in enumerate(cfg.tenants):
         if tenant.plan not in cfg.plans:
-            yield f"tenants[{i}].plan", f"unknown plan {tenant.plan!r}"
+            yield f"tenants[{i}].plan", _unknown("plan", tenant.plan, cfg.plans)
     if cfg.stripe:
         if not cfg.stripe.webhook_path.startswith("/_gateway/"):
             yield "stripe.webhook_path", "must be under /_gateway/"
@@ -169,7 +173,7 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
         for meter, event_name in cfg.stripe.meter_events.items():
             spec = cfg.meters.get(meter)
             if spec is None:
-                yield f"stripe.meter_events.{meter}", "unknown meter"
+                yield f"stripe.meter_events.{meter}", _unknown("meter", meter, cfg.meters)
             elif spec.type != "counter":
                 yield (
                     f"stripe.meter_events.{meter}",
@@ -183,7 +187,7 @@ def _references(cfg: GatewayConfig) -> Iterator[Issue]:
             events.setdefault(event_name, meter)
         for price, plan_name in cfg.stripe.prices.items():
             if plan_name not in cfg.plans:
-                yield f"stripe.prices.{price}", f"unknown plan {plan_name!r}"
+                yield f"stripe.prices.{price}", _unknown("plan", plan_name, cfg.plans)
     queue = cfg.storage.queue
     if queue is not None and queue != cfg.storage.counters:
         if cfg.storage.embedded:

@@ -276,6 +276,14 @@ class StripeConfig(Model):
     tenant_metadata_key: Annotated[str, Field(min_length=1, max_length=40)] = "tenant_id"
 
 
+class LoggingConfig(Model):
+    """How a process logs: every line in one format; the access log of the public listener."""
+
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True  # one line per public request, on stdout
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class MetricsConfig(Model):
     tenant_label: bool = False
 
@@ -304,6 +312,7 @@ class GatewayConfig(Model):
     usage: UsageConfig = UsageConfig()
     stripe: StripeConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
     tenants: list[TenantSeed] = []
 
     def upgrade_url(self, plan: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,10 @@ from aiohttp import web
 
 from gateway.auth.jwt import mint
 from gateway.config import GatewayConfig, load
+from gateway.logs import configure
 from gateway.server import Gateway
+from gateway.services import StartupError
+from gateway.usage.recorder import journal_directory
 
 
 def demo_config_path() -> Path:
@@ -32,6 +36,29 @@ def demo_config(upstream_port: int, port: int, admin_port: int) -> GatewayConfig
             "upstreams": {"app": app},
         }
     )
+
+
+def demo_state(config: GatewayConfig) -> list[Path]:
+    """Where the demo keeps its state: the SQLite ledger (with its WAL files) and
+    the usage journal beside it."""
+    ledger = Path(config.storage.ledger.removeprefix("sqlite:///")).resolve()
+    files = [ledger, *(ledger.with_name(ledger.name + end) for end in ("-wal", "-shm"))]
+    journal = journal_directory(config.usage.spool_dir, config.storage.ledger)
+    return files + ([journal.resolve()] if journal is not None else [])
+
+
+def reset_state(config: GatewayConfig) -> list[Path]:
+    """Delete the demo's state (what `demo_state` names); the paths that existed."""
+    removed = []
+    for path in demo_state(config):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def instructions(port: int, admin_port: int, token: str, admin_token: str, ledger: str = "") -> str:
@@ -55,8 +82,8 @@ def instructions(port: int, admin_port: int, token: str, admin_token: str, ledge
             f"  curl -s -X POST {admin}/admin/tenants/demo/api-keys"
             f" -H 'Authorization: Bearer {admin_token}'   # an API key for X-API-Key",
             f"  curl -s {admin}/metrics | grep gateway_requests",
-            *([f"Usage and tenants are kept in {ledger} across runs; delete it to start over."]
-              if ledger else []),
+            *([f"Usage and tenants are kept in {ledger} across runs;"
+               " `gateway demo --reset` starts over."] if ledger else []),
             "Press Ctrl-C to stop.",
         ]
     )  # fmt: skip
@@ -69,10 +96,15 @@ def _secret(name: str, size: int) -> str:
     return value
 
 
-async def run_demo(port: int, admin_port: int) -> None:
+async def run_demo(port: int, admin_port: int, reset: bool = False) -> None:
     """Start the sample API and the gateway; run until SIGINT or SIGTERM."""
     from gateway.demo.upstream import create_sample_app
 
+    packaged = load(demo_config_path())
+    configure(packaged.logging)
+    if reset:
+        for path in reset_state(packaged):
+            print(f"deleted {path}", flush=True)
     sample = web.AppRunner(create_sample_app(), access_log=None)
     await sample.setup()
     site = web.TCPSite(sample, "127.0.0.1", 0)
@@ -85,15 +117,18 @@ async def run_demo(port: int, admin_port: int) -> None:
     token = mint(secret, "HS256", config.auth.jwt.tenant_claim, "demo", 86400)
     gateway = Gateway(config)
     try:
-        await gateway.start()
-        ledger = config.storage.ledger.removeprefix("sqlite:///")
-        print(
-            instructions(gateway.port, gateway.admin_port, token, admin_token, ledger), flush=True
-        )
+        try:
+            await gateway.start()
+        except StartupError as exc:
+            raise StartupError(f"{exc} (the demo's: --port, --admin-port)") from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop.set)  # before "Press Ctrl-C" is printed
+        ledger = str(demo_state(config)[0])
+        print(
+            instructions(gateway.port, gateway.admin_port, token, admin_token, ledger), flush=True
+        )
         await stop.wait()
     finally:
         await gateway.stop()

@@ -61,6 +61,7 @@ class Request:
     chunked: bool
     connection: Connection
     responded: bool = False
+    body_bytes_read: int = 0  # by the handler, so far (the access log's bytes in)
 
     @property
     def body_exists(self) -> bool:
@@ -80,11 +81,13 @@ class Request:
         ClientDisconnected when the client leaves mid-body, and
         BodyTimeout when it sends nothing for the listener's body idle timeout.
         """
-        return await self.connection.read_body_chunk()
+        chunk = await self.connection.read_body_chunk()
+        self.body_bytes_read += len(chunk)
+        return chunk
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives."""
-        while chunk := await self.connection.read_body_chunk():
+        while chunk := await self.read_chunk():
             yield chunk
 
     async def respond(self, response: Response) -> None:

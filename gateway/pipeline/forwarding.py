@@ -13,13 +13,14 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.access_log import Outcome
 from gateway.config.models import UpstreamConfig
 from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
 from gateway.http.message import Body, ClientDisconnected, Request, Response
 from gateway.metrics import ProxyMetrics
 from gateway.pipeline.upstream_client import UpstreamClient, UpstreamResponse
 from gateway.pipeline.upstream_conn import FailureKind, UpstreamError
-from gateway.problems import Refused, answer, problem
+from gateway.problems import Refused, answer
 
 # aiohttp adds these when the caller does not; a proxy must send only what the
 # client sent (WebSocket handshakes still go through aiohttp).
@@ -207,6 +208,7 @@ class Forwarder:
         response_extra: Sequence[tuple[str, str]] = (),
         skip: frozenset[str] | None = None,
         data: Body | None = None,
+        outcome: Outcome | None = None,
     ) -> Response:
         """Forward `request` on `plan`'s route; errors become problem responses.
 
@@ -214,12 +216,13 @@ class Forwarder:
         to the client (warnings); `skip` replaces the route's skipped headers;
         `data` is a body already read (and checked against the limit): bytes, or
         the pieces of a spooled one (sent with the client's framing). A
-        streamed answer is sent to the client before this returns.
+        streamed answer is sent to the client before this returns. `outcome`
+        learns the upstream's time, a failure's kind and a stream's size.
         """
         up, limit = plan.upstream, plan.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
-            return too_large(limit, rid)
+            return answer(body_too_large(limit), rid, outcome)
         body = LimitedBody(request, limit) if request.body_exists and data is None else None
         headers = self.headers(request, plan, rid, upstream_extra, skip)
         started = time.perf_counter()
@@ -231,16 +234,28 @@ class Forwarder:
                 body.__aiter__() if body else data,
             )
         except UpstreamError as exc:
-            return self._failed(plan, rid, body, exc.kind)
-        self._metrics.upstream_latency(up.name, time.perf_counter() - started)
+            if outcome is not None:
+                outcome.upstream_s = time.perf_counter() - started
+            return self._failed(plan, rid, body, exc.kind, outcome)
+        elapsed_s = time.perf_counter() - started
+        self._metrics.upstream_latency(up.name, elapsed_s)
+        if outcome is not None:
+            outcome.upstream_s = elapsed_s
         try:
-            return await self._relay(request, upstream_resp, plan, rid, body, response_extra)
+            return await self._relay(
+                request, upstream_resp, plan, rid, body, response_extra, outcome
+            )
         finally:
             # Back to the pool only when the answer was read to its end.
             upstream_resp.release()
 
     def _failed(
-        self, plan: RoutePlan, rid: str, body: LimitedBody | None, kind: FailureKind
+        self,
+        plan: RoutePlan,
+        rid: str,
+        body: LimitedBody | None,
+        kind: FailureKind,
+        outcome: Outcome | None,
     ) -> Response:
         """The problem response for an exchange that failed before we answered."""
         up = plan.upstream
@@ -248,17 +263,17 @@ class Forwarder:
             raise body.client_error  # 408 for a silent client; nothing for a gone one
         if body is not None and body.exceeded:
             self._metrics.upstream_error(up.name, "body_limit")
-            return too_large(plan.max_body_bytes, rid)
+            return answer(body_too_large(plan.max_body_bytes), rid, outcome)
         self._metrics.upstream_error(up.name, kind)
         if kind == "timeout":
-            return problem(
-                504, "upstream-timeout", f"upstream {up.name!r} did not answer in time",
-                request_id=rid,
-            )  # fmt: skip
-        return problem(
-            502, "upstream-unreachable", f"upstream {up.name!r} could not be reached",
-            request_id=rid,
-        )  # fmt: skip
+            failure = Refused(
+                504, "upstream-timeout", f"upstream {up.name!r} did not answer in time"
+            )
+        else:
+            failure = Refused(
+                502, "upstream-unreachable", f"upstream {up.name!r} could not be reached"
+            )
+        return answer(failure, rid, outcome)
 
     async def _relay(
         self,
@@ -268,6 +283,7 @@ class Forwarder:
         rid: str,
         body: LimitedBody | None,
         response_extra: Sequence[tuple[str, str]],
+        outcome: Outcome | None,
     ) -> Response:
         headers = end_to_end(upstream_resp.headers)
         add_via(headers, upstream_resp.version)
@@ -284,14 +300,19 @@ class Forwarder:
             try:
                 payload = await upstream_resp.read()
             except UpstreamError as exc:
-                return self._failed(plan, rid, body, exc.kind)
+                return self._failed(plan, rid, body, exc.kind, outcome)
             return Response(status, headers, payload, reason)
-        response = Response(status, headers, self._stream(upstream_resp, plan, body), reason)
+        stream = self._stream(upstream_resp, plan, body, outcome)
+        response = Response(status, headers, stream, reason)
         await request.respond(response)
         return response
 
     async def _stream(
-        self, upstream_resp: UpstreamResponse, plan: RoutePlan, body: LimitedBody | None
+        self,
+        upstream_resp: UpstreamResponse,
+        plan: RoutePlan,
+        body: LimitedBody | None,
+        outcome: Outcome | None,
     ) -> AsyncIterator[bytes]:
         """The answer's body as the upstream sends it. After the head went out, the
         only honest signal of a failure is a cut connection: the error propagates."""
@@ -304,6 +325,8 @@ class Forwarder:
                 raise
             if not chunk:
                 return
+            if outcome is not None:
+                outcome.streamed_bytes += len(chunk)
             yield chunk
 
 
@@ -314,8 +337,3 @@ def body_too_large(limit: int) -> Refused:
         413, "body-too-large", f"the request body is larger than {limit} bytes",
         close=True, limit=limit,
     )  # fmt: skip
-
-
-def too_large(limit: int, rid: str) -> Response:
-    """The 413 answer of `body_too_large`."""
-    return answer(body_too_large(limit), rid)
