@@ -28,8 +28,9 @@ from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import run_loop
 from gateway.pipeline.admission import admit
-from gateway.quota.engine import QuotaEngine, RouteCharges
+from gateway.quota.engine import QuotaEngine
 from gateway.quota.metering import Metering
+from gateway.quota.policy import RouteCharges
 from gateway.quota.redis_store import RedisStore
 from gateway.services import Services
 from tests.servers import RedisServer

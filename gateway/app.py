@@ -41,9 +41,10 @@ from gateway.pipeline.forwarding import (
     body_too_large,
 )
 from gateway.problems import Refused, answer
-from gateway.quota.engine import QuotaEngine, RouteCharges
+from gateway.quota.engine import QuotaEngine
 from gateway.quota.metering import Metering
 from gateway.quota.open import needs_quota, open_store
+from gateway.quota.policy import RouteCharges
 from gateway.quota.view import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services

@@ -14,7 +14,8 @@ from gateway.clock import iso_utc
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.problems import Refused
-from gateway.quota.engine import Charged, QuotaEngine, RouteCharges
+from gateway.quota.engine import Charged, QuotaEngine
+from gateway.quota.policy import RouteCharges
 from gateway.quota.rules import Decision
 from gateway.quota.store import StoreUnavailable
 
