@@ -26,9 +26,11 @@ from gateway.metrics import (
     GATEWAY,
     UNMATCHED,
     AuthMetrics,
+    LedgerMetrics,
     LedgerWrites,
     ProxyMetrics,
     QuotaMetrics,
+    StoreMetrics,
     WebhookMetrics,
 )
 from gateway.pipeline import idempotency, websocket
@@ -297,7 +299,7 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
             # What a killed process journaled goes into the ledger before the
             # restore (engine.prepare) reads it back.
             await replay_journals(journal_dir, usage)
-    opened = await open_store(config, record=usage is not None, journal_dir=journal_dir)
+    opened = await open_store(config, usage is not None, journal_dir, StoreMetrics(app[REGISTRY]))
     store, sink = opened.store, opened.sink
     restorer = recorder = None
     if usage is not None:
@@ -324,7 +326,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     if not needs_services(config):
         yield
         return
-    services = await Services.open(config, AuthMetrics(app[REGISTRY]))
+    registry = app[REGISTRY]
+    services = await Services.open(config, AuthMetrics(registry), LedgerMetrics(registry))
     app[SERVICES] = services
     yield
     await services.close()
@@ -356,7 +359,8 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app = web.Application(handler_args={"auto_decompress": False})
     metrics = ProxyMetrics(registry)
     app[METRICS] = metrics
-    app[QUOTA_METRICS] = QuotaMetrics(registry)
+    tenant_top = config.metrics.tenant_label_top if config.metrics.tenant_label else 0
+    app[QUOTA_METRICS] = QuotaMetrics(registry, tenant_top)
     app[WEBHOOK_METRICS] = WebhookMetrics(registry)
     app[REGISTRY] = registry
     app[RUNTIME] = Runtime.build(config, metrics)

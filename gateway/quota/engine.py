@@ -20,7 +20,7 @@ from gateway.quota.pending import PendingCharges
 from gateway.quota.periods import Period, meter_period
 from gateway.quota.plan import Costs
 from gateway.quota.policy import PlanPolicy, Policies, RouteCharges
-from gateway.quota.rules import MeterLimit
+from gateway.quota.rules import Decision, MeterLimit
 from gateway.quota.spool import Spool, orphans
 from gateway.quota.store import (
     Adjustment,
@@ -31,6 +31,7 @@ from gateway.quota.store import (
     StoreUnavailable,
     plan_of,
 )
+from gateway.quota.tally import DecisionTally, Tallies
 
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
@@ -87,7 +88,13 @@ class QuotaEngine:
         dropped = metrics.pending_dropped.inc if metrics is not None else None
         self.pending = PendingCharges(spool=self._spool, on_dropped=dropped)
         self._meters = config.meters
-        self.policies = Policies(config, clock)
+        tallies = Tallies(metrics) if metrics is not None else None
+        self._tenant_tallies = tallies.tenants if tallies is not None else None
+        self.policies = Policies(config, clock, tallies)
+        if metrics is not None:
+            metrics.pending.set_function(lambda: len(self.pending))
+            spool = self._spool
+            metrics.spooled.set_function(lambda: spool.entries if spool is not None else 0)
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -107,18 +114,41 @@ class QuotaEngine:
         self, tenant: Tenant, route: RouteCharges, context: EventContext
     ) -> ChargeRequest | None:
         """The charge request of a request on a route, or None if nothing is checked."""
-        plan = self.policies.charge_plan(tenant, route, context.route)
+        prepared = self.prepared(tenant, route, context)
+        return prepared[0] if prepared is not None else None
+
+    def prepared(
+        self, tenant: Tenant, route: RouteCharges, context: EventContext
+    ) -> tuple[ChargeRequest, DecisionTally | None] | None:
+        """The charge request and where its decision is counted; None: nothing is checked."""
+        compiled = self.policies.charge_plan(tenant, route, context.route)
+        plan = compiled.plan
         if plan is None:
             return None
         # A fresh id per request: the store's memo makes a retry of this call
         # idempotent, and a client's X-Request-Id may repeat.
         request_id = fresh_id()
-        return ChargeRequest(plan.tenant, request_id, plan.meters, plan.rate_limits, context, plan)
+        request = ChargeRequest(
+            plan.tenant, request_id, plan.meters, plan.rate_limits, context, plan
+        )
+        return request, compiled.tally
 
-    def decided(self, decision: str) -> None:
-        """Count a quota decision (allowed, quota_exceeded, rate_limited, ...)."""
-        if self.metrics is not None:
-            self.metrics.decided(decision)
+    def decided(
+        self, tally: DecisionTally | None, tenant: str, decision: Decision, shadow: bool
+    ) -> None:
+        """Count what the store decided, per meter (and per tenant when asked)."""
+        if tally is not None:
+            tally.decided(decision, shadow)
+            if self._tenant_tallies is not None:
+                self._tenant_tallies.tally(tenant, tally.meters).decided(decision, shadow)
+
+    def failed(self, tally: DecisionTally | None, tenant: str) -> None:
+        """Count a check the store did not answer: `fail_open` or `fail_closed`."""
+        if tally is not None:
+            outcome = "fail_open" if self.fail_open else "fail_closed"
+            tally.count(outcome)
+            if self._tenant_tallies is not None:
+                self._tenant_tallies.tally(tenant, tally.meters).count(outcome)
 
     async def check(self, request: ChargeRequest) -> ChargeResult:
         """The store's decision; StoreUnavailable is the caller's to handle."""
@@ -222,6 +252,8 @@ class QuotaEngine:
         id, so that a check_and_charge which did run after its timeout is not doubled."""
         adjustments = [(m, p, cost) for m, (p, cost) in charged.costs.items()]
         self.pending.add(charged.operation_id, charged.tenant, adjustments, charged.context)
+        if self.metrics is not None:
+            self.metrics.held.inc()
         self._schedule_retry()
 
     async def settle(self, charged: Charged, status: int, headers: Mapping[str, str]) -> None:

@@ -17,6 +17,7 @@ from gateway.quota.periods import Period, PeriodsCache
 from gateway.quota.plan import ChargePlan
 from gateway.quota.rules import MeterLimit
 from gateway.quota.store import MeterCharge
+from gateway.quota.tally import DecisionTally, Tallies
 
 log = logging.getLogger("gateway.quota")
 _ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
@@ -65,10 +66,11 @@ class RouteCharges:
 
 
 @dataclass(frozen=True, slots=True)
-class _Compiled:
+class Compiled:
     """A tenant's plan on a route, and what it was compiled from and for how long."""
 
     plan: ChargePlan | None  # None: nothing to check
+    tally: DecisionTally | None  # where its decisions are counted (None: no metrics)
     tenant: Tenant  # the very object: the directory loads a new one when the tenant changes
     route: RouteCharges
     scope_route: str  # the name route-scoped rate limits are keyed by
@@ -80,12 +82,13 @@ class Policies:
     """The config's plans, and the tenants' compiled charges per route (least recently
     compiled dropped first beyond `storage.cache_entries`)."""
 
-    def __init__(self, config: GatewayConfig, clock: Clock) -> None:
+    def __init__(self, config: GatewayConfig, clock: Clock, tallies: Tallies | None = None) -> None:
         self._meters = config.meters
         self._clock = clock
+        self._tallies = tallies
         self.plans = {name: self._plan(config, name) for name in config.plans}
         self._periods = PeriodsCache(config.meters)
-        self._compiled: dict[tuple[str, str], _Compiled] = {}  # by (tenant id, route name)
+        self._compiled: dict[tuple[str, str], Compiled] = {}  # by (tenant id, route name)
         # As many (tenant, route) plans as tenants cached: one route each at least.
         self._max_compiled = config.storage.cache_entries
 
@@ -126,9 +129,7 @@ class Policies:
         policy = self.plans.get(tenant.plan)
         return route.shadow or (policy is not None and policy.shadow)
 
-    def charge_plan(
-        self, tenant: Tenant, route: RouteCharges, scope_route: str
-    ) -> ChargePlan | None:
+    def charge_plan(self, tenant: Tenant, route: RouteCharges, scope_route: str) -> Compiled:
         """The plan of the tenant on the route now, compiled again only when the tenant
         changed (the directory loads a new Tenant), the route did, or a period rolled over."""
         now = self._clock()
@@ -139,17 +140,17 @@ class Policies:
             or not compiled.valid_from <= now < compiled.valid_until
         ):  # fmt: skip
             compiled = self._compile(tenant, route, scope_route, now)
-        return compiled.plan
+        return compiled
 
     def _compile(
         self, tenant: Tenant, route: RouteCharges, scope_route: str, now: datetime
-    ) -> _Compiled:
+    ) -> Compiled:
         policy = self.plans.get(tenant.plan)
         if policy is None:
             log.error("tenant %s has plan %r, which is not in the config", tenant.id, tenant.plan)
             policy = _NO_POLICY
         valid_from, valid_until = _ALWAYS
-        plan = None
+        plan = tally = None
         if route.fixed or route.from_response or policy.rate_limits:
             meters = []
             for meter in sorted({*route.fixed, *route.from_response}):
@@ -171,7 +172,9 @@ class Policies:
                 for limit, scope in policy.rate_limits
             )
             plan = ChargePlan(tenant.id, tuple(meters), rates)
-        compiled = _Compiled(plan, tenant, route, scope_route, valid_from, valid_until)
+            if self._tallies is not None:
+                tally = self._tallies.plan(tenant.plan, tuple(m.limit.meter for m in meters))
+        compiled = Compiled(plan, tally, tenant, route, scope_route, valid_from, valid_until)
         key = (tenant.id, route.route)
         # Oldest compiled first out (insertion order): one in use is compiled again.
         if self._compiled.pop(key, None) is None and len(self._compiled) >= self._max_compiled:
