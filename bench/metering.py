@@ -4,9 +4,11 @@ The benchmark config of `bench.stack` (JWT HS256, tenants in the ledger, a
 monthly quota and a rate limit in Redis, usage events), against a private
 redis-server whose CPU is not counted. `concurrency` requests are in flight at
 once, as wrk's connections are, so calls coalesce into pipelines as they do
-under load. Prints CPU microseconds per request of each part measured:
+under load. Prints CPU microseconds per request of each part measured, with the quota and
+counter-store metrics on (as `gateway serve` has them) or, for what they cost,
+off:
 
-    python -m bench.metering [--requests N] [--concurrency C] [--rounds R]
+    python -m bench.metering [--requests N] [--concurrency C] [--rounds R] [--no-metrics]
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from bench.stack import SECRET, SHARDS, TENANT_CLAIM, TOKEN_TTL_S, gateway_config
 from gateway.auth.jwt import mint
 from gateway.config import parse
@@ -27,9 +31,11 @@ from gateway.config.models import GatewayConfig
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import run_loop
+from gateway.metrics import QuotaMetrics, StoreMetrics
 from gateway.pipeline.admission import admit
-from gateway.quota.engine import QuotaEngine, RouteCharges
+from gateway.quota.engine import QuotaEngine
 from gateway.quota.metering import Metering
+from gateway.quota.policy import RouteCharges
 from gateway.quota.redis_store import RedisStore
 from gateway.services import Services
 from tests.servers import RedisServer
@@ -55,17 +61,21 @@ async def _timed(requests: int, concurrency: int, one: Callable[[int], Awaitable
     return (time.process_time() - started) * 1e6 / requests
 
 
-async def _main(requests: int, concurrency: int, rounds: int) -> None:
+async def _main(requests: int, concurrency: int, rounds: int, metrics: bool) -> None:
     redis = RedisServer(appendonly=False).start()
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-metering-"))
     os.environ["BENCH_JWT_SECRET"] = SECRET
     try:
         config = _config(redis.url, f"sqlite:///{tmp / 'ledger.db'}")
         services = await Services.open(config)
-        store = await RedisStore.open(redis.url, SHARDS, config.storage.timeout_ms)
+        registry = CollectorRegistry()
+        store = await RedisStore.open(
+            redis.url, SHARDS, config.storage.timeout_ms,
+            metrics=StoreMetrics(registry) if metrics else None,
+        )  # fmt: skip
         for shard in await store.lost():
             await store.restore(shard, [])
-        engine = QuotaEngine(config, store)
+        engine = QuotaEngine(config, store, metrics=QuotaMetrics(registry) if metrics else None)
         route = RouteCharges.compile(config.routes[0], config.meters)
         headers = [
             {"Authorization": "Bearer " + mint(SECRET, "HS256", [TENANT_CLAIM], t, TOKEN_TTL_S)}
@@ -113,8 +123,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-metrics", action="store_true", help="without the quota metrics")
     args = parser.parse_args()
-    run_loop(_main(args.requests, args.concurrency, args.rounds))
+    run_loop(_main(args.requests, args.concurrency, args.rounds, not args.no_metrics))
 
 
 if __name__ == "__main__":

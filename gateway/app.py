@@ -27,9 +27,11 @@ from gateway.metrics import (
     GATEWAY,
     UNMATCHED,
     AuthMetrics,
+    LedgerMetrics,
     LedgerWrites,
     ProxyMetrics,
     QuotaMetrics,
+    StoreMetrics,
     WebhookMetrics,
 )
 from gateway.pipeline import idempotency, websocket
@@ -42,9 +44,10 @@ from gateway.pipeline.forwarding import (
     body_too_large,
 )
 from gateway.problems import Refused, answer
-from gateway.quota.engine import QuotaEngine, RouteCharges
+from gateway.quota.engine import QuotaEngine
 from gateway.quota.metering import Metering
 from gateway.quota.open import needs_quota, open_store
+from gateway.quota.policy import RouteCharges
 from gateway.quota.view import usage_view
 from gateway.routing import BadPath, Router, parse_path
 from gateway.services import Services, needs_services
@@ -335,7 +338,7 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
             # What a killed process journaled goes into the ledger before the
             # restore (engine.prepare) reads it back.
             await replay_journals(journal_dir, usage)
-    opened = await open_store(config, record=usage is not None, journal_dir=journal_dir)
+    opened = await open_store(config, usage is not None, journal_dir, StoreMetrics(app[REGISTRY]))
     store, sink = opened.store, opened.sink
     restorer = recorder = None
     if usage is not None:
@@ -362,7 +365,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     if not needs_services(config):
         yield
         return
-    services = await Services.open(config, AuthMetrics(app[REGISTRY]))
+    registry = app[REGISTRY]
+    services = await Services.open(config, AuthMetrics(registry), LedgerMetrics(registry))
     app[SERVICES] = services
     yield
     await services.close()
@@ -394,7 +398,8 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app = web.Application(handler_args={"auto_decompress": False})
     metrics = ProxyMetrics(registry)
     app[METRICS] = metrics
-    app[QUOTA_METRICS] = QuotaMetrics(registry)
+    tenant_top = config.metrics.tenant_label_top if config.metrics.tenant_label else 0
+    app[QUOTA_METRICS] = QuotaMetrics(registry, tenant_top)
     app[WEBHOOK_METRICS] = WebhookMetrics(registry)
     app[REGISTRY] = registry
     app[RUNTIME] = Runtime.build(config, metrics)

@@ -1,12 +1,27 @@
 """Prometheus metrics, grouped per concern, on an injected registry.
 
-Labels are bounded by design: route names come from the config, methods are
-folded to the standard set and statuses are three-digit codes.
+Labels are bounded by design: route, plan, meter and upstream names come from
+the config, methods are folded to the standard set, statuses are three-digit
+codes, and tenants get a label of their own only when `metrics.tenant_label`
+asks for it, and then only the busiest `metrics.tenant_label_top`.
+
+On the request path a metric costs one child's `inc` or `observe`: children are
+looked up once (per route, plan and meter) and kept, never by `labels()` per
+request, which takes a lock and builds a key each time.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from gateway.config.types import HTTP_METHODS
 
@@ -14,8 +29,24 @@ _LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 )  # fmt: skip
 
+# Round trips to Redis and calls to the ledger: from well under a millisecond to
+# the timeouts (storage.timeout_ms, a stuck ledger).
+_STORE_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0
+)  # fmt: skip
+
 UNMATCHED = "_unmatched"
 GATEWAY = "_gateway"
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def process_collectors(registry: CollectorRegistry) -> None:
+    """The process's CPU, memory and file descriptors, Python's version and its
+    garbage collector, on `registry` (prometheus_client puts them on its global one)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    if GC_COLLECTOR is not None:  # None where the interpreter has no gc.callbacks stats
+        GCCollector(registry=registry)
 
 
 def method_label(method: str) -> str:
@@ -35,8 +66,9 @@ class ProxyMetrics:
         )
         self.duration = Histogram(
             "gateway_request_duration_seconds",
-            "Time from the request's arrival to the end of its response.",
-            ["route"],
+            "Time from the request's arrival to the end of its response, by route and status "
+            "class (2xx, 4xx, ...; a client gone mid-body counts as 4xx, its 499).",
+            ["route", "status_class"],
             buckets=_LATENCY_BUCKETS_S,
             registry=registry,
         )
@@ -59,24 +91,22 @@ class ProxyMetrics:
             registry=registry,
         )
 
-        # Children by label values: `labels()` takes a lock and builds a key on
-        # every call, which shows on the per-request path.
-        self._requests: dict[tuple[str, str, int], Counter] = {}
-        self._durations: dict[str, Histogram] = {}
+        # A request's counter and duration children, by (route, method, status).
+        self._requests: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._upstream_durations: dict[str, Histogram] = {}
 
     def observe(self, route: str, method: str, status: int, duration_s: float) -> None:
         """Count one answered request."""
         key = (route, method, status)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self.requests.labels(route, method_label(method), str(status))
-            self._requests[key] = counter
-        counter.inc()
-        histogram = self._durations.get(route)
-        if histogram is None:
-            histogram = self._durations[route] = self.duration.labels(route)
-        histogram.observe(duration_s)
+        children = self._requests.get(key)
+        if children is None:
+            status_class = f"{status // 100}xx"
+            children = self._requests[key] = (
+                self.requests.labels(route, method_label(method), str(status)),
+                self.duration.labels(route, status_class),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def upstream_latency(self, upstream: str, duration_s: float) -> None:
         """Time to the upstream's response headers."""
@@ -90,33 +120,105 @@ class ProxyMetrics:
         self.upstream_errors.labels(upstream, kind).inc()
 
 
+# What a quota check came to, per meter of the request (see quota/tally.py).
+OUTCOMES = (
+    "allowed", "warned", "overage", "exhausted", "refused", "rate_limited", "shadow_refused",
+    "fail_open", "fail_closed",
+)  # fmt: skip
+
+
 class QuotaMetrics:
-    """Quota decisions, by outcome."""
+    """Quota decisions by plan, meter and outcome; what waits for the counter store."""
 
-    OUTCOMES = (
-        "allowed", "quota_exceeded", "rate_limited", "shadow_refusal",
-        "store_error_open", "store_error_closed",
-    )  # fmt: skip
-
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, tenant_top: int = 0) -> None:
         self.decisions = Counter(
             "gateway_quota_decisions",
-            "Quota checks, by outcome: allowed, quota_exceeded, rate_limited, shadow_refusal, "
-            "store_error_open (served under fail_open), store_error_closed (answered 503).",
-            ["outcome"],
+            "Quota checks per meter of the request, by plan, meter and outcome: "
+            + ", ".join(OUTCOMES) + ".",
+            ["plan", "meter", "outcome"],
             registry=registry,
-        )
-        self._children = {outcome: self.decisions.labels(outcome) for outcome in self.OUTCOMES}
+        )  # fmt: skip
+        self.tenant_top = tenant_top
+        self.tenant_decisions = None
+        if tenant_top > 0:
+            self.tenant_decisions = Counter(
+                "gateway_tenant_quota_decisions",
+                "Quota checks per meter, by tenant (the busiest metrics.tenant_label_top; the "
+                "others as _other), meter and outcome.",
+                ["tenant", "meter", "outcome"],
+                registry=registry,
+            )
         self.pending_dropped = Counter(
             "gateway_quota_pending_dropped",
             "Counter-store writes (fail_open charges, refunds, voids) dropped after waiting "
             "longer than the store remembers operation ids: the stated loss bound at work.",
             registry=registry,
         )
+        self.held = Counter(
+            "gateway_quota_fail_open_charges",
+            "Requests served under fail_open whose charges were held for the counter store.",
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "gateway_quota_pending_writes",
+            "Counter-store writes waiting in the process (fail_open charges, refunds and "
+            "settlements that failed, voids of requests answered 503).",
+            registry=registry,
+        )
+        self.spooled = Gauge(
+            "gateway_quota_spool_entries",
+            "Of those, the ones in this process's file under usage.spool_dir.",
+            registry=registry,
+        )
 
-    def decided(self, outcome: str) -> None:
-        """Count one decision."""
-        self._children[outcome].inc()
+
+class StoreMetrics:
+    """Round trips to the counter store, and the calls that failed."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            "gateway_counter_store_duration_seconds",
+            "Redis round trips, by call (check_and_charge, apply_once, set_level: one pipeline "
+            "of coalesced script calls each; queue_append; idempotency, level, lost: one call).",
+            ["call"],
+            buckets=_STORE_BUCKETS_S,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "gateway_counter_store_errors",
+            "Counter-store calls that failed, by call and kind (timeout: slower than "
+            "storage.timeout_ms; error: refused, reset, unreachable).",
+            ["call", "kind"],
+            registry=registry,
+        )
+        self.queue_waiting = Gauge(
+            "gateway_usage_queue_waiting_events",
+            "Usage events waiting in the process for the queue's own Redis (storage.queue).",
+            registry=registry,
+        )
+
+    def failed(self, call: str, exc: BaseException) -> None:
+        """Count one failed call: `timeout` or `error`."""
+        self.errors.labels(call, "timeout" if isinstance(exc, TimeoutError) else "error").inc()
+
+
+class LedgerMetrics:
+    """Calls to the ledger's database."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            "gateway_ledger_duration_seconds",
+            "Ledger calls, by operation (a transaction counts once, whole).",
+            ["op"],
+            buckets=_STORE_BUCKETS_S,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "gateway_ledger_errors",
+            "Ledger calls that failed, by operation.",
+            ["op"],
+            registry=registry,
+        )
 
 
 class AuthMetrics:
@@ -128,6 +230,11 @@ class AuthMetrics:
             "JWKS fetches, by result: ok, error (the last good keys are kept), empty (no "
             "usable signing key; the last good keys are kept).",
             ["result"],
+            registry=registry,
+        )
+        self.jwks_success = Gauge(
+            "gateway_jwks_last_success_timestamp_seconds",
+            "When the JWKS was last fetched with usable keys (Unix time).",
             registry=registry,
         )
 
@@ -226,6 +333,12 @@ class WorkerMetrics:
             "gateway_usage_errors",
             "Failures, by kind (ledger, queue, malformed).",
             ["kind"],
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "gateway_usage_last_success_timestamp_seconds",
+            "When the worker last finished a round: read every shard and wrote what it read "
+            "(Unix time).",
             registry=registry,
         )
 

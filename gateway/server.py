@@ -17,6 +17,7 @@ from gateway.app import create_app, public_handler
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.http.server import HttpServer, Limits
 from gateway.lifecycle import run_loop
+from gateway.metrics import process_collectors
 from gateway.services import StartupError
 
 log = logging.getLogger("gateway")
@@ -40,7 +41,10 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            process_collectors(registry)
+        self.registry = registry
         self.readiness = Readiness()
         self._runners: list[web.AppRunner] = []
         self._listener: HttpServer | None = None

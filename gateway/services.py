@@ -17,7 +17,7 @@ from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.records import Tenant
 from gateway.ledger.schema import LATEST_VERSION
 from gateway.ledger.store import Ledger
-from gateway.metrics import AuthMetrics
+from gateway.metrics import AuthMetrics, LedgerMetrics
 
 log = logging.getLogger("gateway")
 SUBSCRIBE_TIMEOUT_S = 5.0
@@ -33,11 +33,13 @@ def needs_services(config: GatewayConfig) -> bool:
     return auth.jwt is not None or auth.api_keys.enabled or bool(config.tenants)
 
 
-async def open_ledger(config: GatewayConfig, *, migrate: bool) -> Ledger:
+async def open_ledger(
+    config: GatewayConfig, *, migrate: bool, metrics: LedgerMetrics | None = None
+) -> Ledger:
     """Open the ledger; embedded SQLite migrates itself, PostgreSQL must be migrated."""
     url = config.storage.ledger
     try:
-        ledger = await Ledger.open(url)
+        ledger = await Ledger.open(url, metrics)
         if migrate or url.startswith("sqlite:"):
             await ledger.migrate()
         version = await ledger.schema_version()
@@ -95,7 +97,12 @@ class Services:
     jwks: JWKSKeys | None
 
     @classmethod
-    async def open(cls, config: GatewayConfig, metrics: AuthMetrics | None = None) -> Services:
+    async def open(
+        cls,
+        config: GatewayConfig,
+        metrics: AuthMetrics | None = None,
+        ledger_metrics: LedgerMetrics | None = None,
+    ) -> Services:
         """Everything authentication needs; raises StartupError with the fix."""
         jwks = None
         verifier = None
@@ -117,7 +124,7 @@ class Services:
                 except KeyConfigError as exc:
                     raise StartupError(f"auth.jwt: {exc}") from None
             verifier = JWTVerifier(jwt_config, keys)
-        ledger = await open_ledger(config, migrate=False)
+        ledger = await open_ledger(config, migrate=False, metrics=ledger_metrics)
         try:
             created = await seed_tenants(config, ledger)
         except LedgerUnavailable as exc:

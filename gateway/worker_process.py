@@ -18,7 +18,7 @@ from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.lifecycle import stop_task
-from gateway.metrics import WorkerMetrics
+from gateway.metrics import LedgerMetrics, WorkerMetrics, process_collectors
 from gateway.quota.redis_client import Client, close_client, redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import StoreUnavailable
@@ -98,12 +98,13 @@ async def _reconcile_forever(
 async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None:
     """Move usage events from the queue into the ledger until SIGTERM or SIGINT."""
     _needs_redis(config, "a worker")
-    ledger = await open_ledger(config, migrate=False)
+    registry = CollectorRegistry()
+    process_collectors(registry)
+    ledger = await open_ledger(config, migrate=False, metrics=LedgerMetrics(registry))
     client = await redis_client(config.storage.queue_url, config.storage.redis_cluster)
     counters = client
     if config.storage.separate_queue is not None:
         counters = await redis_client(config.storage.counters, config.storage.redis_cluster)
-    registry = CollectorRegistry()
     streams = UsageStreams(client, config.storage.shards, consumer or socket.gethostname())
     settings = Settings(retention_months=config.usage.retention_months)
     worker = Worker(streams, UsageLedger(ledger.db), WorkerMetrics(registry), settings)

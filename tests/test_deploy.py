@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -10,7 +12,14 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import load
-from gateway.metrics import FAILURE_KINDS, StripeMetrics, WorkerMetrics
+from gateway.metrics import (
+    FAILURE_KINDS,
+    AuthMetrics,
+    LedgerMetrics,
+    StoreMetrics,
+    StripeMetrics,
+    WorkerMetrics,
+)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -18,6 +27,10 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 def test_alert_rules_use_only_exported_metrics() -> None:
     registry = CollectorRegistry()
     create_app(load(DEPLOY / "gateway.compose.yaml"), registry)
+    # Made when the app's contexts open the stores and the ledger:
+    StoreMetrics(registry)
+    LedgerMetrics(registry)
+    AuthMetrics(registry)
     WorkerMetrics(registry)  # `gateway worker`'s, scraped as their own job
     StripeMetrics(registry)  # the worker's Stripe reporter
     exported = {
@@ -38,6 +51,31 @@ def test_alert_rules_use_only_exported_metrics() -> None:
         for name in re.findall(r"\b(gateway_[a-z_]+)", rule["expr"])
     }
     assert used and used <= exported, used - exported
+
+
+def test_alert_rules_pass_promtool_or_parse() -> None:
+    """promtool checks the rules as Prometheus loads them where it is installed (the test
+    command installs it); elsewhere every rule must at least be a complete one."""
+    rules = DEPLOY / "prometheus" / "alerts.yml"
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        checked = subprocess.run(
+            [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    for group in yaml.safe_load(rules.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert {"alert", "expr", "labels", "annotations"} <= rule.keys(), rule
+            assert rule["labels"]["severity"] in ("page", "ticket"), rule
+
+
+def test_alerts_for_fail_open_a_worker_down_and_counter_store_errors() -> None:
+    alerts = _alerts()
+    assert "gateway_quota_pending_writes" in alerts["GatewayFailOpenInEffect"]
+    worker = alerts["GatewayUsageWorkerDown"]
+    assert 'up{job="usage-worker"} == 0' in worker and "absent(" in worker
+    assert "gateway_usage_last_success_timestamp_seconds" in worker
+    assert "gateway_counter_store_errors_total" in alerts["GatewayCounterStoreErrors"]
 
 
 def _alerts() -> dict[str, str]:

@@ -274,6 +274,9 @@ async def test_jwks_fetches_are_counted_by_result(jwks: JWKSServer) -> None:
         for result in ("ok", "empty", "error")
     }
     assert counts == {"ok": 1.0, "empty": 1.0, "error": 1.0}
+    # Set by the one good fetch only: an alert sees how long the keys have been stale.
+    last = registry.get_sample_value("gateway_jwks_last_success_timestamp_seconds")
+    assert last is not None and 0 < time.time() - last < 60
 
 
 async def test_the_token_cache_holds_as_many_tokens_as_configured() -> None:

@@ -341,7 +341,7 @@ async def test_metrics_and_health_on_the_admin_listener(
         async with client.get(f"{admin}/readyz") as resp:
             assert resp.status == 200
     assert 'gateway_requests_total{method="GET",route="all",status="200"} 3.0' in text
-    assert 'gateway_request_duration_seconds_count{route="all"} 3.0' in text
+    assert 'gateway_request_duration_seconds_count{route="all",status_class="2xx"} 3.0' in text
     assert 'gateway_upstream_duration_seconds_count{upstream="app"} 3.0' in text
 
 

@@ -17,10 +17,11 @@ from gateway.ledger.events import EventContext
 from gateway.ledger.records import Credit, LimitOverride, Tenant
 from gateway.metrics import QuotaMetrics
 from gateway.quota import keyspace
-from gateway.quota.engine import QuotaEngine, RouteCharges, fresh_id
+from gateway.quota.engine import QuotaEngine, fresh_id
 from gateway.quota.memory import MemoryStore
 from gateway.quota.pending import PendingCharges
 from gateway.quota.plan import ChargePlan
+from gateway.quota.policy import RouteCharges
 from gateway.quota.store import StoreLost
 from tests.conftest import gateway_config, whole
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ async def test_the_worker_moves_redis_usage_into_postgres_once(
         await eventually(lambda: _equal(ledger_totals(usage), EXPECTED))
         assert await event_kinds(ledger) == EXPECTED_EVENTS
         assert live.metrics.written.duplicates._value.get() == len(taken) // 2
+        assert time.time() - live.metrics.last_success._value.get() < 60
         await live.housekeeping()  # everything acknowledged: the stream is trimmed
         assert await client.xlen(stream) == 0
         # Reconciliation agrees, then sees a counter moved behind the ledger's back.

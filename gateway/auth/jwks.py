@@ -112,6 +112,8 @@ class JWKSKeys:
             log.warning("JWKS at %s has no usable signing key; keeping the previous ones", self.url)
             return
         self._count("ok")
+        if self._metrics is not None:
+            self._metrics.jwks_success.set_to_current_time()
         self._keys = keys
 
     def _count(self, result: str) -> None:

@@ -285,7 +285,9 @@ class LoggingConfig(Model):
 
 
 class MetricsConfig(Model):
+    # A `tenant` label on the quota decisions, for the busiest tenants only.
     tenant_label: bool = False
+    tenant_label_top: Annotated[int, Field(ge=1, le=10_000)] = 100
 
 
 class TenantSeed(Model):

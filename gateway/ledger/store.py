@@ -10,7 +10,9 @@ from typing import Any
 from gateway.ledger import schema
 from gateway.ledger.db import Database, connect
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
+from gateway.ledger.timed import TimedDatabase
 from gateway.ledger.timestamps import loaded, maybe_utc, required, utc
+from gateway.metrics import LedgerMetrics
 
 _TENANT_COLUMNS = (
     "id, name, plan, status, status_changed_at, billing_anchor, stripe_customer,"
@@ -156,9 +158,11 @@ class Ledger:
         self.db = db
 
     @classmethod
-    async def open(cls, url: str) -> Ledger:
-        """Connect to the ledger at `url` (sqlite:// or postgresql://); does not migrate."""
-        return cls(await connect(url))
+    async def open(cls, url: str, metrics: LedgerMetrics | None = None) -> Ledger:
+        """Connect to the ledger at `url` (sqlite:// or postgresql://), its calls timed
+        with `metrics`; does not migrate."""
+        db = await connect(url)
+        return cls(TimedDatabase(db, metrics) if metrics is not None else db)
 
     async def close(self) -> None:
         """Close the database connections."""

@@ -1,4 +1,4 @@
-"""Quotas on the request path: build the charge, answer refusals, settle afterwards."""
+"""Quotas on the request path: check through the store, apply the failure policy, settle."""
 
 from __future__ import annotations
 
@@ -8,88 +8,34 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 from gateway.clock import Clock, utc_now
-from gateway.config.models import GatewayConfig, MeterConfig, RouteConfig
-from gateway.config.types import UNLIMITED
+from gateway.config.models import GatewayConfig
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.lifecycle import stop_task
 from gateway.metrics import QuotaMetrics
-from gateway.quota.gcra import RateLimit
 from gateway.quota.pending import PendingCharges
-from gateway.quota.periods import Period, PeriodsCache, meter_period
-from gateway.quota.plan import ChargePlan, Costs
-from gateway.quota.rules import MeterLimit
+from gateway.quota.periods import Period, meter_period
+from gateway.quota.plan import Costs
+from gateway.quota.policy import PlanPolicy, Policies, RouteCharges
+from gateway.quota.rules import Decision, MeterLimit
 from gateway.quota.spool import Spool, orphans
 from gateway.quota.store import (
     Adjustment,
     ChargeRequest,
     ChargeResult,
     CounterStore,
-    MeterCharge,
     StoreLost,
     StoreUnavailable,
     plan_of,
 )
+from gateway.quota.tally import DecisionTally, Tallies
 
 log = logging.getLogger("gateway.quota")
 Restorer = Callable[[Sequence[int]], Awaitable[None]]  # rebuilds lost shards from the ledger
 RETRY_PENDING_S = 1.0
-_ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
-
-
-@dataclass(frozen=True, slots=True)
-class PlanPolicy:
-    """A plan's limits, compiled once per config."""
-
-    limits: dict[str, MeterLimit]
-    rate_limits: tuple[tuple[RateLimit, str], ...]  # (limit, scope: "tenant" or "route")
-    shadow: bool
-
-
-@dataclass(frozen=True, slots=True)
-class RouteCharges:
-    """A route's charges, compiled once per config."""
-
-    route: str  # the route's name
-    fixed: dict[str, int]  # positive: checked and charged before forwarding
-    after_success: dict[str, int]  # negative gauge deltas, applied after a success
-    from_response: dict[str, str]  # meter -> response header with the quantity
-    keep: str  # charge_on
-    shadow: bool
-
-    @classmethod
-    def compile(cls, route: RouteConfig, meters: Mapping[str, MeterConfig]) -> RouteCharges:
-        fixed, after, response = {}, {}, {}
-        for meter, cost in route.charge.items():
-            if cost == "response":
-                header = meters[meter].from_response_header
-                assert header is not None  # the config loader checked it
-                response[meter] = header
-            elif isinstance(cost, int) and cost > 0:
-                fixed[meter] = cost
-            elif isinstance(cost, int) and cost < 0:
-                after[meter] = cost
-        return cls(route.name, fixed, after, response, route.charge_on, route.shadow)
-
-    @property
-    def charges(self) -> bool:
-        return bool(self.fixed or self.after_success or self.from_response)
-
-
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    """A tenant's plan on a route, and what it was compiled from and for how long."""
-
-    plan: ChargePlan | None  # None: nothing to check
-    tenant: Tenant  # the very object: the directory loads a new one when the tenant changes
-    route: RouteCharges
-    scope_route: str  # the name route-scoped rate limits are keyed by
-    valid_from: datetime  # the plan's periods are current from ...
-    valid_until: datetime  # ... until (exclusive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,120 +88,67 @@ class QuotaEngine:
         dropped = metrics.pending_dropped.inc if metrics is not None else None
         self.pending = PendingCharges(spool=self._spool, on_dropped=dropped)
         self._meters = config.meters
-        self.plans = {name: self._plan(name) for name in config.plans}
-        self._periods = PeriodsCache(config.meters)
-        self._compiled: dict[tuple[str, str], _Compiled] = {}  # by (tenant id, route name)
-        # As many (tenant, route) plans as tenants cached: one route each at least.
-        self._max_compiled = config.storage.cache_entries
+        tallies = Tallies(metrics) if metrics is not None else None
+        self._tenant_tallies = tallies.tenants if tallies is not None else None
+        self.policies = Policies(config, clock, tallies)
+        if metrics is not None:
+            metrics.pending.set_function(lambda: len(self.pending))
+            spool = self._spool
+            metrics.spooled.set_function(lambda: spool.entries if spool is not None else 0)
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
 
-    def _plan(self, name: str) -> PlanPolicy:
-        plan = self.config.plans[name]
-        limits = {
-            meter: MeterLimit(
-                meter,
-                self._meters[meter].type,
-                spec.limit,
-                hard=spec.enforcement == "hard",
-                warn_at=tuple(sorted(spec.warn_at)),
-            )
-            for meter, spec in plan.limits.items()
-        }
-        rates = tuple(
-            (RateLimit(r.name, r.rate, r.per_s, r.burst or r.rate), r.scope)
-            for r in plan.rate_limits
-        )
-        return PlanPolicy(limits, rates, plan.shadow)
-
-    def _limit(self, policy: PlanPolicy, tenant: Tenant, meter: str) -> MeterLimit:
-        override = tenant.overrides.get(meter)
-        if override is not None:
-            return MeterLimit(
-                meter, self._meters[meter].type, override.limit,
-                hard=override.enforcement == "hard", warn_at=tuple(sorted(override.warn_at)),
-            )  # fmt: skip
-        # A meter the plan does not list is unlimited for it (still counted).
-        return policy.limits.get(meter) or MeterLimit(meter, self._meters[meter].type, UNLIMITED)
+    @property
+    def plans(self) -> dict[str, PlanPolicy]:
+        return self.policies.plans
 
     def meter_limit(self, tenant: Tenant, meter: str) -> MeterLimit:
         """The limit of `meter` for the tenant: its override, else its plan's (credits aside)."""
-        return self._limit(self.plans.get(tenant.plan) or PlanPolicy({}, (), False), tenant, meter)
+        return self.policies.meter_limit(tenant, meter)
+
+    def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
+        """Decide and count as usual, refuse nothing."""
+        return self.policies.shadow(tenant, route)
 
     def request(
         self, tenant: Tenant, route: RouteCharges, context: EventContext
     ) -> ChargeRequest | None:
         """The charge request of a request on a route, or None if nothing is checked."""
-        plan = self._compiled_plan(tenant, route, context.route)
+        prepared = self.prepared(tenant, route, context)
+        return prepared[0] if prepared is not None else None
+
+    def prepared(
+        self, tenant: Tenant, route: RouteCharges, context: EventContext
+    ) -> tuple[ChargeRequest, DecisionTally | None] | None:
+        """The charge request and where its decision is counted; None: nothing is checked."""
+        compiled = self.policies.charge_plan(tenant, route, context.route)
+        plan = compiled.plan
         if plan is None:
             return None
         # A fresh id per request: the store's memo makes a retry of this call
         # idempotent, and a client's X-Request-Id may repeat.
         request_id = fresh_id()
-        return ChargeRequest(plan.tenant, request_id, plan.meters, plan.rate_limits, context, plan)
+        request = ChargeRequest(
+            plan.tenant, request_id, plan.meters, plan.rate_limits, context, plan
+        )
+        return request, compiled.tally
 
-    def _compiled_plan(
-        self, tenant: Tenant, route: RouteCharges, scope_route: str
-    ) -> ChargePlan | None:
-        """The plan of the tenant on the route now, compiled again only when the tenant
-        changed (the directory loads a new Tenant), the route did, or a period rolled over."""
-        now = self.clock()
-        compiled = self._compiled.get((tenant.id, route.route))
-        if (
-            compiled is None or compiled.tenant is not tenant or compiled.route is not route
-            or compiled.scope_route != scope_route
-            or not compiled.valid_from <= now < compiled.valid_until
-        ):  # fmt: skip
-            compiled = self._compile(tenant, route, scope_route, now)
-        return compiled.plan
+    def decided(
+        self, tally: DecisionTally | None, tenant: str, decision: Decision, shadow: bool
+    ) -> None:
+        """Count what the store decided, per meter (and per tenant when asked)."""
+        if tally is not None:
+            tally.decided(decision, shadow)
+            if self._tenant_tallies is not None:
+                self._tenant_tallies.tally(tenant, tally.meters).decided(decision, shadow)
 
-    def _compile(
-        self, tenant: Tenant, route: RouteCharges, scope_route: str, now: datetime
-    ) -> _Compiled:
-        policy = self.plans.get(tenant.plan)
-        if policy is None:
-            log.error("tenant %s has plan %r, which is not in the config", tenant.id, tenant.plan)
-            policy = PlanPolicy({}, (), False)
-        valid_from, valid_until = _ALWAYS
-        plan = None
-        if route.fixed or route.from_response or policy.rate_limits:
-            meters = []
-            for meter in sorted({*route.fixed, *route.from_response}):
-                periods = self._periods.around(meter, now, tenant.billing_anchor)
-                if periods:
-                    valid_from = max(valid_from, periods[1].start)
-                    valid_until = min(valid_until, periods[1].end)
-                meters.append(
-                    MeterCharge(
-                        self._limit(policy, tenant, meter),
-                        cost=route.fixed.get(meter, 0),
-                        needs_remaining=meter in route.from_response,
-                        periods=periods,
-                        credits=tuple(credit_of(tenant, meter, p) for p in periods),
-                    )
-                )
-            rates = tuple(
-                (limit, scope_route if scope == "route" else "")
-                for limit, scope in policy.rate_limits
-            )
-            plan = ChargePlan(tenant.id, tuple(meters), rates)
-        compiled = _Compiled(plan, tenant, route, scope_route, valid_from, valid_until)
-        key = (tenant.id, route.route)
-        # Oldest compiled first out (insertion order): one in use is compiled again.
-        if self._compiled.pop(key, None) is None and len(self._compiled) >= self._max_compiled:
-            del self._compiled[next(iter(self._compiled))]
-        self._compiled[key] = compiled
-        return compiled
-
-    def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
-        """Decide and count as usual, refuse nothing."""
-        policy = self.plans.get(tenant.plan)
-        return route.shadow or (policy is not None and policy.shadow)
-
-    def decided(self, decision: str) -> None:
-        """Count a quota decision (allowed, quota_exceeded, rate_limited, ...)."""
-        if self.metrics is not None:
-            self.metrics.decided(decision)
+    def failed(self, tally: DecisionTally | None, tenant: str) -> None:
+        """Count a check the store did not answer: `fail_open` or `fail_closed`."""
+        if tally is not None:
+            outcome = "fail_open" if self.fail_open else "fail_closed"
+            tally.count(outcome)
+            if self._tenant_tallies is not None:
+                self._tenant_tallies.tally(tenant, tally.meters).count(outcome)
 
     async def check(self, request: ChargeRequest) -> ChargeResult:
         """The store's decision; StoreUnavailable is the caller's to handle."""
@@ -359,6 +252,8 @@ class QuotaEngine:
         id, so that a check_and_charge which did run after its timeout is not doubled."""
         adjustments = [(m, p, cost) for m, (p, cost) in charged.costs.items()]
         self.pending.add(charged.operation_id, charged.tenant, adjustments, charged.context)
+        if self.metrics is not None:
+            self.metrics.held.inc()
         self._schedule_retry()
 
     async def settle(self, charged: Charged, status: int, headers: Mapping[str, str]) -> None:
@@ -452,11 +347,6 @@ def fresh_id() -> str:
         drawn = os.urandom(16 * _IDS_PER_DRAW).hex()
         _fresh_ids.extend(drawn[i : i + 32] for i in range(0, len(drawn), 32))
     return _fresh_ids.pop()
-
-
-def credit_of(tenant: Tenant, meter: str, period: Period | None) -> int:
-    """What the tenant was credited for `meter` in `period` (counters only)."""
-    return 0 if period is None else tenant.credited(meter, period.start)
 
 
 def _quantity(value: str | None) -> int:

@@ -14,7 +14,8 @@ from gateway.clock import iso_utc
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.problems import Refused
-from gateway.quota.engine import Charged, QuotaEngine, RouteCharges
+from gateway.quota.engine import Charged, QuotaEngine
+from gateway.quota.policy import RouteCharges
 from gateway.quota.rules import Decision
 from gateway.quota.store import StoreUnavailable
 
@@ -74,38 +75,37 @@ class Metering:
     async def check(self) -> None:
         """Check and charge the request; Refused (402, 429, or 503 under fail_closed)."""
         engine, tenant, route, context = self._engine, self._tenant, self._route, self._context
-        request = engine.request(tenant, route, context)
-        if request is None:  # nothing to check now; maybe something to settle
+        prepared = engine.prepared(tenant, route, context)
+        if prepared is None:  # nothing to check now; maybe something to settle
             if route.charges:
                 self._charged = engine.charged(tenant, route, None, None, context)
             return
+        request, tally = prepared
         try:
             result = await engine.check(request)
         except StoreUnavailable:
+            engine.failed(tally, tenant.id)
             if not engine.fail_open:
-                engine.decided("store_error_closed")
                 engine.void(request)  # refused: it must charge nothing, even if it ran late
                 raise Refused(
                     503, "counter-store-unavailable",
                     "quotas cannot be checked right now; retry shortly",
                     headers={"Retry-After": "1"},
                 ) from None  # fmt: skip
-            engine.decided("store_error_open")
             self._charged = engine.charged(tenant, route, request, None, context)
             engine.spool(self._charged)
             return
         decision = result.decision
         if decision.refusal is not None:
-            if not engine.shadow(tenant, route):
-                refused_by = "quota_exceeded" if decision.refusal.status == 402 else "rate_limited"
-                engine.decided(refused_by)
+            shadow = engine.shadow(tenant, route)
+            engine.decided(tally, tenant.id, decision, shadow)
+            if not shadow:
                 raise quota_refusal(engine, tenant, decision)
             # Shadow: what would have been refused is served and counted as usual.
-            engine.decided("shadow_refusal")
             self._charged = engine.charged(tenant, route, request, result, context)
             await engine.charge_anyway(self._charged)
             return
-        engine.decided("allowed")
+        engine.decided(tally, tenant.id, decision, False)
         self.headers = rate_limit_fields(decision)
         self.headers += [("X-Quota-Warning", warning) for warning in decision.warnings]
         self._charged = engine.charged(tenant, route, request, result, context)

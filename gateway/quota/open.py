@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.config.models import GatewayConfig
+from gateway.metrics import StoreMetrics
 from gateway.quota.journal import EventJournal
 from gateway.quota.memory import MemoryStore
 from gateway.quota.queue import EventQueue
@@ -21,7 +22,10 @@ def needs_quota(config: GatewayConfig) -> bool:
 
 
 async def open_store(
-    config: GatewayConfig, record: bool = True, journal_dir: Path | None = None
+    config: GatewayConfig,
+    record: bool = True,
+    journal_dir: Path | None = None,
+    metrics: StoreMetrics | None = None,
 ) -> OpenedStore:
     """`memory://` or `redis://` from `storage.counters`, with its usage sink.
 
@@ -44,11 +48,12 @@ async def open_store(
         client = await redis_client(storage.separate_queue, storage.redis_cluster)
         spool_dir = config.usage.spool_dir
         queue_journal = EventJournal(spool_dir) if spool_dir is not None else None
-        queue = EventQueue(client, storage.shards, storage.timeout_ms / 1000, queue_journal)
+        timeout_s = storage.timeout_ms / 1000
+        queue = EventQueue(client, storage.shards, timeout_s, queue_journal, metrics)
         if spool_dir is not None:
             queue.adopt(spool_dir)
     store = await RedisStore.open(
         storage.counters, storage.shards, storage.timeout_ms, storage.redis_cluster, record,
-        queue,
+        queue, metrics,
     )  # fmt: skip
     return OpenedStore(store, UsageSink(unrecorded=queue.unrecorded if queue is not None else None))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from redis.exceptions import RedisError
 from gateway.batching import Coalescer
 from gateway.ledger.events import tenant_of
 from gateway.lifecycle import stop_task
+from gateway.metrics import StoreMetrics
 from gateway.quota import keyspace
 from gateway.quota.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
 from gateway.quota.store import StoreUnavailable
@@ -46,8 +48,13 @@ class EventQueue:
         shards: int,
         timeout_s: float,
         journal: EventJournal | None = None,
+        metrics: StoreMetrics | None = None,
     ) -> None:
         self.client = client
+        self._metrics = metrics
+        self._latency = metrics.duration.labels("queue_append") if metrics is not None else None
+        if metrics is not None:
+            metrics.queue_waiting.set_function(lambda: len(self))
         self._shards = shards
         self._timeout_s = timeout_s
         self._journal = journal
@@ -91,13 +98,19 @@ class EventQueue:
         return self._appends.submit((stream, wires))
 
     async def _append(self, batch: list[tuple[str, list[str]]]) -> list[None]:
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._send([(stream, wire) for stream, wires in batch for wire in wires])
         except (RedisError, OSError, TimeoutError) as exc:
+            if self._metrics is not None:
+                self._metrics.failed("queue_append", exc)
             log.warning("usage queue unreachable (%r); events wait in the process", exc)
             for stream, wires in batch:
                 self._wait(stream, wires)
+        finally:
+            if self._latency is not None:
+                self._latency.observe(time.perf_counter() - started)
         return [None] * len(batch)
 
     async def _send(self, events: Sequence[tuple[str, str]]) -> None:

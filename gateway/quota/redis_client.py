@@ -6,10 +6,12 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from prometheus_client import Histogram
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -94,8 +96,15 @@ class ScriptPipeline:
     call's future gets (answer, the queue's future for them, or None).
     """
 
-    def __init__(self, client: Client, source: str, queue: EventQueue | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        source: str,
+        queue: EventQueue | None = None,
+        latency: Histogram | None = None,  # a child: observes each round trip
+    ) -> None:
         self._client = client
+        self._latency = latency
         self._source = source
         self._events = queue
         self._sha = hashlib.sha1(source.encode()).hexdigest()
@@ -116,10 +125,15 @@ class ScriptPipeline:
         return self._calls.submit((template, values))
 
     async def _round(self, batch: list[Call]) -> list[Any]:
+        started = time.perf_counter()
         try:
             results = await self._execute(batch)
         except (RedisError, OSError) as exc:
             return [exc] * len(batch)
+        finally:
+            # Once per round trip, however many calls it carried.
+            if self._latency is not None:
+                self._latency.observe(time.perf_counter() - started)
         answers: list[Any] = []
         for (template, _), result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.clock import to_us
 from gateway.ledger.events import EventContext, adjustment_kind
+from gateway.metrics import StoreMetrics
 from gateway.quota import keyspace, script_args
 from gateway.quota.periods import Period
 from gateway.quota.plan import ChargePlan
@@ -33,6 +35,7 @@ from gateway.quota.redis_client import (
     close_client,
     redis_client,
 )
+from gateway.quota.scripts import APPLY_ONCE, RESTORE, SCRIPT, SET_LEVEL
 from gateway.quota.store import (
     Adjustment,
     ChargeRequest,
@@ -46,21 +49,6 @@ from gateway.quota.store import (
 log = logging.getLogger("gateway.quota")
 
 
-def _lua(name: str, *, records: bool = True) -> str:
-    """A script's source; those that record usage get the shared prelude first."""
-    source = resources.files("gateway.quota").joinpath(name).read_text()
-    return _lua_prelude() + source if records else source
-
-
-def _lua_prelude() -> str:
-    return resources.files("gateway.quota").joinpath("usage_event.lua").read_text()
-
-
-# Its argument layout's names first: they come from the table Python encodes by.
-SCRIPT = script_args.lua_names() + _lua("check_and_charge.lua")
-APPLY_ONCE = _lua("apply_once.lua")
-RESTORE = _lua("restore.lua", records=False)
-SET_LEVEL = _lua("set_level.lua")
 # The check's arguments that differ from one request to the next (besides its memo key).
 _HEAD = script_args.HEAD
 _VARYING_HEAD = ("event_fields", "operation_id")
@@ -91,16 +79,20 @@ class RedisStore:
         timeout_s: float,
         record: bool = True,
         queue: EventQueue | None = None,
+        metrics: StoreMetrics | None = None,
     ) -> None:
         self._client = client
+        # Unobserved without one: the calls stay the same.
+        self._metrics = metrics = metrics or StoreMetrics(CollectorRegistry())
         self._record = record  # record usage events
         # Where they go when not to the shards' streams on this Redis (storage.queue).
         self.queue = queue
         self._shards = shards
         self._timeout_s = timeout_s
-        self._checks = ScriptPipeline(client, SCRIPT, queue)
-        self._apply_once = ScriptPipeline(client, APPLY_ONCE, queue)
-        self._set_level = ScriptPipeline(client, SET_LEVEL, queue)
+        rounds = metrics.duration.labels
+        self._checks = ScriptPipeline(client, SCRIPT, queue, rounds("check_and_charge"))
+        self._apply_once = ScriptPipeline(client, APPLY_ONCE, queue, rounds("apply_once"))
+        self._set_level = ScriptPipeline(client, SET_LEVEL, queue, rounds("set_level"))
         self._restore = client.register_script(RESTORE)
         # Each plan's check call by the plan's id, kept as long as the plan is (the
         # engine's, until its tenant or a period changes).
@@ -115,6 +107,7 @@ class RedisStore:
         cluster: bool | None = None,
         record: bool = True,
         queue: EventQueue | None = None,
+        metrics: StoreMetrics | None = None,
     ) -> RedisStore:
         """Connect and check the eviction policy (an evicted counter is a fresh quota).
 
@@ -123,7 +116,7 @@ class RedisStore:
         then get the configured failure policy until it answers.
         """
         client = await redis_client(url, cluster)
-        store = cls(client, shards, timeout_ms / 1000, record, queue)
+        store = cls(client, shards, timeout_ms / 1000, record, queue, metrics)
         try:
             policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
         except ResponseError:  # CONFIG may be disabled on managed Redis
@@ -265,6 +258,7 @@ class RedisStore:
         try:
             return await answer
         except (RedisError, OSError, TimeoutError) as exc:
+            self._metrics.failed(what, exc)
             raise _unavailable(what, exc) from exc
         finally:
             timer.cancel()
@@ -275,11 +269,16 @@ class RedisStore:
         return keyspace.counter_key(tenant, self._shards, meter, period.key)
 
     async def _guard(self, what: str, call: Awaitable[Any]) -> Any:
+        """A call of its own (not pipelined), timed as one round trip."""
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
+            self._metrics.failed(what, exc)
             raise _unavailable(what, exc) from exc
+        finally:
+            self._metrics.duration.labels(what).observe(time.perf_counter() - started)
 
     async def void(self, request: ChargeRequest) -> None:
         key_list, args = self._encode(request, mode="void")

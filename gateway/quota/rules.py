@@ -98,6 +98,12 @@ def warning(limit: MeterLimit, before: int, after: int) -> str | None:
     return None
 
 
+def warned_meter(text: str) -> tuple[str, str]:
+    """The meter an `X-Quota-Warning` (from `warning`) is about, and `overage` or `warned`."""
+    meter, _, rest = text.partition(" ")
+    return meter, "overage" if rest.endswith("(overage)") else "warned"
+
+
 def _seconds(us: int) -> int:
     return max(0, -(-us // US_PER_S))
 

@@ -49,6 +49,11 @@ class Spool:
         self.path, self._file = own_file(directory, SPOOL)
         self._open = 0  # entries added and not done
 
+    @property
+    def entries(self) -> int:
+        """Writes and voids in the file not applied yet."""
+        return self._open
+
     def add(self, entry: Spooled) -> None:
         """Persist a pending write (flushed to the OS: it survives the process)."""
         self._file.write(f"A {json.dumps(_encode(entry), separators=(',', ':'))}\n")

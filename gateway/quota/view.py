@@ -7,8 +7,9 @@ from typing import Any
 from gateway.clock import EPOCH, iso_utc
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
-from gateway.quota.engine import QuotaEngine, credit_of
+from gateway.quota.engine import QuotaEngine
 from gateway.quota.periods import Period, meter_period, period_of
+from gateway.quota.policy import credit_of
 from gateway.quota.rules import credited, meter_state
 
 

@@ -98,6 +98,8 @@ class Worker:
                 if busy:  # read the next batch while this one is written
                     reading = asyncio.create_task(self._read())
                 await self.write(entries)
+                if not self._lost_reads:  # every shard read, and what was read written
+                    self.metrics.last_success.set_to_current_time()
                 if time.monotonic() - self._last_housekeeping > self.settings.housekeeping_s:
                     await self.housekeeping()
                 if not busy:
