@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -18,7 +17,7 @@ from gateway import access_log as access
 from gateway.billing.run import Reporting, open_webhooks
 from gateway.billing.webhooks import WebhookError, Webhooks
 from gateway.config.models import GatewayConfig
-from gateway.headers import TrustedProxies, request_id, request_skip
+from gateway.headers import request_id
 from gateway.http.message import BodyTimeout, ClientDisconnected, Handler, Request, Response
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import EventContext
@@ -37,89 +36,27 @@ from gateway.metrics import (
 from gateway.pipeline import idempotency, websocket
 from gateway.pipeline.admission import admit
 from gateway.pipeline.forwarding import (
-    Forwarder,
     LimitedBody,
     RoutePlan,
-    Upstreams,
     body_too_large,
 )
+from gateway.pipeline.runtime import CompiledRoute, Runtime
 from gateway.problems import Refused, answer
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.metering import Metering
 from gateway.quota.open import needs_quota, open_store
-from gateway.quota.policy import RouteCharges
 from gateway.quota.view import usage_view
-from gateway.routing import BadPath, Router, parse_path
+from gateway.routing import BadPath, parse_path
 from gateway.services import Services, needs_services
 from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from gateway.usage.restore import restore_shards
 
 log = logging.getLogger("gateway.app")
 
-# Handled by the gateway itself (the listener answers `100 Continue` to the client).
-_GATEWAY_HANDLED = ("Expect",)
 # What a request whose client left mid-body counts as (nginx's "client closed request").
 _GONE = Response(499, close=True)
 # Stripe's events are a few kilobytes; nothing legitimate comes near this.
 _WEBHOOK_MAX_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledRoute:
-    """All a request on one route needs, built once per config: how to forward, what to charge."""
-
-    plan: RoutePlan
-    charges: RouteCharges
-
-
-@dataclass(slots=True)
-class Runtime:
-    """Everything a request reads from the config, swapped as one on reload."""
-
-    config: GatewayConfig
-    router: Router
-    forwarder: Forwarder
-    upstreams: Upstreams
-    routes: list[CompiledRoute]  # by the router's route index
-
-    @classmethod
-    def build(cls, config: GatewayConfig, metrics: ProxyMetrics) -> Runtime:
-        upstreams = Upstreams(config.upstreams)
-        tenant_header = config.auth.forward_tenant_header
-        routes = []
-        credentials = ["Authorization"]
-        if config.auth.api_keys.enabled:
-            # The upstream never needs the gateway's own API keys.
-            credentials.append(config.auth.api_keys.header)
-        for route in config.routes:
-            upstream = upstreams[route.upstream]
-            drop = [tenant_header, *_GATEWAY_HANDLED, *credentials[1:]]
-            # Only a credential the gateway verified goes on (DESIGN 6a), unless the
-            # upstream asks for the client's own (`always`) or for none (`never`).
-            mode = upstream.config.authorization
-            unverified = drop if mode == "always" else [*drop, "Authorization"]
-            verified = [*drop, "Authorization"] if mode == "never" else drop
-            limit = route.max_body_bytes
-            plan = RoutePlan(
-                name=route.name,
-                upstream=upstream,
-                max_body_bytes=config.server.max_body_bytes if limit is None else limit,
-                skip_headers=request_skip(unverified),
-                bearer_skip=request_skip(verified),
-                # A preflight goes on without its body, so without its framing either.
-                preflight_skip=request_skip([*drop, *credentials, "Content-Length"]),
-                websocket=route.websocket,
-                auth_required=route.auth == "required",
-                preflight=route.cors or route.auth == "none",
-            )
-            routes.append(CompiledRoute(plan, RouteCharges.compile(route, config.meters)))
-        return cls(
-            config=config,
-            router=Router(config.routes),
-            forwarder=Forwarder(TrustedProxies(config.server.trusted_proxies), metrics),
-            upstreams=upstreams,
-            routes=routes,
-        )
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
