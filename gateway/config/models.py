@@ -294,6 +294,8 @@ SignalType = Literal[
     "quota.threshold_crossed",
     "quota.exhausted",
     "quota.overage_started",
+    "quota.exhaustion_forecast",
+    "usage.anomaly",
 ]
 SIGNAL_TYPES: tuple[SignalType, ...] = get_args(SignalType)
 
@@ -316,6 +318,24 @@ class NotificationsConfig(Model):
     max_retry_interval_s: DurationS = 3600.0
     # ...and a notification still undelivered this long after its event is dead-lettered.
     dead_after_s: DurationS = 3 * 86400.0
+
+
+class AnomalyConfig(Model):
+    """When an hour's usage is an anomaly for its tenant (see README, "Tenant signals")."""
+
+    k: PositiveFloat = 6.0  # spreads above the baseline's median
+    min_ratio: Annotated[float, Field(ge=1)] = 3.0  # times the median, at least
+    min_quantity: PositiveInt = 100  # units in the hour, at least
+    baseline_weeks: Annotated[StrictInt, Field(ge=1, le=12)] = 4
+
+
+class SignalsConfig(Model):
+    """What `gateway worker` watches in the rollups: anomalies and exhaustion forecasts."""
+
+    interval_s: DurationS = 60.0
+    anomaly: AnomalyConfig = AnomalyConfig()
+    # A forecast exhaustion is signalled only this long before it, at most.
+    forecast_horizon_s: DurationS = 7 * 86400.0
 
 
 class TenantSeed(Model):
@@ -344,6 +364,7 @@ class GatewayConfig(Model):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     notifications: NotificationsConfig = NotificationsConfig()
+    signals: SignalsConfig = SignalsConfig()
     tenants: list[TenantSeed] = []
 
     def upgrade_url(self, plan: str) -> str | None:

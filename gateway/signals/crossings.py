@@ -23,6 +23,8 @@ from gateway.quota.store import ChargeRequest, ChargeResult
 THRESHOLD_CROSSED = "quota.threshold_crossed"
 EXHAUSTED = "quota.exhausted"
 OVERAGE_STARTED = "quota.overage_started"
+EXHAUSTION_FORECAST = "quota.exhaustion_forecast"
+ANOMALY = "usage.anomaly"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +36,10 @@ class Signal:
     meter: str
     period: Period | None  # None for a gauge, which has no period
     used: int
-    limit: int
+    limit: int | None  # None where no limit is involved (an anomaly)
     at_us: int  # the counter store's clock when the charge was made
     threshold: float | None = None  # for THRESHOLD_CROSSED: the `warn_at` fraction
+    details: tuple[tuple[str, object], ...] = ()  # more of `data`, by type
 
     @property
     def key(self) -> str:
@@ -56,12 +59,14 @@ class Signal:
             "tenant": self.tenant,
             "meter": self.meter,
             "used": self.used,
-            "limit": self.limit,
             "period_start": iso_utc(self.period.start) if self.period else None,
             "period_end": iso_utc(self.period.end) if self.period else None,
         }
+        if self.limit is not None:
+            data["limit"] = self.limit
         if self.threshold is not None:
             data["threshold"] = self.threshold
+        data.update(self.details)
         return json.dumps(
             {"type": self.type, "timestamp": iso_utc(from_us(self.at_us)), "data": data},
             separators=(",", ":"),

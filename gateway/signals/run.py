@@ -1,5 +1,6 @@
-"""Starting the signal side of a process: the recorder in `serve`, the notifier wherever
-notifications are delivered from (`gateway worker`, or an embedded `serve`)."""
+"""Starting the signal side of a process: the recorder in `serve`; the watch (anomalies,
+forecasts) and the notifier wherever the worker's work is done (`gateway worker`, or an
+embedded `serve`)."""
 
 from __future__ import annotations
 
@@ -13,37 +14,46 @@ from gateway.ledger.db import Database
 from gateway.lifecycle import stop_task
 from gateway.signals.notifier import Notifier, NotifierMetrics, endpoints
 from gateway.signals.recorder import SignalMetrics, SignalRecorder
+from gateway.signals.watch import Watch, WatchMetrics
 
 log = logging.getLogger("gateway.signals")
 STOP_TIMEOUT_S = 5.0
 
 
-class Delivering:
-    """The notifier on its own task beside whatever else the process does."""
+class Watching:
+    """The watch and the notifier, each on its own task beside the process's other work."""
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, watch: Watch, notifier: Notifier | None) -> None:
+        self.watch = watch
         self.notifier = notifier
-        self._task = asyncio.create_task(notifier.run(), name="notifier")
+        self._tasks = [asyncio.create_task(watch.run(), name="signals-watch")]
+        if notifier is not None:
+            self._tasks.append(asyncio.create_task(notifier.run(), name="notifier"))
 
     @classmethod
     def start(
         cls, config: GatewayConfig, db: Database, registry: CollectorRegistry, holder: str
-    ) -> Delivering | None:
-        """None when no webhook is configured."""
-        if not config.notifications.webhooks:
-            return None
-        notifier = Notifier(db, config.notifications, holder, NotifierMetrics(registry))
-        log.info("delivering notifications to %d webhooks", len(notifier.endpoints))
-        return cls(notifier)
+    ) -> Watching:
+        top = config.metrics.tenant_label_top if config.metrics.tenant_label else 0
+        watch = Watch(config, db, WatchMetrics(registry, top))
+        notifier = None
+        if config.notifications.webhooks:
+            notifier = Notifier(db, config.notifications, holder, NotifierMetrics(registry))
+            log.info("delivering notifications to %d webhooks", len(notifier.endpoints))
+        return cls(watch, notifier)
 
     async def close(self) -> None:
         """Let the deliveries in flight finish (their rows are marked), then stop."""
-        self.notifier.stop()
-        try:
-            async with asyncio.timeout(self.notifier.config.timeout_s + STOP_TIMEOUT_S):
-                await asyncio.shield(self._task)
-        except TimeoutError:
-            await stop_task(self._task)
+        self.watch.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
+        wait_s = self.notifier.config.timeout_s if self.notifier is not None else 0.0
+        for task in self._tasks:
+            try:
+                async with asyncio.timeout(wait_s + STOP_TIMEOUT_S):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                await stop_task(task)
 
 
 def recorder(

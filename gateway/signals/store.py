@@ -10,11 +10,13 @@ take it over, so a receiver may see a notification twice and must dedupe on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from gateway.clock import iso_utc
 from gateway.ledger.db import Database
 from gateway.ledger.timestamps import loaded, required, utc
 from gateway.signals.crossings import Signal
@@ -66,6 +68,12 @@ _LIST = """
     FROM signals s JOIN notifications n ON n.signal_id = s.id
     WHERE ($1 = '' OR s.tenant_id = $1) AND ($2 = '' OR n.state = $2)
     ORDER BY s.created_at DESC, s.id, n.endpoint
+    LIMIT $3
+"""
+_OF_TYPE = """
+    SELECT id, tenant_id, meter, created_at, payload FROM signals
+    WHERE type = $1 AND period_start >= $2
+    ORDER BY period_start DESC, tenant_id, meter
     LIMIT $3
 """
 _REQUEUE = """
@@ -152,6 +160,18 @@ class SignalStore:
     async def counts(self) -> dict[str, int]:
         """Notifications by state."""
         return {r["state"]: int(r["rows"]) for r in await self.db.fetch(_COUNT_BY_STATE)}
+
+    async def of_type(self, kind: str, since: datetime, limit: int) -> list[dict[str, Any]]:
+        """Signals of one type about periods (hours, for anomalies) starting since `since`:
+        each `data` with the signal's id and when it was first seen."""
+        rows = await self.db.fetch(_OF_TYPE, kind, utc(since), limit)
+        out = []
+        for r in rows:
+            data = dict(json.loads(r["payload"])["data"])
+            data["id"] = r["id"]
+            data["detected_at"] = iso_utc(required(loaded(r["created_at"])))
+            out.append(data)
+        return out
 
     async def recent(self, tenant: str = "", state: str = "", limit: int = 100) -> list[Any]:
         """The newest notifications, optionally of one tenant or in one state."""
