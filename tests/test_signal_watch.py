@@ -3,6 +3,7 @@ its metric, the admin endpoint and the notifications."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,7 @@ from gateway.signals.anomaly import HOUR, AnomalySettings, baseline, judge
 from gateway.signals.watch import Watch
 from tests.conftest import gateway_config
 from tests.test_auth_gateway import ADMIN_TOKEN, admin
-from tests.test_signals import SECRET, Receiver
+from tests.test_signals import SECRET, Receiver, valid_payload
 from tests.upstream import Upstream
 from tests.waiting import eventually
 
@@ -136,6 +137,7 @@ async def test_the_watch_forecasts_a_steady_tenant_from_the_ledger(tmp_path: Pat
             if hour % 24 == 5:
                 found = await watch.forecasts(clock[0])
                 assert len(found) == 1
+                valid_payload(json.loads(found[0].payload()))
                 data = dict(found[0].details)
                 exhausts = datetime.fromisoformat(str(data["exhausts_at"]))
                 error_s = abs((exhausts - true_exhaustion).total_seconds())
@@ -242,3 +244,57 @@ async def test_exactly_the_spikes_are_reported_by_metric_endpoint_and_notificati
         assert status == 200 and len(body["notifications"]) == 3, body
     finally:
         await receiver.close()
+
+
+async def test_status_changes_and_grace_periods_signal_once_each(tmp_path: Path) -> None:
+    config = parse(
+        gateway_config(
+            "http://127.0.0.1:1",
+            storage={"ledger": f"sqlite:///{tmp_path / 'ledger.db'}"},
+            subscription={"grace": {"past_due": "30m"}},
+        ),
+        "test.yaml",
+    )
+    ledger = await Ledger.open(config.storage.ledger)
+    await ledger.migrate()
+    now = datetime.now(UTC)
+    for tenant in ("acme", "newco", "lapsed", "old"):
+        await ledger.create_tenant_if_missing(
+            Tenant(id=tenant, plan="pro", status="active", status_changed_at=now)
+        )
+    changes = [  # (tenant, status, changed, created)
+        ("acme", "past_due", now - timedelta(hours=1), now - timedelta(days=5)),
+        ("newco", "active", now - timedelta(minutes=5), now - timedelta(minutes=5)),
+        ("lapsed", "canceled", now - timedelta(minutes=10), now - timedelta(days=40)),
+        ("old", "past_due", now - timedelta(days=9), now - timedelta(days=40)),
+    ]
+    for tenant, status, changed, created in changes:
+        await ledger.db.execute(
+            "UPDATE tenants SET status = $2, status_changed_at = $3, created_at = $4 "
+            "WHERE id = $1",
+            tenant, status, changed, created,
+        )  # fmt: skip
+    watch = Watch(config, ledger.db)
+    try:
+        found = await watch.round()
+        seen = sorted((s.type, s.tenant) for s in found)
+        assert seen == [
+            ("subscription.grace_ended", "acme"),
+            ("subscription.grace_started", "acme"),
+            ("subscription.status_changed", "acme"),
+            ("subscription.status_changed", "lapsed"),
+        ]
+        started = next(s for s in found if s.type == "subscription.grace_started")
+        for signal in found:
+            valid_payload(json.loads(signal.payload()))
+        data = json.loads(started.payload())["data"]
+        assert data["status"] == "past_due" and data["tenant"] == "acme"
+        assert datetime.fromisoformat(data["grace_ends_at"]) == (
+            now - timedelta(minutes=30)
+        ).replace(microsecond=0)
+        again = await watch.round()
+        assert sorted((s.type, s.tenant) for s in again) == seen
+        rows = await ledger.db.fetch("SELECT type, tenant_id FROM signals ORDER BY 1, 2")
+        assert [(r["type"], r["tenant_id"]) for r in rows] == seen  # written once each
+    finally:
+        await ledger.close()

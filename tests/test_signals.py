@@ -4,6 +4,7 @@ as signed webhooks exactly once per tenant, meter, threshold and period."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
@@ -153,6 +155,25 @@ async def test_the_ledger_keeps_one_signal_and_leases_each_notification_once(
     assert taken
 
 
+PAYLOAD_SCHEMA = json.loads(
+    (Path(__file__).parent.parent / "config" / "notification.schema.json").read_text()
+)
+
+
+def valid_payload(payload: Any) -> None:
+    """A notification body as `config/notification.schema.json` documents it."""
+    jsonschema.Draft202012Validator(PAYLOAD_SCHEMA).validate(payload)
+
+
+def test_every_quota_signal_has_the_documented_shape() -> None:
+    limits = [(HARD, 79, 21), (SOFT, 100, 1), (MeterLimit("seats", "gauge", 5, True), 4, 1)]
+    for limit, before, cost in limits:
+        for signal in crossings(*charge(limit, before, cost)):
+            valid_payload(json.loads(signal.payload()))
+    with pytest.raises(jsonschema.ValidationError):
+        valid_payload({"type": "quota.exhausted", "timestamp": "x", "data": {"tenant": "a"}})
+
+
 class Receiver:
     """The SaaS team's endpoint: answers 500 until `healthy_at`, records every request."""
 
@@ -185,6 +206,7 @@ class Receiver:
         for status, headers, body in self.requests:
             if status == 204:
                 payload = verifier.verify(body, headers)
+                valid_payload(payload)
                 assert payload["type"] and headers["webhook-id"].startswith("sig_")
                 out.append(payload)
         return out

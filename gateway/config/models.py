@@ -296,6 +296,9 @@ SignalType = Literal[
     "quota.overage_started",
     "quota.exhaustion_forecast",
     "usage.anomaly",
+    "subscription.status_changed",
+    "subscription.grace_started",
+    "subscription.grace_ended",
 ]
 SIGNAL_TYPES: tuple[SignalType, ...] = get_args(SignalType)
 

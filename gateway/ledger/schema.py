@@ -262,6 +262,8 @@ MIGRATIONS = [
             CREATE INDEX notifications_due ON notifications (next_attempt_at)
             WHERE state = 'pending'
             """,
+            # The worker's watch reads the recent status changes.
+            "CREATE INDEX tenants_status_changed ON tenants (status_changed_at)",
         ],
     ),
 ]

@@ -33,7 +33,7 @@ class Signal:
 
     type: str
     tenant: str
-    meter: str
+    meter: str  # "" for a signal about the tenant itself (its subscription)
     period: Period | None  # None for a gauge, which has no period
     used: int
     limit: int | None  # None where no limit is involved (an anomaly)
@@ -55,13 +55,12 @@ class Signal:
 
     def payload(self) -> str:
         """The notification body, in the Standard Webhooks shape `{type, timestamp, data}`."""
-        data: dict[str, object] = {
-            "tenant": self.tenant,
-            "meter": self.meter,
-            "used": self.used,
-            "period_start": iso_utc(self.period.start) if self.period else None,
-            "period_end": iso_utc(self.period.end) if self.period else None,
-        }
+        data: dict[str, object] = {"tenant": self.tenant}
+        if self.meter:  # not for a tenant's own signals (its subscription)
+            data["meter"] = self.meter
+            data["used"] = self.used
+            data["period_start"] = iso_utc(self.period.start) if self.period else None
+            data["period_end"] = iso_utc(self.period.end) if self.period else None
         if self.limit is not None:
             data["limit"] = self.limit
         if self.threshold is not None:

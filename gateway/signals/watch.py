@@ -32,6 +32,7 @@ from gateway.signals.anomaly import HOUR, WEEK, AnomalySettings, Verdict, baseli
 from gateway.signals.crossings import ANOMALY, EXHAUSTION_FORECAST, Signal
 from gateway.signals.recorder import endpoints_by_type
 from gateway.signals.store import SignalStore
+from gateway.signals.subscriptions import subscription_signals
 
 log = logging.getLogger("gateway.signals")
 
@@ -143,7 +144,8 @@ class Watch:
         now = self.clock()
         anomalies = await self.anomalies(now)
         forecasts = await self.forecasts(now)
-        signals = [a.signal(now) for a in anomalies] + forecasts
+        subscriptions = await subscription_signals(self.db, self.config.subscription, now)
+        signals = [a.signal(now) for a in anomalies] + forecasts + subscriptions
         await self.store.record([(s, self.endpoints.get(s.type, ())) for s in signals], now)
         if self.metrics is not None:
             self._export(anomalies, forecasts, now)
