@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -151,6 +151,20 @@ def _tenant_args(tenant: Tenant, now: datetime | None) -> tuple[Any, ...]:
     )
 
 
+TENANT_SORTS = ("id", "plan", "status", "status_changed_at", "created_at", "stripe_customer")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantQuery:
+    """Which tenants a list shows, and in what order."""
+
+    plan: str = ""
+    status: str = ""
+    text: str = ""  # a part of the id, the name or the Stripe customer, any case
+    sort: str = "id"  # one of TENANT_SORTS
+    descending: bool = False
+
+
 class Ledger:
     """Tenants and API keys on a `Database`, whichever backend it is."""
 
@@ -211,6 +225,37 @@ class Ledger:
         else:
             rows = await self.db.fetch(_LIST_TENANTS_AFTER, limit, after)
         return [_tenant(row) for row in rows]
+
+    async def search_tenants(
+        self, query: TenantQuery, offset: int, limit: int
+    ) -> tuple[int, list[Tenant]]:
+        """A page of the tenants `query` selects, in its order, and how many it selects."""
+        where, args = [], []
+        for column, value in (("plan", query.plan), ("status", query.status)):
+            if value:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        if query.text:
+            escaped = query.text.lower().replace("\\", "\\\\").replace("%", "\\%")
+            args.append("%" + escaped.replace("_", "\\_") + "%")
+            n = len(args)
+            where.append(
+                f"(lower(id) LIKE ${n} ESCAPE '\\' OR lower(coalesce(name, '')) LIKE ${n} "
+                f"ESCAPE '\\' OR lower(coalesce(stripe_customer, '')) LIKE ${n} ESCAPE '\\')"
+            )
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        total = await self.db.fetchval(f"SELECT count(*) FROM tenants {clause}", *args)
+        column = query.sort if query.sort in TENANT_SORTS else "id"
+        order = f"{column} {'DESC' if query.descending else 'ASC'}"
+        if column != "id":
+            order += ", id"  # a total order: pages neither repeat nor skip a tenant
+        n = len(args)
+        rows = await self.db.fetch(
+            f"SELECT {_TENANT_COLUMNS} FROM tenants {clause} ORDER BY {order} "
+            f"LIMIT ${n + 1} OFFSET ${n + 2}",
+            *args, limit, offset,
+        )  # fmt: skip
+        return int(total), [_tenant(row) for row in rows]
 
     async def create_tenant_if_missing(
         self, tenant: Tenant, *, now: datetime | None = None
