@@ -11,12 +11,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.app import QUOTA, SERVICES
-from gateway.console.session import COOKIE, Session, Sessions
+from gateway.console.session import COOKIE, LoginThrottle, Session, Sessions
 from gateway.quota.engine import QuotaEngine
 from gateway.services import Services
 
 HERE = Path(__file__).parent
 SESSIONS = web.AppKey("console_sessions", Sessions)
+THROTTLE = web.AppKey("console_login_throttle", LoginThrottle)
 TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
 PUBLIC = web.AppKey("console_public_app", web.Application)
 SESSION = web.RequestKey("console_session", Session)  # once checked

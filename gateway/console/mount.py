@@ -13,8 +13,16 @@ import jinja2
 from aiohttp import web
 
 from gateway.console import tenant_page, views
-from gateway.console.common import HERE, PUBLIC, SESSIONS, TEMPLATES, console_guard, see_other
-from gateway.console.session import Sessions
+from gateway.console.common import (
+    HERE,
+    PUBLIC,
+    SESSIONS,
+    TEMPLATES,
+    THROTTLE,
+    console_guard,
+    see_other,
+)
+from gateway.console.session import LoginThrottle, Sessions
 
 
 async def _home(request: web.Request) -> web.Response:
@@ -25,6 +33,7 @@ def setup_console(app: web.Application, public_app: web.Application, token: str 
     """Mount the console on the admin application (before it starts)."""
     if token:
         app[SESSIONS] = Sessions(token)
+    app[THROTTLE] = LoginThrottle()
     app[PUBLIC] = public_app
     app[TEMPLATES] = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),

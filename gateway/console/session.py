@@ -61,3 +61,31 @@ class Sessions:
 
     def csrf_ok(self, session: Session, given: str | None) -> bool:
         return given is not None and hmac.compare_digest(given, self.csrf(session))
+
+
+class LoginThrottle:
+    """At most `attempts` wrong tokens per client address in `window_s`; then refused until
+    the window ends. Bounded: the oldest addresses are forgotten past `max_clients`."""
+
+    def __init__(self, attempts: int = 5, window_s: float = 60.0, max_clients: int = 10_000):
+        self.attempts = attempts
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._failures: dict[str, tuple[float, int]] = {}  # address -> (window start, count)
+
+    def retry_after_s(self, address: str, now: float | None = None) -> int:
+        """0 when the address may try now; else how long it must wait."""
+        now = time.monotonic() if now is None else now
+        start, count = self._failures.get(address, (now, 0))
+        if now - start >= self.window_s or count < self.attempts:
+            return 0
+        return max(1, int(start + self.window_s - now + 0.999))
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        start, count = self._failures.pop(address, (now, 0))
+        if now - start >= self.window_s:
+            start, count = now, 0
+        self._failures[address] = (start, count + 1)  # re-inserted: the newest last
+        while len(self._failures) > self.max_clients:
+            del self._failures[next(iter(self._failures))]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from typing import Any
 
 from aiohttp import web
 
@@ -11,18 +13,28 @@ from gateway.clock import utc_now
 from gateway.console.common import (
     PUBLIC,
     SESSIONS,
+    THROTTLE,
     engine_of,
     render,
     see_other,
     services_of,
 )
 from gateway.console.session import COOKIE
+from gateway.ledger.records import Tenant
 from gateway.ledger.store import TENANT_SORTS, TenantQuery
+from gateway.ledger.usage_ledger import UsageLedger
+from gateway.quota.engine import QuotaEngine
 from gateway.quota.view import usage_view
+from gateway.services import Services
 from gateway.signals.crossings import ANOMALY, EXHAUSTION_FORECAST
 from gateway.signals.store import SignalStore
 
 PAGE_SIZE = 50
+STATES = ("warning", "exhausted", "overage")
+STATE_CHUNK = 500
+# Usage older than this is in no current period (the longest is a month; "none" periods
+# start at the epoch and are read apart).
+ACTIVE_SINCE = timedelta(days=62)
 STATUSES = ("active", "trialing", "past_due", "unpaid", "canceled", "paused", "incomplete",
             "incomplete_expired")  # fmt: skip
 
@@ -32,11 +44,22 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.StreamResponse:
+    throttle = request.app[THROTTLE]
+    address = request.remote or ""
+    wait_s = throttle.retry_after_s(address)
+    if wait_s:
+        response = render(
+            request, "login.html", status=429,
+            error=f"too many wrong tokens from your address; try again in {wait_s} s",
+        )  # fmt: skip
+        response.headers["Retry-After"] = str(wait_s)
+        return response
     form = await request.post()
     given = form.get("token")
     sessions = request.app[SESSIONS]
     cookie = sessions.login(given if isinstance(given, str) else "")
     if cookie is None:
+        throttle.failed(address)
         return render(request, "login.html", status=401, error="wrong admin token")
     response = see_other("/console/tenants")
     response.set_cookie(
@@ -74,8 +97,17 @@ async def tenants(request: web.Request) -> web.Response:
     services = services_of(request)
     engine = engine_of(request)
     query, page = _query(request)
-    total, found = await services.ledger.search_tenants(query, (page - 1) * PAGE_SIZE, PAGE_SIZE)
-    views = await asyncio.gather(*(usage_view(engine, t) for t in found)) if engine else []
+    state = request.query.get("state", "")
+    offset = (page - 1) * PAGE_SIZE
+    if state in STATES and engine is not None:
+        total, found, views = await _in_state(services, engine, query, state, offset)
+    else:
+        state = ""
+        total, found = await services.ledger.search_tenants(query, offset, PAGE_SIZE)
+        found = await services.ledger.with_credits(found)
+        views = (
+            list(await asyncio.gather(*(usage_view(engine, t) for t in found))) if engine else []
+        )
     ids = [t.id for t in found]
     store = SignalStore(services.ledger.db)
     flags = await store.flags(ids, (ANOMALY, EXHAUSTION_FORECAST), utc_now()) if ids else {}
@@ -94,6 +126,25 @@ async def tenants(request: web.Request) -> web.Response:
     return render(
         request, "tenants.html", rows=rows, total=total, page=page, page_size=PAGE_SIZE,
         pages=max(1, -(-total // PAGE_SIZE)), query=query, plans=sorted(config.plans),
-        statuses=STATUSES,
-        sorts=TENANT_SORTS,
+        statuses=STATUSES, sorts=TENANT_SORTS, states=STATES, state=state,
     )  # fmt: skip
+
+
+async def _in_state(
+    services: Services, engine: QuotaEngine, query: TenantQuery, state: str, offset: int
+) -> tuple[int, list[Tenant], list[dict[str, Any]]]:
+    """The page of tenants with a meter in `state` now, by the counters. Only tenants with
+    usage in the ledger can be past a threshold, so only they are read; the total needs
+    every one of them, so this filter costs in proportion to the active tenants."""
+    active = await UsageLedger(services.ledger.db).active_tenants(utc_now() - ACTIVE_SINCE)
+    _, everyone = await services.ledger.search_tenants(query, 0, 10_000_000)
+    candidates = [t for t in everyone if t.id in active]
+    matches: list[tuple[Tenant, dict[str, Any]]] = []
+    for start in range(0, len(candidates), STATE_CHUNK):
+        chunk = await services.ledger.with_credits(candidates[start : start + STATE_CHUNK])
+        views = await asyncio.gather(*(usage_view(engine, t) for t in chunk))
+        for tenant, view in zip(chunk, views, strict=True):
+            if any(m["state"] == state for m in view["meters"].values()):
+                matches.append((tenant, view))
+    page = matches[offset : offset + PAGE_SIZE]
+    return len(matches), [t for t, _ in page], [v for _, v in page]

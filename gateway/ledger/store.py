@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -198,6 +199,24 @@ class Ledger:
         at = datetime.now(UTC) if now is None else utc(now)
         credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
         return replace(_tenant(row), credits=tuple(_credit(c) for c in credits))
+
+    async def with_credits(
+        self, tenants: Sequence[Tenant], *, now: datetime | None = None
+    ) -> list[Tenant]:
+        """`tenants` with their credits for periods not over at `now`, in one query."""
+        if not tenants:
+            return []
+        at = datetime.now(UTC) if now is None else utc(now)
+        marks = ", ".join(f"${i}" for i in range(2, 2 + len(tenants)))
+        rows = await self.db.fetch(
+            f"SELECT tenant_id, {_CREDIT_COLUMNS} FROM credits WHERE period_end > $1 "
+            f"AND tenant_id IN ({marks}) ORDER BY id",
+            at, *(t.id for t in tenants),
+        )  # fmt: skip
+        credits: dict[str, list[Credit]] = {}
+        for row in rows:
+            credits.setdefault(row["tenant_id"], []).append(_credit(row))
+        return [replace(t, credits=tuple(credits.get(t.id, ()))) for t in tenants]
 
     async def tenant_by_customer(self, customer: str) -> Tenant | None:
         """The tenant of a Stripe customer (without its credits), or None."""
