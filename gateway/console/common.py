@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 from gateway.app import QUOTA, SERVICES
 from gateway.console.session import COOKIE, LoginThrottle, Session, Sessions
 from gateway.quota.engine import QuotaEngine
+from gateway.quota.store import StoreUnavailable
 from gateway.services import Services
 
 HERE = Path(__file__).parent
@@ -69,7 +70,12 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
                     )
                     response.headers.update(SECURITY_HEADERS)
                     return response
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except StoreUnavailable as exc:
+                response = web.Response(
+                    status=503, text=f"the counters cannot be read right now ({exc}); reload"
+                )
     response.headers.update(SECURITY_HEADERS)
     return response
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from gateway.app import RUNTIME
-from gateway.clock import utc_now
+from gateway.clock import EPOCH, utc_now
 from gateway.console.common import (
     PUBLIC,
     SESSIONS,
@@ -24,6 +25,10 @@ from gateway.ledger.records import Tenant
 from gateway.ledger.store import TENANT_SORTS, TenantQuery
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine
+from gateway.quota.periods import meter_period
+from gateway.quota.policy import credit_of
+from gateway.quota.rules import credited, meter_state
+from gateway.quota.store import StoreUnavailable
 from gateway.quota.view import usage_view
 from gateway.services import Services
 from gateway.signals.crossings import ANOMALY, EXHAUSTION_FORECAST
@@ -32,6 +37,7 @@ from gateway.signals.store import SignalStore
 PAGE_SIZE = 50
 STATES = ("warning", "exhausted", "overage")
 STATE_CHUNK = 500
+VIEW_CONCURRENCY = 16
 # Usage older than this is in no current period (the longest is a month; "none" periods
 # start at the epoch and are read apart).
 ACTIVE_SINCE = timedelta(days=62)
@@ -105,9 +111,7 @@ async def tenants(request: web.Request) -> web.Response:
         state = ""
         total, found = await services.ledger.search_tenants(query, offset, PAGE_SIZE)
         found = await services.ledger.with_credits(found)
-        views = (
-            list(await asyncio.gather(*(usage_view(engine, t) for t in found))) if engine else []
-        )
+        views = await views_of(engine, found) if engine is not None else []
     ids = [t.id for t in found]
     store = SignalStore(services.ledger.db)
     flags = await store.flags(ids, (ANOMALY, EXHAUSTION_FORECAST), utc_now()) if ids else {}
@@ -130,21 +134,57 @@ async def tenants(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
+async def views_of(engine: QuotaEngine, tenants: list[Tenant]) -> list[dict[str, Any]]:
+    """The usage views of many tenants, a few at a time: the counter store's timeout is
+    set for the request path, where calls come spread out, not all at once."""
+    slots = asyncio.Semaphore(VIEW_CONCURRENCY)
+
+    async def one(tenant: Tenant) -> dict[str, Any]:
+        async with slots:
+            try:
+                return await usage_view(engine, tenant)
+            except StoreUnavailable:  # a timeout on a busy loop: once more, then a 503
+                return await usage_view(engine, tenant)
+
+    return list(await asyncio.gather(*(one(t) for t in tenants)))
+
+
 async def _in_state(
     services: Services, engine: QuotaEngine, query: TenantQuery, state: str, offset: int
 ) -> tuple[int, list[Tenant], list[dict[str, Any]]]:
-    """The page of tenants with a meter in `state` now, by the counters. Only tenants with
-    usage in the ledger can be past a threshold, so only they are read; the total needs
-    every one of them, so this filter costs in proportion to the active tenants."""
-    active = await UsageLedger(services.ledger.db).active_tenants(utc_now() - ACTIVE_SINCE)
-    _, everyone = await services.ledger.search_tenants(query, 0, 10_000_000)
-    candidates = [t for t in everyone if t.id in active]
-    matches: list[tuple[Tenant, dict[str, Any]]] = []
+    """The page of tenants with a meter in `state`, judged by the ledger's totals of the
+    current periods (seconds behind the counters, which the page's bars show): only a
+    tenant with usage can be past a threshold, and reading the ledger once is what lets
+    this filter run over every tenant."""
+    now = engine.clock()
+    used: dict[str, dict[tuple[str, datetime], int]] = {}
+    totals = await UsageLedger(services.ledger.db).recent_totals(now - ACTIVE_SINCE)
+    for tenant_id, meter, period_start, quantity in totals:
+        used.setdefault(tenant_id, {})[meter, period_start] = quantity
+    active = replace(query, used_since=now - ACTIVE_SINCE)
+    _, candidates = await services.ledger.search_tenants(active, 0, 10_000_000)
+    matches: list[Tenant] = []
     for start in range(0, len(candidates), STATE_CHUNK):
-        chunk = await services.ledger.with_credits(candidates[start : start + STATE_CHUNK])
-        views = await asyncio.gather(*(usage_view(engine, t) for t in chunk))
-        for tenant, view in zip(chunk, views, strict=True):
-            if any(m["state"] == state for m in view["meters"].values()):
-                matches.append((tenant, view))
+        for tenant in await services.ledger.with_credits(
+            candidates[start : start + STATE_CHUNK], now=now
+        ):
+            if _any_in_state(engine, tenant, used[tenant.id], state, now):
+                matches.append(tenant)
     page = matches[offset : offset + PAGE_SIZE]
-    return len(matches), [t for t, _ in page], [v for _, v in page]
+    return len(matches), page, await views_of(engine, page)
+
+
+def _any_in_state(
+    engine: QuotaEngine,
+    tenant: Tenant,
+    used: dict[tuple[str, datetime], int],
+    state: str,
+    now: datetime,
+) -> bool:
+    for meter, spec in engine.config.meters.items():
+        period = meter_period(spec, now, tenant.billing_anchor)
+        quantity = used.get((meter, period.start if period else EPOCH), 0)
+        limit = credited(engine.meter_limit(tenant, meter), credit_of(tenant, meter, period))
+        if quantity and meter_state(limit, quantity) == state:
+            return True
+    return False

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.clock import EPOCH
 from gateway.ledger import schema
 from gateway.ledger.db import Database, connect
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
@@ -164,6 +165,8 @@ class TenantQuery:
     text: str = ""  # a part of the id, the name or the Stripe customer, any case
     sort: str = "id"  # one of TENANT_SORTS
     descending: bool = False
+    # Only tenants with usage in a period started since then (or one that never resets).
+    used_since: datetime | None = None
 
 
 class Ledger:
@@ -249,31 +252,46 @@ class Ledger:
         self, query: TenantQuery, offset: int, limit: int
     ) -> tuple[int, list[Tenant]]:
         """A page of the tenants `query` selects, in its order, and how many it selects."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("plan", query.plan), ("status", query.status)):
             if value:
                 args.append(value)
                 where.append(f"{column} = ${len(args)}")
         if query.text:
-            escaped = query.text.lower().replace("\\", "\\\\").replace("%", "\\%")
-            args.append("%" + escaped.replace("_", "\\_") + "%")
-            n = len(args)
+            escaped = query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args.append(f"%{escaped}%")
+            # Case-insensitive either way (SQLite's LIKE is, for ASCII); ILIKE spares
+            # PostgreSQL a lower() of every row.
+            operator = "ILIKE" if self.db.dialect == "postgresql" else "LIKE"
+            like = f"{operator} ${len(args)} ESCAPE '\\'"
             where.append(
-                f"(lower(id) LIKE ${n} ESCAPE '\\' OR lower(coalesce(name, '')) LIKE ${n} "
-                f"ESCAPE '\\' OR lower(coalesce(stripe_customer, '')) LIKE ${n} ESCAPE '\\')"
+                f"(id {like} OR coalesce(name, '') {like} OR coalesce(stripe_customer, '') {like})"
+            )
+        if query.used_since is not None:
+            args += [utc(query.used_since), EPOCH]
+            where.append(
+                f"id IN (SELECT tenant_id FROM usage_totals WHERE quantity > 0 AND "
+                f"(period_start >= ${len(args) - 1} OR period_start = ${len(args)}))"
             )
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        total = await self.db.fetchval(f"SELECT count(*) FROM tenants {clause}", *args)
         column = query.sort if query.sort in TENANT_SORTS else "id"
         order = f"{column} {'DESC' if query.descending else 'ASC'}"
         if column != "id":
             order += ", id"  # a total order: pages neither repeat nor skip a tenant
         n = len(args)
+        # A text search scans every row anyway: it counts them in the same scan. Else
+        # the page comes in index order and the count is a scan of its own.
+        counted = ", count(*) OVER () AS selected" if query.text else ""
         rows = await self.db.fetch(
-            f"SELECT {_TENANT_COLUMNS} FROM tenants {clause} ORDER BY {order} "
+            f"SELECT {_TENANT_COLUMNS}{counted} FROM tenants {clause} ORDER BY {order} "
             f"LIMIT ${n + 1} OFFSET ${n + 2}",
             *args, limit, offset,
         )  # fmt: skip
+        if counted and (rows or not offset):
+            total = rows[0]["selected"] if rows else 0
+        else:
+            total = await self.db.fetchval(f"SELECT count(*) FROM tenants {clause}", *args)
         return int(total), [_tenant(row) for row in rows]
 
     async def create_tenant_if_missing(
