@@ -5,6 +5,7 @@ content type is one the document states, every body matches its schema."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import hypothesis
 import pytest
@@ -60,7 +61,7 @@ def admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     suppress_health_check=list(hypothesis.HealthCheck),
     derandomize=True,
 )
-def test_the_admin_api_keeps_to_its_document(case: Case, admin_url: str) -> None:
+def test_the_admin_api_keeps_to_its_document(case: Case[Any], admin_url: str) -> None:
     case.call_and_validate(
         base_url=admin_url,
         headers={"Authorization": f"Bearer {TOKEN}"},
