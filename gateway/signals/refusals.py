@@ -66,6 +66,8 @@ class RefusalTally:
         except LedgerError as exc:
             log.warning("refusal counts not written (%s); kept for the next flush", exc)
             self._counts.update(counts)
+        except Exception as exc:  # counts for the console: never worth failing a stop for
+            log.warning("refusal counts dropped (%s: %s)", type(exc).__name__, exc)
 
     async def close(self) -> None:
         await stop_task(self._task)
