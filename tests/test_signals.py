@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 
 from gateway.auth.jwt import mint
 from gateway.clock import to_us
-from gateway.config.models import NotificationsConfig, WebhookConfig
+from gateway.config.signals import NotificationsConfig, WebhookConfig
 from gateway.ledger.store import Ledger
 from gateway.quota.periods import Period
 from gateway.quota.plan import MeterCharge

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from standardwebhooks.webhooks import Webhook
 
 from gateway.clock import utc_now
-from gateway.config.models import NotificationsConfig
+from gateway.config.signals import NotificationsConfig
 from gateway.ledger.db import Database, LedgerError
 from gateway.lifecycle import pause
 from gateway.services import StartupError

@@ -19,7 +19,7 @@ from datetime import datetime
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.clock import utc_now
-from gateway.config.models import NotificationsConfig
+from gateway.config.signals import NotificationsConfig
 from gateway.ledger.db import Database, LedgerError
 from gateway.lifecycle import stop_task
 from gateway.quota.store import ChargeRequest, ChargeResult
