@@ -60,7 +60,10 @@ async def test_a_store_lost_after_close_starts_no_restore_that_outlives_the_engi
     # A request still in flight when the app stops meets the lost store.
     tenant = Tenant("acme", "starter", "active", datetime.now(UTC))
     request = engine.request(
-        tenant, RouteCharges.compile(config.routes[0], config.meters), EventContext("api")
+        engine.policies,
+        tenant,
+        RouteCharges.compile(config.routes[0], config.meters),
+        EventContext("api"),
     )
     assert request is not None
     with pytest.raises(StoreLost):
@@ -115,7 +118,7 @@ def test_a_plan_is_compiled_once_and_again_when_the_tenant_or_the_period_changes
     tenant = Tenant("acme", "starter", "active", now[0])
 
     def plan_of(who: Tenant) -> ChargePlan:
-        request = engine.request(who, route, EventContext("api"))
+        request = engine.request(engine.policies, who, route, EventContext("api"))
         assert request is not None and request.plan is not None
         return request.plan
 
@@ -160,7 +163,7 @@ def test_compiled_plans_are_bounded_oldest_out() -> None:
     tenants = [Tenant(t, "starter", "active", datetime.now(UTC)) for t in ("a", "b", "c")]
 
     def plan_of(who: Tenant) -> ChargePlan | None:
-        request = engine.request(who, route, EventContext("api"))
+        request = engine.request(engine.policies, who, route, EventContext("api"))
         return request.plan if request is not None else None
 
     first = [plan_of(t) for t in tenants]
