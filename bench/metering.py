@@ -78,6 +78,7 @@ async def _main(requests: int, concurrency: int, rounds: int, metrics: bool) -> 
             await store.restore(shard, [])
         engine = QuotaEngine(config, store, metrics=QuotaMetrics(registry) if metrics else None)
         route = RouteCharges.compile(config.routes[0], config.meters)
+        policies = engine.policies_for(config)
         headers = [
             {"Authorization": "Bearer " + mint(SECRET, "HS256", [TENANT_CLAIM], t, TOKEN_TTL_S)}
             for t in TENANTS
@@ -91,14 +92,14 @@ async def _main(requests: int, concurrency: int, rounds: int, metrics: bool) -> 
 
         async def metering(i: int) -> None:
             context = EventContext("api", "GET", f"rid-{i}")
-            meter = Metering(engine, engine.policies, tenants[i % len(tenants)], route, context)
+            meter = Metering(engine, policies, tenants[i % len(tenants)], route, context)
             await meter.check()
             await meter.finish(200, {})
 
         async def both(i: int) -> None:
             admitted = await admit(headers[i % len(headers)], auth.authenticator, services, config)
             context = EventContext("api", "GET", f"rid-{i}")
-            meter = Metering(engine, engine.policies, admitted.tenant, route, context)
+            meter = Metering(engine, policies, admitted.tenant, route, context)
             await meter.check()
             await meter.finish(200, {})
 

@@ -327,7 +327,7 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     auth = None
     if services is not None:
         auth = await Auth.open(config.auth, services.directory, app[AUTH_METRICS])
-    policies = engine.policies if engine is not None else None
+    policies = engine.policies_for(config) if engine is not None else None
     app[LIVE] = Live(Runtime.build(config, app[METRICS], auth, policies))
     yield
     await app[LIVE].runtime.close()  # a reload's previous ones are the reloader's

@@ -90,8 +90,6 @@ class QuotaEngine:
         tallies = Tallies(metrics) if metrics is not None else None
         self._tallies = tallies
         self._tenant_tallies = tallies.tenants if tallies is not None else None
-        # The start config's; a reload builds the next ones with `policies_for`.
-        self.policies = Policies(config, clock, tallies)
         if metrics is not None:
             metrics.pending.set_function(lambda: len(self.pending))
             spool = self._spool
@@ -100,7 +98,8 @@ class QuotaEngine:
         self._closing = False
 
     def policies_for(self, config: GatewayConfig) -> Policies:
-        """The quota side of another config (a reload's), counted on this engine's metrics."""
+        """The quota side of `config` (the start's, then each reload's), counted on this
+        engine's metrics; requests pass theirs to each call (the engine keeps none)."""
         return Policies(config, self.clock, self._tallies)
 
     def request(
