@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,47 @@ async def test_a_request_in_flight_finishes_on_the_old_config_and_its_pool_is_cl
         await other.close()
 
 
+async def test_reloads_under_steady_load_fail_no_request(
+    started: Gateway, upstream: Upstream, tmp_path: Path
+) -> None:
+    assert started.app is not None
+    other = await start_upstream()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        token = mint(SECRET, "HS256", ["org_id"], "acme", 600)
+        async with aiohttp.ClientSession() as session:  # keep-alive, as a real client
+            while not stop.is_set():
+                async with session.get(
+                    f"http://127.0.0.1:{started.port}/v1/respond/x?delay=0.005",
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    pools = [started.app[LIVE].runtime.upstreams["app"].client]
+    try:
+        for i in range(10):
+            served = len(statuses)
+            await eventually(lambda: len(statuses) > served + 4)  # noqa: B023 - awaited here
+            # Every other reload moves `app` to the other upstream: its pool is retired.
+            data = config(upstream, tmp_path, limit=10_000 + i)
+            data["upstreams"]["app"]["url"] = (other if i % 2 == 0 else upstream).url
+            write_config(config_file(started), data)
+            assert (await reload(started.admin_port))[0] == 200
+            pools.append(started.app[LIVE].runtime.upstreams["app"].client)
+        await eventually(lambda: len(statuses) > 40)
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+        await other.close()
+    assert statuses.count(200) == len(statuses)
+    await eventually(lambda: all(pool.open_connections == 0 for pool in pools[:-1]))
+    print(f"{len(statuses)} requests from 4 clients across 10 reloads: all 200")
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -281,9 +323,11 @@ async def test_sighup_reloads_a_running_gateway_serve(upstream: Upstream, tmp_pa
     try:
         assert [await call(proc.port) for _ in range(2)] == [200, 200]
         write_config(path, config(upstream, tmp_path, limit=2))
+        signalled = time.perf_counter()
         proc.signal(signal.SIGHUP)
         await eventually(lambda: any("config reloaded" in line for line in proc.log_lines))
-        assert await call(proc.port) == 402
+        reloaded_ms = (time.perf_counter() - signalled) * 1000
+        assert await call(proc.port) == 402  # the third request: the old limit let it through
         # A broken file: the lowered limit stays, one line says why, the failure is counted.
         path.write_text("plans: [")
         proc.signal(signal.SIGHUP)
@@ -297,6 +341,7 @@ async def test_sighup_reloads_a_running_gateway_serve(upstream: Upstream, tmp_pa
         assert 'gateway_config_reloads_total{result="success"} 1.0' in metrics
         assert 'gateway_config_reloads_total{result="failure"} 1.0' in metrics
         assert proc.stop() == 0
+        print(f"SIGHUP to the reload logged by gateway serve: {reloaded_ms:.0f} ms")
     finally:
         if proc.proc is not None:
             proc.kill()
