@@ -316,6 +316,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     services = await Services.open(config, LedgerMetrics(app[REGISTRY]))
     app[SERVICES] = services
+    app[AUTH_METRICS] = AuthMetrics(app[REGISTRY])  # the JWKS fetches of every runtime
     yield
     await services.close()
 
@@ -364,7 +365,6 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app[WEBHOOK_METRICS] = WebhookMetrics(registry)
     app[REGISTRY] = registry
     app[CONFIG] = config
-    app[AUTH_METRICS] = AuthMetrics(registry)
     if config.logging.access_log:
         app[ACCESS_LOG] = access.AccessLog.for_config(config)
     app.cleanup_ctx.append(_access_log_ctx)
