@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway import admin_signals
 from gateway.app import LIVE, QUOTA, SERVICES
 from gateway.clock import iso_utc
 from gateway.config.loader import ConfigError
@@ -25,6 +27,7 @@ from gateway.quota.policy import Policies
 from gateway.quota.view import current_period, usage_view
 from gateway.reload import RELOADER
 from gateway.services import Services
+from gateway.signals.store import SignalStore
 from gateway.tenant_ops import (
     TenantChangeError,
     TenantOps,
@@ -352,4 +355,17 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/admin/tenants/{id}/meters/{meter}/reset", reset_meter)
     app.router.add_post("/admin/tenants/{id}/credits", add_credit)
     app.router.add_post("/admin/reload", reload_config)
+    app.router.add_get("/admin/anomalies", _on_signals(admin_signals.list_anomalies))
+    app.router.add_get("/admin/notifications", _on_signals(admin_signals.list_notifications))
+    app.router.add_post("/admin/notifications/{signal}/requeue", _on_signals(admin_signals.requeue))
     app.router.add_get("/admin/openapi.json", openapi)
+
+
+def _on_signals(
+    handler: Callable[[web.Request, SignalStore], Awaitable[dict[str, Any]]],
+) -> Handler:
+    async def on_signals(request: web.Request) -> web.StreamResponse:
+        store = SignalStore(_services(request).ledger.db)
+        return web.json_response(await handler(request, store))
+
+    return on_signals

@@ -49,6 +49,8 @@ from gateway.quota.open import needs_quota, open_store
 from gateway.quota.view import usage_view
 from gateway.routing import BadPath, parse_path
 from gateway.services import Auth, Services, needs_services
+from gateway.signals.run import Watching
+from gateway.signals.run import recorder as signal_recorder
 from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from gateway.usage.restore import restore_shards
 
@@ -215,7 +217,8 @@ async def _gateway_endpoint(
     if request.method not in ("GET", "HEAD"):
         raise Refused(405, "method-not-allowed", "use GET")
     admitted = await admit(request.headers, _auth(runtime), services, runtime.config)
-    return _json(await usage_view(engine, policies, admitted.tenant), rid)
+    usage = UsageLedger(services.ledger.db)
+    return _json(await usage_view(engine, policies, admitted.tenant, usage, recorded=False), rid)
 
 
 async def _stripe_webhook(request: Request, webhooks: Webhooks, rid: str) -> Response:
@@ -303,8 +306,17 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = QuotaEngine(config, store, restorer, app[QUOTA_METRICS])
     await engine.prepare()
     app[QUOTA] = engine
+    signals = watching = None
+    if services is not None:
+        signals = engine.signals = signal_recorder(config, services.ledger.db, app[REGISTRY])
+        if config.storage.embedded:  # no `gateway worker` runs: this process delivers
+            watching = Watching.start(config, services.ledger.db, app[REGISTRY], "serve")
     yield
     await engine.close()
+    if signals is not None:
+        await signals.flush()
+    if watching is not None:
+        await watching.close()
     if recorder is not None:
         await recorder.close()
 

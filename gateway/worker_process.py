@@ -23,6 +23,7 @@ from gateway.quota.redis_client import Client, close_client, redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import StoreUnavailable
 from gateway.services import StartupError, open_ledger
+from gateway.signals.run import Watching
 from gateway.usage.reconcile import reconcile
 from gateway.usage.streams import UsageStreams
 from gateway.usage.worker import Settings, Worker
@@ -121,6 +122,7 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
     )  # fmt: skip
     reconciling = asyncio.create_task(_reconcile_forever(config, ledger, counters, worker.metrics))
     reporting = None
+    watching = Watching.start(config, ledger.db, registry, streams.consumer)
     try:
         if config.stripe is not None:
             reporting = Reporting.start(config, ledger.db, registry, streams.consumer)
@@ -130,6 +132,7 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
     finally:
         if reporting is not None:
             await reporting.close()
+        await watching.close()
         await stop_task(reconciling)
         await runner.cleanup()
         await close_client(client)

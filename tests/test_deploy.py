@@ -20,6 +20,8 @@ from gateway.metrics import (
     StripeMetrics,
     WorkerMetrics,
 )
+from gateway.signals.notifier import NotifierMetrics
+from gateway.signals.watch import WatchMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -33,6 +35,8 @@ def test_alert_rules_use_only_exported_metrics() -> None:
     AuthMetrics(registry)
     WorkerMetrics(registry)  # `gateway worker`'s, scraped as their own job
     StripeMetrics(registry)  # the worker's Stripe reporter
+    WatchMetrics(registry, 0)  # the worker's anomaly and forecast rounds
+    NotifierMetrics(registry)  # the worker's webhook deliveries
     exported = {
         sample_name
         for metric in registry.collect()

@@ -8,6 +8,7 @@ from gateway.clock import EPOCH, iso_utc
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine
+from gateway.quota.forecast import forecast, window
 from gateway.quota.periods import Period, meter_period, period_of
 from gateway.quota.policy import Policies, credit_of
 from gateway.quota.rules import credited, meter_state
@@ -21,12 +22,19 @@ def current_period(
 
 
 async def usage_view(
-    engine: QuotaEngine, policies: Policies, tenant: Tenant, ledger: UsageLedger | None = None
+    engine: QuotaEngine,
+    policies: Policies,
+    tenant: Tenant,
+    ledger: UsageLedger | None = None,
+    *,
+    recorded: bool = True,
 ) -> dict[str, Any]:
     """`{tenant, plan, status, period, meters: {name: {used, limit, remaining, ...}}}`;
-    with `ledger`, each meter's `recorded` is what the ledger holds for the same period."""
+    with `ledger`, each counter's `forecast` from its hourly rollups and, if `recorded`,
+    each meter's `recorded`: what the ledger holds for the same period."""
     policy = policies.plans.get(tenant.plan)
-    cycle = period_of("billing_cycle", engine.clock(), tenant.billing_anchor)
+    now = engine.clock()
+    cycle = period_of("billing_cycle", now, tenant.billing_anchor)
     meters: dict[str, Any] = {}
     for name in sorted(policies.meters):
         period = current_period(engine, policies, tenant, name)
@@ -46,9 +54,14 @@ async def usage_view(
             if period and policies.meters[name].period != "none"
             else None,
         }
-        if ledger is not None:
+        if ledger is not None and recorded:
             start = period.start if period else EPOCH
             meters[name]["recorded"] = await ledger.total(tenant.id, name, start)
+        if ledger is not None and period is not None and meters[name]["period"] is not None:
+            since, until = window(period, now)
+            hours = [(h, q) for h, q, _ in await ledger.hourly(tenant.id, name, since, until)]
+            ahead = forecast(used, limit, period, now, hours)
+            meters[name]["forecast"] = ahead.view() if ahead is not None else None
     return {
         "tenant": tenant.id,
         "plan": tenant.plan,
