@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -85,6 +86,19 @@ def _opened_at_start(app: web.Application, new: GatewayConfig) -> list[Issue]:
     return issues
 
 
+def _ca_files(new: GatewayConfig) -> list[Issue]:
+    """CA files that exist but hold no certificate (the loader checked that they exist;
+    at start, the same file fails the start with the TLS library's error)."""
+    issues: list[Issue] = []
+    for name, upstream in new.upstreams.items():
+        if upstream.ca_file is not None and upstream.url.startswith("https:"):
+            try:
+                ssl.create_default_context(cafile=str(upstream.ca_file))
+            except (ssl.SSLError, OSError) as exc:
+                issues.append((f"upstreams.{name}.ca_file", f"cannot be used: {exc}"))
+    return issues
+
+
 class Reloader:
     """Reloads one public application's config from its file, one reload at a time."""
 
@@ -136,7 +150,7 @@ class Reloader:
         new = load(self.path)
         live = app[LIVE]
         current = live.runtime
-        issues = restart_only(app[CONFIG], new) + _opened_at_start(app, new)
+        issues = restart_only(app[CONFIG], new) + _opened_at_start(app, new) + _ca_files(new)
         if issues:
             raise ConfigError(self.path, issues)
         services, engine = app.get(SERVICES), app.get(QUOTA)
@@ -155,7 +169,12 @@ class Reloader:
                 await auth.close()
             raise ConfigError(self.path, [("", str(exc))]) from None
         policies = engine.policies_for(new) if engine is not None else None
-        runtime = Runtime.build(new, app[METRICS], auth, policies, previous=current)
+        try:
+            runtime = Runtime.build(new, app[METRICS], auth, policies, previous=current)
+        except BaseException:
+            if auth is not None and auth is not current.auth:
+                await auth.close()  # its JWKS refresher would outlive the failed reload
+            raise
         live.runtime = runtime  # the swap: new requests start on the new config from here
         self._retire(current, runtime)
         return runtime

@@ -202,6 +202,7 @@ async def test_reloads_under_steady_load_fail_no_request(
         ("limit", "plans.starter.limits.api_calls.limit: expected an integer"),
         ("port", "server.port: cannot change on reload; restart the gateway"),
         ("shards", "storage.shards: cannot change on reload; restart the gateway"),
+        ("ca_file", "upstreams.app.ca_file: cannot be used: "),
     ],
 )
 async def test_a_bad_file_keeps_the_running_config_logs_once_and_counts(
@@ -220,7 +221,10 @@ async def test_a_bad_file_keeps_the_running_config_logs_once_and_counts(
         data["server"]["port"] = 1
     elif change == "shards":
         data["storage"]["shards"] = 4
-    if change in ("limit", "port", "shards"):
+    elif change == "ca_file":
+        (tmp_path / "ca.pem").write_text("not a certificate\n")
+        data["upstreams"]["app"].update(url="https://localhost:1", ca_file="ca.pem")
+    if change in ("limit", "port", "shards", "ca_file"):
         write_config(path, data)
     else:
         path.write_text(change)
