@@ -110,6 +110,7 @@ class Reloader:
         # Runtimes replaced but maybe still serving, oldest first, with their successors.
         self._retiring: list[tuple[Runtime, Runtime]] = []
         self._closer: asyncio.Task[None] | None = None
+        self._closed = False  # the application is stopping: nothing more is swapped in
         metrics.last_success.set(time.time())  # the start loaded it
 
     async def reload(self) -> dict[str, Any]:
@@ -175,6 +176,9 @@ class Reloader:
             if auth is not None and auth is not current.auth:
                 await auth.close()  # its JWKS refresher would outlive the failed reload
             raise
+        if self._closed:  # stopped while this reload opened its parts: nothing will serve
+            await runtime.close(current)
+            raise ConfigError(self.path, [("", "the gateway is stopping")])
         live.runtime = runtime  # the swap: new requests start on the new config from here
         self._retire(current, runtime)
         return runtime
@@ -197,13 +201,17 @@ class Reloader:
             self._retiring.pop(0)
 
     async def close(self) -> None:
-        """At shutdown, after the listener stopped: close what replaced runtimes still hold."""
+        """At shutdown, after the listener stopped: close what replaced runtimes still hold
+        (and the live one, if a reload swapped it in after the application closed its own)."""
+        self._closed = True
         if self._closer is not None:
             self._closer.cancel()
             await asyncio.gather(self._closer, return_exceptions=True)
         for old, successor in self._retiring:
             await old.close(successor)
         self._retiring.clear()
+        if (live := self.app.get(LIVE)) is not None:
+            await live.runtime.close()
 
 
 RELOADER = web.AppKey("reloader", Reloader)

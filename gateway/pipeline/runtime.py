@@ -44,6 +44,7 @@ class Runtime:
     auth: Auth | None  # None: no tenants (no route needs credentials)
     policies: Policies | None  # None: nothing is metered (no quota engine)
     active: int = 0  # requests being handled on this runtime
+    closed: bool = False
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @classmethod
@@ -108,7 +109,11 @@ class Runtime:
             await self._idle.wait()
 
     async def close(self, successor: Runtime | None = None) -> None:
-        """Close the upstream pools and the JWKS refresher that `successor` does not share."""
+        """Close the upstream pools and the JWKS refresher that `successor` does not share
+        (once: closing again does nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         await self.upstreams.close(successor.upstreams if successor is not None else None)
         if self.auth is not None and (successor is None or successor.auth is not self.auth):
             await self.auth.close()
