@@ -24,7 +24,8 @@ from gateway.openapi import openapi_document
 from gateway.problems import Refused, web_answer
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.policy import Policies
-from gateway.quota.view import current_period, usage_view
+from gateway.quota.view import reset_meter as reset_meter_now
+from gateway.quota.view import set_gauge, usage_view
 from gateway.reload import RELOADER
 from gateway.services import Services
 from gateway.signals.store import SignalStore
@@ -274,10 +275,11 @@ async def put_gauge(request: web.Request) -> web.Response:
     """PUT /admin/tenants/{id}/gauges/{meter} {"value": N}"""
     tenant, meter = await _tenant_and_meter(request)
     engine, policies = _engine(request)
-    if policies.meters[meter].type != "gauge":
-        raise Refused(422, "invalid-change", f"{meter} is a counter; reset it instead")
     value = _quantity((await _object(request)).get("value"), "value", 0)
-    await engine.store.set_level(tenant.id, meter, None, value, _admin_context(request))
+    try:
+        await set_gauge(engine, policies, tenant, meter, value, _admin_context(request))
+    except ValueError as exc:
+        raise Refused(422, "invalid-change", str(exc)) from None
     return web.json_response(await usage_view(engine, policies, tenant))
 
 
@@ -290,8 +292,7 @@ async def reset_meter(request: web.Request) -> web.Response:
     """POST /admin/tenants/{id}/meters/{meter}/reset: the current period starts again from 0."""
     tenant, meter = await _tenant_and_meter(request)
     engine, policies = _engine(request)
-    period = current_period(engine, policies, tenant, meter)
-    await engine.store.set_level(tenant.id, meter, period, 0, _admin_context(request))
+    await reset_meter_now(engine, policies, tenant, meter, _admin_context(request))
     return web.json_response(await usage_view(engine, policies, tenant))
 
 

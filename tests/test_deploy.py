@@ -22,6 +22,7 @@ from gateway.metrics import (
 )
 from gateway.signals.notifier import NotifierMetrics
 from gateway.signals.watch import WatchMetrics
+from gateway.usage.quarantine import QuarantineMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -37,6 +38,7 @@ def test_alert_rules_use_only_exported_metrics() -> None:
     StripeMetrics(registry)  # the worker's Stripe reporter
     WatchMetrics(registry, 0)  # the worker's anomaly and forecast rounds
     NotifierMetrics(registry)  # the worker's webhook deliveries
+    QuarantineMetrics(registry)  # refused usage, in every process that writes usage
     exported = {
         sample_name
         for metric in registry.collect()

@@ -226,7 +226,7 @@ MIGRATIONS = [
     ),
     Migration(
         6,
-        "tenant signals and their notifications",
+        "tenant signals, their notifications, quarantined usage",
         [
             # One row per signal, whichever process saw it first: its id is made
             # from what it is about (type, tenant, meter, period, threshold).
@@ -264,6 +264,16 @@ MIGRATIONS = [
             """,
             # The worker's watch reads the recent status changes.
             "CREATE INDEX tenants_status_changed ON tenants (status_changed_at)",
+            # Usage entries the ledger refused for good, set aside to be replayed.
+            """
+            CREATE TABLE usage_quarantine (
+                id {serial_pk},
+                source text NOT NULL,
+                line text NOT NULL,
+                error text NOT NULL,
+                at {ts} NOT NULL
+            )
+            """,
         ],
     ),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.clock import EPOCH, iso_utc
+from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine
@@ -70,3 +71,25 @@ async def usage_view(
         "period": {"start": iso_utc(cycle.start), "end": iso_utc(cycle.end)},
         "meters": meters,
     }
+
+
+async def set_gauge(
+    engine: QuotaEngine,
+    policies: Policies,
+    tenant: Tenant,
+    meter: str,
+    value: int,
+    context: EventContext,
+) -> None:
+    """Set a gauge's level (admin API, console); ValueError for a counter."""
+    if policies.meters[meter].type != "gauge":
+        raise ValueError(f"{meter} is a counter; reset it instead")
+    await engine.store.set_level(tenant.id, meter, None, value, context)
+
+
+async def reset_meter(
+    engine: QuotaEngine, policies: Policies, tenant: Tenant, meter: str, context: EventContext
+) -> None:
+    """The meter's current period starts again from 0 (admin API, console)."""
+    period = current_period(engine, policies, tenant, meter)
+    await engine.store.set_level(tenant.id, meter, period, 0, context)

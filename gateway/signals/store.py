@@ -76,6 +76,13 @@ _OF_TYPE = """
     ORDER BY period_start DESC, tenant_id, meter
     LIMIT $3
 """
+# A page's current flags: recent enough signals, sorted out by `flags`.
+_FLAGS = """
+    SELECT tenant_id, type, payload FROM signals
+    WHERE created_at >= $1 AND tenant_id IN ({tenants}) AND type IN ({kinds})
+    ORDER BY created_at DESC
+"""
+FLAG_LOOKBACK = timedelta(days=45)  # longer than any period a forecast is about
 _REQUEUE = """
     UPDATE notifications SET state = 'pending', next_attempt_at = $3, lease_until = NULL
     WHERE signal_id = $1 AND endpoint = $2 AND state = 'dead'
@@ -171,6 +178,27 @@ class SignalStore:
             data["id"] = r["id"]
             data["detected_at"] = iso_utc(required(loaded(r["created_at"])))
             out.append(data)
+        return out
+
+    async def flags(
+        self, tenants: Sequence[str], kinds: Sequence[str], now: datetime
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """(tenant, type) -> the newest signal's data still current at `now` (an anomaly of
+        this hour or the last; a forecast for a period not over), for a page of tenants."""
+        first = 2 + len(tenants)
+        marks = ", ".join(f"${i}" for i in range(2, first))
+        kind_marks = ", ".join(f"${i}" for i in range(first, first + len(kinds)))
+        sql = _FLAGS.format(tenants=marks, kinds=kind_marks)
+        rows = await self.db.fetch(sql, utc(now - FLAG_LOOKBACK), *tenants, *kinds)
+        # An anomaly is current in its hour and the next; anything else until its period ends.
+        last_hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            data = json.loads(r["payload"])["data"]
+            end = data.get("period_end")
+            over = last_hour if r["type"] == "usage.anomaly" else now
+            if end is not None and datetime.fromisoformat(end) > over:
+                out.setdefault((r["tenant_id"], r["type"]), data)
         return out
 
     async def recent(self, tenant: str = "", state: str = "", limit: int = 100) -> list[Any]:
