@@ -12,8 +12,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import admin_signals
-from gateway.app import QUOTA, RUNTIME, SERVICES
+from gateway.app import LIVE, QUOTA, SERVICES
 from gateway.clock import iso_utc
+from gateway.config.loader import ConfigError
 from gateway.config.types import MAX_QUANTITY
 from gateway.headers import request_id
 from gateway.ledger.events import EventContext
@@ -22,8 +23,10 @@ from gateway.ledger.usage_ledger import UsageLedger
 from gateway.openapi import openapi_document
 from gateway.problems import Refused, web_answer
 from gateway.quota.engine import QuotaEngine
+from gateway.quota.policy import Policies
 from gateway.quota.view import reset_meter as reset_meter_now
 from gateway.quota.view import set_gauge, usage_view
+from gateway.reload import RELOADER
 from gateway.services import Services
 from gateway.signals.store import SignalStore
 from gateway.tenant_ops import (
@@ -49,7 +52,7 @@ def _services(request: web.Request) -> Services:
 
 def _ops(request: web.Request) -> TenantOps:
     services = _services(request)
-    config = request.app[PUBLIC_APP][RUNTIME].config
+    config = request.app[PUBLIC_APP][LIVE].runtime.config
     return TenantOps(config, services.ledger, services.bus)
 
 
@@ -186,11 +189,13 @@ async def revoke_api_key(request: web.Request) -> web.Response:
     return web.json_response({"prefix": prefix, "revoked": True})
 
 
-def _engine(request: web.Request) -> QuotaEngine:
-    engine = request.app[PUBLIC_APP].get(QUOTA)
-    if engine is None:
+def _engine(request: web.Request) -> tuple[QuotaEngine, Policies]:
+    """The quota engine and the live config's policies."""
+    public = request.app[PUBLIC_APP]
+    engine, policies = public.get(QUOTA), public[LIVE].runtime.policies
+    if engine is None or policies is None:
         raise Refused(404, "no-quotas", "no route charges and no plan rate-limits")
-    return engine
+    return engine, policies
 
 
 async def _tenant_and_meter(request: web.Request) -> tuple[Tenant, str]:
@@ -198,7 +203,7 @@ async def _tenant_and_meter(request: web.Request) -> tuple[Tenant, str]:
     tenant = await _services(request).ledger.get_tenant(tenant_id)
     if tenant is None:
         raise _unknown_tenant(tenant_id)
-    if meter and meter not in _engine(request).config.meters:
+    if meter and meter not in _engine(request)[1].meters:
         raise Refused(404, "meter-unknown", f"meter {meter!r} is not in the config")
     return tenant, meter
 
@@ -207,7 +212,7 @@ async def get_usage(request: web.Request) -> web.Response:
     """GET /admin/tenants/{id}/usage"""
     tenant, _ = await _tenant_and_meter(request)
     ledger = UsageLedger(_services(request).ledger.db)
-    return web.json_response(await usage_view(_engine(request), tenant, ledger))
+    return web.json_response(await usage_view(*_engine(request), tenant, ledger))
 
 
 HISTORY_MAX = timedelta(days=93)
@@ -264,13 +269,13 @@ def _instant(value: str | None) -> datetime | None:
 async def put_gauge(request: web.Request) -> web.Response:
     """PUT /admin/tenants/{id}/gauges/{meter} {"value": N}"""
     tenant, meter = await _tenant_and_meter(request)
-    engine = _engine(request)
+    engine, policies = _engine(request)
     value = _quantity((await _object(request)).get("value"), "value", 0)
     try:
-        await set_gauge(engine, tenant, meter, value, _admin_context(request))
+        await set_gauge(engine, policies, tenant, meter, value, _admin_context(request))
     except ValueError as exc:
         raise Refused(422, "invalid-change", str(exc)) from None
-    return web.json_response(await usage_view(engine, tenant))
+    return web.json_response(await usage_view(engine, policies, tenant))
 
 
 def _admin_context(request: web.Request) -> EventContext:
@@ -281,9 +286,9 @@ def _admin_context(request: web.Request) -> EventContext:
 async def reset_meter(request: web.Request) -> web.Response:
     """POST /admin/tenants/{id}/meters/{meter}/reset: the current period starts again from 0."""
     tenant, meter = await _tenant_and_meter(request)
-    engine = _engine(request)
-    await reset_meter_now(engine, tenant, meter, _admin_context(request))
-    return web.json_response(await usage_view(engine, tenant))
+    engine, policies = _engine(request)
+    await reset_meter_now(engine, policies, tenant, meter, _admin_context(request))
+    return web.json_response(await usage_view(engine, policies, tenant))
 
 
 async def add_credit(request: web.Request) -> web.Response:
@@ -313,6 +318,19 @@ async def add_credit(request: web.Request) -> web.Response:
     )
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    """POST /admin/reload: read the config file again, swap it in if it can be used."""
+    reloader = request.app[PUBLIC_APP].get(RELOADER)
+    if reloader is None:
+        raise Refused(404, "no-config-file", "this gateway was not started from a config file")
+    try:
+        summary = await reloader.reload()
+    except ConfigError as exc:
+        # The running config is kept; `errors` has one line per problem, as check-config.
+        raise Refused(422, "config-invalid", "; ".join(exc.lines()), errors=exc.lines()) from None
+    return web.json_response({"status": "reloaded", **summary})
+
+
 async def openapi(request: web.Request) -> web.Response:
     """GET /admin/openapi.json"""
     return web.json_response(openapi_document())
@@ -332,6 +350,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_put("/admin/tenants/{id}/gauges/{meter}", put_gauge)
     app.router.add_post("/admin/tenants/{id}/meters/{meter}/reset", reset_meter)
     app.router.add_post("/admin/tenants/{id}/credits", add_credit)
+    app.router.add_post("/admin/reload", reload_config)
     app.router.add_get("/admin/anomalies", _on_signals(admin_signals.list_anomalies))
     app.router.add_get("/admin/notifications", _on_signals(admin_signals.list_notifications))
     app.router.add_post("/admin/notifications/{signal}/requeue", _on_signals(admin_signals.requeue))

@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.server import run
 
     config = _load_process(args.config)
-    return _reporting(lambda: run(config))
+    return _reporting(lambda: run(config, args.config))
 
 
 def _worker(args: argparse.Namespace) -> int:

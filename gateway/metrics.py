@@ -354,3 +354,22 @@ class WebhookMetrics:
             ["type", "result"],
             registry=registry,
         )
+
+
+class ConfigMetrics:
+    """Reloads of the config file (SIGHUP, POST /admin/reload)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads, by result: success (swapped in), failure (the running config kept).",
+            ["result"],
+            registry=registry,
+        )
+        self.success = self.reloads.labels("success")
+        self.failure = self.reloads.labels("failure")
+        self.last_success = Gauge(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded with success, at start or on reload (Unix time).",
+            registry=registry,
+        )

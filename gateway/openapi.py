@@ -244,6 +244,43 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/admin/reload": {
+                "post": {
+                    "summary": "Read the config file again and swap it in (as SIGHUP does)",
+                    "responses": {
+                        "200": answer(
+                            "reloaded: requests from now on use the new config",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "status": {"const": "reloaded"},
+                                    "file": {"type": "string"},
+                                    **{
+                                        name: {"type": "integer"}
+                                        for name in (
+                                            "routes",
+                                            "upstreams",
+                                            "plans",
+                                            "meters",
+                                            "tenants",
+                                        )
+                                    },
+                                },
+                            },
+                        ),  # fmt: skip
+                        **denied,
+                        "404": answer(
+                            "the gateway was not started from a config file", problem_ref
+                        ),
+                        "422": answer(
+                            "the file cannot be used (YAML, validation, or a key that needs a "
+                            "restart): the running config is kept; `errors` lists each problem "
+                            "with its file and key path",
+                            problem_ref,
+                        ),
+                    },
+                }
+            },
             "/admin/anomalies": {
                 "get": {
                     "summary": "Usage anomalies of this hour and the last, largest first",

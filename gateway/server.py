@@ -12,6 +12,7 @@ import ssl
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from gateway import reload
 from gateway.admin import Readiness, create_admin_app
 from gateway.app import create_app, public_handler
 from gateway.config.models import GatewayConfig, TLSConfig
@@ -39,8 +40,14 @@ class Gateway:
     set up here without a site of their own. The admin listener is aiohttp's.
     """
 
-    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        registry: CollectorRegistry | None = None,
+        config_path: str | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path  # the file `config` came from: reloads read it again
         if registry is None:
             registry = CollectorRegistry()
             process_collectors(registry)
@@ -56,6 +63,8 @@ class Gateway:
         """Listen on both ports; port 0 picks a free one (see `port`)."""
         server = self.config.server
         public_app = self.app = create_app(self.config, self.registry)
+        if self.config_path is not None:
+            reload.attach(public_app, self.config_path, self.registry)
         public = web.AppRunner(public_app, handle_signals=False)
         token = os.environ.get(self.config.admin.token_env)
         admin = web.AppRunner(
@@ -108,9 +117,9 @@ def _port_taken(what: str, host: str, port: int, exc: OSError) -> str:
     )
 
 
-async def serve(config: GatewayConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    gateway = Gateway(config)
+async def serve(config: GatewayConfig, config_path: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain; reload `config_path` on SIGHUP."""
+    gateway = Gateway(config, config_path=config_path)
     await gateway.start()
     # Everything allocated so far lives as long as the process; freezing it
     # keeps the collector from rescanning it on every full collection.
@@ -125,6 +134,8 @@ async def serve(config: GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    assert gateway.app is not None
+    loop.add_signal_handler(signal.SIGHUP, reload.reload_in_background, gateway.app)
     try:
         await stop.wait()
     finally:
@@ -132,9 +143,9 @@ async def serve(config: GatewayConfig) -> None:
         await gateway.stop()
 
 
-def run(config: GatewayConfig) -> None:
+def run(config: GatewayConfig, config_path: str | None = None) -> None:
     """Blocking entry point: uvloop where available."""
     # Every counter would otherwise also export a `_created` series that
     # doubles the scrape and that no dashboard uses.
     disable_created_metrics()  # type: ignore[no-untyped-call]
-    run_loop(serve(config))
+    run_loop(serve(config, config_path))

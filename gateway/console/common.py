@@ -10,9 +10,11 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.app import QUOTA, SERVICES
+from gateway.app import LIVE, QUOTA, SERVICES
 from gateway.console.session import COOKIE, LoginThrottle, Session, Sessions
+from gateway.pipeline.runtime import Runtime
 from gateway.quota.engine import QuotaEngine
+from gateway.quota.policy import Policies
 from gateway.quota.store import StoreUnavailable
 from gateway.services import Services
 
@@ -92,5 +94,12 @@ def services_of(request: web.Request) -> Services:
     return services
 
 
-def engine_of(request: web.Request) -> QuotaEngine | None:
-    return request.app[PUBLIC].get(QUOTA)
+def runtime_of(request: web.Request) -> Runtime:
+    """The config live now: a page reads it once (a reload may swap it meanwhile)."""
+    return request.app[PUBLIC][LIVE].runtime
+
+
+def quota_of(request: web.Request, runtime: Runtime) -> tuple[QuotaEngine, Policies] | None:
+    """The quota engine and the runtime's policies; None when nothing is metered."""
+    engine, policies = request.app[PUBLIC].get(QUOTA), runtime.policies
+    return (engine, policies) if engine is not None and policies is not None else None

@@ -9,10 +9,9 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from gateway.app import RUNTIME
 from gateway.clock import iso_utc, utc_now
 from gateway.config.types import MAX_QUANTITY
-from gateway.console.common import PUBLIC, engine_of, render, see_other, services_of
+from gateway.console.common import quota_of, render, runtime_of, see_other, services_of
 from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
@@ -37,14 +36,15 @@ async def tenant_page(request: web.Request, **extra: Any) -> web.Response:
     """GET /console/tenants/{id}"""
     tenant = await _tenant(request)
     services = services_of(request)
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    quota = quota_of(request, runtime)
     usage = (
-        await usage_view(engine, tenant, UsageLedger(services.ledger.db), recorded=False)
-        if engine is not None
+        await usage_view(*quota, tenant, UsageLedger(services.ledger.db), recorded=False)
+        if quota is not None
         else None
     )
     store = SignalStore(services.ledger.db)
-    config = request.app[PUBLIC][RUNTIME].config
+    config = runtime.config
     return render(
         request, "tenant.html", tenant=tenant, usage=usage,
         notifications=await store.recent(tenant.id, "", 20),
@@ -59,15 +59,16 @@ async def usage_json(request: web.Request) -> web.Response:
     """GET /console/tenants/{id}/usage.json?meter=: the chart of one counter: cumulative
     usage per hour over the previous and the current period, its limit, its forecast."""
     tenant = await _tenant(request)
-    engine = engine_of(request)
+    quota = quota_of(request, runtime_of(request))
     meter = request.query.get("meter", "")
-    if engine is None or meter not in engine.config.meters:
+    if quota is None or meter not in quota[1].meters:
         raise web.HTTPNotFound(text="no such meter")
-    period = current_period(engine, tenant, meter)
+    engine, policies = quota
+    period = current_period(engine, policies, tenant, meter)
     if period is None:
         raise web.HTTPNotFound(text="a gauge has no history chart")
     now = engine.clock()
-    spec = engine.config.meters[meter]
+    spec = policies.meters[meter]
     previous = meter_period(spec, period.start - timedelta(seconds=1), tenant.billing_anchor)
     assert previous is not None
     usage = UsageLedger(services_of(request).ledger.db)
@@ -80,7 +81,7 @@ async def usage_json(request: web.Request) -> web.Response:
             # At the hour's end, or now for the hour under way.
             points.append([int(min(hour + HOUR, now).timestamp()), total])
         series.append({"start": iso_utc(p.start), "end": iso_utc(p.end), "points": points})
-    view = await usage_view(engine, tenant, usage, recorded=False)
+    view = await usage_view(engine, policies, tenant, usage, recorded=False)
     item = view["meters"][meter]
     return web.json_response(
         {
@@ -115,7 +116,8 @@ async def _apply(
 ) -> str | dict[str, str]:
     """What was done (a message), or the key just created (shown once, never stored)."""
     services = services_of(request)
-    config = request.app[PUBLIC][RUNTIME].config
+    runtime = runtime_of(request)
+    config = runtime.config
     ops = TenantOps(config, services.ledger, services.bus)
     if action in ("plan", "status"):
         await ops.put(tenant.id, parse_changes({action: field.get(action, "")}))
@@ -129,9 +131,9 @@ async def _apply(
         if not await ops.revoke_key(field.get("prefix", "")):
             raise ValueError("no active key with that prefix")
         return f"key {field.get('prefix')} revoked"
-    engine = engine_of(request)
+    quota = quota_of(request, runtime)
     meter = field.get("meter", "")
-    if engine is None or meter not in config.meters:
+    if quota is None or meter not in config.meters:
         raise ValueError(f"unknown meter {meter!r}")
     if action == "credit":
         quantity = _number(field.get("quantity", ""), -MAX_QUANTITY)
@@ -139,10 +141,10 @@ async def _apply(
             raise ValueError("expected a non-zero whole number")
         return f"{meter} credited {quantity:+d} this period"
     if action == "gauge":
-        await set_gauge(engine, tenant, meter, _number(field.get("value", ""), 0), CONTEXT)
+        await set_gauge(*quota, tenant, meter, _number(field.get("value", ""), 0), CONTEXT)
         return f"{meter} set to {field.get('value')}"
     if action == "reset":
-        await reset_meter(engine, tenant, meter, CONTEXT)
+        await reset_meter(*quota, tenant, meter, CONTEXT)
         return f"{meter} reset for this period"
     raise ValueError("unknown action")
 

@@ -9,14 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.app import RUNTIME
 from gateway.clock import EPOCH, utc_now
 from gateway.console.common import (
-    PUBLIC,
     SESSIONS,
     THROTTLE,
-    engine_of,
+    quota_of,
     render,
+    runtime_of,
     see_other,
     services_of,
 )
@@ -26,7 +25,7 @@ from gateway.ledger.store import TENANT_SORTS, TenantQuery
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.periods import Period, meter_period
-from gateway.quota.policy import credit_of
+from gateway.quota.policy import Policies, credit_of
 from gateway.quota.rules import credited, meter_state
 from gateway.quota.store import StoreUnavailable
 from gateway.quota.view import usage_view
@@ -100,21 +99,22 @@ def _query(request: web.Request) -> tuple[TenantQuery, int]:
 async def tenants(request: web.Request) -> web.Response:
     """The tenants table: a page of tenants with their meters' bars."""
     services = services_of(request)
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    quota = quota_of(request, runtime)
     query, page = _query(request)
     state = request.query.get("state", "")
     offset = (page - 1) * PAGE_SIZE
-    if state in STATES and engine is not None:
-        total, found, views = await _in_state(services, engine, query, state, offset)
+    if state in STATES and quota is not None:
+        total, found, views = await _in_state(services, quota, query, state, offset)
     else:
         state = ""
         total, found = await services.ledger.search_tenants(query, offset, PAGE_SIZE)
         found = await services.ledger.with_credits(found)
-        views = await views_of(engine, found) if engine is not None else []
+        views = await views_of(quota, found) if quota is not None else []
     ids = [t.id for t in found]
     store = SignalStore(services.ledger.db)
     flags = await store.flags(ids, (ANOMALY, EXHAUSTION_FORECAST), utc_now()) if ids else {}
-    config = request.app[PUBLIC][RUNTIME].config
+    config = runtime.config
     rows = []
     for i, tenant in enumerate(found):
         rows.append(
@@ -133,7 +133,9 @@ async def tenants(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
-async def views_of(engine: QuotaEngine, tenants: list[Tenant]) -> list[dict[str, Any]]:
+async def views_of(
+    quota: tuple[QuotaEngine, Policies], tenants: list[Tenant]
+) -> list[dict[str, Any]]:
     """The usage views of many tenants, a few at a time: the counter store's timeout is
     set for the request path, where calls come spread out, not all at once."""
     slots = asyncio.Semaphore(VIEW_CONCURRENCY)
@@ -141,20 +143,25 @@ async def views_of(engine: QuotaEngine, tenants: list[Tenant]) -> list[dict[str,
     async def one(tenant: Tenant) -> dict[str, Any]:
         async with slots:
             try:
-                return await usage_view(engine, tenant)
+                return await usage_view(*quota, tenant)
             except StoreUnavailable:  # a timeout on a busy loop: once more, then a 503
-                return await usage_view(engine, tenant)
+                return await usage_view(*quota, tenant)
 
     return list(await asyncio.gather(*(one(t) for t in tenants)))
 
 
 async def _in_state(
-    services: Services, engine: QuotaEngine, query: TenantQuery, state: str, offset: int
+    services: Services,
+    quota: tuple[QuotaEngine, Policies],
+    query: TenantQuery,
+    state: str,
+    offset: int,
 ) -> tuple[int, list[Tenant], list[dict[str, Any]]]:
     """The page of tenants with a meter in `state`, judged by the ledger's totals of the
     current periods (seconds behind the counters, which the page's bars show): only a
     tenant with usage can be past a threshold, and reading the ledger once is what lets
     this filter run over every tenant."""
+    engine, policies = quota
     now = engine.clock()
     used: dict[str, dict[tuple[str, datetime], int]] = {}
     totals = await UsageLedger(services.ledger.db).recent_totals(now - ACTIVE_SINCE)
@@ -168,7 +175,7 @@ async def _in_state(
     for tenant in candidates:
         if tenant.id in credits:
             tenant = replace(tenant, credits=credits[tenant.id])
-        for meter, spec in engine.config.meters.items():
+        for meter, spec in policies.meters.items():
             key = (meter, tenant.billing_anchor)
             if key not in periods:
                 periods[key] = meter_period(spec, now, tenant.billing_anchor)
@@ -176,9 +183,9 @@ async def _in_state(
             quantity = used[tenant.id].get((meter, period.start if period else EPOCH), 0)
             if not quantity:
                 continue
-            limit = credited(engine.meter_limit(tenant, meter), credit_of(tenant, meter, period))
+            limit = credited(policies.meter_limit(tenant, meter), credit_of(tenant, meter, period))
             if meter_state(limit, quantity) == state:
                 matches.append(tenant)
                 break
     page = matches[offset : offset + PAGE_SIZE]
-    return len(matches), page, await views_of(engine, page)
+    return len(matches), page, await views_of(quota, page)
