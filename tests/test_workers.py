@@ -1,0 +1,112 @@
+"""`server.workers: 2`: a supervisor and two gateway processes on one port.
+
+Real processes throughout: the supervisor started as users start it, its two
+processes, a private Redis and PostgreSQL, and a `gateway worker` writing the
+usage into the ledger, so that "no usage lost" is read from the ledger itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import fresh_database
+from tests.procs import write_config
+from tests.servers import PostgresServer, RedisServer
+from tests.upstream import Upstream
+from tests.waiting import eventually
+from tests.workers_rig import (
+    AUTH,
+    Rig,
+    gone,
+    process_metrics,
+    requests_total,
+    sample,
+    send,
+    workers_config,
+)
+
+
+@pytest.fixture
+async def rig(
+    upstream: Upstream,
+    redis_server: RedisServer,
+    shared_postgres_server: PostgresServer,
+    tmp_path: Path,
+) -> AsyncIterator[Rig]:
+    async with fresh_database(shared_postgres_server) as dsn:
+        data = workers_config(upstream, redis_server.url, dsn)
+        rig = Rig(write_config(tmp_path / "gateway.yaml", data), dsn)
+        try:
+            yield await rig.start()
+        finally:
+            rig.close()
+
+
+async def test_both_processes_serve_and_metrics_are_their_sum(rig: Rig) -> None:
+    pids = rig.children()
+    assert len(pids) == 2
+    assert await send(rig.gateway.port, 200) == 200
+    own = [requests_total(await process_metrics(pid)) for pid in pids]
+    total = requests_total(await rig.metrics())
+    print(f"\n200 requests on new connections: {own[0]} and {own[1]} per process")
+    assert all(count > 0 for count in own), own  # the kernel gave both some connections
+    assert sum(own) == total == 200
+    assert await rig.ledger_reaches(200) == 200
+
+
+async def test_a_killed_process_is_started_again_and_traffic_goes_on(rig: Rig) -> None:
+    assert await send(rig.gateway.port, 20) == 20
+    first, second = rig.children()
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: len(rig.children()) == 2 and first not in rig.children(), 20)
+    assert second in rig.children()
+
+    async def both_ready() -> bool:
+        url = f"http://127.0.0.1:{rig.gateway.admin_port}/readyz"
+        async with aiohttp.ClientSession() as client, client.get(url) as resp:
+            return resp.status == 200 and (await resp.json())["processes_ready"] == 2
+
+    await eventually(both_ready, 20)
+    exposition = await rig.metrics()
+    assert sample(exposition, "gateway_server_processes_running") == 2.0
+    assert sample(exposition, "gateway_server_process_restarts_total") == 1.0
+    # New connections reach the new process as well: all answered.
+    assert await send(rig.gateway.port, 100) == 100
+    assert any("exited with code -9; starting it again" in line for line in rig.gateway.log_lines)
+    (replacement,) = set(rig.children()) - {second}
+    assert requests_total(await process_metrics(replacement)) > 0
+
+
+async def test_sigterm_finishes_what_is_in_flight_and_loses_no_usage(
+    rig: Rig, upstream: Upstream
+) -> None:
+    assert await send(rig.gateway.port, 50) == 50
+    pids = rig.children()
+    in_flight = 10
+    slow = asyncio.create_task(
+        send(rig.gateway.port, in_flight, in_flight, "/v1/respond/slow?delay=1.5")
+    )
+    await eventually(lambda: len(upstream.arrived) == in_flight)
+    rig.gateway.signal(signal.SIGTERM)
+    assert await slow == in_flight  # every request in flight answered 200
+    code = await asyncio.to_thread(rig.gateway.stop)
+    assert code == 0
+    assert all(gone(pid) for pid in pids)
+    assert await rig.ledger_reaches(50 + in_flight) == 50 + in_flight
+
+
+async def test_a_sigkilled_supervisor_takes_its_processes_with_it(rig: Rig) -> None:
+    pids = rig.children()
+    port = rig.gateway.port
+    rig.gateway.kill()
+    await eventually(lambda: all(gone(pid) for pid in pids), 20)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as client:
+            await client.get(f"http://127.0.0.1:{port}/v1/things", headers=AUTH)
