@@ -16,8 +16,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import fresh_database
-from tests.procs import write_config
 from tests.servers import PostgresServer, RedisServer
 from tests.upstream import Upstream
 from tests.waiting import eventually
@@ -27,9 +25,9 @@ from tests.workers_rig import (
     gone,
     process_metrics,
     requests_total,
+    running_rig,
     sample,
     send,
-    workers_config,
 )
 
 
@@ -40,13 +38,8 @@ async def rig(
     shared_postgres_server: PostgresServer,
     tmp_path: Path,
 ) -> AsyncIterator[Rig]:
-    async with fresh_database(shared_postgres_server) as dsn:
-        data = workers_config(upstream, redis_server.url, dsn)
-        rig = Rig(write_config(tmp_path / "gateway.yaml", data), dsn)
-        try:
-            yield await rig.start()
-        finally:
-            rig.close()
+    async with running_rig(upstream, redis_server.url, shared_postgres_server, tmp_path) as rig:
+        yield rig
 
 
 async def test_both_processes_serve_and_metrics_are_their_sum(rig: Rig) -> None:

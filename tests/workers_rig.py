@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth.jwt import mint
-from tests.conftest import gateway_config
-from tests.procs import GatewayProcess, WorkerProcess
+from tests.conftest import fresh_database, gateway_config
+from tests.procs import GatewayProcess, WorkerProcess, write_config
+from tests.servers import PostgresServer
 from tests.upstream import Upstream
 
 SECRET = "workers-secret-" + "w" * 40
@@ -91,6 +94,20 @@ class Rig:
         ):
             assert resp.status == 200
             return await resp.text()
+
+
+@asynccontextmanager
+async def running_rig(
+    upstream: Upstream, redis_url: str, postgres: PostgresServer, directory: Path, **server: Any
+) -> AsyncIterator[Rig]:
+    """A started rig on a database of its own; everything killed afterwards."""
+    async with fresh_database(postgres) as dsn:
+        data = workers_config(upstream, redis_url, dsn, **server)
+        rig = Rig(write_config(directory / "gateway.yaml", data), dsn)
+        try:
+            yield await rig.start()
+        finally:
+            rig.close()
 
 
 def children(pid: int) -> list[int]:
