@@ -137,6 +137,16 @@ class Gateway:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.placement is not None:
+            _remove_socket(self.placement.admin_socket)
+
+
+def _remove_socket(path: str) -> None:
+    """The last process out takes the supervisor's socket directory with it: also
+    when the supervisor was killed and cannot."""
+    with suppress(OSError):
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
 
 
 def port_taken(what: str, host: str, port: int, exc: OSError) -> str:

@@ -90,7 +90,9 @@ class Supervisor:
         self.admin_port = 0
 
     async def _spawn(self, slot: Slot) -> None:
-        # A dead process's stale socket file is replaced by the event loop's bind.
+        # A dead process's stale socket file is replaced by the event loop's bind; the
+        # directory is gone if the other processes had all stopped.
+        os.makedirs(self._dir, exist_ok=True)
         # A session of its own: a Ctrl-C in the terminal reaches the supervisor
         # only, which drains each process once.
         proc = await asyncio.create_subprocess_exec(

@@ -63,9 +63,9 @@ class Rig:
         return self
 
     def close(self) -> None:
-        for process in (self.gateway, self.worker):
-            if process.proc is not None:
-                process.kill()
+        self.gateway.stop()  # SIGTERM: the supervisor removes its processes' sockets
+        if self.worker.proc is not None:
+            self.worker.kill()
 
     def children(self) -> list[int]:
         """The supervisor's processes now."""
