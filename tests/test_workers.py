@@ -21,6 +21,7 @@ from tests.upstream import Upstream
 from tests.waiting import eventually
 from tests.workers_rig import (
     AUTH,
+    ENV,
     Rig,
     gone,
     process_metrics,
@@ -103,3 +104,29 @@ async def test_a_sigkilled_supervisor_takes_its_processes_with_it(rig: Rig) -> N
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as client:
             await client.get(f"http://127.0.0.1:{port}/v1/things", headers=AUTH)
+
+
+async def test_the_admin_api_through_the_supervisor_reaches_every_process(rig: Rig) -> None:
+    base = f"http://127.0.0.1:{rig.gateway.admin_port}"
+    token = {"Authorization": f"Bearer {ENV['GATEWAY_ADMIN_TOKEN']}"}
+    async with aiohttp.ClientSession() as client:
+        async with client.delete(f"{base}/admin/tenants/acme") as resp:
+            assert resp.status == 401  # a process checked the token
+            assert "WWW-Authenticate" in resp.headers
+        async with client.delete(f"{base}/admin/tenants/acme", headers=token) as resp:
+            assert resp.status == 200
+        # One process made the change; the other hears of it through Redis.
+
+        async def refused_by_both() -> bool:
+            return await send(rig.gateway.port, 20) == 0
+
+        await eventually(refused_by_both)
+        body = {"disabled": False}
+        async with client.put(f"{base}/admin/tenants/acme", json=body, headers=token) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["disabled"] is False
+
+        async def served_by_both() -> bool:
+            return await send(rig.gateway.port, 20) == 20
+
+        await eventually(served_by_both)
