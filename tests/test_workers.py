@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.conftest import fresh_database
+from tests.procs import write_config
 from tests.servers import PostgresServer, RedisServer
 from tests.upstream import Upstream
 from tests.waiting import eventually
@@ -29,6 +34,7 @@ from tests.workers_rig import (
     running_rig,
     sample,
     send,
+    workers_config,
 )
 
 
@@ -130,3 +136,42 @@ async def test_the_admin_api_through_the_supervisor_reaches_every_process(rig: R
             return await send(rig.gateway.port, 20) == 20
 
         await eventually(served_by_both)
+
+
+def serve(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "-c", str(config)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **ENV},
+    )  # fmt: skip
+
+
+def test_a_port_held_even_by_a_reuseport_listener_is_refused(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    # Unreachable stores: the port is checked before any process starts.
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = workers_config(upstream, "redis://127.0.0.1:1/0", "postgresql://x@127.0.0.1:1/x")
+        data["server"]["port"] = port
+        done = serve(write_config(tmp_path / "gateway.yaml", data))
+    assert done.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port} (" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_a_process_that_cannot_start_stops_serve_with_its_error(
+    upstream: Upstream,
+    redis_server: RedisServer,
+    shared_postgres_server: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    async with fresh_database(shared_postgres_server) as dsn:  # not migrated
+        data = workers_config(upstream, redis_server.url, dsn)
+        done = await asyncio.to_thread(serve, write_config(tmp_path / "gateway.yaml", data))
+    assert done.returncode == 1
+    assert "gateway migrate" in done.stderr  # the process's own error
+    assert "exited with code 1 while starting" in done.stderr
+    assert "Traceback" not in done.stderr
