@@ -18,6 +18,7 @@ from gateway.metrics import (
     LedgerMetrics,
     StoreMetrics,
     StripeMetrics,
+    SupervisorMetrics,
     WorkerMetrics,
 )
 
@@ -33,6 +34,7 @@ def test_alert_rules_use_only_exported_metrics() -> None:
     AuthMetrics(registry)
     WorkerMetrics(registry)  # `gateway worker`'s, scraped as their own job
     StripeMetrics(registry)  # the worker's Stripe reporter
+    SupervisorMetrics(registry)  # serve's supervisor, with server.workers > 1
     exported = {
         sample_name
         for metric in registry.collect()
