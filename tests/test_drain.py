@@ -76,3 +76,27 @@ async def test_a_supervisor_answers_not_ready_and_its_processes_serve_through_th
     ) as rig:
         await served_while_not_ready(rig.gateway, upstream)
         assert await rig.ledger_reaches(21) == 21
+
+
+async def test_a_second_signal_skips_the_rest_of_the_delay(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    data = gateway_config(
+        upstream.url,
+        server={"host": "127.0.0.1", "port": 0, "drain_delay_s": 600},
+        storage={"ledger": f"sqlite:///{tmp_path / 'ledger.db'}"},
+    )
+    gateway = GatewayProcess(write_config(tmp_path / "gateway.yaml", data))
+    await asyncio.to_thread(gateway.start)
+    try:
+        gateway.signal(signal.SIGINT)
+
+        async def not_ready() -> bool:
+            return await readyz(gateway.admin_port) == 503
+
+        await eventually(not_ready)
+        assert gateway.proc is not None and gateway.proc.poll() is None  # still in the delay
+        gateway.signal(signal.SIGINT)  # a second Ctrl-C: no need to wait ten minutes
+        assert await asyncio.to_thread(gateway.proc.wait, 30) == 0
+    finally:
+        gateway.stop()
