@@ -52,6 +52,9 @@ _STABLE_S = 60.0  # a process that ran this long before dying is restarted witho
 
 def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel for SIGTERM (a drain) when the supervisor dies; exit if it already has."""
+    # A SIGHUP passed on while this process starts must not end it (the default
+    # action); the process's own handler replaces this one once its loop runs.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -61,6 +61,15 @@ async def test_both_processes_serve_and_metrics_are_their_sum(rig: Rig) -> None:
     assert await rig.ledger_reaches(200) == 200
 
 
+async def test_sighup_ends_neither_the_supervisor_nor_a_process(rig: Rig) -> None:
+    pids = rig.children()
+    for _ in range(3):
+        rig.gateway.signal(signal.SIGHUP)  # passed on to every process (each reloads)
+        assert await send(rig.gateway.port, 20) == 20
+    assert rig.children() == pids
+    assert rig.gateway.proc is not None and rig.gateway.proc.poll() is None
+
+
 async def test_a_killed_process_is_started_again_and_traffic_goes_on(rig: Rig) -> None:
     assert await send(rig.gateway.port, 20) == 20
     first, second = rig.children()
