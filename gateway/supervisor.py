@@ -157,6 +157,11 @@ class Supervisor:
                 pass
             await self._spawn(slot)
 
+    def _stop(self) -> None:
+        if self._stopping.is_set():  # a second signal: the processes skip their delay
+            self._forward(signal.SIGTERM)
+        self._stopping.set()
+
     def _forward(self, sig: signal.Signals) -> None:
         for proc in self._procs.values():
             if proc.returncode is None:
@@ -168,6 +173,7 @@ class Supervisor:
         try:
             reserved = reserve_port(server.host, server.port)
         except OSError as exc:
+            shutil.rmtree(self._dir, ignore_errors=True)
             raise StartupError(port_taken("server", server.host, server.port, exc)) from None
         self.port = reserved.getsockname()[1]
         runner = web.AppRunner(
@@ -183,8 +189,10 @@ class Supervisor:
             self.admin_port = runner.addresses[0][1]
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stopping.set)
-            # Each process reloads its own config (gateway.reload).
+                loop.add_signal_handler(sig, self._stop)
+            # Each process reloads its own config (gateway.reload). One still
+            # importing, before it ignores SIGHUP, dies of it and is started again,
+            # reading the new file: it had not listened yet, no connection is lost.
             loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
             for slot in self.fleet.slots:
                 await self._spawn(slot)
