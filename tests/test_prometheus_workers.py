@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,12 @@ REQUESTS = 600
 
 
 class Prometheus:
-    """A prometheus server in its own directory, scraping one target every 200 ms."""
+    """A prometheus server in its own directory, scraping one target every 500 ms."""
 
     def __init__(self, directory: Path, target: str) -> None:
         self.port = free_port()
         config = {
-            "global": {"scrape_interval": "200ms", "scrape_timeout": "200ms"},
+            "global": {"scrape_interval": "500ms", "scrape_timeout": "500ms"},
             "scrape_configs": [{"job_name": "gateway", "static_configs": [{"targets": [target]}]}],
         }
         self.config = directory / "prometheus.yml"
@@ -47,7 +48,19 @@ class Prometheus:
                 stdout=log, stderr=log,
             )  # fmt: skip
         wait_port(self.port, 30, self.proc)
+        # It listens before its storage is open; queries answer 503 until then.
+        deadline = time.monotonic() + 30
+        while not self._ready():
+            assert time.monotonic() < deadline, f"not ready:\n{self.log.read_text()}"
+            time.sleep(0.1)
         return self
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5):
+                return True
+        except OSError:  # HTTPError (503) included
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -103,7 +116,7 @@ async def test_promql_counts_exactly_the_requests_sent(rig: Rig, prometheus: Pro
     while await scraped() != 1.0:
         assert time.monotonic() < deadline, f"never scraped:\n{prometheus.log.read_text()}"
         await asyncio.sleep(0.2)
-    # Sent while Prometheus scrapes every 200 ms: the sum moves under its eyes.
+    # Sent while Prometheus scrapes every 500 ms: the sum moves under its eyes.
     assert await send(rig.gateway.port, REQUESTS, concurrency=16) == REQUESTS
     promql = 'sum(gateway_requests_total{job="gateway"})'
     deadline = time.monotonic() + 30
