@@ -184,3 +184,21 @@ async def test_a_process_that_cannot_start_stops_serve_with_its_error(
     assert "gateway migrate" in done.stderr  # the process's own error
     assert "exited with code 1 while starting" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_process_that_does_not_stop_in_time_is_killed(
+    upstream: Upstream,
+    redis_server: RedisServer,
+    shared_postgres_server: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    async with running_rig(
+        upstream, redis_server.url, shared_postgres_server, tmp_path, shutdown_timeout_s=0.5
+    ) as rig:
+        stuck, other = rig.children()
+        os.kill(stuck, signal.SIGSTOP)  # it cannot act on SIGTERM
+        assert await asyncio.to_thread(rig.gateway.stop, 60) == 0
+        assert gone(stuck) and gone(other)
+        assert any(
+            f"gateway process pid {stuck} still running" in line for line in rig.gateway.log_lines
+        )
