@@ -94,17 +94,14 @@ class Gateway:
             admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)
         else:
             admin_site = web.UnixSite(admin, placement.admin_socket)
+        port = server.port if placement is None else placement.port
         try:
             self.port = await self._listener.start(
-                server.host,
-                server.port if placement is None else placement.port,
-                ssl=ssl_ctx,
-                backlog=1024,
-                reuse_port=placement is not None,
+                server.host, port, ssl=ssl_ctx, backlog=1024, reuse_port=placement is not None
             )
         except OSError as exc:
             await self.stop()
-            raise StartupError(port_taken("server", server.host, server.port, exc)) from None
+            raise StartupError(port_taken("server", server.host, port, exc)) from None
         try:
             await admin_site.start()
         except OSError as exc:
