@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from gateway.admin import Readiness, create_admin_app
+from gateway.admin import Readiness, create_admin_app, metric_samples
 from gateway.app import create_app, public_handler
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.http.server import HttpServer, Limits
 from gateway.lifecycle import run_loop
+from gateway.merged_metrics import SAMPLES_PATH
 from gateway.metrics import process_collectors
 from gateway.services import StartupError
 
@@ -74,11 +75,10 @@ class Gateway:
         public_app = self.app = create_app(self.config, self.registry)
         public = web.AppRunner(public_app, handle_signals=False)
         token = os.environ.get(self.config.admin.token_env)
-        admin = web.AppRunner(
-            create_admin_app(self.registry, self.readiness, public_app, token),
-            access_log=None,
-            shutdown_timeout=1,
-        )
+        admin_app = create_admin_app(self.registry, self.readiness, public_app, token)
+        if self.placement is not None:  # served on the private socket only
+            admin_app.router.add_get(SAMPLES_PATH, metric_samples)
+        admin = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1)
         for runner in (public, admin):
             await runner.setup()  # the public one opens the stores, the ledger, the caches
             self._runners.append(runner)

@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway.headers import own_headers, request_id
-from gateway.merged_metrics import Merger, parse
+from gateway.merged_metrics import SAMPLES_PATH, Family, Merger, decode
 from gateway.problems import Refused, web_answer
 
 log = logging.getLogger("gateway")
@@ -52,7 +52,7 @@ class Fleet:
         self.registry = registry  # the supervisor's own metrics (restarts, processes running)
         self.draining = False
         self.merger = Merger()
-        self._last: dict[int, list[Metric]] = {}  # the last scrape, by pid
+        self._last: dict[int, list[Family]] = {}  # the last scrape, by pid
         self._sessions: dict[int, aiohttp.ClientSession] = {}
         self._turn = itertools.count()
 
@@ -83,18 +83,19 @@ class Fleet:
         except (OSError, TimeoutError, aiohttp.ClientError):
             return False
 
-    async def _scrape(self, slot: Slot) -> tuple[Slot, list[Metric] | None]:
+    async def _scrape(self, slot: Slot) -> tuple[Slot, list[Family] | None]:
         pid = slot.pid
         try:
             async with self._session(slot).get(
-                "http://worker/metrics", timeout=aiohttp.ClientTimeout(total=_SCRAPE_TIMEOUT_S)
+                f"http://worker{SAMPLES_PATH}",
+                timeout=aiohttp.ClientTimeout(total=_SCRAPE_TIMEOUT_S),
             ) as resp:
-                text = await resp.text()
+                body = await resp.read()
         except (OSError, TimeoutError, aiohttp.ClientError):
             return slot, None
         if pid is None or slot.pid != pid:
             return slot, None  # it exited meanwhile: its last scrape is already retired
-        families = self._last[pid] = parse(text)
+        families = self._last[pid] = decode(body)
         return slot, families
 
     async def scrape(self) -> list[Metric]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from gateway.merged_metrics import Merger, parse
+from gateway.merged_metrics import Family, Merger, decode, encode
 
 
 class Families(Collector):
@@ -17,8 +18,8 @@ class Families(Collector):
         return self.families
 
 
-def process(requests: int, in_flight: int, seen_at: float, latencies: list[float]) -> list[Metric]:
-    """One process's scrape, as its registry would render it."""
+def process(requests: int, in_flight: int, seen_at: float, latencies: list[float]) -> list[Family]:
+    """One process's scrape, through the wire form the supervisor reads."""
     registry = CollectorRegistry()
     Counter("gateway_requests", "r", ["route"], registry=registry).labels("api").inc(requests)
     Gauge("gateway_requests_in_flight", "f", registry=registry).set(in_flight)
@@ -27,7 +28,7 @@ def process(requests: int, in_flight: int, seen_at: float, latencies: list[float
     histogram = Histogram("gateway_d_seconds", "d", buckets=(0.1, 1.0), registry=registry)
     for latency in latencies:
         histogram.observe(latency)
-    return parse(generate_latest(registry).decode())
+    return decode(encode(registry))
 
 
 def values(families: list[Metric]) -> dict[str, float]:
@@ -35,7 +36,7 @@ def values(families: list[Metric]) -> dict[str, float]:
     registry = CollectorRegistry()
     registry.register(Families(families))
     out = {}
-    for family in parse(generate_latest(registry).decode()):
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
         for sample in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             out[f"{sample.name}{{{labels}}}"] = sample.value
