@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 
 from pydantic import (
     AwareDatetime,
-    BaseModel,
-    ConfigDict,
     Field,
     model_validator,
 )
 
+from gateway.config.base import Model
+from gateway.config.signals import NotificationsConfig, SignalsConfig
 from gateway.config.types import (
     Charge,
     DurationS,
@@ -33,10 +33,6 @@ from gateway.config.types import (
     SubscriptionStatus,
     url_with_schemes,
 )
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TLSConfig(Model):
@@ -318,6 +314,8 @@ class GatewayConfig(Model):
     stripe: StripeConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
+    signals: SignalsConfig = SignalsConfig()
     tenants: list[TenantSeed] = []
 
     def upgrade_url(self, plan: str) -> str | None:

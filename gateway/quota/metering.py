@@ -100,12 +100,18 @@ class Metering:
             shadow = engine.shadow(tenant, route)
             engine.decided(tally, tenant.id, decision, shadow)
             if not shadow:
+                if engine.refusals is not None:
+                    engine.refusals.refused(
+                        tenant.id, decision.refusal.status, decision.refusal.name
+                    )
                 raise quota_refusal(engine, tenant, decision)
             # Shadow: what would have been refused is served and counted as usual.
             self._charged = engine.charged(tenant, route, request, result, context)
             await engine.charge_anyway(self._charged)
             return
         engine.decided(tally, tenant.id, decision, False)
+        if engine.signals is not None and not result.replayed:
+            engine.signals.saw(request, result)
         self.headers = rate_limit_fields(decision)
         self.headers += [("X-Quota-Warning", warning) for warning in decision.warnings]
         self._charged = engine.charged(tenant, route, request, result, context)
