@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -30,8 +31,9 @@ log = logging.getLogger("gateway")
 
 _ASK_TIMEOUT_S = 2.0  # a process's readiness answer
 _SCRAPE_TIMEOUT_S = 10.0  # a process's /metrics (large with many routes)
-# Hop-by-hop and length headers: aiohttp sets its own on each side.
-_NOT_PASSED = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})
+# Hop-by-hop and length headers: aiohttp sets its own on each side. Host is passed
+# on: the process answers as if asked directly (links, cookies).
+_NOT_PASSED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _FAN_OUT = {("POST", "/admin/reload")}
 
 
@@ -112,10 +114,17 @@ class Fleet:
         """Pass `request` to the process in `slot`; its answer."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_PASSED}
         async with self._session(slot).request(
-            request.method, f"http://worker{request.path_qs}", headers=headers, data=body
+            request.method,
+            f"http://worker{request.path_qs}",
+            headers=headers,
+            data=body,
+            allow_redirects=False,  # the client follows them, through the supervisor again
         ) as resp:
             payload = await resp.read()
-            passed = {k: v for k, v in resp.headers.items() if k.lower() not in _NOT_PASSED}
+            # A multidict: several Set-Cookie headers stay several.
+            passed = CIMultiDict(
+                (k, v) for k, v in resp.headers.items() if k.lower() not in _NOT_PASSED
+            )
             return web.Response(status=resp.status, body=payload, headers=passed)
 
     def next_live(self) -> list[Slot]:

@@ -145,6 +145,15 @@ async def test_the_admin_api_through_the_supervisor_reaches_every_process(rig: R
             return await send(rig.gateway.port, 20) == 20
 
         await eventually(served_by_both)
+    # The console logs in through the supervisor and its session holds in every process.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        form = {"token": ENV["GATEWAY_ADMIN_TOKEN"]}
+        url = f"{base}/console/login"
+        async with browser.post(url, data=form, allow_redirects=False) as resp:
+            assert resp.status == 303
+        for _ in range(4):  # passed on to each process in turn
+            async with browser.get(f"{base}/console/tenants", allow_redirects=False) as resp:
+                assert resp.status == 200
 
 
 def serve(config: Path) -> subprocess.CompletedProcess[str]:
