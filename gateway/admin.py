@@ -14,6 +14,7 @@ from gateway.admin_api import (
 )
 from gateway.console.mount import setup_console
 from gateway.headers import own_headers
+from gateway.merged_metrics import encode
 
 
 class Readiness:
@@ -43,6 +44,12 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition of this process's registry."""
     body = generate_latest(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def metric_samples(request: web.Request) -> web.Response:
+    """The registry as JSON, for the supervisor to merge (gateway.merged_metrics)."""
+    body = encode(request.app[REGISTRY])
+    return web.Response(body=body, content_type="application/json")
 
 
 def create_admin_app(

@@ -373,3 +373,19 @@ class ConfigMetrics:
             "When the config was last loaded with success, at start or on reload (Unix time).",
             registry=registry,
         )
+
+
+class SupervisorMetrics:
+    """The processes of `gateway serve` with `server.workers` > 1."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.restarts = Counter(
+            "gateway_server_process_restarts",
+            "Gateway processes that exited on their own and were started again.",
+            registry=registry,
+        )
+        self.running = Gauge(
+            "gateway_server_processes_running",
+            "Gateway processes running now (server.workers when all are up).",
+            registry=registry,
+        )

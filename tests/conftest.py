@@ -35,7 +35,7 @@ async def whole(store: StoreT) -> StoreT:
 def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
     """A minimal config on free ports in front of `upstream_url`; `sections` override."""
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "drain_delay_s": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
         "upstreams": {"app": {"url": upstream_url, "connect_timeout_s": 2, "timeout_s": 5}},
         "routes": [{"name": "all", "match": {"path": "/**"}, "upstream": "app", "auth": "none"}],

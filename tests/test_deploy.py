@@ -18,6 +18,7 @@ from gateway.metrics import (
     LedgerMetrics,
     StoreMetrics,
     StripeMetrics,
+    SupervisorMetrics,
     WorkerMetrics,
 )
 from gateway.signals.notifier import NotifierMetrics
@@ -39,6 +40,7 @@ def test_alert_rules_use_only_exported_metrics() -> None:
     WatchMetrics(registry, 0)  # the worker's anomaly and forecast rounds
     NotifierMetrics(registry)  # the worker's webhook deliveries
     QuarantineMetrics(registry)  # refused usage, in every process that writes usage
+    SupervisorMetrics(registry)  # serve's supervisor, with server.workers > 1
     exported = {
         sample_name
         for metric in registry.collect()

@@ -58,6 +58,9 @@ class ServerConfig(Model):
     trusted_proxies: list[Network] = []
     tls: TLSConfig | None = None
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    # After SIGTERM, /readyz answers 503 and the listener keeps serving this long
+    # before it stops accepting: a load balancer notices and stops sending first.
+    drain_delay_s: Annotated[float, Field(ge=0)] = 5.0
     limits: ListenerLimits = ListenerLimits()
 
 
