@@ -10,6 +10,7 @@ from gateway.admin_api import (
     PUBLIC_APP,
     add_admin_routes,
     answer_refusals,
+    known_query,
     require_token,
 )
 from gateway.console.mount import setup_console
@@ -59,7 +60,7 @@ def create_admin_app(
     token: str | None,
 ) -> web.Application:
     """The admin application; its metrics come from `registry`, tenants from `public_app`."""
-    app = web.Application(middlewares=[answer_refusals, require_token])
+    app = web.Application(middlewares=[answer_refusals, require_token, known_query])
     app.on_response_prepare.append(own_headers)
     app[REGISTRY] = registry
     app[READINESS] = readiness

@@ -76,6 +76,36 @@ async def answer_refusals(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+def _query_names() -> dict[tuple[str, str], frozenset[str]]:
+    """(method, path template) -> the query parameters the document states."""
+    names = {}
+    for path, item in openapi_document()["paths"].items():
+        shared = item.get("parameters", [])
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            params = [*shared, *operation.get("parameters", [])]
+            names[method.upper(), path] = frozenset(
+                p["name"] for p in params if p.get("in") == "query"
+            )
+    return names
+
+
+QUERY_NAMES = _query_names()
+
+
+@web.middleware
+async def known_query(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An /admin/ query parameter the document does not state is a 400, not ignored: a
+    misspelt `?limt=5` would otherwise quietly list 100."""
+    resource = request.match_info.route.resource
+    template = resource.canonical if resource is not None else ""
+    allowed = QUERY_NAMES.get((request.method, template))
+    if allowed is not None and (unknown := sorted(set(request.query) - allowed)):
+        raise Refused(400, "bad-query", f"unknown query parameter {unknown[0]!r}")
+    return await handler(request)
+
+
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every /admin/ path needs `Authorization: Bearer <token_env's value>`."""
