@@ -49,6 +49,9 @@ class ListenerLimits(Model):
 
     header_timeout_s: PositiveFloat = 10.0  # the whole request head must arrive within it
     body_idle_timeout_s: PositiveFloat = 30.0  # a body silent this long: 408 and closed
+    # ... or slower than this mean rate once the grace is over (0: no minimum rate)
+    body_min_bytes_per_s: Annotated[float, Field(ge=0)] = 500.0
+    body_rate_grace_s: Annotated[float, Field(ge=0)] = 20.0
     keepalive_idle_s: PositiveFloat = 75.0  # an idle keep-alive connection is closed
     max_head_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024  # else 431
     max_connections: PositiveInt = 10_000  # connections over it are closed on accept
@@ -179,6 +182,9 @@ class UpstreamConfig(Model):
     # sent (an upstream with its own authentication), `never` none (`false`).
     forward_authorization: Literal["verified", "always", "never"] | bool = "verified"
     max_connections: PositiveInt = 256
+    # Requests one client address (IPv6: its /64) may have under way to this
+    # upstream; more get 429. Default: half of `max_connections`.
+    max_connections_per_client: PositiveInt | None = None
     preserve_host: bool = False
 
     @property

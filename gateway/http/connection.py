@@ -167,6 +167,7 @@ class HttpConnection(ConnectionState, asyncio.Protocol):
         self._busy = True
         self._head_written = False
         self._keep_alive = False
+        self._body_waited_s = 0.0
         self._deadline.what = NOTHING
         idle = self._idle
         if idle is not None:

@@ -88,12 +88,16 @@ async def _send_stream(
         conn.fail(UpstreamError("reset", f"request body: {exc!r}"))
 
 
+class OverShare(Exception):
+    """A client already has its share of the upstream's connections in use or waited for."""
+
+
 class UpstreamResponse:
     """An upstream's answer: status and headers at once, the body as it arrives."""
 
     __slots__ = (
         "status", "reason", "version", "headers", "content_length",
-        "_client", "_conn", "_writer", "_deadline", "_released",
+        "_client", "_conn", "_writer", "_deadline", "_released", "_holder",
     )  # fmt: skip
 
     def __init__(
@@ -102,6 +106,7 @@ class UpstreamResponse:
         conn: Connection,
         writer: asyncio.Task[None] | None,
         deadline: float | None,
+        holder: str | None,
     ) -> None:
         self.status, self.reason, self.version = conn.status, conn.reason, conn.version
         self.headers = conn.headers  # in order, duplicates kept
@@ -110,6 +115,7 @@ class UpstreamResponse:
         self._client, self._conn, self._writer = client, conn, writer
         self._deadline = deadline
         self._released = False
+        self._holder = holder
 
     async def read_chunk(self) -> bytes:
         """The next part of the body; b"" at its end. Raises UpstreamError."""
@@ -127,6 +133,7 @@ class UpstreamResponse:
         if not self._released:
             self._released = True
             self._client.release(self._conn, self._writer)
+            self._client.leave(self._holder)
 
 
 class UpstreamClient:
@@ -139,6 +146,7 @@ class UpstreamClient:
         ssl_context: ssl.SSLContext | None,
         *,
         max_connections: int,
+        max_per_client: int | None = None,
         connect_timeout_s: float,
         timeout_s: float,
         total_timeout_s: float | None,
@@ -146,6 +154,10 @@ class UpstreamClient:
     ) -> None:
         self._host, self._port, self._ssl = host, port, ssl_context
         self._max = max_connections
+        # Exchanges one client may have under way (on a connection, or waiting for
+        # one): a client that trickles its bodies cannot take the whole pool.
+        self._max_per_client = max_per_client or max_connections
+        self._per_client: dict[str, int] = {}  # only clients with an exchange under way
         self._connect_timeout_s = connect_timeout_s
         self._timeout_s = timeout_s
         self._total_timeout_s = total_timeout_s
@@ -165,14 +177,47 @@ class UpstreamClient:
         return len(self._idle)
 
     async def request(
-        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Body = None,
+        client: str | None = None,
     ) -> UpstreamResponse:
         """Send a request and wait for its answer's head; the caller must `release()` it.
 
-        Raises UpstreamError (connect, timeout, reset). A reused connection
-        found closed before any byte of the answer is retried once on a new
-        one when the method is idempotent and the body is not a stream.
+        Raises UpstreamError (connect, timeout, reset), and OverShare when
+        `client` (the requester's address) already has its share of exchanges
+        under way. A reused connection found closed before any byte of the
+        answer is retried once on a new one when the method is idempotent and
+        the body is not a stream.
         """
+        if client is not None:
+            held = self._per_client.get(client, 0)
+            if held >= self._max_per_client:
+                raise OverShare(f"{held} requests of this client are under way")
+            self._per_client[client] = held + 1
+        try:
+            return await self._request(method, target, headers, body, client)
+        except BaseException:
+            self.leave(client)
+            raise
+
+    def leave(self, client: str | None) -> None:
+        """One exchange of `client` is over."""
+        if client is not None:
+            held = self._per_client.pop(client, 1) - 1
+            if held > 0:
+                self._per_client[client] = held
+
+    async def _request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Body,
+        client: str | None,
+    ) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         total = self._total_timeout_s
         deadline = None if total is None else loop.time() + total
@@ -202,7 +247,7 @@ class UpstreamClient:
             except BaseException:
                 self.release(conn, writer)
                 raise
-            return UpstreamResponse(self, conn, writer, deadline)
+            return UpstreamResponse(self, conn, writer, deadline, client)
 
     def release(self, conn: Connection, writer: asyncio.Task[None] | None = None) -> None:
         """Pool `conn` if its exchange ended cleanly, otherwise close it."""

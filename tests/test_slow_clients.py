@@ -1,0 +1,126 @@
+"""Slow clients against a live gateway over real sockets: bodies trickled to hold the
+upstream's pool, and a body under the listener's minimum rate.
+
+The gateway sees clients on different loopback addresses (127.0.0.2 trickles,
+127.0.0.1 behaves): Linux routes all of 127/8 to the loopback interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from gateway.app import RUNTIME
+from gateway.pipeline.upstream_client import UpstreamClient
+from gateway.server import Gateway
+from tests.conftest import MakeGateway, gateway_config
+from tests.rawhttp import read_answer
+from tests.upstream import Upstream
+from tests.waiting import eventually
+
+TRICKLER = "127.0.0.2"
+
+
+def small_pool(upstream: Upstream, **server: Any) -> dict[str, Any]:
+    """A gateway whose upstream pool has 8 connections and waits 0.5 s for one."""
+    pool = {"url": upstream.url, "max_connections": 8, "connect_timeout_s": 0.5, "timeout_s": 5}
+    return gateway_config(
+        upstream.url,
+        upstreams={"app": pool},
+        server={"host": "127.0.0.1", "port": 0, **server},
+    )
+
+
+def pool_of(gateway: Gateway) -> UpstreamClient:
+    assert gateway.app is not None
+    return gateway.app[RUNTIME].upstreams["app"].client
+
+
+@asynccontextmanager
+async def tricklers(
+    port: int, count: int, length: int
+) -> AsyncIterator[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """`count` uploads of `length` bytes from TRICKLER that send one byte and then wait."""
+    conns = []
+    try:
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(TRICKLER, 0)
+            )
+            conns.append((reader, writer))
+            head = f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n"
+            writer.write(head.encode() + b"x")
+            await writer.drain()
+        yield conns
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+async def well_behaved(port: int) -> int:
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{port}/v1/things"
+        async with client.post(url, data=b"hello") as resp:
+            await resp.read()
+            return resp.status
+
+
+async def test_trickled_uploads_leave_the_pool_to_others(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(small_pool(upstream))
+    pool = pool_of(gw)
+    # Bodies too large to be read ahead: each holds an upstream connection while it trickles.
+    async with tricklers(gw.port, 12, 1024 * 1024) as conns:
+        await eventually(lambda: pool.open_connections == 4)  # the trickler's share: half the pool
+        refused = []
+        for reader, _ in conns:
+            try:
+                answer = await asyncio.wait_for(read_answer(reader), 0.2)
+            except TimeoutError:
+                continue  # still uploading, on one of the pool's connections
+            refused.append(answer)
+        assert [a.status for a in refused] == [429] * 8
+        assert refused[0].header("Retry-After") == "1"
+        assert await well_behaved(gw.port) == 200
+        assert pool.open_connections == 5
+
+
+async def test_small_trickled_bodies_take_no_upstream_connection(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(small_pool(upstream))
+    pool = pool_of(gw)
+    listener = gw._listener
+    assert listener is not None
+    async with tricklers(gw.port, 20, 1000):
+        await eventually(lambda: listener.requests_in_flight == 20)
+        assert pool.open_connections == 0  # read ahead, not streamed upstream
+        assert await well_behaved(gw.port) == 200
+
+
+async def test_a_body_under_the_minimum_rate_is_cut_and_frees_its_connection(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    limits = {"body_min_bytes_per_s": 10_000, "body_rate_grace_s": 0.3}
+    gw = await make_gateway(small_pool(upstream, limits=limits))
+    pool = pool_of(gw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+    answer_task = asyncio.create_task(read_answer(reader))
+    sent = 0
+    # 100 bytes every 0.1 s is a tenth of the minimum rate, and never silent for long.
+    while not answer_task.done() and sent < 10_000:
+        writer.write(b"y" * 100)
+        sent += 100
+        await asyncio.sleep(0.1)
+    answer = await asyncio.wait_for(answer_task, 5)
+    writer.close()
+    assert answer.status == 408
+    assert sent < 10_000  # cut long before the megabyte is in
+    await eventually(lambda: pool.open_connections == 0 and len(upstream.seen) == 1)
+    assert upstream.seen[0].complete is False  # the upstream saw the upload aborted
