@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from gateway.admin import Readiness, create_admin_app
-from gateway.app import create_app, public_handler
+from gateway.app import METRICS, create_app, public_handler
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.http.server import HttpServer, Limits
 from gateway.lifecycle import run_loop
@@ -71,6 +71,7 @@ class Gateway:
             public_handler(public_app),
             scheme="https" if ssl_ctx else "http",
             limits=Limits(**server.limits.model_dump()),
+            on_shed=public_app[METRICS].request_shed,
         )
         admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)
         try:

@@ -8,6 +8,7 @@ The gateway sees clients on different loopback addresses (127.0.0.2 trickles,
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from gateway.app import RUNTIME
 from gateway.pipeline.upstream_client import UpstreamClient
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
-from tests.rawhttp import read_answer
+from tests.rawhttp import Answer, read_answer
 from tests.upstream import Upstream
 from tests.waiting import eventually
 
@@ -124,3 +125,70 @@ async def test_a_body_under_the_minimum_rate_is_cut_and_frees_its_connection(
     assert sent < 10_000  # cut long before the megabyte is in
     await eventually(lambda: pool.open_connections == 0 and len(upstream.seen) == 1)
     assert upstream.seen[0].complete is False  # the upstream saw the upload aborted
+
+
+async def raw(
+    port: int, request: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[Answer]]:
+    """A connection that sent `request`, with the task that reads its answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    return reader, writer, asyncio.create_task(read_answer(reader))
+
+
+async def admin_health(gateway: Gateway) -> int:
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"http://127.0.0.1:{gateway.admin_port}/healthz") as resp:
+            return resp.status
+
+
+def shed_count(gateway: Gateway, reason: str) -> float | None:
+    return gateway.registry.get_sample_value("gateway_requests_shed_total", {"reason": reason})
+
+
+SLOW = b"GET /slow?delay=5 HTTP/1.1\r\nHost: t\r\n\r\n"
+# A large upload announced and never sent: a shed answer must not wait for its body.
+UPLOAD = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n"
+
+
+async def test_over_the_requests_in_flight_the_listener_sheds_but_health_and_admin_answer(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    server = {"limits": {"max_requests_in_flight": 3}, "shutdown_timeout_s": 0.5}
+    gw = await make_gateway(small_pool(upstream, **server))
+    listener = gw._listener
+    assert listener is not None
+    slow = [await raw(gw.port, SLOW) for _ in range(3)]
+    await eventually(lambda: listener.requests_in_flight == 3)
+    _, writer, answered = await raw(gw.port, UPLOAD)
+    shed = await asyncio.wait_for(answered, 5)
+    assert (shed.status, shed.header("Retry-After")) == (503, "1")
+    assert shed.header("Connection") == "close"
+    assert json.loads(shed.body)["type"] == "urn:quota-gateway:problem:overloaded"
+    assert shed_count(gw, "in_flight") == 1
+    # /_gateway/ is never shed (this one answers 404: no quota is configured), nor is admin.
+    _, own, gateway_path = await raw(gw.port, b"GET /_gateway/usage HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await asyncio.wait_for(gateway_path, 5)).status == 404
+    assert await admin_health(gw) == 200
+    for _, w, task in [*slow, (None, writer, answered), (None, own, gateway_path)]:
+        task.cancel()
+        w.close()
+
+
+async def test_over_the_connections_a_new_client_is_shed_and_a_served_one_kept(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(small_pool(upstream, limits={"shed_connections": 2}))
+    listener = gw._listener
+    assert listener is not None
+    reader, served, first = await raw(gw.port, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await first).status == 200
+    idle = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
+    await eventually(lambda: listener.open_connections == 3)
+    _, newcomer, shed = await raw(gw.port, UPLOAD)
+    assert (await asyncio.wait_for(shed, 5)).status == 503
+    assert shed_count(gw, "connections") == 1
+    served.write(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n")  # a client already served goes on
+    assert (await asyncio.wait_for(read_answer(reader), 5)).status == 200
+    for _, w in [*idle, (None, newcomer), (None, served)]:
+        w.close()

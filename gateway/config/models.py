@@ -55,6 +55,11 @@ class ListenerLimits(Model):
     keepalive_idle_s: PositiveFloat = 75.0  # an idle keep-alive connection is closed
     max_head_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024  # else 431
     max_connections: PositiveInt = 10_000  # connections over it are closed on accept
+    # Load shedding, 503 with Retry-After and the body unread (paths under /_gateway/
+    # are never shed): a request while this many run, ...
+    max_requests_in_flight: PositiveInt = 4096
+    # ... or the first request of a connection while more than this many are open.
+    shed_connections: PositiveInt = 9000
 
 
 class ServerConfig(Model):

@@ -22,6 +22,12 @@ class Limits:
     # Connections over this are closed as soon as they are accepted: the
     # client sees a reset, the ones already open are served as before.
     max_connections: int = 10_000
+    # Load shedding (503 with Retry-After, the body left unread): a request while
+    # this many run, or the first request of a connection while more than
+    # `shed_connections` are open. Paths under `never_shed` are always served.
+    max_requests_in_flight: int = 4096
+    shed_connections: int = 9000
+    never_shed: str = "/_gateway/"
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "body_idle_timeout_s", "keepalive_idle_s"):

@@ -57,6 +57,7 @@ class ConnectionState:
         self._backlog: bytearray | None = None  # read, not parsed: many requests queued
         self._upgraded = False  # the 101 is out: the bytes belong to the session
         self._streaming = False  # a streamed body is being sent
+        self._fresh = True  # no request of this connection has been handled yet
 
     @property
     def requests_parsed(self) -> int:
