@@ -70,7 +70,7 @@ class Gateway:
         self._listener = HttpServer(
             public_handler(public_app),
             scheme="https" if ssl_ctx else "http",
-            limits=Limits(**server.limits.model_dump()),
+            limits=Limits(**server.limits.listener()),
             on_shed=public_app[METRICS].request_shed,
         )
         admin_site = web.TCPSite(admin, self.config.admin.host, self.config.admin.port)

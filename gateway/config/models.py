@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -44,6 +44,22 @@ class TLSConfig(Model):
     key_file: Path
 
 
+class PerIpRate(Model):
+    """Unauthenticated requests per client address (GCRA, as a plan's rate limits)."""
+
+    rate: PositiveInt  # requests per per_s
+    per_s: PositiveFloat = 1.0
+    burst: PositiveInt | None = None  # default: rate
+
+
+class FailedAuthLimit(Model):
+    """Failed authentications per client address before it is blocked for a while."""
+
+    max_failures: PositiveInt = 20  # at once, refilled over per_s
+    per_s: PositiveFloat = 60.0
+    block_s: PositiveFloat = 60.0  # then every request needing authentication: 429
+
+
 class ListenerLimits(Model):
     """Slow and idle clients on the public listener."""
 
@@ -60,6 +76,15 @@ class ListenerLimits(Model):
     max_requests_in_flight: PositiveInt = 4096
     # ... or the first request of a connection while more than this many are open.
     shed_connections: PositiveInt = 9000
+    # Per client address, in each process (off unless set: behind a proxy missing
+    # from trusted_proxies every client shares one address).
+    per_ip: PerIpRate | None = None  # on auth: none routes and CORS preflights
+    failed_auth_per_ip: FailedAuthLimit | None = None
+    client_entries: PositiveInt = 65_536  # addresses remembered, least recently seen dropped
+
+    def listener(self) -> dict[str, Any]:
+        """The settings of the listener itself (`gateway.http.Limits`)."""
+        return self.model_dump(exclude={"per_ip", "failed_auth_per_ip", "client_entries"})
 
 
 class ServerConfig(Model):
