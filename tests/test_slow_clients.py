@@ -87,6 +87,8 @@ async def test_trickled_uploads_leave_the_pool_to_others(
             refused.append(answer)
         assert [a.status for a in refused] == [429] * 8
         assert refused[0].header("Retry-After") == "1"
+        labels = {"reason": "upstream_share"}
+        assert gw.registry.get_sample_value("gateway_client_limited_total", labels) == 8
         assert await well_behaved(gw.port) == 200
         assert pool.open_connections == 5
 
