@@ -26,9 +26,9 @@ from tests.waiting import eventually
 TRICKLER = "127.0.0.2"
 
 
-def small_pool(upstream: Upstream, **server: Any) -> dict[str, Any]:
-    """A gateway whose upstream pool has 8 connections and waits 0.5 s for one."""
-    pool = {"url": upstream.url, "max_connections": 8, "connect_timeout_s": 0.5, "timeout_s": 5}
+def small_pool(upstream: Upstream, wait_s: float = 0.5, **server: Any) -> dict[str, Any]:
+    """A gateway whose upstream pool has 8 connections and waits `wait_s` for one."""
+    pool = {"url": upstream.url, "max_connections": 8, "connect_timeout_s": wait_s, "timeout_s": 5}
     return gateway_config(
         upstream.url,
         upstreams={"app": pool},
@@ -62,6 +62,15 @@ async def tricklers(
             writer.close()
 
 
+def limited(gateway: Gateway, reason: str) -> float | None:
+    return gateway.registry.get_sample_value("gateway_client_limited_total", {"reason": reason})
+
+
+def upstream_uploads(upstream: Upstream) -> int:
+    """Uploads the upstream saw end (aborted ones included)."""
+    return len(upstream.seen)
+
+
 async def well_behaved(port: int) -> int:
     async with aiohttp.ClientSession() as client:
         url = f"http://127.0.0.1:{port}/v1/things"
@@ -78,6 +87,8 @@ async def test_trickled_uploads_leave_the_pool_to_others(
     # Bodies too large to be read ahead: each holds an upstream connection while it trickles.
     async with tricklers(gw.port, 12, 1024 * 1024) as conns:
         await eventually(lambda: pool.open_connections == 4)  # the trickler's share: half the pool
+        # The others wait for one of the trickler's own to end, up to the connect timeout.
+        await eventually(lambda: limited(gw, "upstream_share") == 8)
         refused = []
         for reader, _ in conns:
             try:
@@ -87,10 +98,20 @@ async def test_trickled_uploads_leave_the_pool_to_others(
             refused.append(answer)
         assert [a.status for a in refused] == [429] * 8
         assert refused[0].header("Retry-After") == "1"
-        labels = {"reason": "upstream_share"}
-        assert gw.registry.get_sample_value("gateway_client_limited_total", labels) == 8
         assert await well_behaved(gw.port) == 200
         assert pool.open_connections == 5
+
+
+async def test_a_client_over_its_share_waits_for_one_of_its_own(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(small_pool(upstream, wait_s=10))
+    pool = pool_of(gw)
+    async with tricklers(gw.port, 5, 1024 * 1024) as conns:
+        await eventually(lambda: pool.open_connections == 4)
+        conns[0][1].close()  # one upload ends: the fifth takes its place
+        await eventually(lambda: pool.open_connections == 4 and upstream_uploads(upstream) == 1)
+        assert limited(gw, "upstream_share") is None
 
 
 async def test_small_trickled_bodies_take_no_upstream_connection(
@@ -156,7 +177,7 @@ UPLOAD = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n"
 async def test_over_the_requests_in_flight_the_listener_sheds_but_health_and_admin_answer(
     upstream: Upstream, make_gateway: MakeGateway
 ) -> None:
-    server = {"limits": {"max_requests_in_flight": 3}, "shutdown_timeout_s": 0.5}
+    server: dict[str, Any] = {"limits": {"max_requests_in_flight": 3}, "shutdown_timeout_s": 0.5}
     gw = await make_gateway(small_pool(upstream, **server))
     listener = gw._listener
     assert listener is not None

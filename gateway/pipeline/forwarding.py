@@ -24,8 +24,9 @@ from gateway.headers import (
 )
 from gateway.http.message import Body, ClientDisconnected, Request, Response
 from gateway.metrics import ProxyMetrics
-from gateway.pipeline.upstream_client import OverShare, UpstreamClient, UpstreamResponse
+from gateway.pipeline.upstream_client import UpstreamClient, UpstreamResponse
 from gateway.pipeline.upstream_conn import FailureKind, UpstreamError
+from gateway.pipeline.upstream_share import OverShare
 from gateway.problems import Refused, answer
 
 # aiohttp adds these when the caller does not; a proxy must send only what the

@@ -20,6 +20,7 @@ from itertools import chain
 from multidict import CIMultiDict
 
 from gateway.pipeline.upstream_conn import Connection, UpstreamError
+from gateway.pipeline.upstream_share import Shares
 
 Body = AsyncIterable[bytes] | bytes | None
 
@@ -88,10 +89,6 @@ async def _send_stream(
         conn.fail(UpstreamError("reset", f"request body: {exc!r}"))
 
 
-class OverShare(Exception):
-    """A client already has its share of the upstream's connections in use or waited for."""
-
-
 class UpstreamResponse:
     """An upstream's answer: status and headers at once, the body as it arrives."""
 
@@ -154,10 +151,7 @@ class UpstreamClient:
     ) -> None:
         self._host, self._port, self._ssl = host, port, ssl_context
         self._max = max_connections
-        # Exchanges one client may have under way (on a connection, or waiting for
-        # one): a client that trickles its bodies cannot take the whole pool.
-        self._max_per_client = max_per_client or max_connections
-        self._per_client: dict[str, int] = {}  # only clients with an exchange under way
+        self._shares = Shares(max_per_client or max_connections)
         self._connect_timeout_s = connect_timeout_s
         self._timeout_s = timeout_s
         self._total_timeout_s = total_timeout_s
@@ -187,16 +181,13 @@ class UpstreamClient:
         """Send a request and wait for its answer's head; the caller must `release()` it.
 
         Raises UpstreamError (connect, timeout, reset), and OverShare when
-        `client` (the requester's address) already has its share of exchanges
-        under way. A reused connection found closed before any byte of the
-        answer is retried once on a new one when the method is idempotent and
-        the body is not a stream.
+        `client` (the requester's address) had its share of exchanges under way
+        for the whole connect timeout (see `upstream_share`). A reused
+        connection found closed before any byte of the answer is retried once
+        on a new one when the method is idempotent and the body is not a stream.
         """
         if client is not None:
-            held = self._per_client.get(client, 0)
-            if held >= self._max_per_client:
-                raise OverShare(f"{held} requests of this client are under way")
-            self._per_client[client] = held + 1
+            await self._shares.enter(client, self._connect_timeout_s)
         try:
             return await self._request(method, target, headers, body, client)
         except BaseException:
@@ -206,9 +197,7 @@ class UpstreamClient:
     def leave(self, client: str | None) -> None:
         """One exchange of `client` is over."""
         if client is not None:
-            held = self._per_client.pop(client, 1) - 1
-            if held > 0:
-                self._per_client[client] = held
+            self._shares.leave(client)
 
     async def _request(
         self,
