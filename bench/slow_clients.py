@@ -15,8 +15,10 @@ connected, reconnecting whenever the gateway cuts them, in five kinds:
 - slow_reader: a 100 MB download read at 1 KB a second.
 
 Printed: the well-behaved client's p50/p99 and errors in both phases, how
-often the gateway cut each kind, and the gateway's RSS (peak per phase).
-Not part of the test suite; the machine's other work shows in the figures.
+often the gateway cut each kind, the gateway's RSS (peak per phase) and the
+CPU seconds it used per phase (from /proc: what the slow clients cost the
+gateway itself, which the machine's other work does not change the way it
+changes latencies). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.measure import percentile, rss_kib
+from bench.measure import cpu_s, percentile, rss_kib
 from tests.procs import GatewayProcess, write_config
 from tests.rawhttp import read_answer
 from tests.servers import free_port, wait_port
@@ -164,19 +166,21 @@ async def _peak_rss(pid: int, stop: asyncio.Event) -> int:
 
 async def _phase(
     pid: int, port: int, rate: float, duration_s: float
-) -> tuple[list[float], int, int]:
+) -> tuple[list[float], int, int, float]:
+    """The well-behaved client's latencies and errors, the gateway's peak RSS and CPU seconds."""
     stop = asyncio.Event()
     rss = asyncio.ensure_future(_peak_rss(pid, stop))
+    cpu_before = cpu_s(pid)
     latencies, errors = await _well_behaved(port, rate, duration_s)
     stop.set()
-    return latencies, errors, await rss
+    return latencies, errors, await rss, cpu_s(pid) - cpu_before
 
 
-def _line(name: str, latencies: list[float], errors: int, rss_kib_peak: int) -> str:
+def _line(name: str, latencies: list[float], errors: int, rss_kib_peak: int, cpu: float) -> str:
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     return (
         f"{name:<9} requests {len(latencies):>5}  errors {errors:>3}  p50 {p50:6.2f} ms  "
-        f"p99 {p99:6.2f} ms  gateway peak RSS {rss_kib_peak / 1024:6.1f} MiB"
+        f"p99 {p99:6.2f} ms  gateway peak RSS {rss_kib_peak / 1024:6.1f} MiB, CPU {cpu:5.2f} s"
     )
 
 
