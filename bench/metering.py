@@ -37,7 +37,7 @@ from gateway.quota.engine import QuotaEngine
 from gateway.quota.metering import Metering
 from gateway.quota.policy import RouteCharges
 from gateway.quota.redis_store import RedisStore
-from gateway.services import Services
+from gateway.services import Auth, Services
 from tests.servers import RedisServer
 
 TENANTS = [f"tenant-{i:05d}" for i in range(1000)]
@@ -68,6 +68,7 @@ async def _main(requests: int, concurrency: int, rounds: int, metrics: bool) -> 
     try:
         config = _config(redis.url, f"sqlite:///{tmp / 'ledger.db'}")
         services = await Services.open(config)
+        auth = await Auth.open(config.auth, services.directory)
         registry = CollectorRegistry()
         store = await RedisStore.open(
             redis.url, SHARDS, config.storage.timeout_ms,
@@ -77,27 +78,28 @@ async def _main(requests: int, concurrency: int, rounds: int, metrics: bool) -> 
             await store.restore(shard, [])
         engine = QuotaEngine(config, store, metrics=QuotaMetrics(registry) if metrics else None)
         route = RouteCharges.compile(config.routes[0], config.meters)
+        policies = engine.policies_for(config)
         headers = [
             {"Authorization": "Bearer " + mint(SECRET, "HS256", [TENANT_CLAIM], t, TOKEN_TTL_S)}
             for t in TENANTS
         ]
         tenants: list[Tenant] = []
         for h in headers:  # warm the caches, as a running gateway has them
-            tenants.append((await admit(h, services, config)).tenant)
+            tenants.append((await admit(h, auth.authenticator, services, config)).tenant)
 
         async def admission(i: int) -> None:
-            await admit(headers[i % len(headers)], services, config)
+            await admit(headers[i % len(headers)], auth.authenticator, services, config)
 
         async def metering(i: int) -> None:
             context = EventContext("api", "GET", f"rid-{i}")
-            meter = Metering(engine, tenants[i % len(tenants)], route, context)
+            meter = Metering(engine, policies, tenants[i % len(tenants)], route, context)
             await meter.check()
             await meter.finish(200, {})
 
         async def both(i: int) -> None:
-            admitted = await admit(headers[i % len(headers)], services, config)
+            admitted = await admit(headers[i % len(headers)], auth.authenticator, services, config)
             context = EventContext("api", "GET", f"rid-{i}")
-            meter = Metering(engine, admitted.tenant, route, context)
+            meter = Metering(engine, policies, admitted.tenant, route, context)
             await meter.check()
             await meter.finish(200, {})
 
@@ -113,6 +115,7 @@ async def _main(requests: int, concurrency: int, rounds: int, metrics: bool) -> 
                 f"(min {min(values):.1f}, max {max(values):.1f}, {rounds} rounds)"
             )
         await engine.close()
+        await auth.close()
         await services.close()
     finally:
         redis.close()

@@ -159,7 +159,7 @@ class GatewayStack:
 def gateway_config(upstream: int, redis_url: str, dsn: str, tenants: list[str]) -> dict[str, Any]:
     """Full enforcement on one catch-all route: JWT, tenant, quota, rate limit, usage events."""
     return {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "drain_delay_s": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
         # The timeout is raised from 50 ms: Redis shares its CPU with the load generator.
         "storage": {"counters": redis_url, "ledger": dsn, "shards": SHARDS, "timeout_ms": 1000},

@@ -12,7 +12,9 @@ from gateway.admin_api import (
     answer_refusals,
     require_token,
 )
+from gateway.console.mount import setup_console
 from gateway.headers import own_headers
+from gateway.merged_metrics import encode
 
 
 class Readiness:
@@ -44,6 +46,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def metric_samples(request: web.Request) -> web.Response:
+    """The registry as JSON, for the supervisor to merge (gateway.merged_metrics)."""
+    body = encode(request.app[REGISTRY])
+    return web.Response(body=body, content_type="application/json")
+
+
 def create_admin_app(
     registry: CollectorRegistry,
     readiness: Readiness,
@@ -59,6 +67,7 @@ def create_admin_app(
     if token:
         app[ADMIN_TOKEN] = token
     add_admin_routes(app)
+    setup_console(app, public_app, token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

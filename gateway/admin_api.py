@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.app import QUOTA, RUNTIME, SERVICES
+from gateway import admin_signals
+from gateway.app import LIVE, QUOTA, SERVICES
 from gateway.clock import iso_utc
+from gateway.config.loader import ConfigError
 from gateway.config.types import MAX_QUANTITY
 from gateway.headers import request_id
 from gateway.ledger.events import EventContext
@@ -20,8 +23,12 @@ from gateway.ledger.usage_ledger import UsageLedger
 from gateway.openapi import openapi_document
 from gateway.problems import Refused, web_answer
 from gateway.quota.engine import QuotaEngine
-from gateway.quota.view import current_period, usage_view
+from gateway.quota.policy import Policies
+from gateway.quota.view import reset_meter as reset_meter_now
+from gateway.quota.view import set_gauge, usage_view
+from gateway.reload import RELOADER
 from gateway.services import Services
+from gateway.signals.store import SignalStore
 from gateway.tenant_ops import (
     TenantChangeError,
     TenantOps,
@@ -45,7 +52,7 @@ def _services(request: web.Request) -> Services:
 
 def _ops(request: web.Request) -> TenantOps:
     services = _services(request)
-    config = request.app[PUBLIC_APP][RUNTIME].config
+    config = request.app[PUBLIC_APP][LIVE].runtime.config
     return TenantOps(config, services.ledger, services.bus)
 
 
@@ -124,12 +131,7 @@ def _unknown_tenant(tenant_id: str) -> Refused:
 async def list_tenants(request: web.Request) -> web.Response:
     """GET /admin/tenants?limit=&after="""
     services = _services(request)
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
-        raise Refused(400, "bad-query", "limit must be an integer from 1 to 1000")
+    limit = admin_signals.query_limit(request)
     tenants = await services.ledger.list_tenants(limit=limit, after=request.query.get("after"))
     following = tenants[-1].id if len(tenants) == limit else None
     return web.json_response({"tenants": [tenant_json(t) for t in tenants], "next": following})
@@ -187,11 +189,13 @@ async def revoke_api_key(request: web.Request) -> web.Response:
     return web.json_response({"prefix": prefix, "revoked": True})
 
 
-def _engine(request: web.Request) -> QuotaEngine:
-    engine = request.app[PUBLIC_APP].get(QUOTA)
-    if engine is None:
+def _engine(request: web.Request) -> tuple[QuotaEngine, Policies]:
+    """The quota engine and the live config's policies."""
+    public = request.app[PUBLIC_APP]
+    engine, policies = public.get(QUOTA), public[LIVE].runtime.policies
+    if engine is None or policies is None:
         raise Refused(404, "no-quotas", "no route charges and no plan rate-limits")
-    return engine
+    return engine, policies
 
 
 async def _tenant_and_meter(request: web.Request) -> tuple[Tenant, str]:
@@ -199,7 +203,7 @@ async def _tenant_and_meter(request: web.Request) -> tuple[Tenant, str]:
     tenant = await _services(request).ledger.get_tenant(tenant_id)
     if tenant is None:
         raise _unknown_tenant(tenant_id)
-    if meter and meter not in _engine(request).config.meters:
+    if meter and meter not in _engine(request)[1].meters:
         raise Refused(404, "meter-unknown", f"meter {meter!r} is not in the config")
     return tenant, meter
 
@@ -208,7 +212,7 @@ async def get_usage(request: web.Request) -> web.Response:
     """GET /admin/tenants/{id}/usage"""
     tenant, _ = await _tenant_and_meter(request)
     ledger = UsageLedger(_services(request).ledger.db)
-    return web.json_response(await usage_view(_engine(request), tenant, ledger))
+    return web.json_response(await usage_view(*_engine(request), tenant, ledger))
 
 
 HISTORY_MAX = timedelta(days=93)
@@ -265,12 +269,13 @@ def _instant(value: str | None) -> datetime | None:
 async def put_gauge(request: web.Request) -> web.Response:
     """PUT /admin/tenants/{id}/gauges/{meter} {"value": N}"""
     tenant, meter = await _tenant_and_meter(request)
-    engine = _engine(request)
-    if engine.config.meters[meter].type != "gauge":
-        raise Refused(422, "invalid-change", f"{meter} is a counter; reset it instead")
+    engine, policies = _engine(request)
     value = _quantity((await _object(request)).get("value"), "value", 0)
-    await engine.store.set_level(tenant.id, meter, None, value, _admin_context(request))
-    return web.json_response(await usage_view(engine, tenant))
+    try:
+        await set_gauge(engine, policies, tenant, meter, value, _admin_context(request))
+    except ValueError as exc:
+        raise Refused(422, "invalid-change", str(exc)) from None
+    return web.json_response(await usage_view(engine, policies, tenant))
 
 
 def _admin_context(request: web.Request) -> EventContext:
@@ -281,10 +286,9 @@ def _admin_context(request: web.Request) -> EventContext:
 async def reset_meter(request: web.Request) -> web.Response:
     """POST /admin/tenants/{id}/meters/{meter}/reset: the current period starts again from 0."""
     tenant, meter = await _tenant_and_meter(request)
-    engine = _engine(request)
-    period = current_period(engine, tenant, meter)
-    await engine.store.set_level(tenant.id, meter, period, 0, _admin_context(request))
-    return web.json_response(await usage_view(engine, tenant))
+    engine, policies = _engine(request)
+    await reset_meter_now(engine, policies, tenant, meter, _admin_context(request))
+    return web.json_response(await usage_view(engine, policies, tenant))
 
 
 async def add_credit(request: web.Request) -> web.Response:
@@ -314,6 +318,19 @@ async def add_credit(request: web.Request) -> web.Response:
     )
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    """POST /admin/reload: read the config file again, swap it in if it can be used."""
+    reloader = request.app[PUBLIC_APP].get(RELOADER)
+    if reloader is None:
+        raise Refused(404, "no-config-file", "this gateway was not started from a config file")
+    try:
+        summary = await reloader.reload()
+    except ConfigError as exc:
+        # The running config is kept; `errors` has one line per problem, as check-config.
+        raise Refused(422, "config-invalid", "; ".join(exc.lines()), errors=exc.lines()) from None
+    return web.json_response({"status": "reloaded", **summary})
+
+
 async def openapi(request: web.Request) -> web.Response:
     """GET /admin/openapi.json"""
     return web.json_response(openapi_document())
@@ -333,4 +350,18 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_put("/admin/tenants/{id}/gauges/{meter}", put_gauge)
     app.router.add_post("/admin/tenants/{id}/meters/{meter}/reset", reset_meter)
     app.router.add_post("/admin/tenants/{id}/credits", add_credit)
+    app.router.add_post("/admin/reload", reload_config)
+    app.router.add_get("/admin/anomalies", _on_signals(admin_signals.list_anomalies))
+    app.router.add_get("/admin/notifications", _on_signals(admin_signals.list_notifications))
+    app.router.add_post("/admin/notifications/{signal}/requeue", _on_signals(admin_signals.requeue))
     app.router.add_get("/admin/openapi.json", openapi)
+
+
+def _on_signals(
+    handler: Callable[[web.Request, SignalStore], Awaitable[dict[str, Any]]],
+) -> Handler:
+    async def on_signals(request: web.Request) -> web.StreamResponse:
+        store = SignalStore(_services(request).ledger.db)
+        return web.json_response(await handler(request, store))
+
+    return on_signals

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from gateway import access_log as access
+from gateway.auth.authenticate import Authenticator
 from gateway.billing.run import Reporting, open_webhooks
 from gateway.billing.webhooks import WebhookError, Webhooks
 from gateway.config.models import GatewayConfig
@@ -41,14 +42,18 @@ from gateway.pipeline.forwarding import (
     RoutePlan,
     body_too_large,
 )
-from gateway.pipeline.runtime import CompiledRoute, Runtime
+from gateway.pipeline.runtime import CompiledRoute, Live, Runtime
 from gateway.problems import Refused, answer
-from gateway.quota.engine import QuotaEngine
+from gateway.quota.engine import QuotaEngine, Restorer
 from gateway.quota.metering import Metering
 from gateway.quota.open import needs_quota, open_store
 from gateway.quota.view import usage_view
 from gateway.routing import BadPath, parse_path
-from gateway.services import Services, needs_services
+from gateway.services import Auth, Services, needs_services
+from gateway.signals.refusals import RefusalTally
+from gateway.signals.run import Watching
+from gateway.signals.run import recorder as signal_recorder
+from gateway.usage.quarantine import Quarantine, QuarantineMetrics
 from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from gateway.usage.restore import restore_shards
 
@@ -60,30 +65,31 @@ _GONE = Response(499, close=True)
 _WEBHOOK_MAX_BYTES = 1024 * 1024
 
 
-RUNTIME = web.AppKey("runtime", Runtime)
+CONFIG = web.AppKey("config", GatewayConfig)  # the start config: what only a restart changes
+LIVE = web.AppKey("live", Live)
 SERVICES = web.AppKey("services", Services)
 QUOTA = web.AppKey("quota", QuotaEngine)
 QUOTA_METRICS = web.AppKey("quota_metrics", QuotaMetrics)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 WEBHOOKS = web.AppKey("webhooks", Webhooks)
 WEBHOOK_METRICS = web.AppKey("webhook_metrics", WebhookMetrics)
+AUTH_METRICS = web.AppKey("auth_metrics", AuthMetrics)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 ACCESS_LOG = web.AppKey("access_log", access.AccessLog)
 CLIENT_LIMITS = web.AppKey("client_limits", ClientLimits)
 
 
 async def _dispatch(
-    app: web.Application, request: Request, rid: str, outcome: access.Outcome
+    app: web.Application, runtime: Runtime, request: Request, rid: str, outcome: access.Outcome
 ) -> tuple[str, Response]:
     """The route's name (for metrics) and the answer; the one place refusals become HTTP."""
-    runtime = app[RUNTIME]
     name = UNMATCHED
     try:
         try:
             path = parse_path(request.target)
             if path.reserved:
                 name, outcome.decision = GATEWAY, access.GATEWAY_ENDPOINT
-                return name, await _gateway_endpoint(app, request, path.segments, rid)
+                return name, await _gateway_endpoint(app, runtime, request, path.segments, rid)
             host = request.headers.get("Host", "")
             match = runtime.router.match_path(request.method, host, path)
         except BadPath as exc:
@@ -135,16 +141,17 @@ async def _serve(
     if not plan.auth_required:
         return await _forward(request, runtime, plan, rid, outcome, plan.skip_headers)
     with client_limits.authenticating(request):
-        admitted = await admit(request.headers, app[SERVICES], runtime.config)
+        admitted = await admit(request.headers, _auth(runtime), app[SERVICES], runtime.config)
     tenant = admitted.tenant
     outcome.tenant = tenant.id
     upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
     warning = [("X-Quota-Warning", admitted.warning)] if admitted.warning else []
     skip = plan.bearer_skip if admitted.bearer else plan.skip_headers
-    engine = app.get(QUOTA)
-    if engine is None:
+    engine, policies = app.get(QUOTA), runtime.policies
+    if engine is None or policies is None:
         return await _forward(request, runtime, plan, rid, outcome, skip, upstream_extra, warning)
-    metering = Metering(engine, tenant, route.charges, EventContext(plan.name, request.method, rid))
+    context = EventContext(plan.name, request.method, rid)
+    metering = Metering(engine, policies, tenant, route.charges, context)
     claim: idempotency.Claim | None = None
     response: Response | None = None
     try:
@@ -198,22 +205,29 @@ def _json(value: object, rid: str) -> Response:
     return Response(200, headers, json.dumps(value).encode())
 
 
+def _auth(runtime: Runtime) -> Authenticator:
+    assert runtime.auth is not None  # the loader refuses `auth: required` without auth
+    return runtime.auth.authenticator
+
+
 async def _gateway_endpoint(
-    app: web.Application, request: Request, segments: list[str], rid: str
+    app: web.Application, runtime: Runtime, request: Request, segments: list[str], rid: str
 ) -> Response:
     """Paths under /_gateway/: the calling tenant's own usage, Stripe's webhooks."""
     webhooks = app.get(WEBHOOKS)
     if webhooks is not None and unquote(request.path) == webhooks.stripe.webhook_path:
         return await _stripe_webhook(request, webhooks, rid)
-    engine = app.get(QUOTA)
-    services = app.get(SERVICES)
-    if segments != ["_gateway", "usage"] or engine is None or services is None:
+    engine, policies, services = app.get(QUOTA), runtime.policies, app.get(SERVICES)
+    if segments != ["_gateway", "usage"] or engine is None or policies is None:
+        raise Refused(404, "not-found", "no such gateway endpoint")
+    if services is None or runtime.auth is None:
         raise Refused(404, "not-found", "no such gateway endpoint")
     if request.method not in ("GET", "HEAD"):
         raise Refused(405, "method-not-allowed", "use GET")
     with app[CLIENT_LIMITS].authenticating(request):
-        admitted = await admit(request.headers, services, app[RUNTIME].config)
-    return _json(await usage_view(engine, admitted.tenant), rid)
+        admitted = await admit(request.headers, _auth(runtime), services, runtime.config)
+    usage = UsageLedger(services.ledger.db)
+    return _json(await usage_view(engine, policies, admitted.tenant, usage, recorded=False), rid)
 
 
 async def _stripe_webhook(request: Request, webhooks: Webhooks, rid: str) -> Response:
@@ -243,11 +257,14 @@ async def handle(app: web.Application, request: Request) -> Response:
     started = time.perf_counter()
     rid = request_id(request.headers)
     outcome = access.Outcome()
+    runtime = app[LIVE].runtime  # this request's, whatever a reload swaps in meanwhile
+    runtime.active += 1
     metrics.in_flight.inc()
     try:
-        route, response = await _dispatch(app, request, rid, outcome)
+        route, response = await _dispatch(app, runtime, request, rid, outcome)
     finally:
         metrics.in_flight.dec()
+        runtime.leave()
     elapsed_s = time.perf_counter() - started
     metrics.observe(route, request.method, response.status, elapsed_s)
     if (access_log := app.get(ACCESS_LOG)) is not None:
@@ -263,61 +280,88 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
         access_log.flush()  # the listener has stopped: these are the last lines
 
 
-async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
-    yield
-    await app[RUNTIME].upstreams.close()
-
-
 async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[RUNTIME].config
+    config = app[CONFIG]
     if not needs_quota(config):
         yield
         return
     services = app.get(SERVICES)
     usage = UsageLedger(services.ledger.db) if services is not None else None
     journal_dir = None
+    quarantined = QuarantineMetrics(app[REGISTRY]) if usage is not None else None
     if usage is not None and config.storage.embedded:
         journal_dir = journal_directory(config.usage.spool_dir, config.storage.ledger)
         if journal_dir is not None:
             # What a killed process journaled goes into the ledger before the
             # restore (engine.prepare) reads it back.
-            await replay_journals(journal_dir, usage)
+            await replay_journals(journal_dir, usage, quarantined)
     opened = await open_store(config, usage is not None, journal_dir, StoreMetrics(app[REGISTRY]))
     store, sink = opened.store, opened.sink
-    restorer = recorder = None
+    restorer: Restorer | None = None
+    recorder = None
     if usage is not None:
-        restorer = functools.partial(
-            restore_shards, store, usage, config.meters, unrecorded=sink.unrecorded,
-            expected=config.storage.embedded,
-        )  # fmt: skip
+
+        def restorer(shards: Sequence[int]) -> Awaitable[None]:
+            # The meters of the config live now (a reload may have added some).
+            live = app.get(LIVE)
+            meters = live.runtime.config.meters if live is not None else config.meters
+            return restore_shards(store, usage, meters, shards, unrecorded=sink.unrecorded,
+                                  expected=config.storage.embedded)  # fmt: skip
+
         if sink.local is not None:
             interval_s = config.usage.flush_interval_ms / 1000
             writes = LedgerWrites(app[REGISTRY])
-            recorder = Recorder(sink.local, usage, interval_s, sink.journal, writes)
+            quarantine = Quarantine(usage.db, "recorder", quarantined)
+            recorder = Recorder(sink.local, usage, interval_s, sink.journal, writes, quarantine)
             recorder.start()
     engine = QuotaEngine(config, store, restorer, app[QUOTA_METRICS])
     await engine.prepare()
     app[QUOTA] = engine
+    signals = watching = refusals = None
+    if services is not None:
+        signals = engine.signals = signal_recorder(config, services.ledger.db, app[REGISTRY])
+        refusals = engine.refusals = RefusalTally(services.ledger.db)
+        if config.storage.embedded:  # no `gateway worker` runs: this process delivers
+            watching = Watching.start(config, services.ledger.db, app[REGISTRY], "serve")
     yield
     await engine.close()
+    if signals is not None:
+        await signals.flush()
+    if refusals is not None:
+        await refusals.close()
+    if watching is not None:
+        await watching.close()
     if recorder is not None:
         await recorder.close()
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[RUNTIME].config
+    config = app[CONFIG]
     if not needs_services(config):
         yield
         return
-    registry = app[REGISTRY]
-    services = await Services.open(config, AuthMetrics(registry), LedgerMetrics(registry))
+    services = await Services.open(config, LedgerMetrics(app[REGISTRY]))
     app[SERVICES] = services
+    app[AUTH_METRICS] = AuthMetrics(app[REGISTRY])  # the JWKS fetches of every runtime
     yield
     await services.close()
 
 
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The first runtime, once the services and the quota engine it refers to are open."""
+    config = app[CONFIG]
+    services, engine = app.get(SERVICES), app.get(QUOTA)
+    auth = None
+    if services is not None:
+        auth = await Auth.open(config.auth, services.directory, app[AUTH_METRICS])
+    policies = engine.policies_for(config) if engine is not None else None
+    app[LIVE] = Live(Runtime.build(config, app[METRICS], auth, policies))
+    yield
+    await app[LIVE].runtime.close()  # a reload's previous ones are the reloader's
+
+
 async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[RUNTIME].config
+    config = app[CONFIG]
     services = app.get(SERVICES)
     if config.stripe is None or services is None:
         yield
@@ -346,14 +390,14 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app[QUOTA_METRICS] = QuotaMetrics(registry, tenant_top)
     app[WEBHOOK_METRICS] = WebhookMetrics(registry)
     app[REGISTRY] = registry
-    app[RUNTIME] = Runtime.build(config, metrics)
+    app[CONFIG] = config
     app[CLIENT_LIMITS] = ClientLimits.for_config(config.server, metrics)
     if config.logging.access_log:
         app[ACCESS_LOG] = access.AccessLog.for_config(config)
     app.cleanup_ctx.append(_access_log_ctx)
-    app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_quota_ctx)
+    app.cleanup_ctx.append(_runtime_ctx)
     app.cleanup_ctx.append(_webhooks_ctx)
     return app
 

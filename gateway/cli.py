@@ -42,10 +42,17 @@ def _reporting(run: Callable[[], int | None]) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import run
+    from gateway.server import Placement, run
+    from gateway.supervisor import die_with_parent, supervise
 
     config = _load_process(args.config)
-    return _reporting(lambda: run(config))
+    if args.supervisor is not None:  # one of the processes of server.workers > 1
+        die_with_parent(args.supervisor)
+        placement = Placement(args.port, args.admin_socket)
+        return _reporting(lambda: run(config, args.config, placement))
+    if config.server.workers > 1:
+        return _reporting(lambda: supervise(args.config, config))
+    return _reporting(lambda: run(config, args.config))
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -95,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("-c", "--config", required=True, help="the YAML config file")
+    # Set by the supervisor (server.workers > 1) on the processes it starts.
+    serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--admin-socket", default="", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     worker = sub.add_parser("worker", help="write usage events from the queue into the ledger")

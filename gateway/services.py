@@ -10,7 +10,7 @@ from gateway.auth.authenticate import Authenticator
 from gateway.auth.jwks import JWKSKeys
 from gateway.auth.jwt import JWTVerifier
 from gateway.auth.keys import KeyConfigError, KeySource, StaticKeys
-from gateway.config.models import GatewayConfig
+from gateway.config.models import AuthConfig, GatewayConfig
 from gateway.directory import Directory
 from gateway.invalidation import Bus, LedgerBus, RedisBus
 from gateway.ledger.db import LedgerUnavailable
@@ -54,9 +54,9 @@ async def open_ledger(
     return ledger
 
 
-async def seed_tenants(config: GatewayConfig, ledger: Ledger) -> int:
-    """Create the config's seed tenants that do not exist yet; never overwrite."""
-    created = 0
+async def seed_tenants(config: GatewayConfig, ledger: Ledger) -> list[str]:
+    """Create the config's seed tenants that do not exist yet (never overwrite); their ids."""
+    created = []
     now = datetime.now(UTC)
     for seed in config.tenants:
         tenant = Tenant(
@@ -70,7 +70,7 @@ async def seed_tenants(config: GatewayConfig, ledger: Ledger) -> int:
             disabled=seed.disabled,
         )
         if await ledger.create_tenant_if_missing(tenant):
-            created += 1
+            created.append(seed.id)
         elif await ledger.get_tenant(seed.id) is None:
             owner = await ledger.tenant_by_customer(seed.stripe_customer or "")
             raise StartupError(
@@ -89,25 +89,32 @@ def make_bus(config: GatewayConfig, ledger: Ledger, directory: Directory | None)
 
 
 @dataclass
-class Services:
-    ledger: Ledger
-    directory: Directory
-    bus: Bus
+class Auth:
+    """Authentication as one config sets it up: a reload builds a new one (or keeps
+    this one when `auth.jwt` and `auth.api_keys` did not change)."""
+
+    config: AuthConfig
     authenticator: Authenticator
     jwks: JWKSKeys | None
 
     @classmethod
     async def open(
         cls,
-        config: GatewayConfig,
+        config: AuthConfig,
+        directory: Directory,
         metrics: AuthMetrics | None = None,
-        ledger_metrics: LedgerMetrics | None = None,
-    ) -> Services:
-        """Everything authentication needs; raises StartupError with the fix."""
+        previous: Auth | None = None,
+    ) -> Auth:
+        """The authenticator of `config` (its JWKS fetched once); StartupError with the fix."""
+        if previous is not None and (previous.config.jwt, previous.config.api_keys) == (
+            config.jwt,
+            config.api_keys,
+        ):
+            return previous
         jwks = None
         verifier = None
-        if config.auth.jwt is not None:
-            jwt_config = config.auth.jwt
+        if config.jwt is not None:
+            jwt_config = config.jwt
             keys: KeySource
             if jwt_config.jwks_url is not None:
                 jwks = JWKSKeys(
@@ -124,35 +131,60 @@ class Services:
                 except KeyConfigError as exc:
                     raise StartupError(f"auth.jwt: {exc}") from None
             verifier = JWTVerifier(jwt_config, keys)
-        ledger = await open_ledger(config, migrate=False, metrics=ledger_metrics)
-        try:
-            created = await seed_tenants(config, ledger)
-        except LedgerUnavailable as exc:
-            await ledger.close()
-            raise StartupError(f"storage.ledger: {exc}") from None
-        except StartupError:
-            await ledger.close()
-            raise
-        if created:
-            log.info("created %d seed tenant(s) from the config", created)
-        directory = Directory(
-            ledger, config.storage.cache_ttl_s, max_entries=config.storage.cache_entries
-        )
-        api_keys = config.auth.api_keys
+        api_keys = config.api_keys
         authenticator = Authenticator(
             verifier, directory, api_keys.header if api_keys.enabled else None
         )
         if jwks is not None:
             await jwks.start()
-        bus = make_bus(config, ledger, directory)
-        # Serving before listening could miss a change made in between.
-        if isinstance(bus, RedisBus) and not await bus.wait_subscribed(SUBSCRIBE_TIMEOUT_S):
-            log.warning("not yet listening for tenant changes; caches rely on their TTL")
-        return cls(ledger, directory, bus, authenticator, jwks)
+        return cls(config, authenticator, jwks)
 
     async def close(self) -> None:
         if self.jwks is not None:
             await self.jwks.stop()
+
+
+@dataclass
+class Services:
+    """What tenants need for as long as the process runs: the ledger, its cache, the bus."""
+
+    ledger: Ledger
+    directory: Directory
+    bus: Bus
+
+    @classmethod
+    async def open(
+        cls, config: GatewayConfig, ledger_metrics: LedgerMetrics | None = None
+    ) -> Services:
+        """Open the ledger, seed the tenants, listen for changes; StartupError with the fix."""
+        ledger = await open_ledger(config, migrate=False, metrics=ledger_metrics)
+        try:
+            await seed(config, ledger)
+        except StartupError:
+            await ledger.close()
+            raise
+        directory = Directory(
+            ledger, config.storage.cache_ttl_s, max_entries=config.storage.cache_entries
+        )
+        bus = make_bus(config, ledger, directory)
+        # Serving before listening could miss a change made in between.
+        if isinstance(bus, RedisBus) and not await bus.wait_subscribed(SUBSCRIBE_TIMEOUT_S):
+            log.warning("not yet listening for tenant changes; caches rely on their TTL")
+        return cls(ledger, directory, bus)
+
+    async def close(self) -> None:
         await self.bus.close()
         await self.directory.close()
         await self.ledger.close()
+
+
+async def seed(config: GatewayConfig, ledger: Ledger) -> list[str]:
+    """Create the config's new seed tenants (at start and on reload), their ids;
+    StartupError on failure."""
+    try:
+        created = await seed_tenants(config, ledger)
+    except LedgerUnavailable as exc:
+        raise StartupError(f"storage.ledger: {exc}") from None
+    if created:
+        log.info("created %d seed tenant(s) from the config", len(created))
+    return created

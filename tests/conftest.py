@@ -16,6 +16,7 @@ from gateway.config import parse
 from gateway.ledger import Ledger
 from gateway.quota.store import CounterStore
 from gateway.server import Gateway
+from tests.fault_matrix import MATRIX, table
 from tests.jwt_helpers import RSA, JWKSServer
 from tests.servers import PostgresServer, RedisCluster, RedisServer
 from tests.upstream import Upstream, start_upstream
@@ -34,7 +35,7 @@ async def whole(store: StoreT) -> StoreT:
 def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
     """A minimal config on free ports in front of `upstream_url`; `sections` override."""
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "drain_delay_s": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
         "upstreams": {"app": {"url": upstream_url, "connect_timeout_s": 2, "timeout_s": 5}},
         "routes": [{"name": "all", "match": {"path": "/**"}, "upstream": "app", "auth": "none"}],
@@ -174,3 +175,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("figures")
         for nodeid, text in lines:
             terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {text}")
+    if MATRIX:
+        terminalreporter.section("fault matrix")
+        for line in table(MATRIX):
+            terminalreporter.write_line(line)

@@ -18,8 +18,12 @@ from gateway.metrics import (
     LedgerMetrics,
     StoreMetrics,
     StripeMetrics,
+    SupervisorMetrics,
     WorkerMetrics,
 )
+from gateway.signals.notifier import NotifierMetrics
+from gateway.signals.watch import WatchMetrics
+from gateway.usage.quarantine import QuarantineMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -33,6 +37,10 @@ def test_alert_rules_use_only_exported_metrics() -> None:
     AuthMetrics(registry)
     WorkerMetrics(registry)  # `gateway worker`'s, scraped as their own job
     StripeMetrics(registry)  # the worker's Stripe reporter
+    WatchMetrics(registry, 0)  # the worker's anomaly and forecast rounds
+    NotifierMetrics(registry)  # the worker's webhook deliveries
+    QuarantineMetrics(registry)  # refused usage, in every process that writes usage
+    SupervisorMetrics(registry)  # serve's supervisor, with server.workers > 1
     exported = {
         sample_name
         for metric in registry.collect()

@@ -60,7 +60,10 @@ async def test_a_store_lost_after_close_starts_no_restore_that_outlives_the_engi
     # A request still in flight when the app stops meets the lost store.
     tenant = Tenant("acme", "starter", "active", datetime.now(UTC))
     request = engine.request(
-        tenant, RouteCharges.compile(config.routes[0], config.meters), EventContext("api")
+        engine.policies_for(config),
+        tenant,
+        RouteCharges.compile(config.routes[0], config.meters),
+        EventContext("api"),
     )
     assert request is not None
     with pytest.raises(StoreLost):
@@ -111,11 +114,12 @@ def test_a_plan_is_compiled_once_and_again_when_the_tenant_or_the_period_changes
     config = engine_config()
     now = [datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)]
     engine = QuotaEngine(config, MemoryStore(), clock=lambda: now[0])
+    policies = engine.policies_for(config)
     route = RouteCharges.compile(config.routes[0], config.meters)
     tenant = Tenant("acme", "starter", "active", now[0])
 
     def plan_of(who: Tenant) -> ChargePlan:
-        request = engine.request(who, route, EventContext("api"))
+        request = engine.request(policies, who, route, EventContext("api"))
         assert request is not None and request.plan is not None
         return request.plan
 
@@ -156,11 +160,12 @@ def test_compiled_plans_are_bounded_oldest_out() -> None:
         update={"storage": base.storage.model_copy(update={"cache_entries": 2})}
     )
     engine = QuotaEngine(config, MemoryStore())
+    policies = engine.policies_for(config)
     route = RouteCharges.compile(config.routes[0], config.meters)
     tenants = [Tenant(t, "starter", "active", datetime.now(UTC)) for t in ("a", "b", "c")]
 
     def plan_of(who: Tenant) -> ChargePlan | None:
-        request = engine.request(who, route, EventContext("api"))
+        request = engine.request(policies, who, route, EventContext("api"))
         return request.plan if request is not None else None
 
     first = [plan_of(t) for t in tenants]

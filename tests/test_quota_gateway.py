@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.app import QUOTA, RUNTIME
+from gateway.app import LIVE, QUOTA
 from gateway.auth.jwt import mint
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.periods import periods_around
@@ -339,7 +339,7 @@ async def test_an_unexpected_failure_while_forwarding_settles_and_releases_the_k
         raise RuntimeError("a bug in the forward")
 
     assert gateway.app is not None
-    monkeypatch.setattr(gateway.app[RUNTIME].forwarder, "forward", broken)
+    monkeypatch.setattr(gateway.app[LIVE].runtime.forwarder, "forward", broken)
     assert (await idempotent_post(gateway, "k-bug", b"{}"))[0] == 500
     monkeypatch.undo()
     # Nothing was served: the charge is refunded and the key released, so the

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.app import RUNTIME
+from gateway.app import LIVE
 from gateway.pipeline.upstream_client import UpstreamClient
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
@@ -38,7 +38,7 @@ def small_pool(upstream: Upstream, wait_s: float = 0.5, **server: Any) -> dict[s
 
 def pool_of(gateway: Gateway) -> UpstreamClient:
     assert gateway.app is not None
-    return gateway.app[RUNTIME].upstreams["app"].client
+    return gateway.app[LIVE].runtime.upstreams["app"].client
 
 
 @asynccontextmanager

@@ -7,12 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
-    BaseModel,
-    ConfigDict,
     Field,
     model_validator,
 )
 
+from gateway.config.base import Model
+from gateway.config.signals import NotificationsConfig, SignalsConfig
 from gateway.config.types import (
     Charge,
     DurationS,
@@ -33,10 +33,6 @@ from gateway.config.types import (
     SubscriptionStatus,
     url_with_schemes,
 )
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TLSConfig(Model):
@@ -95,6 +91,9 @@ class ServerConfig(Model):
     trusted_proxies: list[Network] = []
     tls: TLSConfig | None = None
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    # After SIGTERM, /readyz answers 503 and the listener keeps serving this long
+    # before it stops accepting: a load balancer notices and stops sending first.
+    drain_delay_s: Annotated[float, Field(ge=0)] = 5.0
     limits: ListenerLimits = ListenerLimits()
 
 
@@ -351,6 +350,8 @@ class GatewayConfig(Model):
     stripe: StripeConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
+    signals: SignalsConfig = SignalsConfig()
     tenants: list[TenantSeed] = []
 
     def upgrade_url(self, plan: str) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.auth.authenticate import AmbiguousCredentials, Unauthenticated
+from gateway.auth.authenticate import AmbiguousCredentials, Authenticator, Unauthenticated
 from gateway.clock import Clock, utc_now
 from gateway.config.models import GatewayConfig
 from gateway.directory import DirectoryUnavailable
@@ -24,13 +24,14 @@ class Admitted:
 
 async def admit(
     headers: Mapping[str, str],
+    authenticator: Authenticator,
     services: Services,
     config: GatewayConfig,
     clock: Clock = utc_now,
 ) -> Admitted:
     """The admitted tenant; Refused when the request may not be served."""
     try:
-        principal = await services.authenticator.authenticate(headers)
+        principal = await authenticator.authenticate(headers)
         tenant = await services.directory.tenant(principal.tenant_id)
     except Unauthenticated as exc:
         raise Refused(

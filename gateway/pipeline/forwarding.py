@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -168,14 +168,27 @@ class RoutePlan:
 class Upstreams:
     """All configured upstreams, closed together."""
 
-    def __init__(self, configs: Mapping[str, UpstreamConfig]) -> None:
-        self._by_name = {name: Upstream(name, cfg) for name, cfg in configs.items()}
+    def __init__(
+        self, configs: Mapping[str, UpstreamConfig], previous: Upstreams | None = None
+    ) -> None:
+        # An upstream a reload leaves as it was keeps its pool (warm connections).
+        kept = previous._by_name if previous is not None else {}
+        self._by_name: dict[str, Upstream] = {
+            name: up if (up := kept.get(name)) is not None and up.config == cfg
+            else Upstream(name, cfg)
+            for name, cfg in configs.items()
+        }  # fmt: skip
 
     def __getitem__(self, name: str) -> Upstream:
         return self._by_name[name]
 
-    async def close(self) -> None:
-        await asyncio.gather(*(u.close() for u in self._by_name.values()))
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self._by_name.values())
+
+    async def close(self, keep: Upstreams | None = None) -> None:
+        """Close every pool, but those `keep` (the next runtime's) uses too."""
+        kept = {id(up) for up in keep} if keep is not None else set()
+        await asyncio.gather(*(up.close() for up in self if id(up) not in kept))
 
 
 class Forwarder:

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from gateway.clock import Clock, utc_now
 from gateway.config.models import GatewayConfig
@@ -19,8 +20,8 @@ from gateway.metrics import QuotaMetrics
 from gateway.quota.pending import PendingCharges
 from gateway.quota.periods import Period, meter_period
 from gateway.quota.plan import Costs
-from gateway.quota.policy import PlanPolicy, Policies, RouteCharges
-from gateway.quota.rules import Decision, MeterLimit
+from gateway.quota.policy import Policies, RouteCharges
+from gateway.quota.rules import Decision
 from gateway.quota.spool import Spool, orphans
 from gateway.quota.store import (
     Adjustment,
@@ -64,6 +65,18 @@ def kept(status: int, charge_on: str) -> bool:
     return succeeded(status)
 
 
+class SignalSink(Protocol):
+    """Whoever wants to hear what an allowed charge says about its tenant (signals)."""
+
+    def saw(self, request: ChargeRequest, result: ChargeResult) -> None: ...
+
+
+class RefusalSink(Protocol):
+    """Whoever counts the quota and rate-limit refusals (the console shows them)."""
+
+    def refused(self, tenant: str, status: int, name: str) -> None: ...
+
+
 class QuotaEngine:
     """Turns a config into per-request charges against one counter store."""
 
@@ -87,41 +100,35 @@ class QuotaEngine:
         self._spool = Spool(spool_dir) if spool_dir is not None else None
         dropped = metrics.pending_dropped.inc if metrics is not None else None
         self.pending = PendingCharges(spool=self._spool, on_dropped=dropped)
-        self._meters = config.meters
         tallies = Tallies(metrics) if metrics is not None else None
+        self._tallies = tallies
         self._tenant_tallies = tallies.tenants if tallies is not None else None
-        self.policies = Policies(config, clock, tallies)
         if metrics is not None:
             metrics.pending.set_function(lambda: len(self.pending))
             spool = self._spool
             metrics.spooled.set_function(lambda: spool.entries if spool is not None else 0)
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
+        self.signals: SignalSink | None = None  # set by the application that has a ledger
+        self.refusals: RefusalSink | None = None  # likewise
 
-    @property
-    def plans(self) -> dict[str, PlanPolicy]:
-        return self.policies.plans
-
-    def meter_limit(self, tenant: Tenant, meter: str) -> MeterLimit:
-        """The limit of `meter` for the tenant: its override, else its plan's (credits aside)."""
-        return self.policies.meter_limit(tenant, meter)
-
-    def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
-        """Decide and count as usual, refuse nothing."""
-        return self.policies.shadow(tenant, route)
+    def policies_for(self, config: GatewayConfig) -> Policies:
+        """The quota side of `config` (the start's, then each reload's), counted on this
+        engine's metrics; requests pass theirs to each call (the engine keeps none)."""
+        return Policies(config, self.clock, self._tallies)
 
     def request(
-        self, tenant: Tenant, route: RouteCharges, context: EventContext
+        self, policies: Policies, tenant: Tenant, route: RouteCharges, context: EventContext
     ) -> ChargeRequest | None:
         """The charge request of a request on a route, or None if nothing is checked."""
-        prepared = self.prepared(tenant, route, context)
+        prepared = self.prepared(policies, tenant, route, context)
         return prepared[0] if prepared is not None else None
 
     def prepared(
-        self, tenant: Tenant, route: RouteCharges, context: EventContext
+        self, policies: Policies, tenant: Tenant, route: RouteCharges, context: EventContext
     ) -> tuple[ChargeRequest, DecisionTally | None] | None:
         """The charge request and where its decision is counted; None: nothing is checked."""
-        compiled = self.policies.charge_plan(tenant, route, context.route)
+        compiled = policies.charge_plan(tenant, route, context.route)
         plan = compiled.plan
         if plan is None:
             return None
@@ -223,6 +230,7 @@ class QuotaEngine:
 
     def charged(
         self,
+        policies: Policies,
         tenant: Tenant,
         route: RouteCharges,
         request: ChargeRequest | None,
@@ -237,7 +245,7 @@ class QuotaEngine:
             now = self.clock()
             for meter in route.from_response:
                 response_periods[meter] = periods.get(meter) or meter_period(
-                    self._meters[meter], now, tenant.billing_anchor
+                    policies.meters[meter], now, tenant.billing_anchor
                 )
         operation_id = request.request_id if request is not None else fresh_id()
         return Charged(tenant.id, operation_id, costs, response_periods, route, context)
@@ -262,11 +270,8 @@ class QuotaEngine:
         if kept(status, charged.route.keep) and not succeeded(status):
             # A gauge is a level, not a charge: a member the upstream did not
             # add must not be counted, whatever charge_on keeps of the counters.
-            adjustments += [
-                (m, p, -cost)
-                for m, (p, cost) in charged.costs.items()
-                if self._meters[m].type == "gauge"
-            ]
+            gauges = charged.route.gauges
+            adjustments += [(m, p, -cost) for m, (p, cost) in charged.costs.items() if m in gauges]
         if kept(status, charged.route.keep):
             for meter, header in charged.route.from_response.items():
                 quantity = _quantity(headers.get(header))

@@ -15,7 +15,7 @@ from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.problems import Refused
 from gateway.quota.engine import Charged, QuotaEngine
-from gateway.quota.policy import RouteCharges
+from gateway.quota.policy import Policies, RouteCharges
 from gateway.quota.rules import Decision
 from gateway.quota.store import StoreUnavailable
 
@@ -34,7 +34,7 @@ def rate_limit_fields(decision: Decision) -> list[tuple[str, str]]:
     return fields
 
 
-def quota_refusal(engine: QuotaEngine, tenant: Tenant, decision: Decision) -> Refused:
+def quota_refusal(policies: Policies, tenant: Tenant, decision: Decision) -> Refused:
     """402 for a used-up hard quota, 429 for a rate limit."""
     refusal = decision.refusal
     assert refusal is not None
@@ -55,7 +55,7 @@ def quota_refusal(engine: QuotaEngine, tenant: Tenant, decision: Decision) -> Re
         f"the {refusal.name} quota of plan {tenant.plan!r} is used up "
         f"({refusal.used} of {refusal.limit})" + (f" until {reset_at}" if reset_at else ""),
         headers=headers, tenant=tenant.id, meter=refusal.name, limit=refusal.limit,
-        used=refusal.used, reset_at=reset_at, upgrade_url=engine.config.upgrade_url(tenant.plan),
+        used=refusal.used, reset_at=reset_at, upgrade_url=policies.config.upgrade_url(tenant.plan),
     )  # fmt: skip
 
 
@@ -63,9 +63,15 @@ class Metering:
     """The quota side of one request on one route."""
 
     def __init__(
-        self, engine: QuotaEngine, tenant: Tenant, route: RouteCharges, context: EventContext
+        self,
+        engine: QuotaEngine,
+        policies: Policies,
+        tenant: Tenant,
+        route: RouteCharges,
+        context: EventContext,
     ) -> None:
         self._engine = engine
+        self._policies = policies  # the config's the request started on, whatever a reload does
         self._tenant = tenant
         self._route = route
         self._context = context
@@ -75,10 +81,11 @@ class Metering:
     async def check(self) -> None:
         """Check and charge the request; Refused (402, 429, or 503 under fail_closed)."""
         engine, tenant, route, context = self._engine, self._tenant, self._route, self._context
-        prepared = engine.prepared(tenant, route, context)
+        policies = self._policies
+        prepared = engine.prepared(policies, tenant, route, context)
         if prepared is None:  # nothing to check now; maybe something to settle
             if route.charges:
-                self._charged = engine.charged(tenant, route, None, None, context)
+                self._charged = engine.charged(policies, tenant, route, None, None, context)
             return
         request, tally = prepared
         try:
@@ -92,23 +99,29 @@ class Metering:
                     "quotas cannot be checked right now; retry shortly",
                     headers={"Retry-After": "1"},
                 ) from None  # fmt: skip
-            self._charged = engine.charged(tenant, route, request, None, context)
+            self._charged = engine.charged(policies, tenant, route, request, None, context)
             engine.spool(self._charged)
             return
         decision = result.decision
         if decision.refusal is not None:
-            shadow = engine.shadow(tenant, route)
+            shadow = policies.shadow(tenant, route)
             engine.decided(tally, tenant.id, decision, shadow)
             if not shadow:
-                raise quota_refusal(engine, tenant, decision)
+                if engine.refusals is not None:
+                    engine.refusals.refused(
+                        tenant.id, decision.refusal.status, decision.refusal.name
+                    )
+                raise quota_refusal(policies, tenant, decision)
             # Shadow: what would have been refused is served and counted as usual.
-            self._charged = engine.charged(tenant, route, request, result, context)
+            self._charged = engine.charged(policies, tenant, route, request, result, context)
             await engine.charge_anyway(self._charged)
             return
         engine.decided(tally, tenant.id, decision, False)
+        if engine.signals is not None and not result.replayed:
+            engine.signals.saw(request, result)
         self.headers = rate_limit_fields(decision)
         self.headers += [("X-Quota-Warning", warning) for warning in decision.warnings]
-        self._charged = engine.charged(tenant, route, request, result, context)
+        self._charged = engine.charged(policies, tenant, route, request, result, context)
 
     async def finish(self, status: int | None, headers: Mapping[str, str]) -> None:
         """Settle what `check` charged by the response's status; None when no response

@@ -45,6 +45,7 @@ class RouteCharges:
     from_response: dict[str, str]  # meter -> response header with the quantity
     keep: str  # charge_on
     shadow: bool
+    gauges: frozenset[str]  # the charged meters that are gauges (levels, not usage)
 
     @classmethod
     def compile(cls, route: RouteConfig, meters: Mapping[str, MeterConfig]) -> RouteCharges:
@@ -58,7 +59,8 @@ class RouteCharges:
                 fixed[meter] = cost
             elif isinstance(cost, int) and cost < 0:
                 after[meter] = cost
-        return cls(route.name, fixed, after, response, route.charge_on, route.shadow)
+        gauges = frozenset(m for m in route.charge if meters[m].type == "gauge")
+        return cls(route.name, fixed, after, response, route.charge_on, route.shadow, gauges)
 
     @property
     def charges(self) -> bool:
@@ -79,11 +81,13 @@ class Compiled:
 
 
 class Policies:
-    """The config's plans, and the tenants' compiled charges per route (least recently
-    compiled dropped first beyond `storage.cache_entries`)."""
+    """The quota side of one config: its meters and plans, and the tenants' compiled
+    charges per route (least recently compiled dropped first beyond
+    `storage.cache_entries`). A reload builds new ones; requests in flight keep theirs."""
 
     def __init__(self, config: GatewayConfig, clock: Clock, tallies: Tallies | None = None) -> None:
-        self._meters = config.meters
+        self.config = config
+        self.meters = self._meters = config.meters
         self._clock = clock
         self._tallies = tallies
         self.plans = {name: self._plan(config, name) for name in config.plans}

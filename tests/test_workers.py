@@ -1,0 +1,213 @@
+"""`server.workers: 2`: a supervisor and two gateway processes on one port.
+
+Real processes throughout: the supervisor started as users start it, its two
+processes, a private Redis and PostgreSQL, and a `gateway worker` writing the
+usage into the ledger, so that "no usage lost" is read from the ledger itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import fresh_database
+from tests.procs import write_config
+from tests.servers import PostgresServer, RedisServer
+from tests.upstream import Upstream
+from tests.waiting import eventually
+from tests.workers_rig import (
+    AUTH,
+    ENV,
+    Rig,
+    gone,
+    process_metrics,
+    requests_total,
+    running_rig,
+    sample,
+    send,
+    workers_config,
+)
+
+
+@pytest.fixture
+async def rig(
+    upstream: Upstream,
+    redis_server: RedisServer,
+    shared_postgres_server: PostgresServer,
+    tmp_path: Path,
+) -> AsyncIterator[Rig]:
+    async with running_rig(upstream, redis_server.url, shared_postgres_server, tmp_path) as rig:
+        yield rig
+
+
+async def test_both_processes_serve_and_metrics_are_their_sum(rig: Rig) -> None:
+    pids = rig.children()
+    assert len(pids) == 2
+    assert await send(rig.gateway.port, 200) == 200
+    own = [requests_total(await process_metrics(pid)) for pid in pids]
+    total = requests_total(await rig.metrics())
+    print(f"\n200 requests on new connections: {own[0]} and {own[1]} per process")
+    assert all(count > 0 for count in own), own  # the kernel gave both some connections
+    assert sum(own) == total == 200
+    assert await rig.ledger_reaches(200) == 200
+
+
+async def test_sighup_ends_neither_the_supervisor_nor_a_process(rig: Rig) -> None:
+    pids = rig.children()
+    for _ in range(3):
+        rig.gateway.signal(signal.SIGHUP)  # passed on to every process (each reloads)
+        assert await send(rig.gateway.port, 20) == 20
+    assert rig.children() == pids
+    assert rig.gateway.proc is not None and rig.gateway.proc.poll() is None
+
+
+async def test_a_killed_process_is_started_again_and_traffic_goes_on(rig: Rig) -> None:
+    assert await send(rig.gateway.port, 20) == 20
+    first, second = rig.children()
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: len(rig.children()) == 2 and first not in rig.children(), 20)
+    assert second in rig.children()
+
+    async def both_ready() -> bool:
+        url = f"http://127.0.0.1:{rig.gateway.admin_port}/readyz"
+        async with aiohttp.ClientSession() as client, client.get(url) as resp:
+            return resp.status == 200 and (await resp.json())["processes_ready"] == 2
+
+    await eventually(both_ready, 20)
+    exposition = await rig.metrics()
+    assert sample(exposition, "gateway_server_processes_running") == 2.0
+    assert sample(exposition, "gateway_server_process_restarts_total") == 1.0
+    # New connections reach the new process as well: all answered.
+    assert await send(rig.gateway.port, 100) == 100
+    assert any("exited with code -9; starting it again" in line for line in rig.gateway.log_lines)
+    (replacement,) = set(rig.children()) - {second}
+    assert requests_total(await process_metrics(replacement)) > 0
+
+
+async def test_sigterm_finishes_what_is_in_flight_and_loses_no_usage(
+    rig: Rig, upstream: Upstream
+) -> None:
+    assert await send(rig.gateway.port, 50) == 50
+    pids = rig.children()
+    in_flight = 10
+    slow = asyncio.create_task(
+        send(rig.gateway.port, in_flight, in_flight, "/v1/respond/slow?delay=1.5")
+    )
+    await eventually(lambda: len(upstream.arrived) == in_flight)
+    rig.gateway.signal(signal.SIGTERM)
+    assert await slow == in_flight  # every request in flight answered 200
+    code = await asyncio.to_thread(rig.gateway.stop)
+    assert code == 0
+    assert all(gone(pid) for pid in pids)
+    assert await rig.ledger_reaches(50 + in_flight) == 50 + in_flight
+
+
+async def test_a_sigkilled_supervisor_takes_its_processes_with_it(rig: Rig) -> None:
+    pids = rig.children()
+    port = rig.gateway.port
+    rig.gateway.kill()
+    await eventually(lambda: all(gone(pid) for pid in pids), 20)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as client:
+            await client.get(f"http://127.0.0.1:{port}/v1/things", headers=AUTH)
+
+
+async def test_the_admin_api_through_the_supervisor_reaches_every_process(rig: Rig) -> None:
+    base = f"http://127.0.0.1:{rig.gateway.admin_port}"
+    token = {"Authorization": f"Bearer {ENV['GATEWAY_ADMIN_TOKEN']}"}
+    async with aiohttp.ClientSession() as client:
+        async with client.delete(f"{base}/admin/tenants/acme") as resp:
+            assert resp.status == 401  # a process checked the token
+            assert "WWW-Authenticate" in resp.headers
+        async with client.delete(f"{base}/admin/tenants/acme", headers=token) as resp:
+            assert resp.status == 200
+        # One process made the change; the other hears of it through Redis.
+
+        async def refused_by_both() -> bool:
+            return await send(rig.gateway.port, 20) == 0
+
+        await eventually(refused_by_both)
+        body = {"disabled": False}
+        async with client.put(f"{base}/admin/tenants/acme", json=body, headers=token) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["disabled"] is False
+
+        async def served_by_both() -> bool:
+            return await send(rig.gateway.port, 20) == 20
+
+        await eventually(served_by_both)
+    # The console logs in through the supervisor and its session holds in every process.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        form = {"token": ENV["GATEWAY_ADMIN_TOKEN"]}
+        url = f"{base}/console/login"
+        async with browser.post(url, data=form, allow_redirects=False) as resp:
+            assert resp.status == 303
+        for _ in range(4):  # passed on to each process in turn
+            async with browser.get(f"{base}/console/tenants", allow_redirects=False) as resp:
+                assert resp.status == 200
+
+
+def serve(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "-c", str(config)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **ENV},
+    )  # fmt: skip
+
+
+def test_a_port_held_even_by_a_reuseport_listener_is_refused(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    # Unreachable stores: the port is checked before any process starts.
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = workers_config(upstream, "redis://127.0.0.1:1/0", "postgresql://x@127.0.0.1:1/x")
+        data["server"]["port"] = port
+        done = serve(write_config(tmp_path / "gateway.yaml", data))
+    assert done.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port} (" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_a_process_that_cannot_start_stops_serve_with_its_error(
+    upstream: Upstream,
+    redis_server: RedisServer,
+    shared_postgres_server: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    async with fresh_database(shared_postgres_server) as dsn:  # not migrated
+        data = workers_config(upstream, redis_server.url, dsn)
+        done = await asyncio.to_thread(serve, write_config(tmp_path / "gateway.yaml", data))
+    assert done.returncode == 1
+    assert "gateway migrate" in done.stderr  # the process's own error
+    assert "exited with code 1 while starting" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_a_process_that_does_not_stop_in_time_is_killed(
+    upstream: Upstream,
+    redis_server: RedisServer,
+    shared_postgres_server: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    async with running_rig(
+        upstream, redis_server.url, shared_postgres_server, tmp_path, shutdown_timeout_s=0.5
+    ) as rig:
+        stuck, other = rig.children()
+        os.kill(stuck, signal.SIGSTOP)  # it cannot act on SIGTERM
+        assert await asyncio.to_thread(rig.gateway.stop, 60) == 0
+        assert gone(stuck) and gone(other)
+        assert any(
+            f"gateway process pid {stuck} still running" in line for line in rig.gateway.log_lines
+        )
