@@ -36,6 +36,7 @@ from gateway.metrics import (
 )
 from gateway.pipeline import idempotency, websocket
 from gateway.pipeline.admission import admit
+from gateway.pipeline.client_limits import ClientLimits
 from gateway.pipeline.forwarding import (
     LimitedBody,
     RoutePlan,
@@ -75,6 +76,7 @@ WEBHOOK_METRICS = web.AppKey("webhook_metrics", WebhookMetrics)
 AUTH_METRICS = web.AppKey("auth_metrics", AuthMetrics)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 ACCESS_LOG = web.AppKey("access_log", access.AccessLog)
+CLIENT_LIMITS = web.AppKey("client_limits", ClientLimits)
 
 
 async def _dispatch(
@@ -123,6 +125,9 @@ async def _serve(
 ) -> Response:
     """Admit, claim the Idempotency-Key, meter, forward; settle in one `finally`."""
     plan = route.plan
+    client_limits = app[CLIENT_LIMITS]
+    if not plan.auth_required or _is_preflight(request):
+        client_limits.unauthenticated(request)  # no tenant to charge: the address is
     if _is_preflight(request):
         # Browsers send preflights without credentials; they are never charged, and
         # go on bare (no body, no credentials) only where the route allows CORS.
@@ -135,7 +140,8 @@ async def _serve(
         )
     if not plan.auth_required:
         return await _forward(request, runtime, plan, rid, outcome, plan.skip_headers)
-    admitted = await admit(request.headers, _auth(runtime), app[SERVICES], runtime.config)
+    with client_limits.authenticating(request):
+        admitted = await admit(request.headers, _auth(runtime), app[SERVICES], runtime.config)
     tenant = admitted.tenant
     outcome.tenant = tenant.id
     upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
@@ -218,7 +224,8 @@ async def _gateway_endpoint(
         raise Refused(404, "not-found", "no such gateway endpoint")
     if request.method not in ("GET", "HEAD"):
         raise Refused(405, "method-not-allowed", "use GET")
-    admitted = await admit(request.headers, _auth(runtime), services, runtime.config)
+    with app[CLIENT_LIMITS].authenticating(request):
+        admitted = await admit(request.headers, _auth(runtime), services, runtime.config)
     usage = UsageLedger(services.ledger.db)
     return _json(await usage_view(engine, policies, admitted.tenant, usage, recorded=False), rid)
 
@@ -384,6 +391,7 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     app[WEBHOOK_METRICS] = WebhookMetrics(registry)
     app[REGISTRY] = registry
     app[CONFIG] = config
+    app[CLIENT_LIMITS] = ClientLimits.for_config(config.server, metrics)
     if config.logging.access_log:
         app[ACCESS_LOG] = access.AccessLog.for_config(config)
     app.cleanup_ctx.append(_access_log_ctx)

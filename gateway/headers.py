@@ -127,6 +127,22 @@ class TrustedProxies:
         return peer
 
 
+def client_key(addr: str) -> str:
+    """What per-client limits count by: the address, or for IPv6 its /64 (one
+    subscriber's network: a client has its whole /64 to hop across)."""
+    if ":" not in addr:
+        return addr
+    try:
+        ip = ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(IPv6Network((ip, 64), strict=False))
+    return addr
+
+
 def single(headers: Mapping[str, str], name: str) -> str | None:
     """The one value of header `name`; ValueError when it came more than once."""
     value = headers.get(name)

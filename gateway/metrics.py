@@ -90,6 +90,20 @@ class ProxyMetrics:
             "Requests being handled now.",
             registry=registry,
         )
+        self.shed = Counter(
+            "gateway_requests_shed",
+            "Requests answered 503 by the listener under overload, unread, by reason "
+            "(in_flight, connections).",
+            ["reason"],
+            registry=registry,
+        )
+        self.limited = Counter(
+            "gateway_client_limited",
+            "Requests refused 429 by a per-client limit, by reason (upstream_share, "
+            "per_ip, failed_auth).",
+            ["reason"],
+            registry=registry,
+        )
 
         # A request's counter and duration children, by (route, method, status).
         self._requests: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -114,6 +128,14 @@ class ProxyMetrics:
         if histogram is None:
             histogram = self._upstream_durations[upstream] = self.upstream_duration.labels(upstream)
         histogram.observe(duration_s)
+
+    def client_limited(self, reason: str) -> None:
+        """Count one request refused by a per-client limit."""
+        self.limited.labels(reason).inc()
+
+    def request_shed(self, reason: str) -> None:
+        """Count one request the listener shed."""
+        self.shed.labels(reason).inc()
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         """Count one failed upstream exchange."""

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from gateway import reload
 from gateway.admin import Readiness, create_admin_app, metric_samples
-from gateway.app import create_app, public_handler
+from gateway.app import METRICS, create_app, public_handler
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.http.server import HttpServer, Limits
 from gateway.lifecycle import run_loop
@@ -91,7 +91,8 @@ class Gateway:
         self._listener = HttpServer(
             public_handler(public_app),
             scheme="https" if ssl_ctx else "http",
-            limits=Limits(**server.limits.model_dump()),
+            limits=Limits(**server.limits.listener()),
+            on_shed=public_app[METRICS].request_shed,
         )
         placement = self.placement
         admin_site: web.BaseSite

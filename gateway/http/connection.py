@@ -23,12 +23,16 @@ from gateway.http.deadline import HEAD, IDLE, NOTHING
 from gateway.http.message import BodyTimeout, ClientDisconnected, Request, Response, Upgraded
 from gateway.http.parsing import ALL_PARSED, MAX_QUEUED, Exchange, HeadTooLarge, RequestParser
 from gateway.http.reading import BUFFER_HIGH_BYTES, ConnectionState
-from gateway.http.shared import log, refusals
+from gateway.http.shared import log, refusals, shed_reason
 from gateway.http.upgrade import UpgradeBuffer
 
 # The listener's own answers (status, problem kind, detail), encoded when sent for their Date.
 _INTERNAL_ERROR = (500, "internal-error", "the gateway failed")
 _BODY_TIMEOUT = (408, "request-timeout", "the request body stopped coming")
+# Shed under overload: the body is left unread and the connection closed, which
+# also sheds the connection; the client may come back in a second.
+_SHED = (503, "overloaded", "the gateway is overloaded; retry later")
+_SHED_FIELDS = "Retry-After: 1\r\n"
 
 
 class HttpConnection(ConnectionState, asyncio.Protocol):
@@ -167,6 +171,7 @@ class HttpConnection(ConnectionState, asyncio.Protocol):
         self._busy = True
         self._head_written = False
         self._keep_alive = False
+        self._body_waited_s = 0.0
         self._deadline.what = NOTHING
         idle = self._idle
         if idle is not None:
@@ -182,6 +187,12 @@ class HttpConnection(ConnectionState, asyncio.Protocol):
             while self._busy:
                 exchange = self._queue[0]
                 request = exchange.request
+                shed = shed_reason(state, request.target, self._fresh)
+                self._fresh = False
+                if shed is not None:
+                    self._shed(shed)
+                    self._finish()  # closes the connection
+                    return
                 state.in_flight += 1
                 try:
                     response = await state.handler(request)
@@ -220,6 +231,15 @@ class HttpConnection(ConnectionState, asyncio.Protocol):
                         return
         finally:
             self._task = None
+
+    def _shed(self, reason: str) -> None:
+        """Answer 503 without running the handler or reading the body."""
+        self._keep_alive = False
+        self._head_written = True
+        self._out.write(wire.problem_answer(*_SHED, _SHED_FIELDS))
+        on_shed = self._state.on_shed
+        if on_shed is not None:
+            on_shed(reason)
 
     def _may_keep(self, exchange: Exchange) -> bool:
         """The connection may outlive this exchange's answer (the answer may still end it)."""

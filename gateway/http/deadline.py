@@ -16,7 +16,7 @@ NOTHING, HEAD, BODY, IDLE = range(4)  # what the connection waits for
 class Deadline:
     """Calls `on_expired(what)` once `what` has been waited for past its deadline."""
 
-    __slots__ = ("what", "at", "_loop", "_check_every_s", "_timer", "_on_expired")
+    __slots__ = ("what", "at", "_loop", "_check_every_s", "_timer", "_timer_at", "_on_expired")
 
     def __init__(
         self,
@@ -29,12 +29,24 @@ class Deadline:
         self._loop = loop
         self._check_every_s = check_every_s  # the shortest limit
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires
         self._on_expired = on_expired
 
     def set(self, what: int, delay_s: float) -> None:
         """Wait for `what` until `delay_s` from now (not shorter than the shortest limit)."""
         self.what = what
         self.at = self._loop.time() + delay_s
+        if self._timer is None:
+            self._arm()
+
+    def set_at(self, what: int, at: float) -> None:
+        """Wait for `what` until loop time `at`, which may be closer than the shortest
+        limit (the timer is then moved up)."""
+        self.what = what
+        self.at = at
+        if self._timer is not None and at < self._timer_at:
+            self._timer.cancel()
+            self._timer = None
         if self._timer is None:
             self._arm()
 
@@ -45,7 +57,7 @@ class Deadline:
             self._timer = None
 
     def _arm(self) -> None:
-        when = min(self.at, self._loop.time() + self._check_every_s)
+        when = self._timer_at = min(self.at, self._loop.time() + self._check_every_s)
         self._timer = self._loop.call_at(when, self._fire)
 
     def _fire(self) -> None:

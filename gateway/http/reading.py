@@ -8,6 +8,7 @@ that runs the handler and the writing of answers.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 from gateway.http import answers, wire
@@ -41,6 +42,8 @@ class ConnectionState:
         self._idle: asyncio.Future[None] | None = None  # the worker waits for a request
         self._deadline = Deadline(self._loop, limits.check_every_s, self._expired)
         self._body_expired = False  # read_body_chunk raises BodyTimeout
+        self._body_waited_s = 0.0  # the handler waited this long for the current body
+        self._body_rate_at = 0.0  # loop time the body's minimum rate runs out (while read)
         self._reader: asyncio.Future[None] | None = None  # a body read waits
         self._reading_paused = False
         self._closing = False  # close once the answer in progress is written
@@ -54,6 +57,7 @@ class ConnectionState:
         self._backlog: bytearray | None = None  # read, not parsed: many requests queued
         self._upgraded = False  # the 101 is out: the bytes belong to the session
         self._streaming = False  # a streamed body is being sent
+        self._fresh = True  # no request of this connection has been handled yet
 
     @property
     def requests_parsed(self) -> int:
@@ -74,7 +78,8 @@ class ConnectionState:
     def body_arrived(self) -> None:
         reader = self._reader
         if reader is not None:
-            self._deadline.at = self._loop.time() + self._limits.body_idle_timeout_s
+            idle_at = self._loop.time() + self._limits.body_idle_timeout_s
+            self._deadline.at = min(idle_at, self._body_rate_at)
             if not reader.done():
                 reader.set_result(None)
 
@@ -93,12 +98,14 @@ class ConnectionState:
                 raise BodyTimeout("the client sent no body for the idle timeout")
             if self._out.closed or self._preempted or self._eof:
                 raise ClientDisconnected("the client closed the connection mid-body")
+            waiting_since = self._loop.time()
+            self._deadline.set_at(BODY, self._body_deadline(exchange, waiting_since))
             self._reader = self._loop.create_future()
-            self._deadline.set(BODY, self._limits.body_idle_timeout_s)
             try:
                 await self._reader
             finally:
                 self._reader = None
+                self._body_waited_s += self._loop.time() - waiting_since
                 if self._deadline.what == BODY:
                     self._deadline.what = NOTHING
         chunk = exchange.chunks.popleft()
@@ -108,6 +115,28 @@ class ConnectionState:
         return chunk
 
     # -- flow control and timing
+
+    def _body_deadline(self, exchange: Exchange, now: float) -> float:
+        """When the wait for more of the body that starts `now` fails: after the idle
+        timeout, or sooner when the body falls under its minimum rate.
+
+        Only the time the handler waited for the client counts against the rate:
+        while the upstream reads slowly, reading from the client pauses, and that
+        is not the client's doing. Raises BodyTimeout when the rate is already missed.
+        """
+        limits = self._limits
+        at = now + limits.body_idle_timeout_s
+        rate = limits.body_min_bytes_per_s
+        if rate > 0:
+            allowed_s = limits.body_rate_grace_s + exchange.request.body_bytes_read / rate
+            self._body_rate_at = now + allowed_s - self._body_waited_s
+            if self._body_rate_at <= now:
+                self._closing = True
+                raise BodyTimeout(f"the request body came slower than {rate:g} bytes/s")
+            at = min(at, self._body_rate_at)
+        else:
+            self._body_rate_at = math.inf
+        return at
 
     def _wake_reader(self) -> None:
         reader = self._reader

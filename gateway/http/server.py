@@ -31,9 +31,11 @@ class HttpServer:
         scheme: str = "http",
         limits: Limits | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        on_shed: Callable[[str], None] | None = None,
     ) -> None:
-        # on_error sees every exception that escaped the handler (after it is logged).
-        self._state = ServerState(handler, scheme, limits or Limits(), on_error)
+        # on_error sees every exception that escaped the handler (after it is logged),
+        # on_shed the reason of every request answered 503 under overload.
+        self._state = ServerState(handler, scheme, limits or Limits(), on_error, on_shed)
         self._server: asyncio.Server | None = None
 
     @property

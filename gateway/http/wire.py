@@ -88,14 +88,15 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def problem_answer(status: int, kind: str, detail: str) -> bytes:
-    """A whole problem+json answer that closes the connection (the listener's own errors)."""
+def problem_answer(status: int, kind: str, detail: str, fields: str = "") -> bytes:
+    """A whole problem+json answer that closes the connection (the listener's own errors);
+    `fields` are more header lines (each ending in CRLF)."""
     title = HTTPStatus(status).phrase
     body = json.dumps(
         {"type": PROBLEM_TYPE_BASE + kind, "title": title, "status": status, "detail": detail}
     ).encode()
     framing = (
         "Content-Type: application/problem+json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{fields}"
     )
     return encode_head(status, "", CIMultiDict(), (), framing) + body

@@ -15,11 +15,18 @@ from yarl import URL
 
 from gateway.access_log import Outcome
 from gateway.config.models import UpstreamConfig
-from gateway.headers import TrustedProxies, add_via, end_to_end, upstream_request_headers
+from gateway.headers import (
+    TrustedProxies,
+    add_via,
+    client_key,
+    end_to_end,
+    upstream_request_headers,
+)
 from gateway.http.message import Body, ClientDisconnected, Request, Response
 from gateway.metrics import ProxyMetrics
 from gateway.pipeline.upstream_client import UpstreamClient, UpstreamResponse
 from gateway.pipeline.upstream_conn import FailureKind, UpstreamError
+from gateway.pipeline.upstream_share import OverShare
 from gateway.problems import Refused, answer
 
 # aiohttp adds these when the caller does not; a proxy must send only what the
@@ -29,6 +36,10 @@ _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # one write (headers and body together), and an upstream failure while reading
 # it can still be answered with a proper 502/504.
 _BUFFER_MAX_BYTES = 64 * 1024
+# A request body up to this size (by its Content-Length) is read whole before an
+# upstream connection is taken, as nginx's request buffering does: a client that
+# sends it slowly then holds only its own connection, not one of the pool's.
+PREREAD_MAX_BYTES = 64 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -98,6 +109,7 @@ class Upstream:
             parts.port or (443 if parts.scheme == "https" else 80),
             self._ssl,
             max_connections=config.max_connections,
+            max_per_client=config.max_connections_per_client or max(1, config.max_connections // 2),
             connect_timeout_s=config.connect_timeout_s,
             timeout_s=config.timeout_s,
             total_timeout_s=config.total_timeout_s,
@@ -237,7 +249,13 @@ class Forwarder:
         if length is not None and length > limit:
             return answer(body_too_large(limit), rid, outcome)
         body = LimitedBody(request, limit) if request.body_exists and data is None else None
+        if body is not None and length is not None and length <= PREREAD_MAX_BYTES:
+            data = await body.read()  # within the limit: checked above
+            body = None
         headers = self.headers(request, plan, rid, upstream_extra, skip)
+        client = client_key(
+            self._trusted.client(request.peer, request.headers.getall("X-Forwarded-For", ()))
+        )
         started = time.perf_counter()
         try:
             upstream_resp = await up.client.request(
@@ -245,7 +263,17 @@ class Forwarder:
                 up.base_path + request.target,
                 headers,
                 body.__aiter__() if body else data,
+                client,
             )
+        except OverShare as exc:
+            self._metrics.client_limited("upstream_share")
+            busy = Refused(
+                429, "too-many-in-flight",
+                f"this client already has its share of requests to upstream {up.name!r} "
+                f"under way ({exc}); retry when one has finished",
+                headers={"Retry-After": "1"},
+            )  # fmt: skip
+            return answer(busy, rid, outcome)
         except UpstreamError as exc:
             if outcome is not None:
                 outcome.upstream_s = time.perf_counter() - started

@@ -20,6 +20,7 @@ from itertools import chain
 from multidict import CIMultiDict
 
 from gateway.pipeline.upstream_conn import Connection, UpstreamError
+from gateway.pipeline.upstream_share import Shares
 
 Body = AsyncIterable[bytes] | bytes | None
 
@@ -93,7 +94,7 @@ class UpstreamResponse:
 
     __slots__ = (
         "status", "reason", "version", "headers", "content_length",
-        "_client", "_conn", "_writer", "_deadline", "_released",
+        "_client", "_conn", "_writer", "_deadline", "_released", "_holder",
     )  # fmt: skip
 
     def __init__(
@@ -102,6 +103,7 @@ class UpstreamResponse:
         conn: Connection,
         writer: asyncio.Task[None] | None,
         deadline: float | None,
+        holder: str | None,
     ) -> None:
         self.status, self.reason, self.version = conn.status, conn.reason, conn.version
         self.headers = conn.headers  # in order, duplicates kept
@@ -110,6 +112,7 @@ class UpstreamResponse:
         self._client, self._conn, self._writer = client, conn, writer
         self._deadline = deadline
         self._released = False
+        self._holder = holder
 
     async def read_chunk(self) -> bytes:
         """The next part of the body; b"" at its end. Raises UpstreamError."""
@@ -127,6 +130,7 @@ class UpstreamResponse:
         if not self._released:
             self._released = True
             self._client.release(self._conn, self._writer)
+            self._client.leave(self._holder)
 
 
 class UpstreamClient:
@@ -139,6 +143,7 @@ class UpstreamClient:
         ssl_context: ssl.SSLContext | None,
         *,
         max_connections: int,
+        max_per_client: int | None = None,
         connect_timeout_s: float,
         timeout_s: float,
         total_timeout_s: float | None,
@@ -146,6 +151,7 @@ class UpstreamClient:
     ) -> None:
         self._host, self._port, self._ssl = host, port, ssl_context
         self._max = max_connections
+        self._shares = Shares(max_per_client or max_connections)
         self._connect_timeout_s = connect_timeout_s
         self._timeout_s = timeout_s
         self._total_timeout_s = total_timeout_s
@@ -165,14 +171,42 @@ class UpstreamClient:
         return len(self._idle)
 
     async def request(
-        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Body = None,
+        client: str | None = None,
     ) -> UpstreamResponse:
         """Send a request and wait for its answer's head; the caller must `release()` it.
 
-        Raises UpstreamError (connect, timeout, reset). A reused connection
-        found closed before any byte of the answer is retried once on a new
-        one when the method is idempotent and the body is not a stream.
+        Raises UpstreamError (connect, timeout, reset), and OverShare when
+        `client` (the requester's address) had its share of exchanges under way
+        for the whole connect timeout (see `upstream_share`). A reused
+        connection found closed before any byte of the answer is retried once
+        on a new one when the method is idempotent and the body is not a stream.
         """
+        if client is not None:
+            await self._shares.enter(client, self._connect_timeout_s)
+        try:
+            return await self._request(method, target, headers, body, client)
+        except BaseException:
+            self.leave(client)
+            raise
+
+    def leave(self, client: str | None) -> None:
+        """One exchange of `client` is over."""
+        if client is not None:
+            self._shares.leave(client)
+
+    async def _request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Body,
+        client: str | None,
+    ) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         total = self._total_timeout_s
         deadline = None if total is None else loop.time() + total
@@ -202,7 +236,7 @@ class UpstreamClient:
             except BaseException:
                 self.release(conn, writer)
                 raise
-            return UpstreamResponse(self, conn, writer, deadline)
+            return UpstreamResponse(self, conn, writer, deadline, client)
 
     def release(self, conn: Connection, writer: asyncio.Task[None] | None = None) -> None:
         """Pool `conn` if its exchange ended cleanly, otherwise close it."""
