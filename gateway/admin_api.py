@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import admin_signals
-from gateway.app import LIVE, QUOTA, SERVICES
+from gateway.app_keys import LIVE, QUOTA, SERVICES
 from gateway.clock import iso_utc
 from gateway.config.loader import ConfigError
 from gateway.config.types import MAX_QUANTITY

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from urllib.parse import unquote
 
 from aiohttp import web
-from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from gateway import access_log as access
-from gateway.auth.authenticate import Authenticator
+from gateway.app_keys import (
+    ACCESS_LOG,
+    AUTH_METRICS,
+    CLIENT_LIMITS,
+    CONFIG,
+    LIVE,
+    METRICS,
+    QUOTA,
+    QUOTA_METRICS,
+    REGISTRY,
+    SERVICES,
+    WEBHOOK_METRICS,
+    WEBHOOKS,
+)
 from gateway.billing.run import Reporting, open_webhooks
-from gateway.billing.webhooks import WebhookError, Webhooks
 from gateway.config.models import GatewayConfig
 from gateway.headers import request_id
 from gateway.http.message import BodyTimeout, ClientDisconnected, Handler, Request, Response
-from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import EventContext
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.metrics import (
@@ -34,20 +42,18 @@ from gateway.metrics import (
     StoreMetrics,
     WebhookMetrics,
 )
+from gateway.own_paths import authenticator, gateway_endpoint
 from gateway.pipeline import idempotency, websocket
 from gateway.pipeline.admission import admit
 from gateway.pipeline.client_limits import ClientLimits
 from gateway.pipeline.forwarding import (
-    LimitedBody,
     RoutePlan,
-    body_too_large,
 )
 from gateway.pipeline.runtime import CompiledRoute, Live, Runtime
 from gateway.problems import Refused, answer
 from gateway.quota.engine import QuotaEngine, Restorer
 from gateway.quota.metering import Metering
 from gateway.quota.open import needs_quota, open_store
-from gateway.quota.view import usage_view
 from gateway.routing import BadPath, parse_path
 from gateway.services import Auth, Services, needs_services
 from gateway.signals.refusals import RefusalTally
@@ -61,22 +67,6 @@ log = logging.getLogger("gateway.app")
 
 # What a request whose client left mid-body counts as (nginx's "client closed request").
 _GONE = Response(499, close=True)
-# Stripe's events are a few kilobytes; nothing legitimate comes near this.
-_WEBHOOK_MAX_BYTES = 1024 * 1024
-
-
-CONFIG = web.AppKey("config", GatewayConfig)  # the start config: what only a restart changes
-LIVE = web.AppKey("live", Live)
-SERVICES = web.AppKey("services", Services)
-QUOTA = web.AppKey("quota", QuotaEngine)
-QUOTA_METRICS = web.AppKey("quota_metrics", QuotaMetrics)
-METRICS = web.AppKey("metrics", ProxyMetrics)
-WEBHOOKS = web.AppKey("webhooks", Webhooks)
-WEBHOOK_METRICS = web.AppKey("webhook_metrics", WebhookMetrics)
-AUTH_METRICS = web.AppKey("auth_metrics", AuthMetrics)
-REGISTRY = web.AppKey("registry", CollectorRegistry)
-ACCESS_LOG = web.AppKey("access_log", access.AccessLog)
-CLIENT_LIMITS = web.AppKey("client_limits", ClientLimits)
 
 
 async def _dispatch(
@@ -89,7 +79,7 @@ async def _dispatch(
             path = parse_path(request.target)
             if path.reserved:
                 name, outcome.decision = GATEWAY, access.GATEWAY_ENDPOINT
-                return name, await _gateway_endpoint(app, runtime, request, path.segments, rid)
+                return name, await gateway_endpoint(app, runtime, request, path.segments, rid)
             host = request.headers.get("Host", "")
             match = runtime.router.match_path(request.method, host, path)
         except BadPath as exc:
@@ -141,7 +131,9 @@ async def _serve(
     if not plan.auth_required:
         return await _forward(request, runtime, plan, rid, outcome, plan.skip_headers)
     with client_limits.authenticating(request):
-        admitted = await admit(request.headers, _auth(runtime), app[SERVICES], runtime.config)
+        admitted = await admit(
+            request.headers, authenticator(runtime), app[SERVICES], runtime.config
+        )
     tenant = admitted.tenant
     outcome.tenant = tenant.id
     upstream_extra = {runtime.config.auth.forward_tenant_header: tenant.id}
@@ -198,53 +190,6 @@ async def _forward(
         request, plan, rid, upstream_extra=upstream_extra, response_extra=response_extra or (),
         skip=skip, data=data, outcome=outcome,
     )  # fmt: skip
-
-
-def _json(value: object, rid: str) -> Response:
-    headers = CIMultiDict({"Content-Type": "application/json; charset=utf-8", "X-Request-Id": rid})
-    return Response(200, headers, json.dumps(value).encode())
-
-
-def _auth(runtime: Runtime) -> Authenticator:
-    assert runtime.auth is not None  # the loader refuses `auth: required` without auth
-    return runtime.auth.authenticator
-
-
-async def _gateway_endpoint(
-    app: web.Application, runtime: Runtime, request: Request, segments: list[str], rid: str
-) -> Response:
-    """Paths under /_gateway/: the calling tenant's own usage, Stripe's webhooks."""
-    webhooks = app.get(WEBHOOKS)
-    if webhooks is not None and unquote(request.path) == webhooks.stripe.webhook_path:
-        return await _stripe_webhook(request, webhooks, rid)
-    engine, policies, services = app.get(QUOTA), runtime.policies, app.get(SERVICES)
-    if segments != ["_gateway", "usage"] or engine is None or policies is None:
-        raise Refused(404, "not-found", "no such gateway endpoint")
-    if services is None or runtime.auth is None:
-        raise Refused(404, "not-found", "no such gateway endpoint")
-    if request.method not in ("GET", "HEAD"):
-        raise Refused(405, "method-not-allowed", "use GET")
-    with app[CLIENT_LIMITS].authenticating(request):
-        admitted = await admit(request.headers, _auth(runtime), services, runtime.config)
-    usage = UsageLedger(services.ledger.db)
-    return _json(await usage_view(engine, policies, admitted.tenant, usage, recorded=False), rid)
-
-
-async def _stripe_webhook(request: Request, webhooks: Webhooks, rid: str) -> Response:
-    if request.method != "POST":
-        raise Refused(405, "method-not-allowed", "use POST")
-    # The raw bytes: the signature covers them exactly.
-    body = await LimitedBody(request, _WEBHOOK_MAX_BYTES).read()
-    if body is None:
-        raise body_too_large(_WEBHOOK_MAX_BYTES)
-    try:
-        result = await webhooks.handle(body, request.headers.get("Stripe-Signature"))
-    except WebhookError as exc:
-        raise Refused(exc.status, "stripe-webhook", str(exc)) from None
-    except LedgerUnavailable:
-        # Not recorded: Stripe retries, and the event is applied then.
-        raise Refused(503, "ledger-unavailable", "retry later") from None
-    return _json(result, rid)
 
 
 def _is_preflight(request: Request) -> bool:

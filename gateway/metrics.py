@@ -12,16 +12,7 @@ request, which takes a lock and builds a key each time.
 
 from __future__ import annotations
 
-from prometheus_client import (
-    GC_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.config.types import HTTP_METHODS
 
@@ -38,15 +29,6 @@ _STORE_BUCKETS_S = (
 UNMATCHED = "_unmatched"
 GATEWAY = "_gateway"
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-
-
-def process_collectors(registry: CollectorRegistry) -> None:
-    """The process's CPU, memory and file descriptors, Python's version and its
-    garbage collector, on `registry` (prometheus_client puts them on its global one)."""
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    if GC_COLLECTOR is not None:  # None where the interpreter has no gc.callbacks stats
-        GCCollector(registry=registry)
 
 
 def method_label(method: str) -> str:
@@ -374,40 +356,5 @@ class WebhookMetrics:
             "Stripe webhooks by type and result (applied, stale, duplicate, ignored, unmapped, "
             "bad_signature, error).",
             ["type", "result"],
-            registry=registry,
-        )
-
-
-class ConfigMetrics:
-    """Reloads of the config file (SIGHUP, POST /admin/reload)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.reloads = Counter(
-            "gateway_config_reloads",
-            "Config reloads, by result: success (swapped in), failure (the running config kept).",
-            ["result"],
-            registry=registry,
-        )
-        self.success = self.reloads.labels("success")
-        self.failure = self.reloads.labels("failure")
-        self.last_success = Gauge(
-            "gateway_config_last_reload_success_timestamp_seconds",
-            "When the config was last loaded with success, at start or on reload (Unix time).",
-            registry=registry,
-        )
-
-
-class SupervisorMetrics:
-    """The processes of `gateway serve` with `server.workers` > 1."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.restarts = Counter(
-            "gateway_server_process_restarts",
-            "Gateway processes that exited on their own and were started again.",
-            registry=registry,
-        )
-        self.running = Gauge(
-            "gateway_server_processes_running",
-            "Gateway processes running now (server.workers when all are up).",
             registry=registry,
         )

@@ -20,11 +20,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from gateway.app import AUTH_METRICS, CONFIG, LIVE, METRICS, QUOTA, SERVICES
+from gateway.app_keys import AUTH_METRICS, CONFIG, LIVE, METRICS, QUOTA, SERVICES
 from gateway.config.loader import ConfigError, Issue, load
 from gateway.config.models import GatewayConfig
-from gateway.metrics import ConfigMetrics
 from gateway.pipeline.runtime import Runtime
+from gateway.process_metrics import ConfigMetrics
 from gateway.quota.open import needs_quota
 from gateway.services import Auth, StartupError, needs_services, seed
 

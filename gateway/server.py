@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from gateway import reload
 from gateway.admin import Readiness, create_admin_app, metric_samples
-from gateway.app import METRICS, create_app, public_handler
+from gateway.app import create_app, public_handler
+from gateway.app_keys import METRICS
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.http.server import HttpServer, Limits
 from gateway.lifecycle import run_loop
 from gateway.merged_metrics import SAMPLES_PATH
-from gateway.metrics import process_collectors
+from gateway.process_metrics import process_collectors
 from gateway.services import StartupError
 
 log = logging.getLogger("gateway")

@@ -35,7 +35,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from gateway.config.models import GatewayConfig
-from gateway.metrics import SupervisorMetrics
+from gateway.process_metrics import SupervisorMetrics
 from gateway.server import port_taken
 from gateway.services import StartupError
 from gateway.supervisor_admin import Fleet, Slot, create_supervisor_admin_app

@@ -18,7 +18,8 @@ from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.store import Ledger
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.lifecycle import stop_task
-from gateway.metrics import LedgerMetrics, WorkerMetrics, process_collectors
+from gateway.metrics import LedgerMetrics, WorkerMetrics
+from gateway.process_metrics import process_collectors
 from gateway.quota.redis_client import Client, close_client, redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import StoreUnavailable

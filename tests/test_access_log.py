@@ -19,7 +19,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.access_log import AccessLog, Outcome
-from gateway.app import ACCESS_LOG
+from gateway.app_keys import ACCESS_LOG
 from gateway.config.models import LoggingConfig
 from gateway.headers import TrustedProxies
 from gateway.http.message import Connection, Request, Response

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from playwright.async_api import async_playwright
 
-from gateway.app import QUOTA
+from gateway.app_keys import QUOTA
 from gateway.clock import to_us
 from gateway.ledger.events import UsageEvent
 from gateway.ledger.store import Ledger

@@ -18,9 +18,9 @@ from gateway.metrics import (
     LedgerMetrics,
     StoreMetrics,
     StripeMetrics,
-    SupervisorMetrics,
     WorkerMetrics,
 )
+from gateway.process_metrics import SupervisorMetrics
 from gateway.signals.notifier import NotifierMetrics
 from gateway.signals.watch import WatchMetrics
 from gateway.usage.quarantine import QuarantineMetrics

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.app import LIVE, QUOTA
+from gateway.app_keys import LIVE, QUOTA
 from gateway.auth.jwt import mint
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.periods import periods_around

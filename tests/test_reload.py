@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.app import LIVE
+from gateway.app_keys import LIVE
 from gateway.auth.jwt import mint
 from gateway.config import load
 from gateway.reload import restart_only

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.app import LIVE
+from gateway.app_keys import LIVE
 from gateway.pipeline.upstream_client import UpstreamClient
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config

@@ -10,7 +10,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.app import LIVE, QUOTA, SERVICES
+from gateway.app_keys import LIVE, QUOTA, SERVICES
 from gateway.console.session import COOKIE, LoginThrottle, Session, Sessions
 from gateway.pipeline.runtime import Runtime
 from gateway.quota.engine import QuotaEngine
