@@ -12,7 +12,7 @@ import ssl
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from gateway.admin import Readiness, create_admin_app
+from gateway.admin import Readiness, create_admin_app, create_metrics_app
 from gateway.app import create_app, public_handler
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.http.server import HttpServer, Limits
@@ -50,6 +50,7 @@ class Gateway:
         self._listener: HttpServer | None = None
         self.port = 0
         self.admin_port = 0
+        self.metrics_port = 0  # with `metrics.port` set
         self.app: web.Application | None = None  # the public application, once started
 
     async def start(self) -> None:
@@ -88,7 +89,24 @@ class Gateway:
                 _port_taken("admin", self.config.admin.host, self.config.admin.port, exc)
             ) from None
         self.admin_port = admin.addresses[0][1]
+        if self.config.metrics.port is not None:
+            self.metrics_port = await self._start_metrics(self.config.metrics.port)
         self.readiness.ready = True
+
+    async def _start_metrics(self, port: int) -> int:
+        host = self.config.metrics.host or self.config.admin.host
+        runner = web.AppRunner(
+            create_metrics_app(self.registry, self.readiness), access_log=None, shutdown_timeout=1
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(_port_taken("metrics", host, port, exc)) from None
+        log.info("metrics on http://%s:%d", host, runner.addresses[0][1])
+        return int(runner.addresses[0][1])
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the shutdown timeout)."""

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    WithJsonSchema,
     model_validator,
 )
 
 from gateway.config.types import (
+    STRICT_INT,
     Charge,
     DurationS,
     EnvName,
@@ -28,11 +30,15 @@ from gateway.config.types import (
     Port,
     PositiveFloat,
     PositiveInt,
-    StrictInt,
     StrList,
     SubscriptionStatus,
+    url_schema,
     url_with_schemes,
 )
+
+CounterURL = Annotated[
+    str, url_with_schemes("memory", "redis", "rediss"), url_schema("memory", "redis", "rediss")
+]
 
 
 class Model(BaseModel):
@@ -72,12 +78,14 @@ class AdminConfig(Model):
 
 
 class StorageConfig(Model):
-    counters: Annotated[str, url_with_schemes("memory", "redis", "rediss")] = "memory://"
-    queue: Annotated[str, url_with_schemes("memory", "redis", "rediss")] | None = None
-    ledger: Annotated[str, url_with_schemes("sqlite", "postgresql", "postgres")] = (
-        "sqlite:///./gateway.db"
-    )
-    shards: Annotated[StrictInt, Field(ge=1, le=1024)] = 16
+    counters: CounterURL = "memory://"
+    queue: CounterURL | None = None
+    ledger: Annotated[
+        str,
+        url_with_schemes("sqlite", "postgresql", "postgres"),
+        url_schema("sqlite", "postgresql", "postgres"),
+    ] = "sqlite:///./gateway.db"
+    shards: Annotated[int, Field(ge=1, le=1024), STRICT_INT] = 16
     timeout_ms: PositiveInt = 50
     on_counter_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     # Whether `counters` is a Redis Cluster node (any one of them); null asks it at start.
@@ -111,7 +119,15 @@ class PublicKeyConfig(Model):
     alg: JWTAlgorithm
 
 
+def _set(key: str) -> dict[str, Any]:
+    return {"required": [key], "properties": {key: {"not": {"type": "null"}}}}
+
+
 class JWTConfig(Model):
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [_set(k) for k in ("jwks_url", "public_keys", "secret_env")]}
+    )
+
     algorithms: Annotated[list[JWTAlgorithm], Field(min_length=1)]
     issuer: str | None = None
     audience: StrList | None = None
@@ -191,6 +207,15 @@ class UpstreamConfig(Model):
 
 
 class MeterConfig(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "gauge"}}},
+            "then": {
+                "properties": {"period": {"type": "null"}, "from_response_header": {"type": "null"}}
+            },
+        }
+    )
+
     type: Literal["counter", "gauge"]
     period: Literal["billing_cycle", "month", "day", "hour", "none"] | None = None
     unit: str | None = None
@@ -229,12 +254,20 @@ class BillingConfig(Model):
 
 
 class RouteMatch(Model):
-    path: str
+    # What the JSON Schema can say of a template: absolute, and not the gateway's own.
+    path: Annotated[str, WithJsonSchema({"type": "string", "pattern": "^/(?!_gateway(/|$))"})]
     methods: Methods | None = None
     host: str | None = None
 
 
 class RouteConfig(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"required": ["auth"], "properties": {"auth": {"const": "none"}}},
+            "then": {"properties": {"charge": {"maxProperties": 0}}},
+        }
+    )
+
     name: Name
     match: RouteMatch
     upstream: str
@@ -285,6 +318,13 @@ class LoggingConfig(Model):
 
 
 class MetricsConfig(Model):
+    # A listener of its own for /metrics, /healthz and /readyz, without the admin API, so
+    # that Prometheus and probes reach them while the admin API stays private; null: they
+    # are served by the admin listener only.
+    port: Port | None = None
+    # The address of that listener and of `gateway worker`'s (usage.worker_port); null:
+    # admin.host.
+    host: str | None = None
     # A `tenant` label on the quota decisions, for the busiest tenants only.
     tenant_label: bool = False
     tenant_label_top: Annotated[int, Field(ge=1, le=10_000)] = 100
