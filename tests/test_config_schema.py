@@ -3,7 +3,6 @@ and refuses what the loader refuses where a JSON Schema can say so."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -55,11 +54,6 @@ def kubernetes_configs() -> dict[str, str]:
     return found
 
 
-def readme_configs() -> list[str]:
-    """Every ```yaml block of the README."""
-    return re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-
-
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_config_loads_and_matches_the_schema(path: Path) -> None:
     load(path)
@@ -74,14 +68,6 @@ def test_the_kubernetes_config_loads_and_matches_the_schema(tmp_path: Path) -> N
         file.write_text(text)
         load(file)
         assert schema_errors(load_as_editor(text)) == [], name
-
-
-def test_the_readme_examples_load_and_match_the_schema() -> None:
-    blocks = readme_configs()
-    assert len(blocks) >= 1
-    for block in blocks:
-        parse(yaml.safe_load(block), "README.md")
-        assert schema_errors(load_as_editor(block)) == [], block[:200]
 
 
 def test_the_schema_takes_what_the_loader_turns_into_other_values() -> None:
