@@ -10,6 +10,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     WithJsonSchema,
     model_validator,
 )
@@ -41,13 +42,20 @@ CounterURL = Annotated[
 ]
 
 
+# Paths and times arrive as YAML strings: converted, as the JSON Schema's strings say.
+FilePath = Annotated[Path, Strict(False)]
+Timestamp = Annotated[AwareDatetime, Strict(False)]
+
+
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: "8080" is not a port nor "yes" a boolean, as the JSON Schema says;
+    # the looser YAML spellings the loader does take are converted by the types.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class TLSConfig(Model):
-    cert_file: Path
-    key_file: Path
+    cert_file: FilePath
+    key_file: FilePath
 
 
 class ListenerLimits(Model):
@@ -115,7 +123,7 @@ class StorageConfig(Model):
 
 class PublicKeyConfig(Model):
     kid: str
-    file: Path
+    file: FilePath
     alg: JWTAlgorithm
 
 
@@ -186,7 +194,7 @@ class AuthConfig(Model):
 
 class UpstreamConfig(Model):
     url: HttpUrl
-    ca_file: Path | None = None
+    ca_file: FilePath | None = None
     connect_timeout_s: PositiveFloat = 2.0
     timeout_s: PositiveFloat = 30.0
     total_timeout_s: PositiveFloat | None = None
@@ -284,7 +292,7 @@ class RouteConfig(Model):
 
 class UsageConfig(Model):
     flush_interval_ms: PositiveInt = 50
-    spool_dir: Path | None = None
+    spool_dir: FilePath | None = None
     retention_months: PositiveInt = 24
     # `gateway worker` serves /metrics and /healthz here (host: admin.host).
     worker_port: Port = 9091
@@ -336,7 +344,7 @@ class TenantSeed(Model):
     plan: str
     status: SubscriptionStatus = "active"
     stripe_customer: str | None = None
-    billing_anchor: AwareDatetime | None = None
+    billing_anchor: Timestamp | None = None
     disabled: bool = False
 
 

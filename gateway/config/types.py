@@ -61,6 +61,8 @@ def _strict_int(value: Any) -> Any:
 
 
 def _limit(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e3, as for every other count
     if value == "unlimited" or value == UNLIMITED:
         return UNLIMITED
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -81,6 +83,8 @@ def _duration_s(value: Any) -> float:
 def _charge(value: Any) -> int | str:
     if value == "response":
         return "response"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > MAX_QUANTITY:
             raise ValueError(f"at most {MAX_QUANTITY} either way")
