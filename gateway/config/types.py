@@ -62,7 +62,7 @@ def _strict_int(value: Any) -> Any:
 
 def _limit(value: Any) -> int:
     if isinstance(value, float) and value.is_integer():
-        value = int(value)  # 1e3, as for every other count
+        value = int(value)  # 1000.0, as for every other count
     if value == "unlimited" or value == UNLIMITED:
         return UNLIMITED
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
