@@ -12,6 +12,7 @@ from gateway.admin_api import (
     answer_refusals,
     require_token,
 )
+from gateway.console.mount import setup_console
 from gateway.headers import own_headers
 
 
@@ -59,6 +60,7 @@ def create_admin_app(
     if token:
         app[ADMIN_TOKEN] = token
     add_admin_routes(app)
+    setup_console(app, public_app, token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

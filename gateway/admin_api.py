@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway import admin_signals
 from gateway.app import QUOTA, RUNTIME, SERVICES
 from gateway.clock import iso_utc
 from gateway.config.types import MAX_QUANTITY
@@ -20,8 +22,10 @@ from gateway.ledger.usage_ledger import UsageLedger
 from gateway.openapi import openapi_document
 from gateway.problems import Refused, web_answer
 from gateway.quota.engine import QuotaEngine
-from gateway.quota.view import current_period, usage_view
+from gateway.quota.view import reset_meter as reset_meter_now
+from gateway.quota.view import set_gauge, usage_view
 from gateway.services import Services
+from gateway.signals.store import SignalStore
 from gateway.tenant_ops import (
     TenantChangeError,
     TenantOps,
@@ -266,10 +270,11 @@ async def put_gauge(request: web.Request) -> web.Response:
     """PUT /admin/tenants/{id}/gauges/{meter} {"value": N}"""
     tenant, meter = await _tenant_and_meter(request)
     engine = _engine(request)
-    if engine.config.meters[meter].type != "gauge":
-        raise Refused(422, "invalid-change", f"{meter} is a counter; reset it instead")
     value = _quantity((await _object(request)).get("value"), "value", 0)
-    await engine.store.set_level(tenant.id, meter, None, value, _admin_context(request))
+    try:
+        await set_gauge(engine, tenant, meter, value, _admin_context(request))
+    except ValueError as exc:
+        raise Refused(422, "invalid-change", str(exc)) from None
     return web.json_response(await usage_view(engine, tenant))
 
 
@@ -282,8 +287,7 @@ async def reset_meter(request: web.Request) -> web.Response:
     """POST /admin/tenants/{id}/meters/{meter}/reset: the current period starts again from 0."""
     tenant, meter = await _tenant_and_meter(request)
     engine = _engine(request)
-    period = current_period(engine, tenant, meter)
-    await engine.store.set_level(tenant.id, meter, period, 0, _admin_context(request))
+    await reset_meter_now(engine, tenant, meter, _admin_context(request))
     return web.json_response(await usage_view(engine, tenant))
 
 
@@ -333,4 +337,17 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_put("/admin/tenants/{id}/gauges/{meter}", put_gauge)
     app.router.add_post("/admin/tenants/{id}/meters/{meter}/reset", reset_meter)
     app.router.add_post("/admin/tenants/{id}/credits", add_credit)
+    app.router.add_get("/admin/anomalies", _on_signals(admin_signals.list_anomalies))
+    app.router.add_get("/admin/notifications", _on_signals(admin_signals.list_notifications))
+    app.router.add_post("/admin/notifications/{signal}/requeue", _on_signals(admin_signals.requeue))
     app.router.add_get("/admin/openapi.json", openapi)
+
+
+def _on_signals(
+    handler: Callable[[web.Request, SignalStore], Awaitable[dict[str, Any]]],
+) -> Handler:
+    async def on_signals(request: web.Request) -> web.StreamResponse:
+        store = SignalStore(_services(request).ledger.db)
+        return web.json_response(await handler(request, store))
+
+    return on_signals

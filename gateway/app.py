@@ -48,6 +48,9 @@ from gateway.quota.open import needs_quota, open_store
 from gateway.quota.view import usage_view
 from gateway.routing import BadPath, parse_path
 from gateway.services import Services, needs_services
+from gateway.signals.run import Watching
+from gateway.signals.run import recorder as signal_recorder
+from gateway.usage.quarantine import Quarantine, QuarantineMetrics
 from gateway.usage.recorder import Recorder, journal_directory, replay_journals
 from gateway.usage.restore import restore_shards
 
@@ -206,7 +209,8 @@ async def _gateway_endpoint(
     if request.method not in ("GET", "HEAD"):
         raise Refused(405, "method-not-allowed", "use GET")
     admitted = await admit(request.headers, services, app[RUNTIME].config)
-    return _json(await usage_view(engine, admitted.tenant), rid)
+    usage = UsageLedger(services.ledger.db)
+    return _json(await usage_view(engine, admitted.tenant, usage, recorded=False), rid)
 
 
 async def _stripe_webhook(request: Request, webhooks: Webhooks, rid: str) -> Response:
@@ -269,12 +273,13 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app.get(SERVICES)
     usage = UsageLedger(services.ledger.db) if services is not None else None
     journal_dir = None
+    quarantined = QuarantineMetrics(app[REGISTRY]) if usage is not None else None
     if usage is not None and config.storage.embedded:
         journal_dir = journal_directory(config.usage.spool_dir, config.storage.ledger)
         if journal_dir is not None:
             # What a killed process journaled goes into the ledger before the
             # restore (engine.prepare) reads it back.
-            await replay_journals(journal_dir, usage)
+            await replay_journals(journal_dir, usage, quarantined)
     opened = await open_store(config, usage is not None, journal_dir, StoreMetrics(app[REGISTRY]))
     store, sink = opened.store, opened.sink
     restorer = recorder = None
@@ -286,13 +291,23 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
         if sink.local is not None:
             interval_s = config.usage.flush_interval_ms / 1000
             writes = LedgerWrites(app[REGISTRY])
-            recorder = Recorder(sink.local, usage, interval_s, sink.journal, writes)
+            quarantine = Quarantine(usage.db, "recorder", quarantined)
+            recorder = Recorder(sink.local, usage, interval_s, sink.journal, writes, quarantine)
             recorder.start()
     engine = QuotaEngine(config, store, restorer, app[QUOTA_METRICS])
     await engine.prepare()
     app[QUOTA] = engine
+    signals = watching = None
+    if services is not None:
+        signals = engine.signals = signal_recorder(config, services.ledger.db, app[REGISTRY])
+        if config.storage.embedded:  # no `gateway worker` runs: this process delivers
+            watching = Watching.start(config, services.ledger.db, app[REGISTRY], "serve")
     yield
     await engine.close()
+    if signals is not None:
+        await signals.flush()
+    if watching is not None:
+        await watching.close()
     if recorder is not None:
         await recorder.close()
 

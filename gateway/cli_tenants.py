@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from gateway.config import GatewayConfig
+from gateway.ledger.db import LedgerUnavailable
 from gateway.services import StartupError, make_bus, open_ledger
 from gateway.tenant_ops import (
     TenantChangeError,
@@ -17,6 +18,7 @@ from gateway.tenant_ops import (
     parse_changes,
     tenant_json,
 )
+from gateway.usage.replay import quarantine_command
 
 
 def _print(data: Any) -> None:
@@ -108,6 +110,23 @@ def run_tenants(config: GatewayConfig, args: argparse.Namespace) -> int:
         return 1
 
 
+def run_quarantine(config: GatewayConfig, replay: bool) -> int:
+    """`gateway quarantine [--replay]`."""
+
+    async def run() -> int:
+        ledger = await open_ledger(config, migrate=False)
+        try:
+            return await quarantine_command(ledger, replay)
+        finally:
+            await ledger.close()
+
+    try:
+        return asyncio.run(run())
+    except (StartupError, LedgerUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def run_token(config: GatewayConfig, tenant: str, ttl_s: float) -> int:
     """Print a development token signed with the config's HS secret."""
     from gateway.auth.jwt import mint
@@ -159,6 +178,13 @@ def add_parsers(sub: Any, load: Any) -> None:
     create_key.add_argument("--name")
     actions.add_parser("revoke-key").add_argument("prefix")
     tenants.set_defaults(func=lambda a: run_tenants(load(a.config), a))
+
+    quarantine = sub.add_parser(
+        "quarantine", help="usage entries the ledger refused; --replay writes them again"
+    )
+    quarantine.add_argument("-c", "--config", required=True)
+    quarantine.add_argument("--replay", action="store_true", help="write them again now")
+    quarantine.set_defaults(func=lambda a: run_quarantine(load(a.config), a.replay))
 
     token = sub.add_parser("token", help="print a development JWT signed with the HS secret")
     token.add_argument("-c", "--config", required=True)

@@ -36,6 +36,10 @@ def openapi_document() -> dict[str, Any]:
         "422": answer("the body is not an object, or a field is invalid", problem_ref),
     }
     quantity = {"type": "integer", "maximum": MAX_QUANTITY}
+    limit_param = {
+        "name": "limit", "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    }  # fmt: skip
     changes = TenantChanges.model_json_schema(ref_template="#/components/schemas/{model}")
     nested = changes.pop("$defs", {})
     return {
@@ -237,6 +241,71 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "201": answer("the credit, its period and the period's total"),
                         **with_body,
+                    },
+                }
+            },
+            "/admin/anomalies": {
+                "get": {
+                    "summary": "Usage anomalies of this hour and the last, largest first",
+                    "parameters": [limit_param],
+                    "responses": {
+                        "200": answer(
+                            "{since, anomalies: [{tenant, meter, used, period_start, "
+                            "baseline_median, threshold, ratio, detected_at}]}"
+                        ),
+                        "400": answer("bad limit", problem_ref),
+                        **denied,
+                    },
+                }
+            },
+            "/admin/notifications": {
+                "get": {
+                    "summary": "Webhook notifications, newest first",
+                    "parameters": [
+                        limit_param,
+                        {"name": "tenant", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "schema": {"enum": ["pending", "delivered", "dead"]},
+                        },
+                    ],
+                    "responses": {
+                        "200": answer(
+                            "{notifications: [{signal, type, tenant, meter, endpoint, "
+                            "state, attempts, created_at, delivered_at, last_error}]}"
+                        ),
+                        "400": answer("bad limit or state", problem_ref),
+                        **denied,
+                    },
+                }
+            },
+            "/admin/notifications/{signal}/requeue": {
+                "post": {
+                    "summary": "Deliver a dead-lettered notification again",
+                    "parameters": [
+                        {
+                            "name": "signal",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "requestBody": json_body(
+                        {
+                            "type": "object",
+                            "required": ["endpoint"],
+                            "properties": {"endpoint": {"type": "string"}},
+                        }
+                    ),
+                    "responses": {
+                        "200": answer("{signal, endpoint, state: pending}"),
+                        "400": answer("the body is not JSON", problem_ref),
+                        "404": answer(
+                            "no dead notification of this signal to that endpoint", problem_ref
+                        ),
+                        "422": answer("the body is not {endpoint}", problem_ref),
+                        **denied,
                     },
                 }
             },

@@ -23,6 +23,8 @@ from gateway.quota.redis_client import Client, close_client, redis_client
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import StoreUnavailable
 from gateway.services import StartupError, open_ledger
+from gateway.signals.run import Watching
+from gateway.usage.quarantine import Quarantine, QuarantineMetrics
 from gateway.usage.reconcile import reconcile
 from gateway.usage.streams import UsageStreams
 from gateway.usage.worker import Settings, Worker
@@ -107,7 +109,8 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
         counters = await redis_client(config.storage.counters, config.storage.redis_cluster)
     streams = UsageStreams(client, config.storage.shards, consumer or socket.gethostname())
     settings = Settings(retention_months=config.usage.retention_months)
-    worker = Worker(streams, UsageLedger(ledger.db), WorkerMetrics(registry), settings)
+    quarantine = Quarantine(ledger.db, "worker", QuarantineMetrics(registry))
+    worker = Worker(streams, UsageLedger(ledger.db), WorkerMetrics(registry), settings, quarantine)
     runner = web.AppRunner(_metrics_app(registry), access_log=None)
     await runner.setup()
     host = config.metrics.host or config.admin.host
@@ -122,6 +125,7 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
     )  # fmt: skip
     reconciling = asyncio.create_task(_reconcile_forever(config, ledger, counters, worker.metrics))
     reporting = None
+    watching = Watching.start(config, ledger.db, registry, streams.consumer)
     try:
         if config.stripe is not None:
             reporting = Reporting.start(config, ledger.db, registry, streams.consumer)
@@ -131,6 +135,7 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
     finally:
         if reporting is not None:
             await reporting.close()
+        await watching.close()
         await stop_task(reconciling)
         await runner.cleanup()
         await close_client(client)

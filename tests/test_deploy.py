@@ -134,6 +134,8 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
         "gateway_usage_lag_events",
         "gateway_stripe_outbox_oldest_pending_seconds",
         "gateway_usage_drifting_counters",
+        "gateway_usage_anomalies",
+        "gateway_notifications_dead",
     ):
         assert metric in used, metric
     provisioning = yaml.safe_load(

@@ -4,6 +4,7 @@ environment and config run natively, and the metrics the alerts and dashboard na
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import sys
@@ -81,10 +82,13 @@ async def test_the_alerts_and_the_dashboard_name_only_metrics_a_gateway_and_work
         usage={"worker_port": 0, "spool_dir": str(tmp_path / "spool")},
         stripe={"api_base": fake.url, "meter_events": {"api_calls": "calls"},
                 "report_interval_s": 0.2},
+        notifications={"webhooks": [{"url": f"{upstream.url}/hooks",
+                                     "secret_env": "LIVE_WEBHOOK_SECRET"}]},
     )  # fmt: skip
     fake.add_customer("cus_acme")
     config = write_config(tmp_path / "gateway.yaml", data)
-    env = {"LIVE_JWT_SECRET": secret, "STRIPE_API_KEY": API_KEY, "STRIPE_WEBHOOK_SECRET": "whsec_x"}
+    env = {"LIVE_JWT_SECRET": secret, "STRIPE_API_KEY": API_KEY, "STRIPE_WEBHOOK_SECRET": "whsec_x",
+           "LIVE_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"w" * 32).decode()}  # fmt: skip
     migrate = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "gateway", "migrate", "-c", str(config)],
         capture_output=True, text=True, timeout=60,

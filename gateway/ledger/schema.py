@@ -224,6 +224,58 @@ MIGRATIONS = [
             "ALTER TABLE tenants ADD COLUMN stripe_updated_at {ts} NULL",
         ],
     ),
+    Migration(
+        6,
+        "tenant signals, their notifications, quarantined usage",
+        [
+            # One row per signal, whichever process saw it first: its id is made
+            # from what it is about (type, tenant, meter, period, threshold).
+            """
+            CREATE TABLE signals (
+                id {key} PRIMARY KEY,
+                type text NOT NULL,
+                tenant_id {key} NOT NULL,
+                meter {key} NULL,
+                period_start {ts} NULL,
+                created_at {ts} NOT NULL,
+                payload text NOT NULL
+            )
+            """,
+            "CREATE INDEX signals_by_tenant ON signals (tenant_id, created_at)",
+            # One delivery per signal and endpoint, leased by one worker at a time.
+            """
+            CREATE TABLE notifications (
+                signal_id {key} NOT NULL,
+                endpoint text NOT NULL,
+                state text NOT NULL,
+                attempts integer NOT NULL DEFAULT 0,
+                created_at {ts} NOT NULL,
+                next_attempt_at {ts} NOT NULL,
+                lease_holder text NULL,
+                lease_until {ts} NULL,
+                delivered_at {ts} NULL,
+                last_error text NULL,
+                PRIMARY KEY (signal_id, endpoint)
+            )
+            """,
+            """
+            CREATE INDEX notifications_due ON notifications (next_attempt_at)
+            WHERE state = 'pending'
+            """,
+            # The worker's watch reads the recent status changes.
+            "CREATE INDEX tenants_status_changed ON tenants (status_changed_at)",
+            # Usage entries the ledger refused for good, set aside to be replayed.
+            """
+            CREATE TABLE usage_quarantine (
+                id {serial_pk},
+                source text NOT NULL,
+                line text NOT NULL,
+                error text NOT NULL,
+                at {ts} NOT NULL
+            )
+            """,
+        ],
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 

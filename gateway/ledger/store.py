@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.clock import EPOCH
 from gateway.ledger import schema
 from gateway.ledger.db import Database, connect
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
@@ -151,6 +153,22 @@ def _tenant_args(tenant: Tenant, now: datetime | None) -> tuple[Any, ...]:
     )
 
 
+TENANT_SORTS = ("id", "plan", "status", "status_changed_at", "created_at", "stripe_customer")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantQuery:
+    """Which tenants a list shows, and in what order."""
+
+    plan: str = ""
+    status: str = ""
+    text: str = ""  # a part of the id, the name or the Stripe customer, any case
+    sort: str = "id"  # one of TENANT_SORTS
+    descending: bool = False
+    # Only tenants with usage in a period started since then (or one that never resets).
+    used_since: datetime | None = None
+
+
 class Ledger:
     """Tenants and API keys on a `Database`, whichever backend it is."""
 
@@ -185,6 +203,24 @@ class Ledger:
         credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
         return replace(_tenant(row), credits=tuple(_credit(c) for c in credits))
 
+    async def with_credits(
+        self, tenants: Sequence[Tenant], *, now: datetime | None = None
+    ) -> list[Tenant]:
+        """`tenants` with their credits for periods not over at `now`, in one query."""
+        if not tenants:
+            return []
+        at = datetime.now(UTC) if now is None else utc(now)
+        marks = ", ".join(f"${i}" for i in range(2, 2 + len(tenants)))
+        rows = await self.db.fetch(
+            f"SELECT tenant_id, {_CREDIT_COLUMNS} FROM credits WHERE period_end > $1 "
+            f"AND tenant_id IN ({marks}) ORDER BY id",
+            at, *(t.id for t in tenants),
+        )  # fmt: skip
+        credits: dict[str, list[Credit]] = {}
+        for row in rows:
+            credits.setdefault(row["tenant_id"], []).append(_credit(row))
+        return [replace(t, credits=tuple(credits.get(t.id, ()))) for t in tenants]
+
     async def tenant_by_customer(self, customer: str) -> Tenant | None:
         """The tenant of a Stripe customer (without its credits), or None."""
         row = await self.db.fetchrow(_TENANT_BY_CUSTOMER, customer)
@@ -211,6 +247,52 @@ class Ledger:
         else:
             rows = await self.db.fetch(_LIST_TENANTS_AFTER, limit, after)
         return [_tenant(row) for row in rows]
+
+    async def search_tenants(
+        self, query: TenantQuery, offset: int, limit: int
+    ) -> tuple[int, list[Tenant]]:
+        """A page of the tenants `query` selects, in its order, and how many it selects."""
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("plan", query.plan), ("status", query.status)):
+            if value:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        if query.text:
+            escaped = query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args.append(f"%{escaped}%")
+            # Case-insensitive either way (SQLite's LIKE is, for ASCII); ILIKE spares
+            # PostgreSQL a lower() of every row.
+            operator = "ILIKE" if self.db.dialect == "postgresql" else "LIKE"
+            like = f"{operator} ${len(args)} ESCAPE '\\'"
+            where.append(
+                f"(id {like} OR coalesce(name, '') {like} OR coalesce(stripe_customer, '') {like})"
+            )
+        if query.used_since is not None:
+            args += [utc(query.used_since), EPOCH]
+            where.append(
+                f"id IN (SELECT tenant_id FROM usage_totals WHERE quantity > 0 AND "
+                f"(period_start >= ${len(args) - 1} OR period_start = ${len(args)}))"
+            )
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        column = query.sort if query.sort in TENANT_SORTS else "id"
+        order = f"{column} {'DESC' if query.descending else 'ASC'}"
+        if column != "id":
+            order += ", id"  # a total order: pages neither repeat nor skip a tenant
+        n = len(args)
+        # A text search scans every row anyway: it counts them in the same scan. Else
+        # the page comes in index order and the count is a scan of its own.
+        counted = ", count(*) OVER () AS selected" if query.text else ""
+        rows = await self.db.fetch(
+            f"SELECT {_TENANT_COLUMNS}{counted} FROM tenants {clause} ORDER BY {order} "
+            f"LIMIT ${n + 1} OFFSET ${n + 2}",
+            *args, limit, offset,
+        )  # fmt: skip
+        if counted and (rows or not offset):
+            total = rows[0]["selected"] if rows else 0
+        else:
+            total = await self.db.fetchval(f"SELECT count(*) FROM tenants {clause}", *args)
+        return int(total), [_tenant(row) for row in rows]
 
     async def create_tenant_if_missing(
         self, tenant: Tenant, *, now: datetime | None = None

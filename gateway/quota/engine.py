@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from gateway.clock import Clock, utc_now
 from gateway.config.models import GatewayConfig
@@ -64,6 +65,12 @@ def kept(status: int, charge_on: str) -> bool:
     return succeeded(status)
 
 
+class SignalSink(Protocol):
+    """Whoever wants to hear what an allowed charge says about its tenant (signals)."""
+
+    def saw(self, request: ChargeRequest, result: ChargeResult) -> None: ...
+
+
 class QuotaEngine:
     """Turns a config into per-request charges against one counter store."""
 
@@ -97,6 +104,7 @@ class QuotaEngine:
             metrics.spooled.set_function(lambda: spool.entries if spool is not None else 0)
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
+        self.signals: SignalSink | None = None  # set by the application that has a ledger
 
     @property
     def plans(self) -> dict[str, PlanPolicy]:

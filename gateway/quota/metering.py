@@ -106,6 +106,8 @@ class Metering:
             await engine.charge_anyway(self._charged)
             return
         engine.decided(tally, tenant.id, decision, False)
+        if engine.signals is not None and not result.replayed:
+            engine.signals.saw(request, result)
         self.headers = rate_limit_fields(decision)
         self.headers += [("X-Quota-Warning", warning) for warning in decision.warnings]
         self._charged = engine.charged(tenant, route, request, result, context)

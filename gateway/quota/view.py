@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.clock import EPOCH, iso_utc
+from gateway.ledger.events import EventContext
 from gateway.ledger.records import Tenant
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine
+from gateway.quota.forecast import forecast, window
 from gateway.quota.periods import Period, meter_period, period_of
 from gateway.quota.policy import credit_of
 from gateway.quota.rules import credited, meter_state
@@ -19,12 +21,18 @@ def current_period(engine: QuotaEngine, tenant: Tenant, meter: str) -> Period | 
 
 
 async def usage_view(
-    engine: QuotaEngine, tenant: Tenant, ledger: UsageLedger | None = None
+    engine: QuotaEngine,
+    tenant: Tenant,
+    ledger: UsageLedger | None = None,
+    *,
+    recorded: bool = True,
 ) -> dict[str, Any]:
     """`{tenant, plan, status, period, meters: {name: {used, limit, remaining, ...}}}`;
-    with `ledger`, each meter's `recorded` is what the ledger holds for the same period."""
+    with `ledger`, each counter's `forecast` from its hourly rollups and, if `recorded`,
+    each meter's `recorded`: what the ledger holds for the same period."""
     policy = engine.plans.get(tenant.plan)
-    cycle = period_of("billing_cycle", engine.clock(), tenant.billing_anchor)
+    now = engine.clock()
+    cycle = period_of("billing_cycle", now, tenant.billing_anchor)
     meters: dict[str, Any] = {}
     for name in sorted(engine.config.meters):
         period = current_period(engine, tenant, name)
@@ -44,9 +52,14 @@ async def usage_view(
             if period and engine.config.meters[name].period != "none"
             else None,
         }
-        if ledger is not None:
+        if ledger is not None and recorded:
             start = period.start if period else EPOCH
             meters[name]["recorded"] = await ledger.total(tenant.id, name, start)
+        if ledger is not None and period is not None and meters[name]["period"] is not None:
+            since, until = window(period, now)
+            hours = [(h, q) for h, q, _ in await ledger.hourly(tenant.id, name, since, until)]
+            ahead = forecast(used, limit, period, now, hours)
+            meters[name]["forecast"] = ahead.view() if ahead is not None else None
     return {
         "tenant": tenant.id,
         "plan": tenant.plan,
@@ -55,3 +68,20 @@ async def usage_view(
         "period": {"start": iso_utc(cycle.start), "end": iso_utc(cycle.end)},
         "meters": meters,
     }
+
+
+async def set_gauge(
+    engine: QuotaEngine, tenant: Tenant, meter: str, value: int, context: EventContext
+) -> None:
+    """Set a gauge's level (admin API, console); ValueError for a counter."""
+    if engine.config.meters[meter].type != "gauge":
+        raise ValueError(f"{meter} is a counter; reset it instead")
+    await engine.store.set_level(tenant.id, meter, None, value, context)
+
+
+async def reset_meter(
+    engine: QuotaEngine, tenant: Tenant, meter: str, context: EventContext
+) -> None:
+    """The meter's current period starts again from 0 (admin API, console)."""
+    period = current_period(engine, tenant, meter)
+    await engine.store.set_level(tenant.id, meter, period, 0, context)

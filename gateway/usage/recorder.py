@@ -21,6 +21,13 @@ from gateway.ledger.usage_ledger import UsageLedger
 from gateway.lifecycle import stop_task
 from gateway.metrics import LedgerWrites
 from gateway.quota.journal import JOURNAL, EventJournal, Segment, dead_files, wire_lines
+from gateway.usage.quarantine import (
+    SINGLE_ATTEMPTS,
+    LedgerRefused,
+    Quarantine,
+    QuarantineMetrics,
+    write_isolating,
+)
 
 log = logging.getLogger("gateway.usage")
 MAX_BATCH = 20_000
@@ -36,8 +43,11 @@ class Recorder:
         interval_s: float,
         journal: EventJournal | None = None,
         metrics: LedgerWrites | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self._events = events  # the store appends; only this class removes
+        self._quarantine = quarantine or Quarantine(ledger.db, "recorder")
+        self._single_failures = 0
         self._ledger = ledger
         self._interval_s = interval_s
         self._journal = journal  # the same events on disk
@@ -55,6 +65,10 @@ class Recorder:
                 await self.flush()
             except LedgerUnavailable as exc:
                 log.warning("ledger unavailable (%s); %d usage events wait", exc, len(self._events))
+            except LedgerRefused as exc:
+                log.error("the ledger refuses usage (%s); %d events wait", exc, len(self._events))
+            except Exception:  # never die: every later event would wait for nothing
+                log.exception("writing usage failed; %d events wait", len(self._events))
 
     async def flush(self) -> None:
         """Write every queued event; LedgerUnavailable leaves the rest queued."""
@@ -62,7 +76,15 @@ class Recorder:
             self._sealed.append(segment)
         while self._events:
             batch = self._events[:MAX_BATCH]
-            written = await self._ledger.write(batch)
+            try:
+                isolated = await write_isolating(self._ledger.write, batch, self._single_failures)
+            except LedgerRefused:
+                self._single_failures = self._single_failures + 1 if len(batch) == 1 else 0
+                raise
+            self._single_failures = 0
+            for event, error in isolated.refused:
+                await self._quarantine.put([event.encode()], error)
+            written = isolated.written
             # Only now: a failed write keeps the batch for the next round.
             del self._events[: len(batch)]
             if self._metrics is not None:
@@ -99,20 +121,29 @@ def journal_directory(spool_dir: Path | None, ledger_url: str) -> Path | None:
     return None if path == ":memory:" else Path(f"{path}-usage")
 
 
-async def replay_journals(directory: Path, ledger: UsageLedger) -> int:
+async def replay_journals(
+    directory: Path, ledger: UsageLedger, metrics: QuarantineMetrics | None = None
+) -> int:
     """Write what dead processes' journals hold into the ledger (before a restore reads it);
     returns how many events were new there."""
     inserted = 0
+    quarantine = Quarantine(ledger.db, "journal", metrics)
     for dead in dead_files(directory, JOURNAL):
         events = []
         for wire in wire_lines(dead.text):
             try:
                 events.append(decode(wire))
             except ValueError:
-                log.error("unreadable journal line skipped in %s: %r", dead.path, wire[:200])
+                await quarantine.put([wire], f"unreadable journal line in {dead.path.name}")
         new = 0
         for start in range(0, len(events), MAX_BATCH):
-            new += (await ledger.write(events[start : start + MAX_BATCH])).inserted
+            # A start never fails on an entry the ledger refuses: it is set aside at once.
+            isolated = await write_isolating(
+                ledger.write, events[start : start + MAX_BATCH], SINGLE_ATTEMPTS
+            )
+            for event, error in isolated.refused:
+                await quarantine.put([event.encode()], error)
+            new += isolated.written.inserted
         dead.release()
         inserted += new
         log.warning("%d usage events from %s written to the ledger (%d new)", len(events),

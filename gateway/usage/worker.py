@@ -12,6 +12,7 @@ trim the streams, create next month's partition and drop expired ones.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,8 +25,9 @@ from redis.exceptions import RedisError
 from gateway.clock import month_start, months_after
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import wire_row
-from gateway.ledger.usage_ledger import UsageLedger
+from gateway.ledger.usage_ledger import UsageLedger, Written
 from gateway.metrics import WorkerMetrics
+from gateway.usage.quarantine import LedgerRefused, Quarantine, write_isolating
 from gateway.usage.streams import Entry, UsageStreams
 
 log = logging.getLogger("gateway.usage")
@@ -61,11 +63,13 @@ class Worker:
         ledger: UsageLedger,
         metrics: WorkerMetrics,
         settings: Settings | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.streams = streams
         self.ledger = ledger
         self.metrics = metrics
         self.settings = settings or Settings()
+        self.quarantine = quarantine or Quarantine(ledger.db, "worker")
         self._stopping = asyncio.Event()
         self._lost_reads = False
         self._last_housekeeping = 0.0
@@ -151,33 +155,45 @@ class Worker:
         return [entry for batch in reads for entry in batch]
 
     async def write(self, entries: Sequence[Entry]) -> None:
-        """Write the entries' events, then acknowledge them; retried until it commits."""
+        """Write the entries' events, then acknowledge them; retried until it commits.
+        An entry the ledger refuses for good is quarantined (and acknowledged), never
+        left to hold back the ones after it."""
         if not entries:
             return
-        rows: list[tuple[Any, ...]] = []
+        rows: list[tuple[str, tuple[Any, ...]]] = []
+        malformed: list[str] = []
         for entry in entries:
+            line = _text(entry.raw)
             try:
-                rows.append(wire_row(entry.raw))
+                rows.append((line, wire_row(entry.raw)))
             except ValueError:
-                # Kept in the log, acknowledged: a malformed entry can never be written,
-                # and left pending it would stop the stream from ever being trimmed.
                 self.metrics.errors.labels("malformed").inc()
-                log.error("malformed usage entry %s on shard %d: %r", entry.entry_id,
-                          entry.shard, entry.raw[:500])  # fmt: skip
+                malformed.append(line)
+        if malformed:
+            # Acknowledged once set aside: a malformed entry can never be written, and
+            # left pending it would stop the stream from ever being trimmed.
+            await self._until_written(
+                functools.partial(self.quarantine.put, malformed, "malformed entry")
+            )
+        single_failures = 0
         while True:
             try:
-                written = await self.ledger.write_rows(rows)
+                isolated = await write_isolating(self._write_rows, rows, single_failures)
                 break
             except LedgerUnavailable as exc:
                 self.metrics.errors.labels("ledger").inc()
                 log.warning("ledger unavailable (%s); retrying %d events", exc, len(rows))
                 await asyncio.sleep(RETRY_S)
-            except Exception:
-                # Unexpected: keep the batch (nothing is acknowledged) and keep trying,
-                # slowly; a worker that died would stop all ingest instead.
+            except LedgerRefused as exc:
+                # The ledger refuses the whole batch: its fault, not the entries' (nothing
+                # is acknowledged); a worker that died would stop all ingest instead.
                 self.metrics.errors.labels("unexpected").inc()
-                log.exception("writing %d usage events failed; retrying", len(rows))
+                single_failures += 1
+                log.error("writing %d usage events failed (%s); retrying", len(rows), exc)
                 await asyncio.sleep(RETRY_UNEXPECTED_S)
+        for (line, _), error in isolated.refused:
+            await self._until_written(functools.partial(self.quarantine.put, [line], error))
+        written = isolated.written
         self.metrics.batch.observe(len(rows))
         self.metrics.written.inserted.inc(written.inserted)
         self.metrics.written.duplicates.inc(written.duplicates)
@@ -189,6 +205,19 @@ class Worker:
         await self._until_done(
             lambda: asyncio.gather(*(self.streams.ack(s, ids) for s, ids in by_shard.items()))
         )
+
+    async def _write_rows(self, items: Sequence[tuple[str, tuple[Any, ...]]]) -> Written:
+        return await self.ledger.write_rows([row for _, row in items])
+
+    async def _until_written(self, call: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            try:
+                await call()
+                return
+            except LedgerUnavailable as exc:
+                self.metrics.errors.labels("ledger").inc()
+                log.warning("ledger unavailable (%s); retrying", exc)
+                await asyncio.sleep(RETRY_S)
 
     async def housekeeping(self) -> None:
         """Reclaim stale entries, trim, keep partitions ahead and expire old ones; metrics."""
@@ -226,3 +255,7 @@ class Worker:
                 self.metrics.errors.labels("queue").inc()
                 log.warning("usage streams unavailable (%s); retrying", exc)
                 await asyncio.sleep(RETRY_S)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw

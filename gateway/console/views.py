@@ -1,0 +1,190 @@
+"""The console's login, logout and tenants table."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import RUNTIME
+from gateway.clock import EPOCH, utc_now
+from gateway.console.common import (
+    PUBLIC,
+    SESSIONS,
+    THROTTLE,
+    engine_of,
+    render,
+    see_other,
+    services_of,
+)
+from gateway.console.session import COOKIE
+from gateway.ledger.records import Tenant
+from gateway.ledger.store import TENANT_SORTS, TenantQuery
+from gateway.ledger.usage_ledger import UsageLedger
+from gateway.quota.engine import QuotaEngine
+from gateway.quota.periods import meter_period
+from gateway.quota.policy import credit_of
+from gateway.quota.rules import credited, meter_state
+from gateway.quota.store import StoreUnavailable
+from gateway.quota.view import usage_view
+from gateway.services import Services
+from gateway.signals.crossings import ANOMALY, EXHAUSTION_FORECAST
+from gateway.signals.store import SignalStore
+
+PAGE_SIZE = 50
+STATES = ("warning", "exhausted", "overage")
+STATE_CHUNK = 500
+VIEW_CONCURRENCY = 16
+# Usage older than this is in no current period (the longest is a month; "none" periods
+# start at the epoch and are read apart).
+ACTIVE_SINCE = timedelta(days=62)
+STATUSES = ("active", "trialing", "past_due", "unpaid", "canceled", "paused", "incomplete",
+            "incomplete_expired")  # fmt: skip
+
+
+async def login_form(request: web.Request) -> web.Response:
+    return render(request, "login.html")
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    throttle = request.app[THROTTLE]
+    address = request.remote or ""
+    wait_s = throttle.retry_after_s(address)
+    if wait_s:
+        response = render(
+            request, "login.html", status=429,
+            error=f"too many wrong tokens from your address; try again in {wait_s} s",
+        )  # fmt: skip
+        response.headers["Retry-After"] = str(wait_s)
+        return response
+    form = await request.post()
+    given = form.get("token")
+    sessions = request.app[SESSIONS]
+    cookie = sessions.login(given if isinstance(given, str) else "")
+    if cookie is None:
+        throttle.failed(address)
+        return render(request, "login.html", status=401, error="wrong admin token")
+    response = see_other("/console/tenants")
+    response.set_cookie(
+        COOKIE, cookie, max_age=int(sessions.lifetime_s), httponly=True, samesite="Strict",
+        secure=request.secure, path="/console",
+    )  # fmt: skip
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    response = see_other("/console/login")
+    response.del_cookie(COOKIE, path="/console")
+    return response
+
+
+def _query(request: web.Request) -> tuple[TenantQuery, int]:
+    q = request.query
+    sort = q.get("sort", "id")
+    try:
+        page = max(1, min(100_000, int(q.get("page", "1"))))
+    except ValueError:
+        page = 1
+    query = TenantQuery(
+        plan=q.get("plan", "")[:200],
+        status=q.get("status", "")[:50],
+        text=q.get("q", "")[:200],
+        sort=sort if sort in TENANT_SORTS else "id",
+        descending=q.get("desc") == "1",
+    )
+    return query, page
+
+
+async def tenants(request: web.Request) -> web.Response:
+    """The tenants table: a page of tenants with their meters' bars."""
+    services = services_of(request)
+    engine = engine_of(request)
+    query, page = _query(request)
+    state = request.query.get("state", "")
+    offset = (page - 1) * PAGE_SIZE
+    if state in STATES and engine is not None:
+        total, found, views = await _in_state(services, engine, query, state, offset)
+    else:
+        state = ""
+        total, found = await services.ledger.search_tenants(query, offset, PAGE_SIZE)
+        found = await services.ledger.with_credits(found)
+        views = await views_of(engine, found) if engine is not None else []
+    ids = [t.id for t in found]
+    store = SignalStore(services.ledger.db)
+    flags = await store.flags(ids, (ANOMALY, EXHAUSTION_FORECAST), utc_now()) if ids else {}
+    config = request.app[PUBLIC][RUNTIME].config
+    rows = []
+    for i, tenant in enumerate(found):
+        rows.append(
+            {
+                "tenant": tenant,
+                "meters": views[i]["meters"] if views else {},
+                "period_end": views[i]["period"]["end"] if views else None,
+                "anomaly": (tenant.id, ANOMALY) in flags,
+                "forecast": flags.get((tenant.id, EXHAUSTION_FORECAST)),
+            }
+        )
+    return render(
+        request, "tenants.html", rows=rows, total=total, page=page, page_size=PAGE_SIZE,
+        pages=max(1, -(-total // PAGE_SIZE)), query=query, plans=sorted(config.plans),
+        statuses=STATUSES, sorts=TENANT_SORTS, states=STATES, state=state,
+    )  # fmt: skip
+
+
+async def views_of(engine: QuotaEngine, tenants: list[Tenant]) -> list[dict[str, Any]]:
+    """The usage views of many tenants, a few at a time: the counter store's timeout is
+    set for the request path, where calls come spread out, not all at once."""
+    slots = asyncio.Semaphore(VIEW_CONCURRENCY)
+
+    async def one(tenant: Tenant) -> dict[str, Any]:
+        async with slots:
+            try:
+                return await usage_view(engine, tenant)
+            except StoreUnavailable:  # a timeout on a busy loop: once more, then a 503
+                return await usage_view(engine, tenant)
+
+    return list(await asyncio.gather(*(one(t) for t in tenants)))
+
+
+async def _in_state(
+    services: Services, engine: QuotaEngine, query: TenantQuery, state: str, offset: int
+) -> tuple[int, list[Tenant], list[dict[str, Any]]]:
+    """The page of tenants with a meter in `state`, judged by the ledger's totals of the
+    current periods (seconds behind the counters, which the page's bars show): only a
+    tenant with usage can be past a threshold, and reading the ledger once is what lets
+    this filter run over every tenant."""
+    now = engine.clock()
+    used: dict[str, dict[tuple[str, datetime], int]] = {}
+    totals = await UsageLedger(services.ledger.db).recent_totals(now - ACTIVE_SINCE)
+    for tenant_id, meter, period_start, quantity in totals:
+        used.setdefault(tenant_id, {})[meter, period_start] = quantity
+    active = replace(query, used_since=now - ACTIVE_SINCE)
+    _, candidates = await services.ledger.search_tenants(active, 0, 10_000_000)
+    matches: list[Tenant] = []
+    for start in range(0, len(candidates), STATE_CHUNK):
+        for tenant in await services.ledger.with_credits(
+            candidates[start : start + STATE_CHUNK], now=now
+        ):
+            if _any_in_state(engine, tenant, used[tenant.id], state, now):
+                matches.append(tenant)
+    page = matches[offset : offset + PAGE_SIZE]
+    return len(matches), page, await views_of(engine, page)
+
+
+def _any_in_state(
+    engine: QuotaEngine,
+    tenant: Tenant,
+    used: dict[tuple[str, datetime], int],
+    state: str,
+    now: datetime,
+) -> bool:
+    for meter, spec in engine.config.meters.items():
+        period = meter_period(spec, now, tenant.billing_anchor)
+        quantity = used.get((meter, period.start if period else EPOCH), 0)
+        limit = credited(engine.meter_limit(tenant, meter), credit_of(tenant, meter, period))
+        if quantity and meter_state(limit, quantity) == state:
+            return True
+    return False
