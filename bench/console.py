@@ -37,7 +37,7 @@ async def seed(dsn: str, tenants: int) -> None:
         month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         rows = [
             (f"t{i:06d}", f"Tenant {i}", "pro" if i % 3 else "free", "active", now, None,
-             f"cus_{i:06d}", None, False, "{}", now, now)
+             f"cus_{i:06d}", None, False, None, now, now)
             for i in range(tenants)
         ]  # fmt: skip
         usage = [(f"t{i:06d}", "api_calls", month, i % 1200, 1) for i in range(0, tenants, 10)]

@@ -128,12 +128,7 @@ def _unknown_tenant(tenant_id: str) -> Refused:
 async def list_tenants(request: web.Request) -> web.Response:
     """GET /admin/tenants?limit=&after="""
     services = _services(request)
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
-        raise Refused(400, "bad-query", "limit must be an integer from 1 to 1000")
+    limit = admin_signals.query_limit(request)
     tenants = await services.ledger.list_tenants(limit=limit, after=request.query.get("after"))
     following = tenants[-1].id if len(tenants) == limit else None
     return web.json_response({"tenants": [tenant_json(t) for t in tenants], "next": following})

@@ -17,7 +17,8 @@ ANOMALY_WINDOW = timedelta(hours=2)  # the current hour and the one before
 STATES = (PENDING, DELIVERED, DEAD)
 
 
-def _limit(request: web.Request) -> int:
+def query_limit(request: web.Request) -> int:
+    """`?limit=`: 1 to 1000, default 100; a 400 otherwise."""
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
@@ -31,7 +32,7 @@ async def list_anomalies(request: web.Request, store: SignalStore) -> dict[str, 
     """GET /admin/anomalies?limit=: anomalies of this hour and the last, largest first."""
     now = datetime.now(UTC)
     since = now.replace(minute=0, second=0, microsecond=0) - (ANOMALY_WINDOW - timedelta(hours=1))
-    found = await store.of_type(ANOMALY, since, _limit(request))
+    found = await store.of_type(ANOMALY, since, query_limit(request))
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for item in found:  # newest hour first: keep each tenant meter's latest
         latest.setdefault((item["tenant"], item["meter"]), item)
@@ -44,7 +45,7 @@ async def list_notifications(request: web.Request, store: SignalStore) -> dict[s
     state = request.query.get("state", "")
     if state and state not in STATES:
         raise Refused(400, "bad-query", f"state must be one of {', '.join(STATES)}")
-    rows = await store.recent(request.query.get("tenant", ""), state, _limit(request))
+    rows = await store.recent(request.query.get("tenant", ""), state, query_limit(request))
     return {
         "notifications": [
             {

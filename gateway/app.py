@@ -48,6 +48,7 @@ from gateway.quota.open import needs_quota, open_store
 from gateway.quota.view import usage_view
 from gateway.routing import BadPath, parse_path
 from gateway.services import Services, needs_services
+from gateway.signals.refusals import RefusalTally
 from gateway.signals.run import Watching
 from gateway.signals.run import recorder as signal_recorder
 from gateway.usage.quarantine import Quarantine, QuarantineMetrics
@@ -297,15 +298,18 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = QuotaEngine(config, store, restorer, app[QUOTA_METRICS])
     await engine.prepare()
     app[QUOTA] = engine
-    signals = watching = None
+    signals = watching = refusals = None
     if services is not None:
         signals = engine.signals = signal_recorder(config, services.ledger.db, app[REGISTRY])
+        refusals = engine.refusals = RefusalTally(services.ledger.db)
         if config.storage.embedded:  # no `gateway worker` runs: this process delivers
             watching = Watching.start(config, services.ledger.db, app[REGISTRY], "serve")
     yield
     await engine.close()
     if signals is not None:
         await signals.flush()
+    if refusals is not None:
+        await refusals.close()
     if watching is not None:
         await watching.close()
     if recorder is not None:

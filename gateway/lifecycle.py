@@ -32,6 +32,16 @@ async def stop_task(task: asyncio.Task[None] | None, timeout_s: float = STOP_TIM
         log.error("background task %s had failed", task.get_name(), exc_info=task.exception())
 
 
+async def pause(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less when `stopping` is set meanwhile (a loop's wait between
+    rounds that a stop cuts short)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await stopping.wait()
+    except TimeoutError:
+        pass
+
+
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run `main` to completion on uvloop where it is installed, else asyncio's loop."""
     try:

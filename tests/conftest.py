@@ -16,6 +16,7 @@ from gateway.config import parse
 from gateway.ledger import Ledger
 from gateway.quota.store import CounterStore
 from gateway.server import Gateway
+from tests.fault_matrix import MATRIX, table
 from tests.jwt_helpers import RSA, JWKSServer
 from tests.schema_check import assert_schema_accepts
 from tests.servers import PostgresServer, RedisCluster, RedisServer
@@ -176,3 +177,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("figures")
         for nodeid, text in lines:
             terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {text}")
+    if MATRIX:
+        terminalreporter.section("fault matrix")
+        for line in table(MATRIX):
+            terminalreporter.write_line(line)

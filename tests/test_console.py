@@ -13,13 +13,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from playwright.async_api import async_playwright
 
+from gateway.app import QUOTA
 from gateway.clock import to_us
 from gateway.ledger.events import UsageEvent
 from gateway.ledger.store import Ledger
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.server import Gateway
+from gateway.signals.refusals import RefusalTally
 from tests.conftest import gateway_config
 from tests.test_auth_gateway import ADMIN_TOKEN, admin
 from tests.upstream import Upstream
@@ -230,7 +233,11 @@ async def test_in_a_browser_figures_bars_charts_and_actions(console: Gateway) ->
             await page.screenshot(path=str(ARTIFACTS / "console-tenant.png"), full_page=True)
             # A plan change reaches the tenant and the next proxied request.
             assert await proxied(console, created["key"]) == 402
+            assert await proxied(console, created["key"]) == 402
+            await console_refusals_flushed(console)
             await page.goto(f"{base}/tenants/t0011")
+            refused = page.locator("table.refusals tbody tr").first
+            assert await refused.locator("td.count").inner_text() == "2"  # the two 402s
             await page.select_option('form[action$="/actions/plan"] select', "pro")
             await page.click('form[action$="/actions/plan"] button')
             await page.locator(".done").wait_for()
@@ -241,8 +248,54 @@ async def test_in_a_browser_figures_bars_charts_and_actions(console: Gateway) ->
             bar = page.locator('.meter-detail [data-meter="api_calls"]')
             assert await bar.locator(".limit").inner_text() == "1,000"
             assert errors == []  # no CSP violation, no script error
+            # A page of another site posts a form to the console: the session cookie
+            # does not go with it (SameSite=Strict) and it has no CSRF token.
+            evil = await forging_site(f"{base}/tenants/t0011/actions/plan")
+            try:
+                await page.goto(evil.url)
+                await page.click("button")
+                await page.wait_for_load_state()
+                assert "/console/login" in page.url or "CSRF" in await page.content()
+            finally:
+                await evil.close()
+            _, tenant = await admin(console, "GET", "/admin/tenants/t0011")
+            assert tenant["plan"] == "pro"  # unchanged
         finally:
             await browser.close()
+
+
+async def console_refusals_flushed(gateway: Gateway) -> None:
+    """The refusal counts reach the ledger every few seconds; now, for the test."""
+    engine = gateway.app[QUOTA] if gateway.app is not None else None
+    assert engine is not None and isinstance(engine.refusals, RefusalTally)
+    await engine.refusals.flush()
+
+
+class Site:
+    def __init__(self, runner: web.AppRunner, url: str) -> None:
+        self.runner, self.url = runner, url
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def forging_site(action: str) -> Site:
+    """Another origin (another port) serving a form that posts to the console."""
+    html = (
+        f'<form method="post" action="{action}"><input type="hidden" name="plan" '
+        f'value="free"><button type="submit">win a prize</button></form>'
+    )
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=html, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    # 127.0.0.2: another site, not only another port (a cookie ignores ports).
+    await web.TCPSite(runner, "127.0.0.2", 0).start()
+    return Site(runner, f"http://127.0.0.2:{runner.addresses[0][1]}/")
 
 
 def hours_this_month(hours: int) -> int:

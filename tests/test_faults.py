@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from gateway.auth.jwt import mint
 from tests.conftest import gateway_config
+from tests.fault_matrix import MATRIX, Row
 from tests.procs import GatewayProcess, WorkerProcess, write_config
 from tests.servers import PostgresServer, RedisServer
 from tests.upstream import Upstream
@@ -38,6 +39,7 @@ TENANTS = tuple(f"tenant-{i}" for i in range(5))
 CONCURRENCY = 16  # requests in flight across both gateways
 SETTLE_S = 60  # how long the ledger may take to catch up after the fault
 REDIS_LOSS_S = 1.0  # what Redis losing its data may lose (the worker's lag), in traffic time
+CAPPED, CAP = TENANTS[-1], 300  # one tenant with a hard quota it reaches during the load
 
 
 class Load:
@@ -47,6 +49,7 @@ class Load:
         self.ports = ports
         self.ok = dict.fromkeys(TENANTS, 0)
         self.failed = 0
+        self.refused = 0
         self.phases: list[tuple[int, int]] = []  # (2xx, not) in each run_for
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -71,6 +74,8 @@ class Load:
                     await resp.read()
                     if 200 <= resp.status < 300:
                         self.ok[tenant] += 1
+                    elif resp.status == 402:  # the capped tenant past its quota: right
+                        self.refused += 1
                     else:
                         self.failed += 1
             except (TimeoutError, aiohttp.ClientError):
@@ -94,14 +99,16 @@ class Load:
 
 
 def fault_config(upstream: Upstream, storage: dict[str, Any], usage: dict[str, Any]) -> Any:
-    """The fault tests' gateway: five unlimited tenants, one charged route."""
+    """The fault tests' gateway: four unlimited tenants and one with a hard quota it
+    reaches early in every test, one charged route."""
     return gateway_config(
         upstream.url,
         storage=storage,
         auth={"jwt": {"algorithms": ["HS256"], "secret_env": "FAULT_JWT_SECRET"}},
         meters={"api_calls": {"type": "counter"}},
-        plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}}},
-        tenants=[{"id": t, "plan": "big"} for t in TENANTS],
+        plans={"big": {"limits": {"api_calls": {"limit": "unlimited"}}},
+               "capped": {"limits": {"api_calls": {"limit": CAP}}}},
+        tenants=[{"id": t, "plan": "capped" if t == CAPPED else "big"} for t in TENANTS],
         routes=[{"name": "api", "match": {"path": "/v1/**"}, "upstream": "app",
                  "charge": {"api_calls": 1}}],
         usage=usage,
@@ -206,10 +213,17 @@ async def rig(
         setup.close()
 
 
-def report(name: str, load: Load, totals: dict[str, int], took_s: float) -> None:
+def report(name: str, load: Load, totals: dict[str, int], took_s: float, twice: int = 0) -> None:
     print(f"\n{name}: {load.served} served (2xx), {load.failed} not; ledger {sum(totals.values())}"
           f" ({totals}); ledger caught up {took_s:.1f}s after the load stopped")  # fmt: skip
     print(f"  served/not by phase: {load.phases}")
+    MATRIX.append(
+        Row(
+            name, requests=load.served + load.failed + load.refused, errors=load.failed,
+            lost=sum(max(0, load.ok[t] - totals.get(t, 0)) for t in TENANTS),
+            duplicated=twice, overshoot=max(0, load.ok[CAPPED] - CAP), recovery_s=took_s,
+        )
+    )  # fmt: skip
 
 
 def served_before_and_after_the_fault(load: Load) -> None:
@@ -392,6 +406,13 @@ async def test_an_embedded_gateway_sigkilled_loses_nothing(
     print(f"\nembedded gateway SIGKILLed: {load.served} served at {rate:.0f}/s; in the ledger "
           f"{before_restart} when it died, {recorded} after the next start: {lost} lost "
           f"({recorded - before_restart} written from its journal)")  # fmt: skip
+    MATRIX.append(
+        Row(
+            "embedded serve SIGKILLed", requests=load.served + load.failed + load.refused,
+            errors=load.failed, lost=max(0, lost), duplicated=0,
+            overshoot=max(0, load.ok[CAPPED] - CAP), recovery_s=0.0,
+        )
+    )  # fmt: skip
     # Charged but not served: at most what was in flight; served but not recorded: none.
     assert -CONCURRENCY <= lost <= 0
     assert list((tmp_path / "ledger.db-usage").iterdir()) == []

@@ -35,6 +35,7 @@ from gateway.billing.rules import (
 from gateway.billing.stripe_api import ErrorReports, Meter, SendFailure, StripeAPI
 from gateway.config.models import StripeConfig
 from gateway.ledger.db import LedgerUnavailable
+from gateway.lifecycle import pause
 from gateway.metrics import StripeMetrics
 
 log = logging.getLogger("gateway.billing")
@@ -107,11 +108,7 @@ class Reporter:
                 log.warning("Stripe reporting paused: %s", exc)
             except Exception:
                 log.exception("Stripe reporting round failed; retrying")
-            try:
-                async with asyncio.timeout(self.config.report_interval_s):
-                    await self._stopping.wait()
-            except TimeoutError:
-                pass
+            await pause(self._stopping, self.config.report_interval_s)
 
     async def round(self) -> int:
         """Plan, send what is due, pick up asynchronous refusals; the rows sent."""

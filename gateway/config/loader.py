@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,18 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
+        """One line per problem, whatever control characters a key or value holds."""
         return [
-            f"{self.file}: {path}: {msg}" if path else f"{self.file}: {msg}"
+            _one_line(f"{self.file}: {path}: {msg}" if path else f"{self.file}: {msg}")
             for path, msg in self.issues
         ]
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what splits or hides a line
+
+
+def _one_line(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -271,6 +280,11 @@ def load(path: str | Path) -> GatewayConfig:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, [("", f"cannot read the file: {exc.strerror}")]) from None
+    return parse_text(text, file, Path(path).resolve().parent)
+
+
+def parse_text(text: str, file: str, base: Path | None = None) -> GatewayConfig:
+    """Parse and validate a config's YAML text; `file` names it in errors."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -278,7 +292,7 @@ def load(path: str | Path) -> GatewayConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(file, [("", f"{where}invalid YAML: {problem}")]) from None
-    return parse(data, file, Path(path).resolve().parent)
+    return parse(data, file, base)
 
 
 def json_schema() -> str:

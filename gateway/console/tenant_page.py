@@ -10,7 +10,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from gateway.app import RUNTIME
-from gateway.clock import iso_utc
+from gateway.clock import iso_utc, utc_now
 from gateway.config.types import MAX_QUANTITY
 from gateway.console.common import PUBLIC, engine_of, render, see_other, services_of
 from gateway.ledger.events import EventContext
@@ -19,6 +19,7 @@ from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.periods import meter_period
 from gateway.quota.view import current_period, reset_meter, set_gauge, usage_view
 from gateway.signals.anomaly import HOUR
+from gateway.signals.refusals import recent_refusals
 from gateway.signals.store import SignalStore
 from gateway.tenant_ops import TenantChangeError, TenantOps, parse_changes
 
@@ -47,6 +48,7 @@ async def tenant_page(request: web.Request, **extra: Any) -> web.Response:
     return render(
         request, "tenant.html", tenant=tenant, usage=usage,
         notifications=await store.recent(tenant.id, "", 20),
+        refusals=await recent_refusals(services.ledger.db, tenant.id, utc_now()),
         keys=await services.ledger.list_api_keys(tenant.id),
         plans=sorted(config.plans), meters=config.meters,
         request_done=request.query.get("done", "")[:300], **extra,

@@ -25,7 +25,7 @@ from gateway.ledger.records import Tenant
 from gateway.ledger.store import TENANT_SORTS, TenantQuery
 from gateway.ledger.usage_ledger import UsageLedger
 from gateway.quota.engine import QuotaEngine
-from gateway.quota.periods import meter_period
+from gateway.quota.periods import Period, meter_period
 from gateway.quota.policy import credit_of
 from gateway.quota.rules import credited, meter_state
 from gateway.quota.store import StoreUnavailable
@@ -36,7 +36,6 @@ from gateway.signals.store import SignalStore
 
 PAGE_SIZE = 50
 STATES = ("warning", "exhausted", "overage")
-STATE_CHUNK = 500
 VIEW_CONCURRENCY = 16
 # Usage older than this is in no current period (the longest is a month; "none" periods
 # start at the epoch and are read apart).
@@ -163,28 +162,23 @@ async def _in_state(
         used.setdefault(tenant_id, {})[meter, period_start] = quantity
     active = replace(query, used_since=now - ACTIVE_SINCE)
     _, candidates = await services.ledger.search_tenants(active, 0, 10_000_000)
-    matches: list[Tenant] = []
-    for start in range(0, len(candidates), STATE_CHUNK):
-        for tenant in await services.ledger.with_credits(
-            candidates[start : start + STATE_CHUNK], now=now
-        ):
-            if _any_in_state(engine, tenant, used[tenant.id], state, now):
+    credits = await services.ledger.current_credits(now)
+    periods: dict[tuple[str, datetime | None], Period | None] = {}  # most share an anchor
+    matches = []
+    for tenant in candidates:
+        if tenant.id in credits:
+            tenant = replace(tenant, credits=credits[tenant.id])
+        for meter, spec in engine.config.meters.items():
+            key = (meter, tenant.billing_anchor)
+            if key not in periods:
+                periods[key] = meter_period(spec, now, tenant.billing_anchor)
+            period = periods[key]
+            quantity = used[tenant.id].get((meter, period.start if period else EPOCH), 0)
+            if not quantity:
+                continue
+            limit = credited(engine.meter_limit(tenant, meter), credit_of(tenant, meter, period))
+            if meter_state(limit, quantity) == state:
                 matches.append(tenant)
+                break
     page = matches[offset : offset + PAGE_SIZE]
     return len(matches), page, await views_of(engine, page)
-
-
-def _any_in_state(
-    engine: QuotaEngine,
-    tenant: Tenant,
-    used: dict[tuple[str, datetime], int],
-    state: str,
-    now: datetime,
-) -> bool:
-    for meter, spec in engine.config.meters.items():
-        period = meter_period(spec, now, tenant.billing_anchor)
-        quantity = used.get((meter, period.start if period else EPOCH), 0)
-        limit = credited(engine.meter_limit(tenant, meter), credit_of(tenant, meter, period))
-        if quantity and meter_state(limit, quantity) == state:
-            return True
-    return False

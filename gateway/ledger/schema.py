@@ -226,7 +226,7 @@ MIGRATIONS = [
     ),
     Migration(
         6,
-        "tenant signals, their notifications, quarantined usage",
+        "tenant signals, their notifications, refusals per hour, quarantined usage",
         [
             # One row per signal, whichever process saw it first: its id is made
             # from what it is about (type, tenant, meter, period, threshold).
@@ -264,6 +264,17 @@ MIGRATIONS = [
             """,
             # The worker's watch reads the recent status changes.
             "CREATE INDEX tenants_status_changed ON tenants (status_changed_at)",
+            # Quota and rate-limit refusals per tenant and hour, for the console.
+            """
+            CREATE TABLE refusals_hourly (
+                tenant_id {key} NOT NULL,
+                hour {ts} NOT NULL,
+                status integer NOT NULL,
+                name {key} NOT NULL,
+                count bigint NOT NULL,
+                PRIMARY KEY (tenant_id, hour, status, name)
+            )
+            """,
             # Usage entries the ledger refused for good, set aside to be replayed.
             """
             CREATE TABLE usage_quarantine (

@@ -203,6 +203,17 @@ class Ledger:
         credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
         return replace(_tenant(row), credits=tuple(_credit(c) for c in credits))
 
+    async def current_credits(self, now: datetime) -> dict[str, tuple[Credit, ...]]:
+        """Every tenant's credits for periods not over at `now` (few: one query for all)."""
+        rows = await self.db.fetch(
+            f"SELECT tenant_id, {_CREDIT_COLUMNS} FROM credits WHERE period_end > $1 ORDER BY id",
+            utc(now),
+        )
+        credits: dict[str, list[Credit]] = {}
+        for row in rows:
+            credits.setdefault(row["tenant_id"], []).append(_credit(row))
+        return {tenant: tuple(c) for tenant, c in credits.items()}
+
     async def with_credits(
         self, tenants: Sequence[Tenant], *, now: datetime | None = None
     ) -> list[Tenant]:

@@ -71,6 +71,12 @@ class SignalSink(Protocol):
     def saw(self, request: ChargeRequest, result: ChargeResult) -> None: ...
 
 
+class RefusalSink(Protocol):
+    """Whoever counts the quota and rate-limit refusals (the console shows them)."""
+
+    def refused(self, tenant: str, status: int, name: str) -> None: ...
+
+
 class QuotaEngine:
     """Turns a config into per-request charges against one counter store."""
 
@@ -105,6 +111,7 @@ class QuotaEngine:
         self._retry_task: asyncio.Task[None] | None = None
         self._closing = False
         self.signals: SignalSink | None = None  # set by the application that has a ledger
+        self.refusals: RefusalSink | None = None  # likewise
 
     @property
     def plans(self) -> dict[str, PlanPolicy]:

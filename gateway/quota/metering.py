@@ -100,6 +100,10 @@ class Metering:
             shadow = engine.shadow(tenant, route)
             engine.decided(tally, tenant.id, decision, shadow)
             if not shadow:
+                if engine.refusals is not None:
+                    engine.refusals.refused(
+                        tenant.id, decision.refusal.status, decision.refusal.name
+                    )
                 raise quota_refusal(engine, tenant, decision)
             # Shadow: what would have been refused is served and counted as usual.
             self._charged = engine.charged(tenant, route, request, result, context)

@@ -27,6 +27,7 @@ from standardwebhooks.webhooks import Webhook
 from gateway.clock import utc_now
 from gateway.config.models import NotificationsConfig
 from gateway.ledger.db import Database, LedgerError
+from gateway.lifecycle import pause
 from gateway.services import StartupError
 from gateway.signals.store import Due, SignalStore
 
@@ -126,11 +127,7 @@ class Notifier:
                     log.warning("notifications: the ledger is unreachable (%s)", exc)
                     busy = False
                 if not busy:
-                    try:
-                        async with asyncio.timeout(POLL_S):
-                            await self._stopping.wait()
-                    except TimeoutError:
-                        pass
+                    await pause(self._stopping, POLL_S)
 
     async def deliver_due(self) -> bool:
         """One round: lease what is due and deliver it; whether there was any."""

@@ -24,6 +24,7 @@ from gateway.ledger.records import Tenant
 from gateway.ledger.store import Ledger
 from gateway.ledger.timestamps import loaded, required, utc
 from gateway.ledger.usage_ledger import UsageLedger
+from gateway.lifecycle import pause
 from gateway.quota.forecast import forecast, window
 from gateway.quota.periods import Period, meter_period
 from gateway.quota.policy import Policies, credit_of
@@ -133,11 +134,7 @@ class Watch:
                 await self.round()
             except LedgerError as exc:
                 log.warning("anomaly and forecast checks: the ledger is unreachable (%s)", exc)
-            try:
-                async with asyncio.timeout(self.config.signals.interval_s):
-                    await self._stopping.wait()
-            except TimeoutError:
-                pass
+            await pause(self._stopping, self.config.signals.interval_s)
 
     async def round(self) -> list[Signal]:
         """Check once; the signals found (new to the ledger or not)."""

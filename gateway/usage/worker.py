@@ -26,6 +26,7 @@ from gateway.clock import month_start, months_after
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.events import wire_row
 from gateway.ledger.usage_ledger import UsageLedger, Written
+from gateway.lifecycle import pause
 from gateway.metrics import WorkerMetrics
 from gateway.usage.quarantine import LedgerRefused, Quarantine, write_isolating
 from gateway.usage.streams import Entry, UsageStreams
@@ -116,11 +117,7 @@ class Worker:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, unless stopped meanwhile."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
-        except TimeoutError:
-            pass
+        await pause(self._stopping, seconds)
 
     async def _drain_pending(self) -> None:
         self._lost_reads = False
