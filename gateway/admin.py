@@ -73,3 +73,15 @@ def create_admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def create_metrics_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
+    """The metrics listener (`metrics.port`): what Prometheus and probes read, nothing else."""
+    app = web.Application()
+    app.on_response_prepare.append(own_headers)
+    app[REGISTRY] = registry
+    app[READINESS] = readiness
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from gateway import reload
-from gateway.admin import Readiness, create_admin_app, metric_samples
+from gateway.admin import Readiness, create_admin_app, create_metrics_app, metric_samples
 from gateway.app import create_app, public_handler
 from gateway.app_keys import METRICS
 from gateway.config.models import GatewayConfig, TLSConfig
@@ -71,6 +71,7 @@ class Gateway:
         self._listener: HttpServer | None = None
         self.port = 0
         self.admin_port = 0
+        self.metrics_port = 0  # with `metrics.port` set
         self.app: web.Application | None = None  # the public application, once started
 
     async def start(self) -> None:
@@ -118,7 +119,25 @@ class Gateway:
             ) from None
         if placement is None:
             self.admin_port = admin.addresses[0][1]
+            # Under a supervisor, it serves metrics.port with every process's metrics.
+            if self.config.metrics.port is not None:
+                self.metrics_port = await self._start_metrics(self.config.metrics.port)
         self.readiness.ready = True
+
+    async def _start_metrics(self, port: int) -> int:
+        host = self.config.metrics.host or self.config.admin.host
+        runner = web.AppRunner(
+            create_metrics_app(self.registry, self.readiness), access_log=None, shutdown_timeout=1
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(port_taken("metrics", host, port, exc)) from None
+        log.info("metrics on http://%s:%d", host, runner.addresses[0][1])
+        return int(runner.addresses[0][1])
 
     async def drain(self, hurry: asyncio.Event | None = None) -> None:
         """Report not ready at once, keep serving `server.drain_delay_s` (cut short when

@@ -38,7 +38,12 @@ from gateway.config.models import GatewayConfig
 from gateway.process_metrics import SupervisorMetrics
 from gateway.server import port_taken
 from gateway.services import StartupError
-from gateway.supervisor_admin import Fleet, Slot, create_supervisor_admin_app
+from gateway.supervisor_admin import (
+    Fleet,
+    Slot,
+    create_supervisor_admin_app,
+    create_supervisor_metrics_app,
+)
 
 log = logging.getLogger("gateway")
 
@@ -93,6 +98,8 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self.port = 0
         self.admin_port = 0
+        self.metrics_port = 0  # with `metrics.port` set
+        self._metrics_runner: web.AppRunner | None = None
 
     async def _spawn(self, slot: Slot) -> None:
         # A dead process's stale socket file is replaced by the event loop's bind; the
@@ -187,6 +194,8 @@ class Supervisor:
             except OSError as exc:
                 raise StartupError(port_taken("admin", admin.host, admin.port, exc)) from None
             self.admin_port = runner.addresses[0][1]
+            if self.config.metrics.port is not None:
+                self.metrics_port = await self._start_metrics(self.config.metrics.port)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop)
@@ -212,8 +221,22 @@ class Supervisor:
             await asyncio.gather(*watchers, return_exceptions=True)
             await self.fleet.close()
             await runner.cleanup()
+            if self._metrics_runner is not None:
+                await self._metrics_runner.cleanup()
             reserved.close()
             shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _start_metrics(self, port: int) -> int:
+        host = self.config.metrics.host or self.config.admin.host
+        runner = self._metrics_runner = web.AppRunner(
+            create_supervisor_metrics_app(self.fleet), access_log=None, shutdown_timeout=1
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise StartupError(port_taken("metrics", host, port, exc)) from None
+        return int(runner.addresses[0][1])
 
     async def _drain(self) -> None:
         """SIGTERM to every process; kill the ones not gone in time."""

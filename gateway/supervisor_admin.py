@@ -198,6 +198,18 @@ async def passed_on(request: web.Request) -> web.Response:
     return next((r for r in responses if r.status >= 300), responses[0])
 
 
+def create_supervisor_metrics_app(fleet: Fleet) -> web.Application:
+    """The supervisor's metrics listener (`metrics.port`): probes and the merged metrics,
+    no admin API behind it."""
+    app = web.Application()
+    app.on_response_prepare.append(own_headers)
+    app[FLEET] = fleet
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
 def create_supervisor_admin_app(fleet: Fleet) -> web.Application:
     """The supervisor's admin application."""
     app = web.Application()

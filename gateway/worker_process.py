@@ -114,14 +114,15 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
     worker = Worker(streams, UsageLedger(ledger.db), WorkerMetrics(registry), settings, quarantine)
     runner = web.AppRunner(_metrics_app(registry), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, config.admin.host, config.usage.worker_port).start()
+    host = config.metrics.host or config.admin.host
+    await web.TCPSite(runner, host, config.usage.worker_port).start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     log.info(
         "usage worker %s: %d shards -> %s (metrics on http://%s:%d/metrics)",
         streams.consumer, streams.shards, config.storage.ledger.split("@")[-1],
-        config.admin.host, runner.addresses[0][1],
+        host, runner.addresses[0][1],
     )  # fmt: skip
     reconciling = asyncio.create_task(_reconcile_forever(config, ledger, counters, worker.metrics))
     reporting = None

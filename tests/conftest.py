@@ -18,6 +18,7 @@ from gateway.quota.store import CounterStore
 from gateway.server import Gateway
 from tests.fault_matrix import MATRIX, table
 from tests.jwt_helpers import RSA, JWKSServer
+from tests.schema_check import assert_schema_accepts
 from tests.servers import PostgresServer, RedisCluster, RedisServer
 from tests.upstream import Upstream, start_upstream
 
@@ -57,6 +58,7 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
     started: list[Gateway] = []
 
     async def make(data: dict[str, Any]) -> Gateway:
+        assert_schema_accepts(data)
         gateway = Gateway(parse(data, "test.yaml"), CollectorRegistry())
         await gateway.start()
         started.append(gateway)

@@ -14,10 +14,14 @@ from typing import IO, Any, Self
 
 import yaml
 
+from tests.schema_check import assert_schema_accepts
+
 _LISTENING = re.compile(r"listening on \w+://[^:]+:(\d+) \(admin on http://[^:]+:(\d+)\)")
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
+    """Write a config file; every config the tests use also matches the JSON Schema."""
+    assert_schema_accepts(data, str(path.name))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import parse
 from gateway.quota.tally import OTHER_TENANTS, TenantTallies
 from gateway.server import Gateway
-from tests.conftest import MakeGateway
+from tests.conftest import MakeGateway, gateway_config
 from tests.servers import RedisServer
 from tests.test_quota_gateway import SECRET, call, quota_config
 from tests.upstream import Upstream
@@ -233,3 +233,32 @@ async def test_process_collectors_on_a_gateway_own_registry(
         await gw.stop()
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"} <= names
     assert "python_gc_collections_total" in names
+
+
+async def test_the_metrics_listener_serves_metrics_and_probes_but_not_the_admin_api(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    data = gateway_config(upstream.url, metrics={"port": 0, "host": "127.0.0.1"})
+    gw = await make_gateway(data)
+    assert gw.metrics_port not in (0, gw.port, gw.admin_port)
+    base = f"http://127.0.0.1:{gw.metrics_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/metrics") as resp:
+            assert resp.status == 200
+            assert "gateway_requests_total" in await resp.text()
+        for probe in ("/healthz", "/readyz"):
+            async with http.get(base + probe) as resp:
+                assert resp.status == 200, probe
+        headers = {"Authorization": "Bearer whatever"}
+        async with http.get(f"{base}/admin/tenants", headers=headers) as resp:
+            assert resp.status == 404
+        gw.readiness.ready = False  # as on SIGTERM
+        async with http.get(f"{base}/readyz") as resp:
+            assert resp.status == 503
+
+
+async def test_without_a_metrics_port_there_is_no_metrics_listener(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(gateway_config(upstream.url))
+    assert gw.metrics_port == 0

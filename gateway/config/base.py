@@ -6,4 +6,6 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: "8080" is not a port nor "yes" a boolean, as the JSON Schema says;
+    # the looser YAML spellings the loader does take are converted by the types.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

@@ -7,13 +7,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
+    ConfigDict,
     Field,
+    Strict,
+    WithJsonSchema,
     model_validator,
 )
 
 from gateway.config.base import Model
+from gateway.config.listener import ListenerLimits
 from gateway.config.signals import NotificationsConfig, SignalsConfig
 from gateway.config.types import (
+    STRICT_INT,
     Charge,
     DurationS,
     EnvName,
@@ -28,59 +33,25 @@ from gateway.config.types import (
     Port,
     PositiveFloat,
     PositiveInt,
-    StrictInt,
     StrList,
     SubscriptionStatus,
+    url_schema,
     url_with_schemes,
 )
 
+CounterURL = Annotated[
+    str, url_with_schemes("memory", "redis", "rediss"), url_schema("memory", "redis", "rediss")
+]
+
+
+# Paths and times arrive as YAML strings: converted, as the JSON Schema's strings say.
+FilePath = Annotated[Path, Strict(False)]
+Timestamp = Annotated[AwareDatetime, Strict(False)]
+
 
 class TLSConfig(Model):
-    cert_file: Path
-    key_file: Path
-
-
-class PerIpRate(Model):
-    """Unauthenticated requests per client address (GCRA, as a plan's rate limits)."""
-
-    rate: PositiveInt  # requests per per_s
-    per_s: PositiveFloat = 1.0
-    burst: PositiveInt | None = None  # default: rate
-
-
-class FailedAuthLimit(Model):
-    """Failed authentications per client address before it is blocked for a while."""
-
-    max_failures: PositiveInt = 20  # at once, refilled over per_s
-    per_s: PositiveFloat = 60.0
-    block_s: PositiveFloat = 60.0  # then every request needing authentication: 429
-
-
-class ListenerLimits(Model):
-    """Slow and idle clients on the public listener."""
-
-    header_timeout_s: PositiveFloat = 10.0  # the whole request head must arrive within it
-    body_idle_timeout_s: PositiveFloat = 30.0  # a body silent this long: 408 and closed
-    # ... or slower than this mean rate once the grace is over (0: no minimum rate)
-    body_min_bytes_per_s: Annotated[float, Field(ge=0)] = 500.0
-    body_rate_grace_s: Annotated[float, Field(ge=0)] = 20.0
-    keepalive_idle_s: PositiveFloat = 75.0  # an idle keep-alive connection is closed
-    max_head_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024  # else 431
-    max_connections: PositiveInt = 10_000  # connections over it are closed on accept
-    # Load shedding, 503 with Retry-After and the body unread (paths under /_gateway/
-    # are never shed): a request while this many run, ...
-    max_requests_in_flight: PositiveInt = 4096
-    # ... or the first request of a connection while more than this many are open.
-    shed_connections: PositiveInt = 9000
-    # Per client address, in each process (off unless set: behind a proxy missing
-    # from trusted_proxies every client shares one address).
-    per_ip: PerIpRate | None = None  # on auth: none routes and CORS preflights
-    failed_auth_per_ip: FailedAuthLimit | None = None
-    client_entries: PositiveInt = 65_536  # addresses remembered, least recently seen dropped
-
-    def listener(self) -> dict[str, Any]:
-        """The settings of the listener itself (`gateway.http.Limits`)."""
-        return self.model_dump(exclude={"per_ip", "failed_auth_per_ip", "client_entries"})
+    cert_file: FilePath
+    key_file: FilePath
 
 
 class ServerConfig(Model):
@@ -104,12 +75,14 @@ class AdminConfig(Model):
 
 
 class StorageConfig(Model):
-    counters: Annotated[str, url_with_schemes("memory", "redis", "rediss")] = "memory://"
-    queue: Annotated[str, url_with_schemes("memory", "redis", "rediss")] | None = None
-    ledger: Annotated[str, url_with_schemes("sqlite", "postgresql", "postgres")] = (
-        "sqlite:///./gateway.db"
-    )
-    shards: Annotated[StrictInt, Field(ge=1, le=1024)] = 16
+    counters: CounterURL = "memory://"
+    queue: CounterURL | None = None
+    ledger: Annotated[
+        str,
+        url_with_schemes("sqlite", "postgresql", "postgres"),
+        url_schema("sqlite", "postgresql", "postgres"),
+    ] = "sqlite:///./gateway.db"
+    shards: Annotated[int, Field(ge=1, le=1024), STRICT_INT] = 16
     timeout_ms: PositiveInt = 50
     on_counter_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     # Whether `counters` is a Redis Cluster node (any one of them); null asks it at start.
@@ -139,11 +112,19 @@ class StorageConfig(Model):
 
 class PublicKeyConfig(Model):
     kid: str
-    file: Path
+    file: FilePath
     alg: JWTAlgorithm
 
 
+def _set(key: str) -> dict[str, Any]:
+    return {"required": [key], "properties": {key: {"not": {"type": "null"}}}}
+
+
 class JWTConfig(Model):
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [_set(k) for k in ("jwks_url", "public_keys", "secret_env")]}
+    )
+
     algorithms: Annotated[list[JWTAlgorithm], Field(min_length=1)]
     issuer: str | None = None
     audience: StrList | None = None
@@ -202,7 +183,7 @@ class AuthConfig(Model):
 
 class UpstreamConfig(Model):
     url: HttpUrl
-    ca_file: Path | None = None
+    ca_file: FilePath | None = None
     connect_timeout_s: PositiveFloat = 2.0
     timeout_s: PositiveFloat = 30.0
     total_timeout_s: PositiveFloat | None = None
@@ -226,6 +207,15 @@ class UpstreamConfig(Model):
 
 
 class MeterConfig(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "gauge"}}},
+            "then": {
+                "properties": {"period": {"type": "null"}, "from_response_header": {"type": "null"}}
+            },
+        }
+    )
+
     type: Literal["counter", "gauge"]
     period: Literal["billing_cycle", "month", "day", "hour", "none"] | None = None
     unit: str | None = None
@@ -264,12 +254,20 @@ class BillingConfig(Model):
 
 
 class RouteMatch(Model):
-    path: str
+    # What the JSON Schema can say of a template: absolute, and not the gateway's own.
+    path: Annotated[str, WithJsonSchema({"type": "string", "pattern": "^/(?!_gateway(/|$))"})]
     methods: Methods | None = None
     host: str | None = None
 
 
 class RouteConfig(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"required": ["auth"], "properties": {"auth": {"const": "none"}}},
+            "then": {"properties": {"charge": {"maxProperties": 0}}},
+        }
+    )
+
     name: Name
     match: RouteMatch
     upstream: str
@@ -286,7 +284,7 @@ class RouteConfig(Model):
 
 class UsageConfig(Model):
     flush_interval_ms: PositiveInt = 50
-    spool_dir: Path | None = None
+    spool_dir: FilePath | None = None
     retention_months: PositiveInt = 24
     # `gateway worker` serves /metrics and /healthz here (host: admin.host).
     worker_port: Port = 9091
@@ -320,6 +318,13 @@ class LoggingConfig(Model):
 
 
 class MetricsConfig(Model):
+    # A listener of its own for /metrics, /healthz and /readyz, without the admin API, so
+    # that Prometheus and probes reach them while the admin API stays private; null: they
+    # are served by the admin listener only.
+    port: Port | None = None
+    # The address of that listener and of `gateway worker`'s (usage.worker_port); null:
+    # admin.host.
+    host: str | None = None
     # A `tenant` label on the quota decisions, for the busiest tenants only.
     tenant_label: bool = False
     tenant_label_top: Annotated[int, Field(ge=1, le=10_000)] = 100
@@ -331,7 +336,7 @@ class TenantSeed(Model):
     plan: str
     status: SubscriptionStatus = "active"
     stripe_customer: str | None = None
-    billing_anchor: AwareDatetime | None = None
+    billing_anchor: Timestamp | None = None
     disabled: bool = False
 
 

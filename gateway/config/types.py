@@ -8,7 +8,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
 UNLIMITED = -1
 # The largest quantity a limit, gauge level or credit may hold: the Lua scripts'
@@ -61,6 +61,8 @@ def _strict_int(value: Any) -> Any:
 
 
 def _limit(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1000.0, as for every other count
     if value == "unlimited" or value == UNLIMITED:
         return UNLIMITED
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -81,6 +83,8 @@ def _duration_s(value: Any) -> float:
 def _charge(value: Any) -> int | str:
     if value == "response":
         return "response"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > MAX_QUANTITY:
             raise ValueError(f"at most {MAX_QUANTITY} either way")
@@ -105,7 +109,7 @@ def _header_name(value: str) -> str:
 
 
 def _env_name(value: str) -> str:
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+    if not _ENV_NAME.match(value):
         raise ValueError("expected the name of an environment variable")
     return value
 
@@ -122,6 +126,56 @@ def _http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL")
     return value
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" for c in word)
+
+
+# What the JSON Schema says of each type: the values the loader accepts as they are
+# written in YAML (its input), not the values it turns them into.
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": _DURATION.pattern},
+    ],
+    "description": 'seconds, or a duration such as "30s", "15m", "12h" or "3d"',
+}
+_LIMIT_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0, "maximum": MAX_QUANTITY},
+        {"enum": ["unlimited", UNLIMITED]},
+    ],
+    "description": 'a quantity, or "unlimited"',
+}
+_CHARGE_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": -MAX_QUANTITY, "maximum": MAX_QUANTITY},
+        {"const": "response"},
+    ],
+    "description": 'a quantity (negative for a gauge going down), or "response"',
+}
+_STR_LIST_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    ]
+}
+_METHODS_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "string",
+        "pattern": "^(" + "|".join(_any_case(m) for m in sorted(HTTP_METHODS)) + ")$",
+    },
+}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def url_schema(*schemes: str) -> WithJsonSchema:
+    """The JSON Schema of a URL with one of `schemes`."""
+    alternatives = "|".join(re.escape(s) for s in schemes)
+    return WithJsonSchema({"type": "string", "pattern": f"^({alternatives}):"})
 
 
 def url_with_schemes(*schemes: str) -> AfterValidator:
@@ -143,18 +197,37 @@ def _methods(value: list[str]) -> list[str]:
     return upper
 
 
-StrictInt = Annotated[int, BeforeValidator(_strict_int)]
-PositiveInt = Annotated[StrictInt, Field(gt=0)]
-NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
-Port = Annotated[StrictInt, Field(ge=0, le=65535)]
+# Bounds go before it (`Annotated[int, Field(ge=1), STRICT_INT]`): on the integer inside
+# the check, where the JSON Schema sees them.
+STRICT_INT = BeforeValidator(_strict_int)
+StrictInt = Annotated[int, STRICT_INT]
+PositiveInt = Annotated[int, Field(gt=0), STRICT_INT]
+NonNegativeInt = Annotated[int, Field(ge=0), STRICT_INT]
+Port = Annotated[int, Field(ge=0, le=65535), STRICT_INT]
 PositiveFloat = Annotated[float, Field(gt=0)]
-Limit = Annotated[int, BeforeValidator(_limit)]
-DurationS = Annotated[float, BeforeValidator(_duration_s)]
-Charge = Annotated[int | str, BeforeValidator(_charge)]
-StrList = Annotated[list[str], BeforeValidator(_str_list), Field(min_length=1)]
-Name = Annotated[str, AfterValidator(_name)]
-HeaderName = Annotated[str, AfterValidator(_header_name)]
-EnvName = Annotated[str, AfterValidator(_env_name)]
-Network = Annotated[IPv4Network | IPv6Network, BeforeValidator(_network)]
-HttpUrl = Annotated[str, AfterValidator(_http_url)]
-Methods = Annotated[list[str], Field(min_length=1), AfterValidator(_methods)]
+Limit = Annotated[int, BeforeValidator(_limit), WithJsonSchema(_LIMIT_SCHEMA)]
+DurationS = Annotated[float, BeforeValidator(_duration_s), WithJsonSchema(_DURATION_SCHEMA)]
+Charge = Annotated[int | str, BeforeValidator(_charge), WithJsonSchema(_CHARGE_SCHEMA)]
+StrList = Annotated[
+    list[str], BeforeValidator(_str_list), Field(min_length=1), WithJsonSchema(_STR_LIST_SCHEMA)
+]
+Name = Annotated[
+    str, AfterValidator(_name), WithJsonSchema({"type": "string", "pattern": _NAME.pattern})
+]
+HeaderName = Annotated[
+    str,
+    AfterValidator(_header_name),
+    WithJsonSchema({"type": "string", "pattern": _HEADER.pattern}),
+]
+EnvName = Annotated[
+    str, AfterValidator(_env_name), WithJsonSchema({"type": "string", "pattern": _ENV_NAME.pattern})
+]
+Network = Annotated[
+    IPv4Network | IPv6Network,
+    BeforeValidator(_network),
+    WithJsonSchema({"type": "string", "pattern": r"^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$"}),
+]
+HttpUrl = Annotated[str, AfterValidator(_http_url), url_schema("http", "https")]
+Methods = Annotated[
+    list[str], Field(min_length=1), AfterValidator(_methods), WithJsonSchema(_METHODS_SCHEMA)
+]

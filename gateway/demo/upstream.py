@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from typing import Any
 
@@ -86,3 +87,16 @@ def create_sample_app() -> web.Application:
     app.router.add_get(f"/v1/{kinds}/{{id}}", get_item)
     app.router.add_delete(f"/v1/{kinds}/{{id}}", delete_item)
     return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gateway.demo.upstream`: the sample API alone (compose's upstream)."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args(argv)
+    web.run_app(create_sample_app(), host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()
