@@ -13,11 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import fresh_database
 from tests.procs import write_config
@@ -211,3 +215,70 @@ async def test_a_process_that_does_not_stop_in_time_is_killed(
         assert any(
             f"gateway process pid {stuck} still running" in line for line in rig.gateway.log_lines
         )
+
+
+def statuses(exposition: str) -> dict[str, int]:
+    """`gateway_requests_total` by status, over its other labels."""
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name == "gateway_requests":
+            for one in family.samples:
+                if one.name == "gateway_requests_total":
+                    status = one.labels["status"]
+                    counts[status] = counts.get(status, 0) + int(one.value)
+    return counts
+
+
+async def test_a_sighup_under_load_reaches_both_processes_within_a_second(rig: Rig) -> None:
+    """Steady load on both processes; a SIGHUP with a quota below what the tenant used:
+    within a second every answer is a 402, from both processes, and none fails; then a
+    broken file changes nothing, is logged once by each process and counted."""
+    answers: list[tuple[float, int]] = []  # (when, status); -1 for a failed request
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        connector = aiohttp.TCPConnector(force_close=True)  # new connections: both processes
+        async with aiohttp.ClientSession(connector=connector) as client:
+            while not stop.is_set():
+                url = f"http://127.0.0.1:{rig.gateway.port}/v1/things"
+                try:
+                    async with client.get(url, headers=AUTH) as resp:
+                        await resp.read()
+                        answers.append((time.monotonic(), resp.status))
+                except aiohttp.ClientError:
+                    answers.append((time.monotonic(), -1))
+
+    loaders = [asyncio.create_task(load()) for _ in range(4)]
+    try:
+        await asyncio.sleep(1.5)
+        data = yaml.safe_load(rig.config.read_text())
+        data["plans"]["big"]["limits"]["api_calls"]["limit"] = 1  # long used up
+        rig.config.write_text(yaml.safe_dump(data))
+        hup = time.monotonic()
+        rig.gateway.signal(signal.SIGHUP)
+        await asyncio.sleep(2.5)
+        data["plans"]["big"]["limits"] = "not a mapping"  # a broken file
+        rig.config.write_text(yaml.safe_dump(data))
+        rig.gateway.signal(signal.SIGHUP)
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*loaders)
+    assert all(status in (200, 402) for _, status in answers), Counter(s for _, s in answers)
+    before = [s for at, s in answers if at < hup]
+    settled = [s for at, s in answers if at >= hup + 1.0]
+    assert before and set(before) == {200}
+    assert settled and set(settled) == {402}, Counter(settled)  # the broken file changed nothing
+    for pid in rig.children():
+        assert statuses(await process_metrics(pid)).get("402", 0) > 0, pid  # both processes
+    merged = await rig.metrics()
+    failures = [
+        s.value for f in text_string_to_metric_families(merged) for s in f.samples
+        if s.name == "gateway_config_reloads_total" and s.labels.get("result") == "failure"
+    ]  # fmt: skip
+    assert failures == [2.0]  # one failed reload in each of the two processes
+    logged = [line for line in rig.gateway.log_lines if "config not reloaded" in line]
+    assert len(logged) == 2, logged
+    first_402 = min(at for at, s in answers if s == 402)
+    print(f"\nSIGHUP under load: {len(answers)} answers, none failed; the first 402 "
+          f"{(first_402 - hup) * 1000:.0f} ms after the signal")  # fmt: skip
