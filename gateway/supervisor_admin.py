@@ -211,12 +211,8 @@ def create_supervisor_metrics_app(fleet: Fleet) -> web.Application:
 
 
 def create_supervisor_admin_app(fleet: Fleet) -> web.Application:
-    """The supervisor's admin application."""
-    app = web.Application()
-    app.on_response_prepare.append(own_headers)
-    app[FLEET] = fleet
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    """The supervisor's admin application: the metrics listener's paths, and the rest
+    passed on to the processes."""
+    app = create_supervisor_metrics_app(fleet)
     app.router.add_route("*", "/{tail:.*}", passed_on)
     return app
