@@ -82,7 +82,9 @@ class Reporter:
         self.holder = unique_holder(name)
         self._clock = clock
         self._jitter = jitter
-        self._lease_s = max(60.0, 6 * config.timeout_s)
+        # Renewed before every send, so it outlasts a few calls; a worker killed holding
+        # it holds up its groups this long (a minute with the default timeout_s).
+        self._lease_s = max(10.0, 6 * config.timeout_s)
         self._meters: dict[str, Meter] = {}
         self._meters_at = datetime.min.replace(tzinfo=UTC)
         self._errors_since: datetime | None = None
