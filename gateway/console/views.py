@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,12 +19,11 @@ from gateway.console.common import (
     services_of,
 )
 from gateway.console.session import COOKIE
-from gateway.ledger.records import Tenant
-from gateway.ledger.store import TENANT_SORTS, TenantQuery
-from gateway.ledger.usage_ledger import UsageLedger
+from gateway.ledger.records import Tenant, credited_in
+from gateway.ledger.tenant_search import TENANT_SORTS, TenantQuery, TenantSearch
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.periods import Period, meter_period
-from gateway.quota.policy import Policies, credit_of
+from gateway.quota.policy import Policies
 from gateway.quota.rules import credited, meter_state
 from gateway.quota.store import StoreUnavailable
 from gateway.quota.view import usage_view
@@ -108,7 +106,7 @@ async def tenants(request: web.Request) -> web.Response:
         total, found, views = await _in_state(services, quota, query, state, offset)
     else:
         state = ""
-        total, found = await services.ledger.search_tenants(query, offset, PAGE_SIZE)
+        total, found = await TenantSearch(services.ledger.db).page(query, offset, PAGE_SIZE)
         found = await services.ledger.with_credits(found)
         views = await views_of(quota, found) if quota is not None else []
     ids = [t.id for t in found]
@@ -159,33 +157,32 @@ async def _in_state(
 ) -> tuple[int, list[Tenant], list[dict[str, Any]]]:
     """The page of tenants with a meter in `state`, judged by the ledger's totals of the
     current periods (seconds behind the counters, which the page's bars show): only a
-    tenant with usage can be past a threshold, and reading the ledger once is what lets
-    this filter run over every tenant."""
+    tenant with usage can be past a threshold, and reading the ledger's usage of every
+    tenant the query selects in one statement is what lets this filter run over all."""
     engine, policies = quota
     now = engine.clock()
-    used: dict[str, dict[tuple[str, datetime], int]] = {}
-    totals = await UsageLedger(services.ledger.db).recent_totals(now - ACTIVE_SINCE)
-    for tenant_id, meter, period_start, quantity in totals:
-        used.setdefault(tenant_id, {})[meter, period_start] = quantity
-    active = replace(query, used_since=now - ACTIVE_SINCE)
-    _, candidates = await services.ledger.search_tenants(active, 0, 10_000_000)
+    usage = await TenantSearch(services.ledger.db).usage(query, now - ACTIVE_SINCE)
     credits = await services.ledger.current_credits(now)
     periods: dict[tuple[str, datetime | None], Period | None] = {}  # most share an anchor
-    matches = []
-    for tenant in candidates:
-        if tenant.id in credits:
-            tenant = replace(tenant, credits=credits[tenant.id])
-        for meter, spec in policies.meters.items():
-            key = (meter, tenant.billing_anchor)
-            if key not in periods:
-                periods[key] = meter_period(spec, now, tenant.billing_anchor)
-            period = periods[key]
-            quantity = used[tenant.id].get((meter, period.start if period else EPOCH), 0)
-            if not quantity:
-                continue
-            limit = credited(policies.meter_limit(tenant, meter), credit_of(tenant, meter, period))
-            if meter_state(limit, quantity) == state:
-                matches.append(tenant)
-                break
-    page = matches[offset : offset + PAGE_SIZE]
+    matches: list[str] = []
+    for row in usage:
+        if matches and matches[-1] == row.tenant_id:
+            continue  # this tenant is in already (its rows come together)
+        spec = policies.meters.get(row.meter)
+        if spec is None:
+            continue  # a meter the config no longer has
+        key = (row.meter, row.billing_anchor)
+        if key not in periods:
+            periods[key] = meter_period(spec, now, row.billing_anchor)
+        period = periods[key]
+        if row.period_start != (period.start if period else EPOCH):
+            continue  # an earlier period's total
+        limit = policies.limit_of(row.plan, row.overrides, row.meter)
+        if period is not None and row.tenant_id in credits:
+            credit = credited_in(credits[row.tenant_id], row.meter, period.start)
+            limit = credited(limit, credit)
+        if meter_state(limit, row.quantity) == state:
+            matches.append(row.tenant_id)
+    ids = matches[offset : offset + PAGE_SIZE]
+    page = await services.ledger.with_credits(await TenantSearch(services.ledger.db).tenants(ids))
     return len(matches), page, await views_of(quota, page)

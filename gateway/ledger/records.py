@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -46,9 +47,12 @@ class Tenant:
 
     def credited(self, meter: str, period_start: datetime) -> int:
         """What the tenant was credited for `meter` in the period starting at `period_start`."""
-        return sum(
-            c.quantity for c in self.credits if c.meter == meter and c.period_start == period_start
-        )
+        return credited_in(self.credits, meter, period_start)
+
+
+def credited_in(credits: Iterable[Credit], meter: str, period_start: datetime) -> int:
+    """What `credits` add to `meter` in the period starting at `period_start`."""
+    return sum(c.quantity for c in credits if c.meter == meter and c.period_start == period_start)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.clock import EPOCH
 from gateway.ledger import schema
 from gateway.ledger.db import Database, connect
 from gateway.ledger.records import ApiKey, Credit, LimitOverride, Tenant
@@ -16,14 +15,14 @@ from gateway.ledger.timed import TimedDatabase
 from gateway.ledger.timestamps import loaded, maybe_utc, required, utc
 from gateway.metrics import LedgerMetrics
 
-_TENANT_COLUMNS = (
+TENANT_COLUMNS = (
     "id, name, plan, status, status_changed_at, billing_anchor, stripe_customer,"
     " stripe_subscription, disabled, overrides, created_at, updated_at"
 )
 _TENANT_VALUES = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11"  # created_at = updated_at
 _API_KEY_COLUMNS = "prefix, tenant_id, key_hash, name, created_at, revoked_at, last_used_at"
 
-_INSERT_TENANT = f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES ({_TENANT_VALUES})"
+_INSERT_TENANT = f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES ({_TENANT_VALUES})"
 # Any conflict: two processes seeding at once may collide on the id or on the
 # Stripe customer's unique index; the second insert is a no-op either way.
 _CREATE_TENANT = f"{_INSERT_TENANT} ON CONFLICT DO NOTHING RETURNING id"
@@ -41,12 +40,12 @@ _PUT_TENANT = f"""
         disabled = excluded.disabled,
         overrides = excluded.overrides,
         updated_at = excluded.updated_at
-    RETURNING {_TENANT_COLUMNS}
+    RETURNING {TENANT_COLUMNS}
 """
-_GET_TENANT = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = $1"
-_TENANT_BY_CUSTOMER = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE stripe_customer = $1"
-_LIST_TENANTS = f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY id LIMIT $1"
-_LIST_TENANTS_AFTER = f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id > $2 ORDER BY id LIMIT $1"
+_GET_TENANT = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+_TENANT_BY_CUSTOMER = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE stripe_customer = $1"
+_LIST_TENANTS = f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id LIMIT $1"
+_LIST_TENANTS_AFTER = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id > $2 ORDER BY id LIMIT $1"
 
 _ADD_API_KEY = f"INSERT INTO api_keys ({_API_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
 _GET_API_KEY = f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE prefix = $1"
@@ -78,7 +77,8 @@ _LATEST_CHANGE = "SELECT max(id) FROM changes"
 _PRUNE_CHANGES = "DELETE FROM changes WHERE at < $1"
 
 
-def _tenant(row: dict[str, Any]) -> Tenant:
+def tenant_of(row: dict[str, Any]) -> Tenant:
+    """A `Tenant` from a row of `TENANT_COLUMNS`."""
     return Tenant(
         id=row["id"],
         name=row["name"],
@@ -89,13 +89,13 @@ def _tenant(row: dict[str, Any]) -> Tenant:
         stripe_customer=row["stripe_customer"],
         stripe_subscription=row["stripe_subscription"],
         disabled=bool(row["disabled"]),  # SQLite has no boolean type: 0 or 1
-        overrides=_overrides(row["overrides"]),
+        overrides=overrides_of(row["overrides"]),
         created_at=loaded(row["created_at"]),
         updated_at=loaded(row["updated_at"]),
     )
 
 
-def _overrides(text: str | None) -> dict[str, LimitOverride]:
+def overrides_of(text: str | None) -> dict[str, LimitOverride]:
     """The overrides column, JSON text: `{meter: {limit, enforcement, warn_at}}`."""
     if not text:
         return {}
@@ -153,22 +153,6 @@ def _tenant_args(tenant: Tenant, now: datetime | None) -> tuple[Any, ...]:
     )
 
 
-TENANT_SORTS = ("id", "plan", "status", "status_changed_at", "created_at", "stripe_customer")
-
-
-@dataclass(frozen=True, slots=True)
-class TenantQuery:
-    """Which tenants a list shows, and in what order."""
-
-    plan: str = ""
-    status: str = ""
-    text: str = ""  # a part of the id, the name or the Stripe customer, any case
-    sort: str = "id"  # one of TENANT_SORTS
-    descending: bool = False
-    # Only tenants with usage in a period started since then (or one that never resets).
-    used_since: datetime | None = None
-
-
 class Ledger:
     """Tenants and API keys on a `Database`, whichever backend it is."""
 
@@ -201,7 +185,7 @@ class Ledger:
             return None
         at = datetime.now(UTC) if now is None else utc(now)
         credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
-        return replace(_tenant(row), credits=tuple(_credit(c) for c in credits))
+        return replace(tenant_of(row), credits=tuple(_credit(c) for c in credits))
 
     async def current_credits(self, now: datetime) -> dict[str, tuple[Credit, ...]]:
         """Every tenant's credits for periods not over at `now` (few: one query for all)."""
@@ -235,7 +219,7 @@ class Ledger:
     async def tenant_by_customer(self, customer: str) -> Tenant | None:
         """The tenant of a Stripe customer (without its credits), or None."""
         row = await self.db.fetchrow(_TENANT_BY_CUSTOMER, customer)
-        return None if row is None else _tenant(row)
+        return None if row is None else tenant_of(row)
 
     async def add_credit(
         self, tenant_id: str, credit: Credit, *, now: datetime | None = None
@@ -257,53 +241,7 @@ class Ledger:
             rows = await self.db.fetch(_LIST_TENANTS, limit)
         else:
             rows = await self.db.fetch(_LIST_TENANTS_AFTER, limit, after)
-        return [_tenant(row) for row in rows]
-
-    async def search_tenants(
-        self, query: TenantQuery, offset: int, limit: int
-    ) -> tuple[int, list[Tenant]]:
-        """A page of the tenants `query` selects, in its order, and how many it selects."""
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("plan", query.plan), ("status", query.status)):
-            if value:
-                args.append(value)
-                where.append(f"{column} = ${len(args)}")
-        if query.text:
-            escaped = query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            args.append(f"%{escaped}%")
-            # Case-insensitive either way (SQLite's LIKE is, for ASCII); ILIKE spares
-            # PostgreSQL a lower() of every row.
-            operator = "ILIKE" if self.db.dialect == "postgresql" else "LIKE"
-            like = f"{operator} ${len(args)} ESCAPE '\\'"
-            where.append(
-                f"(id {like} OR coalesce(name, '') {like} OR coalesce(stripe_customer, '') {like})"
-            )
-        if query.used_since is not None:
-            args += [utc(query.used_since), EPOCH]
-            where.append(
-                f"id IN (SELECT tenant_id FROM usage_totals WHERE quantity > 0 AND "
-                f"(period_start >= ${len(args) - 1} OR period_start = ${len(args)}))"
-            )
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        column = query.sort if query.sort in TENANT_SORTS else "id"
-        order = f"{column} {'DESC' if query.descending else 'ASC'}"
-        if column != "id":
-            order += ", id"  # a total order: pages neither repeat nor skip a tenant
-        n = len(args)
-        # A text search scans every row anyway: it counts them in the same scan. Else
-        # the page comes in index order and the count is a scan of its own.
-        counted = ", count(*) OVER () AS selected" if query.text else ""
-        rows = await self.db.fetch(
-            f"SELECT {_TENANT_COLUMNS}{counted} FROM tenants {clause} ORDER BY {order} "
-            f"LIMIT ${n + 1} OFFSET ${n + 2}",
-            *args, limit, offset,
-        )  # fmt: skip
-        if counted and (rows or not offset):
-            total = rows[0]["selected"] if rows else 0
-        else:
-            total = await self.db.fetchval(f"SELECT count(*) FROM tenants {clause}", *args)
-        return int(total), [_tenant(row) for row in rows]
+        return [tenant_of(row) for row in rows]
 
     async def create_tenant_if_missing(
         self, tenant: Tenant, *, now: datetime | None = None
@@ -320,7 +258,7 @@ class Ledger:
         """
         row = await self.db.fetchrow(_PUT_TENANT, *_tenant_args(tenant, now))
         assert row is not None, "an upsert with RETURNING returns its row"
-        return _tenant(row)
+        return tenant_of(row)
 
     async def add_api_key(self, key: ApiKey) -> None:
         """Store a new key; LedgerIntegrityError if its prefix exists or its tenant does not."""

@@ -20,6 +20,8 @@ def loaded(value: datetime | str | None) -> datetime | None:
     """A timestamp column as read: asyncpg gives datetimes, SQLite gives ISO 8601 text."""
     if value is None:
         return None
+    if isinstance(value, datetime) and value.tzinfo is UTC:
+        return value  # as asyncpg gives timestamptz: nothing to convert
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return value.astimezone(UTC)

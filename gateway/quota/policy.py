@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from gateway.clock import Clock
 from gateway.config.models import GatewayConfig, MeterConfig, RouteConfig
 from gateway.config.types import UNLIMITED
-from gateway.ledger.records import Tenant
+from gateway.ledger.records import LimitOverride, Tenant
 from gateway.quota.gcra import RateLimit
 from gateway.quota.periods import Period, PeriodsCache
 from gateway.quota.plan import ChargePlan
@@ -115,7 +115,12 @@ class Policies:
         return PlanPolicy(limits, rates, plan.shadow)
 
     def _limit(self, policy: PlanPolicy, tenant: Tenant, meter: str) -> MeterLimit:
-        override = tenant.overrides.get(meter)
+        return self._limit_of(policy, tenant.overrides, meter)
+
+    def _limit_of(
+        self, policy: PlanPolicy, overrides: Mapping[str, LimitOverride], meter: str
+    ) -> MeterLimit:
+        override = overrides.get(meter)
         if override is not None:
             return MeterLimit(
                 meter, self._meters[meter].type, override.limit,
@@ -126,7 +131,11 @@ class Policies:
 
     def meter_limit(self, tenant: Tenant, meter: str) -> MeterLimit:
         """The limit of `meter` for the tenant: its override, else its plan's (credits aside)."""
-        return self._limit(self.plans.get(tenant.plan) or _NO_POLICY, tenant, meter)
+        return self.limit_of(tenant.plan, tenant.overrides, meter)
+
+    def limit_of(self, plan: str, overrides: Mapping[str, LimitOverride], meter: str) -> MeterLimit:
+        """The limit of `meter` on `plan` with a tenant's `overrides` (credits aside)."""
+        return self._limit_of(self.plans.get(plan) or _NO_POLICY, overrides, meter)
 
     def shadow(self, tenant: Tenant, route: RouteCharges) -> bool:
         """Decide and count as usual, refuse nothing."""
