@@ -27,3 +27,6 @@ AUTH_METRICS = web.AppKey("auth_metrics", AuthMetrics)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 ACCESS_LOG = web.AppKey("access_log", access.AccessLog)
 CLIENT_LIMITS = web.AppKey("client_limits", ClientLimits)
+# On an admin application served on a process's private socket, which only its
+# supervisor reaches: the supervisor names each request's client (SUPERVISED_CLIENT).
+BEHIND_SUPERVISOR = web.AppKey("behind_supervisor", bool)

@@ -29,6 +29,10 @@ HOP_BY_HOP = frozenset(
         "proxy-authenticate",
     }
 )
+# The client's address as a supervisor saw it, on each request it passes to one of its
+# processes' private admin sockets; set by the supervisor only (a client's copy is
+# replaced), and read only on those sockets.
+SUPERVISED_CLIENT = "X-Gateway-Client-Address"
 # Set by the gateway itself; a client's copy would be believed upstream.
 _SPOOFABLE = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded")
 # Never forwarded, whoever sends them (README "Forwarded headers"): an upstream

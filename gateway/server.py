@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from gateway import reload
 from gateway.admin import Readiness, create_admin_app, create_metrics_app, metric_samples
 from gateway.app import create_app, public_handler
-from gateway.app_keys import METRICS
+from gateway.app_keys import BEHIND_SUPERVISOR, METRICS
 from gateway.config.models import GatewayConfig, TLSConfig
 from gateway.http.server import HttpServer, Limits
 from gateway.lifecycle import run_loop
@@ -85,6 +85,7 @@ class Gateway:
         admin_app = create_admin_app(self.registry, self.readiness, public_app, token)
         if self.placement is not None:  # served on the private socket only
             admin_app.router.add_get(SAMPLES_PATH, metric_samples)
+            admin_app[BEHIND_SUPERVISOR] = True
         admin = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1)
         for runner in (public, admin):
             await runner.setup()  # the public one opens the stores, the ledger, the caches

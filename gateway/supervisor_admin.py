@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from gateway.headers import own_headers, request_id
+from gateway.headers import SUPERVISED_CLIENT, own_headers, request_id
 from gateway.merged_metrics import SAMPLES_PATH, Family, Merger, decode
 from gateway.problems import Refused, web_answer
 
@@ -33,8 +33,13 @@ _ASK_TIMEOUT_S = 2.0  # a process's readiness answer
 _SCRAPE_TIMEOUT_S = 10.0  # a process's /metrics (large with many routes)
 # Hop-by-hop and length headers: aiohttp sets its own on each side. Host is passed
 # on: the process answers as if asked directly (links, cookies).
-_NOT_PASSED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_NOT_PASSED = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", SUPERVISED_CLIENT.lower()}
+)
 _FAN_OUT = {("POST", "/admin/reload")}
+# Always to the first live process: the console's login throttle counts every attempt
+# in one place (round robin would grant each address one allowance per process).
+_ONE_PLACE = {("POST", "/console/login")}
 
 
 @dataclass
@@ -113,6 +118,7 @@ class Fleet:
     async def forward(self, slot: Slot, request: web.Request, body: bytes) -> web.Response:
         """Pass `request` to the process in `slot`; its answer."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_PASSED}
+        headers[SUPERVISED_CLIENT] = request.remote or ""  # in place of any the client sent
         async with self._session(slot).request(
             request.method,
             f"http://worker{request.path_qs}",
@@ -180,7 +186,12 @@ async def passed_on(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     body = await request.read()
     fan_out = (request.method, request.path) in _FAN_OUT
-    targets = fleet.live() if fan_out else fleet.next_live()
+    if fan_out:
+        targets = fleet.live()
+    elif (request.method, request.path) in _ONE_PLACE:
+        targets = fleet.live()[:1]
+    else:
+        targets = fleet.next_live()
     rid = request_id(request.headers)
     if not targets:
         return web_answer(Refused(503, "unavailable", "no gateway process is running"), rid)

@@ -160,6 +160,34 @@ async def test_the_admin_api_through_the_supervisor_reaches_every_process(rig: R
                 assert resp.status == 200
 
 
+async def login(base: str, source: str, token: str) -> int:
+    """The status of a console login from the `source` address."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as client:
+        url = f"{base}/console/login"
+        async with client.post(url, data={"token": token}, allow_redirects=False) as resp:
+            return resp.status
+
+
+async def test_the_console_login_throttle_counts_each_client_address_once(rig: Rig) -> None:
+    base = f"http://127.0.0.1:{rig.gateway.admin_port}"
+    # Five wrong tokens a minute from one address, whichever process they reach; then
+    # that address is refused, even with the right token.
+    statuses = [await login(base, "127.0.0.2", "wrong") for _ in range(6)]
+    assert statuses == [401] * 5 + [429]
+    assert await login(base, "127.0.0.2", ENV["GATEWAY_ADMIN_TOKEN"]) == 429
+    # Another address is not: the processes see the client's address, not the supervisor's.
+    assert await login(base, "127.0.0.3", ENV["GATEWAY_ADMIN_TOKEN"]) == 303
+    # A client cannot name another address for itself.
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as client:
+        async with client.post(
+            f"{base}/console/login", data={"token": ENV["GATEWAY_ADMIN_TOKEN"]},
+            headers={"X-Gateway-Client-Address": "127.0.0.9"}, allow_redirects=False,
+        ) as resp:  # fmt: skip
+            assert resp.status == 429
+
+
 def serve(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "-c", str(config)],

@@ -10,8 +10,9 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.app_keys import LIVE, QUOTA, SERVICES
+from gateway.app_keys import BEHIND_SUPERVISOR, LIVE, QUOTA, SERVICES
 from gateway.console.session import COOKIE, LoginThrottle, Session, Sessions
+from gateway.headers import SUPERVISED_CLIENT
 from gateway.pipeline.runtime import Runtime
 from gateway.quota.engine import QuotaEngine
 from gateway.quota.policy import Policies
@@ -103,3 +104,11 @@ def quota_of(request: web.Request, runtime: Runtime) -> tuple[QuotaEngine, Polic
     """The quota engine and the runtime's policies; None when nothing is metered."""
     engine, policies = request.app[PUBLIC].get(QUOTA), runtime.policies
     return (engine, policies) if engine is not None and policies is not None else None
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: behind a supervisor, the one the supervisor saw (it alone
+    reaches a process's private socket); else the connection's."""
+    if request.config_dict.get(BEHIND_SUPERVISOR):
+        return request.headers.get(SUPERVISED_CLIENT, "")
+    return request.remote or ""

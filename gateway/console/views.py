@@ -12,6 +12,7 @@ from gateway.clock import EPOCH, utc_now
 from gateway.console.common import (
     SESSIONS,
     THROTTLE,
+    client_address,
     quota_of,
     render,
     runtime_of,
@@ -47,7 +48,7 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.StreamResponse:
     throttle = request.app[THROTTLE]
-    address = request.remote or ""
+    address = client_address(request)
     wait_s = throttle.retry_after_s(address)
     if wait_s:
         response = render(
