@@ -32,6 +32,40 @@ async def stop_task(task: asyncio.Task[None] | None, timeout_s: float = STOP_TIM
         log.error("background task %s had failed", task.get_name(), exc_info=task.exception())
 
 
+class Rounds:
+    """A background loop: a round, then a pause that `stop` cuts short, until stopped.
+    A failed round is reported by `failed` and the loop goes on: neither an outage nor
+    a bug in one round ends the task."""
+
+    def __init__(self) -> None:
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def pause_s(self) -> float:
+        """How long to wait after a round that left nothing to do at once."""
+        raise NotImplementedError
+
+    async def step(self) -> bool:
+        """One round; True when there is more to do at once (no pause)."""
+        raise NotImplementedError
+
+    def failed(self, exc: Exception) -> None:
+        """A round raised `exc` (called in its `except`): logged with its traceback."""
+        log.exception("%s round failed; retrying", type(self).__name__)
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            busy = False
+            try:
+                busy = await self.step()
+            except Exception as exc:
+                self.failed(exc)
+            if not busy:
+                await pause(self._stopping, self.pause_s())
+
+
 async def pause(stopping: asyncio.Event, seconds: float) -> None:
     """Sleep `seconds`, or less when `stopping` is set meanwhile (a loop's wait between
     rounds that a stop cuts short)."""

@@ -35,7 +35,7 @@ from gateway.billing.rules import (
 from gateway.billing.stripe_api import ErrorReports, Meter, SendFailure, StripeAPI
 from gateway.config.models import StripeConfig
 from gateway.ledger.db import LedgerUnavailable
-from gateway.lifecycle import pause
+from gateway.lifecycle import Rounds
 from gateway.metrics import StripeMetrics
 
 log = logging.getLogger("gateway.billing")
@@ -61,7 +61,7 @@ def unique_holder(name: str) -> str:
     return f"{where}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-class Reporter:
+class Reporter(Rounds):
     """One sender among possibly several worker processes (`name` says which; each
     reporter holds leases under a name of its own)."""
 
@@ -92,25 +92,24 @@ class Reporter:
         self._oldest_pending: datetime | None = None
         # Aged when scraped: with the ledger down too, the gauge still grows.
         metrics.oldest_pending.set_function(self._oldest_age)
-        self._stopping = asyncio.Event()
+        super().__init__()
 
-    def stop(self) -> None:
-        self._stopping.set()
+    def pause_s(self) -> float:
+        return self.config.report_interval_s
 
-    async def run(self) -> None:
-        """A round every `report_interval_s` until stopped; failures never end the loop."""
-        while not self._stopping.is_set():
-            try:
-                await self.round()
-            except LedgerUnavailable as exc:
-                self.metrics.failures.labels("ledger").inc()
-                log.warning("Stripe reporting paused: the ledger is unavailable (%s)", exc)
-            except SendFailure as exc:
-                self.metrics.failures.labels(exc.kind).inc()
-                log.warning("Stripe reporting paused: %s", exc)
-            except Exception:
-                log.exception("Stripe reporting round failed; retrying")
-            await pause(self._stopping, self.config.report_interval_s)
+    async def step(self) -> bool:
+        await self.round()
+        return False
+
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, LedgerUnavailable):
+            self.metrics.failures.labels("ledger").inc()
+            log.warning("Stripe reporting paused: the ledger is unavailable (%s)", exc)
+        elif isinstance(exc, SendFailure):
+            self.metrics.failures.labels(exc.kind).inc()
+            log.warning("Stripe reporting paused: %s", exc)
+        else:
+            log.exception("Stripe reporting round failed; retrying")
 
     async def round(self) -> int:
         """Plan, send what is due, pick up asynchronous refusals; the rows sent."""

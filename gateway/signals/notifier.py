@@ -27,7 +27,7 @@ from standardwebhooks.webhooks import Webhook
 from gateway.clock import utc_now
 from gateway.config.signals import NotificationsConfig
 from gateway.ledger.db import Database, LedgerError
-from gateway.lifecycle import pause
+from gateway.lifecycle import Rounds
 from gateway.services import StartupError
 from gateway.signals.store import Due, SignalStore
 
@@ -92,7 +92,7 @@ def retry_delay_s(attempts: int, most_s: float) -> float:
     return min(most_s, FIRST_RETRY_S * growth) * random.uniform(0.5, 1.0)
 
 
-class Notifier:
+class Notifier(Rounds):
     """Delivers due notifications until stopped; several may run on one ledger."""
 
     def __init__(
@@ -109,25 +109,28 @@ class Notifier:
         self.holder = holder
         self.metrics = metrics
         self.clock = clock
-        self._stopping = asyncio.Event()
+        super().__init__()
         self._session: aiohttp.ClientSession | None = None
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     async def run(self) -> None:
-        """Poll, deliver, repeat; a ledger error waits for the next poll."""
+        """Poll, deliver, repeat; a failed poll waits for the next."""
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as self._session:
-            while not self._stopping.is_set():
-                try:
-                    busy = await self.deliver_due()
-                    await self._count()
-                except LedgerError as exc:
-                    log.warning("notifications: the ledger is unreachable (%s)", exc)
-                    busy = False
-                if not busy:
-                    await pause(self._stopping, POLL_S)
+            await super().run()
+
+    def pause_s(self) -> float:
+        return POLL_S
+
+    async def step(self) -> bool:
+        busy = await self.deliver_due()
+        await self._count()
+        return busy
+
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, LedgerError):
+            log.warning("notifications: the ledger is unreachable (%s)", exc)
+        else:
+            log.exception("notification delivery failed; retrying")
 
     async def deliver_due(self) -> bool:
         """One round: lease what is due and deliver it; whether there was any."""

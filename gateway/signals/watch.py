@@ -9,7 +9,6 @@ anomaly, per period for a forecast) and a metric.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from gateway.ledger.records import Tenant
 from gateway.ledger.store import Ledger
 from gateway.ledger.timestamps import loaded, required, utc
 from gateway.ledger.usage_ledger import UsageLedger
-from gateway.lifecycle import pause
+from gateway.lifecycle import Rounds
 from gateway.quota.forecast import forecast, window
 from gateway.quota.periods import Period, meter_period
 from gateway.quota.policy import Policies, credit_of
@@ -102,7 +101,7 @@ class Anomaly:
         )  # fmt: skip
 
 
-class Watch:
+class Watch(Rounds):
     """One process's anomaly and forecast rounds over the ledger."""
 
     def __init__(
@@ -123,18 +122,20 @@ class Watch:
         self.endpoints = endpoints_by_type(config.notifications)
         self.metrics = metrics
         self.clock = clock
-        self._stopping = asyncio.Event()
+        super().__init__()
 
-    def stop(self) -> None:
-        self._stopping.set()
+    def pause_s(self) -> float:
+        return self.config.signals.interval_s
 
-    async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.round()
-            except LedgerError as exc:
-                log.warning("anomaly and forecast checks: the ledger is unreachable (%s)", exc)
-            await pause(self._stopping, self.config.signals.interval_s)
+    async def step(self) -> bool:
+        await self.round()
+        return False
+
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, LedgerError):
+            log.warning("anomaly and forecast checks: the ledger is unreachable (%s)", exc)
+        else:
+            log.exception("anomaly and forecast checks failed; retrying")
 
     async def round(self) -> list[Signal]:
         """Check once; the signals found (new to the ledger or not)."""
