@@ -360,8 +360,17 @@ async def test_close_ends_idle_connections(raw: MakeRaw, make_client: MakeClient
 
 
 def test_request_head_refuses_control_characters_and_frames_the_body() -> None:
-    with pytest.raises(ValueError):
-        request_head("GET", "/", headers(X_A="a\r\nX-Injected: 1"), None, "h")
+    for bad in ("a\r\nX-Injected: 1", "a\rb", "a\nb", "a\x00b", "a\x7f", "\x1b"):
+        with pytest.raises(ValueError):
+            request_head("GET", "/", headers(X_A=bad), None, "h")
+        with pytest.raises(ValueError):
+            request_head("GET", f"/{bad}", headers(), None, "h")
+        with pytest.raises(ValueError):
+            request_head("GET", "/", headers(), b"", f"h{bad}")
+        with pytest.raises(ValueError):
+            request_head(f"G{bad}", "/", headers(), None, "h")
+    head, _ = request_head("GET", "/", headers(X_A="a\tb"), None, "h")  # TAB may be in a value
+    assert head == b"GET / HTTP/1.1\r\nX-A: a\tb\r\nHost: h\r\n\r\n"
     head, chunked = request_head("POST", "/p?q", headers(X_A="1"), b"abc", "up:80")
     assert (head, chunked) == (b"POST /p?q HTTP/1.1\r\nX-A: 1\r\nHost: up:80\r\n"
                                b"Content-Length: 3\r\n\r\n", False)  # fmt: skip

@@ -15,7 +15,6 @@ import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable
-from itertools import chain
 
 from multidict import CIMultiDict
 
@@ -31,8 +30,10 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # drop idle connections after a few seconds, and a request sent just as they
 # do fails (and only the idempotent ones are retried). aiohttp's default.
 _IDLE_KEEP_S = 15.0
-# What no field may carry: a CR or LF would end the header early (smuggling).
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# What no field may carry: a CR or LF would end the header early (smuggling). Checked on
+# the whole head at once: control characters other than CR and LF (TAB is allowed in a
+# value), then that CR and LF occur only as the head's own line ends.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def request_head(
@@ -43,21 +44,27 @@ def request_head(
     Headers go out as given, in order; the client adds only the framing the
     body needs and `Host` (RFC 9112 3.2) when the caller gave none.
     """
-    if _CONTROL.search("".join(chain((method, target), chain.from_iterable(headers.items())))):
-        raise ValueError("forbidden control character in the request line or headers")
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    parts = [method, " ", target, " HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        parts += (name, ": ", value, "\r\n")
+    lines = len(headers) + 2  # the request line, the headers, the empty line
     if "Host" not in headers:
-        lines.append(f"Host: {host}\r\n")
+        parts.append(f"Host: {host}\r\n")
+        lines += 1
     chunked = False
     if isinstance(body, bytes):
         if "Content-Length" not in headers:
-            lines.append(f"Content-Length: {len(body)}\r\n")
+            parts.append(f"Content-Length: {len(body)}\r\n")
+            lines += 1
     elif body is not None and "Content-Length" not in headers:
-        lines.append("Transfer-Encoding: chunked\r\n")
+        parts.append("Transfer-Encoding: chunked\r\n")
+        lines += 1
         chunked = True
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape"), chunked
+    parts.append("\r\n")
+    text = "".join(parts)
+    if _CONTROL.search(text) or text.count("\n") != lines or text.count("\r") != lines:
+        raise ValueError("forbidden control character in the request line or headers")
+    return text.encode("utf-8", "surrogateescape"), chunked
 
 
 async def _send_stream(
