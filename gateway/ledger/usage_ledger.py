@@ -95,10 +95,6 @@ _ADD_HOURLY = """
 _TOTAL = (
     "SELECT quantity FROM usage_totals WHERE tenant_id = $1 AND meter = $2 AND period_start = $3"
 )
-_ACTIVE_TENANTS = """
-    SELECT DISTINCT tenant_id FROM usage_totals
-    WHERE quantity > 0 AND (period_start >= $1 OR period_start = $2)
-"""
 _HOURLY = """
     SELECT hour, quantity, events FROM usage_hourly
     WHERE tenant_id = $1 AND meter = $2 AND hour >= $3 AND hour < $4 ORDER BY hour
@@ -202,11 +198,6 @@ class UsageLedger:
             (r["tenant_id"], r["meter"], required(loaded(r["period_start"])), int(r["quantity"]))
             for r in rows
         ]
-
-    async def active_tenants(self, since: datetime) -> set[str]:
-        """Tenants with usage in a period started since `since` (or one that never resets)."""
-        rows = await self.db.fetch(_ACTIVE_TENANTS, utc(since), EPOCH)
-        return {r["tenant_id"] for r in rows}
 
     async def hourly(
         self, tenant: str, meter: str, since: datetime, until: datetime
