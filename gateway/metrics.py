@@ -28,7 +28,6 @@ _STORE_BUCKETS_S = (
 
 UNMATCHED = "_unmatched"
 GATEWAY = "_gateway"
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 def method_label(method: str) -> str:

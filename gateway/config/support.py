@@ -10,8 +10,6 @@ from collections.abc import Iterator
 
 from gateway.config.models import GatewayConfig
 
-NOT_YET = "not supported yet"
-
 
 def unsupported(cfg: GatewayConfig) -> Iterator[tuple[str, str]]:
     """Yield (path, message) for every key set whose behaviour is not built yet."""
