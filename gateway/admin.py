@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -42,14 +44,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition of this process's registry."""
-    body = generate_latest(request.app[REGISTRY])
+    """Prometheus exposition of this process's registry, rendered in a thread: with many
+    routes or tenants it takes a second, which would hold every request on this loop."""
+    body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def metric_samples(request: web.Request) -> web.Response:
-    """The registry as JSON, for the supervisor to merge (gateway.merged_metrics)."""
-    body = encode(request.app[REGISTRY])
+    """The registry as JSON, for the supervisor to merge (gateway.merged_metrics); in a
+    thread, as `metrics`."""
+    body = await asyncio.to_thread(encode, request.app[REGISTRY])
     return web.Response(body=body, content_type="application/json")
 
 

@@ -177,7 +177,7 @@ async def metrics(request: web.Request) -> web.Response:
     """The sum over the processes (see gateway.merged_metrics)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(await request.app[FLEET].scrape()))
-    body = generate_latest(registry)
+    body = await asyncio.to_thread(generate_latest, registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

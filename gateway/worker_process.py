@@ -36,7 +36,8 @@ RECONCILE_S = 300.0
 
 def _metrics_app(registry: CollectorRegistry) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
+        body = await asyncio.to_thread(generate_latest, registry)  # off the worker's loop
+        return web.Response(body=body, content_type="text/plain")
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -5,6 +5,7 @@ holds, the tenant label's cap."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from gateway.config import parse
 from gateway.quota.tally import OTHER_TENANTS, TenantTallies
@@ -262,3 +265,35 @@ async def test_without_a_metrics_port_there_is_no_metrics_listener(
 ) -> None:
     gw = await make_gateway(gateway_config(upstream.url))
     assert gw.metrics_port == 0
+
+
+class Blocking(Collector):
+    """A collector that holds whoever collects until told to go on (5 s at most)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.released = False
+
+    def collect(self) -> list[Metric]:
+        self.entered.set()
+        self.released = self.go.wait(5)
+        return []
+
+
+async def test_a_slow_scrape_holds_no_request(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    """/metrics is rendered off the event loop: a registry that takes long to collect
+    (many routes or tenants) does not hold the requests of the public listener."""
+    gw = await make_gateway(gateway_config(upstream.url))
+    blocking = Blocking()
+    gw.registry.register(blocking)
+    scraping = asyncio.create_task(scrape(gw))
+    assert await asyncio.to_thread(blocking.entered.wait, 10)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"http://127.0.0.1:{gw.port}/v1/things") as resp:
+            assert resp.status == 200  # served while the scrape is still collecting
+    blocking.go.set()
+    await scraping
+    assert blocking.released  # the collector was let go, not timed out
