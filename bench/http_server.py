@@ -1,9 +1,12 @@
-"""Hello-world requests/s of the listener's `HttpServer` against aiohttp's low-level server.
+"""Hello-world requests/s of the listener's `HttpServer` against aiohttp's low-level server,
+and the floor of forwarding: `HttpServer` passing each request through the gateway's
+`UpstreamClient` and nothing else.
 
     .venv/bin/python -m bench.http_server [--duration-s 5] [--connections 50]
 
 Each server runs alone in a child process pinned to CPU 1 and answers
-`200 hello` to every request; `wrk -t1` on CPU 0 keeps `--connections`
+`200 hello` to every request (the forwarding one: what a hello-world
+`HttpServer` on CPU 0 answered it); `wrk -t1` on CPU 0 keeps `--connections`
 keep-alive connections busy. Printed per server and event loop: requests/s
 and the server's CPU microseconds per request (from /proc, so a machine shared
 with other work shows in req/s more than in CPU per request). Needs wrk and
@@ -22,7 +25,7 @@ import time
 
 from bench.measure import binary, cpu_s, parse_wrk, pin
 
-SERVERS = ("HttpServer", "aiohttp")
+SERVERS = ("HttpServer", "aiohttp", "forwarding")
 LOOPS = ("uvloop", "asyncio")
 _SERVER_CPU = 1
 _LOAD_CPU = 0
@@ -49,9 +52,38 @@ async def _serve_aiohttp(port: int) -> None:
     await asyncio.Event().wait()
 
 
-def serve(server: str, port: int, loop: str) -> None:
-    """Run one hello-world server until killed (the child process)."""
-    main = _serve_ours(port) if server == "HttpServer" else _serve_aiohttp(port)
+async def _serve_forwarding(port: int, upstream: int) -> None:
+    from multidict import CIMultiDict
+
+    from gateway.http.message import Request, Response
+    from gateway.http.server import HttpServer
+    from gateway.pipeline.upstream_client import UpstreamClient
+
+    client = UpstreamClient(
+        "127.0.0.1", upstream, None, max_connections=100, connect_timeout_s=5, timeout_s=5,
+        total_timeout_s=None, host_header=f"127.0.0.1:{upstream}",
+    )  # fmt: skip
+
+    async def forward(request: Request) -> Response:
+        answer = await client.request(request.method, request.target, CIMultiDict())
+        try:
+            body = await answer.read()
+        finally:
+            answer.release()
+        return Response(answer.status, CIMultiDict(answer.headers), body)
+
+    await HttpServer(forward).start("127.0.0.1", port)
+    await asyncio.Event().wait()
+
+
+def serve(server: str, port: int, loop: str, upstream: int = 0) -> None:
+    """Run one server until killed (the child process)."""
+    if server == "forwarding":
+        main = _serve_forwarding(port, upstream)
+    elif server == "HttpServer":
+        main = _serve_ours(port)
+    else:
+        main = _serve_aiohttp(port)
     if loop == "uvloop":
         import uvloop
 
@@ -77,12 +109,21 @@ def _wait_listening(port: int, timeout_s: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
+def _child(server: str, port: int, loop: str, upstream: int = 0) -> subprocess.Popen[bytes]:
+    args = ["serve", server, str(port), loop, str(upstream)]
+    return subprocess.Popen([sys.executable, "-m", "bench.http_server", *args])
+
+
 def measure(server: str, loop: str, duration_s: float, connections: int) -> tuple[float, float]:
     """Requests/s and server CPU µs per request of one server under wrk."""
     port = _free_port()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "bench.http_server", "serve", server, str(port), loop]
-    )
+    upstream = None
+    if server == "forwarding":  # a hello-world HttpServer on the load's CPU answers it
+        upstream_port = _free_port()
+        upstream = _child("HttpServer", upstream_port, "uvloop")
+        pin(upstream.pid, _LOAD_CPU)
+        _wait_listening(upstream_port)
+    child = _child(server, port, loop, upstream_port if upstream else 0)
     try:
         pin(child.pid, _SERVER_CPU)
         _wait_listening(port)
@@ -94,8 +135,10 @@ def measure(server: str, loop: str, duration_s: float, connections: int) -> tupl
         ).stdout  # fmt: skip
         used_s = cpu_s(child.pid) - before
     finally:
-        child.kill()
-        child.wait()
+        for proc in (child, upstream):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
     load = parse_wrk(out)
     if load.errors:
         raise RuntimeError(f"{server} on {loop}: {load.errors} errors\n{out}")
@@ -104,7 +147,7 @@ def measure(server: str, loop: str, duration_s: float, connections: int) -> tupl
 
 def main() -> None:
     if sys.argv[1:2] == ["serve"]:
-        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration-s", type=float, default=5.0)
