@@ -99,6 +99,10 @@ async def _reconcile_forever(
         await asyncio.sleep(RECONCILE_S)
 
 
+def _no_reload() -> None:
+    log.warning("SIGHUP: gateway worker reads its config only at start; restart it for a change")
+
+
 async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None:
     """Move usage events from the queue into the ledger until SIGTERM or SIGINT."""
     _needs_redis(config, "a worker")
@@ -120,6 +124,9 @@ async def run_worker(config: GatewayConfig, consumer: str | None = None) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    # A SIGHUP meant for the gateway processes (a reload) must not end the worker, whose
+    # config is read at start only.
+    loop.add_signal_handler(signal.SIGHUP, _no_reload)
     log.info(
         "usage worker %s: %d shards -> %s (metrics on http://%s:%d/metrics)",
         streams.consumer, streams.shards, config.storage.ledger.split("@")[-1],

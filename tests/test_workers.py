@@ -69,9 +69,14 @@ async def test_sighup_ends_neither_the_supervisor_nor_a_process(rig: Rig) -> Non
     pids = rig.children()
     for _ in range(3):
         rig.gateway.signal(signal.SIGHUP)  # passed on to every process (each reloads)
+        rig.worker.signal(signal.SIGHUP)  # as `pkill -HUP -f gateway` would: ignored, logged
         assert await send(rig.gateway.port, 20) == 20
     assert rig.children() == pids
     assert rig.gateway.proc is not None and rig.gateway.proc.poll() is None
+    assert rig.worker.proc is not None and rig.worker.proc.poll() is None
+    assert await rig.ledger_reaches(60) == 60  # the worker goes on writing
+    told = [line for line in rig.worker.log_lines if "reads its config only at start" in line]
+    assert len(told) == 3
 
 
 async def test_a_killed_process_is_started_again_and_traffic_goes_on(rig: Rig) -> None:
