@@ -22,6 +22,7 @@ from gateway.app_keys import (
     QUOTA_METRICS,
     REGISTRY,
     SERVICES,
+    WATCHING,
     WEBHOOK_METRICS,
     WEBHOOKS,
 )
@@ -267,7 +268,9 @@ async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
         signals = engine.signals = signal_recorder(config, services.ledger.db, app[REGISTRY])
         refusals = engine.refusals = RefusalTally(services.ledger.db)
         if config.storage.embedded:  # no `gateway worker` runs: this process delivers
-            watching = Watching.start(config, services.ledger.db, app[REGISTRY], "serve")
+            watching = app[WATCHING] = Watching.start(
+                config, services.ledger.db, app[REGISTRY], "serve"
+            )
     yield
     await engine.close()
     if signals is not None:

@@ -14,6 +14,7 @@ from gateway.pipeline.client_limits import ClientLimits
 from gateway.pipeline.runtime import Live
 from gateway.quota.engine import QuotaEngine
 from gateway.services import Services
+from gateway.signals.run import Watching
 
 CONFIG = web.AppKey("config", GatewayConfig)  # the start config: what only a restart changes
 LIVE = web.AppKey("live", Live)
@@ -30,3 +31,5 @@ CLIENT_LIMITS = web.AppKey("client_limits", ClientLimits)
 # On an admin application served on a process's private socket, which only its
 # supervisor reaches: the supervisor names each request's client (SUPERVISED_CLIENT).
 BEHIND_SUPERVISOR = web.AppKey("behind_supervisor", bool)
+# The anomaly and forecast watch of an embedded `serve` (no `gateway worker` runs).
+WATCHING = web.AppKey("watching", Watching)

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from gateway.app_keys import AUTH_METRICS, CONFIG, LIVE, METRICS, QUOTA, SERVICES
+from gateway.app_keys import AUTH_METRICS, CONFIG, LIVE, METRICS, QUOTA, SERVICES, WATCHING
 from gateway.config.loader import ConfigError, Issue, load
 from gateway.config.models import GatewayConfig
 from gateway.pipeline.runtime import Runtime
@@ -180,6 +180,8 @@ class Reloader:
             await runtime.close(current)
             raise ConfigError(self.path, [("", "the gateway is stopping")])
         live.runtime = runtime  # the swap: new requests start on the new config from here
+        if (watching := app.get(WATCHING)) is not None:
+            watching.watch.use(new)  # forecasts against the new plans' limits
         self._retire(current, runtime)
         return runtime
 

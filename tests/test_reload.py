@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from gateway.app_keys import LIVE
+from gateway.app_keys import LIVE, WATCHING
 from gateway.auth.jwt import mint
 from gateway.config import load
+from gateway.ledger import Tenant
 from gateway.reload import restart_only
 from gateway.server import Gateway
 from tests.conftest import gateway_config
@@ -244,6 +246,22 @@ async def test_a_bad_file_keeps_the_running_config_logs_once_and_counts(
     # The running config (limit 100) still holds: a new one of 1 would refuse the second.
     assert [await call(started.port) for _ in range(2)] == [200, 200]
     assert (reloads(started.registry, "failure"), reloads(started.registry, "success")) == (1, 0)
+
+
+async def test_an_embedded_gateway_forecasts_against_the_reloaded_plans(
+    started: Gateway, upstream: Upstream, tmp_path: Path
+) -> None:
+    """No `gateway worker` runs beside an embedded gateway: its own watch forecasts
+    exhaustion, against the plans of the config in force, not those it started with."""
+    assert started.app is not None
+    watch = started.app[WATCHING].watch
+    acme = Tenant("acme", plan="starter", status="active", status_changed_at=datetime.now(UTC))
+    assert watch.policies.meter_limit(acme, "api_calls").limit == 100
+    write_config(config_file(started), config(upstream, tmp_path, limit=5000))
+    status, _ = await reload(started.admin_port)
+    assert status == 200
+    assert watch.policies.meter_limit(acme, "api_calls").limit == 5000
+    assert watch.config.plans["starter"].limits["api_calls"].limit == 5000
 
 
 async def test_new_seed_tenants_are_created_and_auth_settings_change(

@@ -124,6 +124,12 @@ class Watch(Rounds):
         self.clock = clock
         super().__init__()
 
+    def use(self, config: GatewayConfig) -> None:
+        """A reloaded config, from the next round: its meters, plans and subscription rules
+        (the rest of what the watch reads cannot change on reload)."""
+        self.config = config
+        self.policies = Policies(config, self.clock, None)
+
     def pause_s(self) -> float:
         return self.config.signals.interval_s
 
