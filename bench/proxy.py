@@ -8,6 +8,7 @@ interleaved rounds (medians shown); then hey paces nginx and the gateway at
 half the gateway's maximum for the latency the gateway adds.
 Usage: python -m bench.proxy [--duration S] [--rounds N] [--connections N] [--tenants N]
   [--access-log-ab] (also a gateway with its access log off, in the same rounds)
+  [--layers] (also the gateway with fewer layers: what each one costs)
 With --scale, the scale benchmark instead (bench/scale.py): 10 vs 100,000
 active tenants, 10 vs 10,000 routes, Redis memory per tenant-meter.
 """
@@ -28,7 +29,7 @@ import redis
 
 from bench import measure, scale
 from bench.measure import SHARED_CPU, TEST_CPU, Load
-from bench.stack import PATH, STREAMS, Stack, Target
+from bench.stack import LAYERS, PATH, STREAMS, Stack, Target
 
 WARMUP_S = 3.0
 DRAIN_TIMEOUT_S = 30.0
@@ -70,10 +71,13 @@ class Bench:
             stack.haproxy(nginx.port, limit=10**9),
             self.gw.target,
         ]
-        if args.access_log_ab:  # the same gateway with its access log off, in the same rounds
-            self.targets.append(
-                stack.gateway_without_access_log(nginx.port, tenants, self.gw.stores)
-            )
+        # With --layers, the same gateway with fewer layers, in the same rounds; with
+        # --access-log-ab, only the one without its access log.
+        layers = list(LAYERS) if args.layers else ["quota"] if args.access_log_ab else []
+        self.layers = [
+            stack.gateway_layer(layer, nginx.port, tenants, self.gw.stores) for layer in layers
+        ]
+        self.targets += self.layers
         self.redis = redis.Redis.from_url(self.gw.stores.redis_url)
 
     def url(self, target: Target) -> str:
@@ -190,6 +194,8 @@ def report(bench: Bench, results: dict[str, Run], paced: dict[str, Load], rate: 
     for note in _notes(bench, paced, rate):
         print(textwrap.fill(note, 100, initial_indent="  ", subsequent_indent="    "))
     bare, haproxy, gateway = (results[t.name] for t in bench.targets[1:4])
+    if bench.layers:
+        _layers(bench, results)
     nginx, gw = paced["nginx"], paced["gateway"]
     print(
         f"RESULT ratio_vs_bare={gateway.rps / bare.rps:.3f} "
@@ -197,6 +203,23 @@ def report(bench: Bench, results: dict[str, Run], paced: dict[str, Load], rate: 
         f"p99_added_ms={gw.p99_ms - nginx.p99_ms:.2f} "
         f"redis_roundtrips_per_req={gateway.redis_round_trips:.3f}"
     )
+
+
+def _layers(bench: Bench, results: dict[str, Run]) -> None:
+    """What each layer of the gateway adds to the one before it, in CPU per request."""
+    bare = results[bench.targets[1].name]
+    print("\nthe gateway's layers, each on top of those before it (same rounds):")
+    print(f"{'layer':28} {'req/s':>8} {'vs naive':>9} {'CPU µs/req':>11} {'added':>8}")
+    before = None
+    for target in [*bench.layers, bench.gw.target]:
+        run = results[target.name]
+        added = "" if before is None else f"{run.proxy_us - before:+.1f}"
+        name = target.name if target is not bench.gw.target else "gw: + access log (full)"
+        print(
+            f"{name:28} {run.rps:>8,.0f} {run.rps / bare.rps:>9.2f} {run.proxy_us:>11.1f} "
+            f"{added:>8}"
+        )
+        before = run.proxy_us
 
 
 def median_load(loads: list[Load]) -> Load:
@@ -241,6 +264,11 @@ def main() -> None:
     parser.add_argument(
         "--access-log-ab", action="store_true",
         help="also load a gateway with its access log off, for the log's cost",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layers", action="store_true",
+        help="also load the gateway with forwarding only, + JWT and tenant, + quota and events"
+        " (access log off), for what each layer costs",
     )  # fmt: skip
     parser.add_argument("--scale", action="store_true", help="the scale benchmark instead")
     parser.add_argument("--scale-tenants", type=int, default=100_000, help="active tenants")

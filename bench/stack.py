@@ -181,6 +181,28 @@ def gateway_config(upstream: int, redis_url: str, dsn: str, tenants: list[str]) 
     }  # fmt: skip
 
 
+# The gateway's layers, each on top of those before it (full enforcement adds
+# the access log to the last); `layer_config` takes the others away.
+LAYERS = {
+    "forward": "gw: forwarding only",
+    "auth": "gw: + JWT, tenant",
+    "quota": "gw: + quota, events",
+}
+
+
+def layer_config(layer: str, config: dict[str, Any]) -> dict[str, Any]:
+    """`gateway_config` with the access log off and, below "quota", no quota, no rate
+    limit, no usage events; below "auth", no authentication either (`auth: none`)."""
+    config["logging"] = {"format": "json", "access_log": False}
+    if layer in ("forward", "auth"):
+        config["plans"] = {"bench": {}}
+        route = config["routes"][0]
+        del route["charge"]
+        if layer == "forward":
+            route["auth"] = "none"
+    return config
+
+
 def mint_tokens(tenants: list[str]) -> list[str]:
     """A token for each tenant, as the gateway checks them (HS256, the tenant claim)."""
     return [mint(SECRET, "HS256", [TENANT_CLAIM], tenant, TOKEN_TTL_S) for tenant in tenants]
@@ -269,13 +291,12 @@ class Stack:
         worker_pid = self.worker(config)
         return GatewayStack(self.serve("gateway (full enforcement)", config), worker_pid, stores)
 
-    def gateway_without_access_log(
-        self, upstream: int, tenants: list[str], stores: Stores
+    def gateway_layer(
+        self, layer: str, upstream: int, tenants: list[str], stores: Stores
     ) -> Target:
-        """A second `gateway serve` like `gateway`'s, on the same stores, its access log off."""
-        data = gateway_config(upstream, stores.redis_url, stores.dsn, tenants)
-        data["logging"] = {"format": "json", "access_log": False}
-        return self.serve("gateway, access log off", self.write_config("gateway-quiet", data))
+        """Another `gateway serve` on the same stores, with only the layers up to `layer`."""
+        data = layer_config(layer, gateway_config(upstream, stores.redis_url, stores.dsn, tenants))
+        return self.serve(LAYERS[layer], self.write_config(f"gateway-{layer}", data))
 
     def stores(self) -> Stores:
         """A private Redis and PostgreSQL (empty: `migrate` creates the ledger's schema)."""
