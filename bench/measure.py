@@ -8,6 +8,7 @@ gateway's own code.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -183,6 +184,31 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil without floats
     return sorted_values[int(rank) - 1]
+
+
+# The stages of a request that the gateway's access log times (the rest: its own work).
+STAGES = ("quota_ms", "upstream_ms", "own_ms")
+
+
+def stages(access_log: Path, offset: int) -> dict[str, tuple[float, float]]:
+    """p50 and p99 of each of STAGES over the access-log lines written after `offset`
+    (bytes), of requests that were checked and forwarded; {} if there are none."""
+    times: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    with access_log.open("rb") as log:
+        log.seek(offset)
+        for line in log:
+            record = json.loads(line)
+            quota, upstream = record["quota_ms"], record["upstream_ms"]
+            if quota is None or upstream is None:
+                continue
+            times["quota_ms"].append(quota)
+            times["upstream_ms"].append(upstream)
+            times["own_ms"].append(record["total_ms"] - quota - upstream)
+    return {
+        stage: (percentile(sorted(values), 50), percentile(sorted(values), 99))
+        for stage, values in times.items()
+        if values
+    }
 
 
 # One hey process ticks all its workers at once, sending bursts; single-worker

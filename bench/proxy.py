@@ -21,6 +21,7 @@ import signal
 import statistics
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import FrameType
@@ -33,6 +34,8 @@ from bench.stack import LAYERS, PATH, STREAMS, Stack, Target
 
 WARMUP_S = 3.0
 DRAIN_TIMEOUT_S = 30.0
+LOG_FLUSH_S = 0.5  # more than the access log's flush interval
+Stages = dict[str, tuple[float, float]]  # p50 and p99 in ms by stage (measure.STAGES)
 
 
 @dataclass(frozen=True)
@@ -122,15 +125,22 @@ class Bench:
             redis_round_trips=spent["segments"] / max(load.requests, 1),
         )
 
-    def paced(self, target: Target, rate: float) -> Load:
-        """hey at a fixed total `rate`, each of its processes with another tenant's token."""
+    def paced(self, target: Target, rate: float) -> tuple[Load, Stages]:
+        """hey at a fixed total `rate`, each of its processes with another tenant's token;
+        for a gateway, also its stages' times from the access log it wrote meanwhile."""
         tokens = self.tokens.read_text().split()[: measure.HEY_PROCESSES]
         headers = [f"Authorization: Bearer {token}" for token in tokens]
+        log = target.access_log
+        offset = log.stat().st_size if log is not None else 0
         self._pin(target, TEST_CPU)
         try:
-            return measure.hey(self.url(target), rate, self.args.duration, headers, self.stack.tmp)
+            load = measure.hey(self.url(target), rate, self.args.duration, headers, self.stack.tmp)
         finally:
             self._pin(target, SHARED_CPU)
+        if log is None:
+            return load, {}
+        time.sleep(LOG_FLUSH_S)  # the access log's lines are written in batches
+        return load, measure.stages(log, offset)
 
 
 _WIDTHS = (8, 7, 7, 6, 10, 12, 13, 12)
@@ -151,7 +161,7 @@ def _table(results: dict[str, Run]) -> None:
         print(f"{name:28} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True)))
 
 
-def _notes(bench: Bench, paced: dict[str, Load], rate: float) -> list[str]:
+def _notes(bench: Bench, paced: dict[str, Load], rate: float, stages: Stages) -> list[str]:
     args, nginx, gw = bench.args, paced["nginx"], paced["gateway"]
     cpus = (
         f"the target under test alone on CPU {TEST_CPU}; wrk, hey, nginx, Redis, PostgreSQL, "
@@ -179,10 +189,33 @@ def _notes(bench: Bench, paced: dict[str, Load], rate: float) -> list[str]:
         f"p99 {gw.p99_ms:.2f} ms at {gw.rps:,.0f} req/s. A hey worker waits for each answer, "
         "so one slower than its interval delays the next request: not a strict open loop "
         "(wrk2 is not packaged).",
+        *_stage_note(stages),
     ]
 
 
-def report(bench: Bench, results: dict[str, Run], paced: dict[str, Load], rate: float) -> None:
+_STAGE_NAMES = {
+    "quota_ms": "the quota check (quota_ms: the Redis round trip, waiting to join one included)",
+    "upstream_ms": "the upstream (upstream_ms)",
+    "own_ms": "the rest (admission, forwarding, queueing in its event loop)",
+}
+
+
+def _stage_note(stages: Stages) -> list[str]:
+    if not stages:
+        return []
+    parts = [
+        f"{_STAGE_NAMES[stage]} p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+        for stage, (p50, p99) in stages.items()
+    ]
+    return [
+        "Where the gateway's time went at that rate, from its access log (each request's "
+        "stages; medians of the rounds): " + "; ".join(parts) + "."
+    ]
+
+
+def report(
+    bench: Bench, results: dict[str, Run], paced: dict[str, Load], rate: float, stages: Stages
+) -> None:
     """The table, what its figures are, and the RESULT line."""
     args = bench.args
     print(
@@ -191,7 +224,7 @@ def report(bench: Bench, results: dict[str, Run], paced: dict[str, Load], rate: 
         f"{args.rounds} interleaved rounds"
     )
     _table(results)
-    for note in _notes(bench, paced, rate):
+    for note in _notes(bench, paced, rate, stages):
         print(textwrap.fill(note, 100, initial_indent="  ", subsequent_indent="    "))
     bare, haproxy, gateway = (results[t.name] for t in bench.targets[1:4])
     if bench.layers:
@@ -240,10 +273,27 @@ def benchmark(args: argparse.Namespace, pinning: bool) -> None:
         results = {name: median_run(rs) for name, rs in runs.items()}
         rate = results[bench.gw.target.name].rps / 2
         paced: dict[str, list[Load]] = {"nginx": [], "gateway": []}
+        stage_runs: list[Stages] = []
         for _ in range(args.rounds):
-            paced["nginx"].append(bench.paced(bench.targets[0], rate))
-            paced["gateway"].append(bench.paced(bench.gw.target, rate))
-        report(bench, results, {k: median_load(v) for k, v in paced.items()}, rate)
+            paced["nginx"].append(bench.paced(bench.targets[0], rate)[0])
+            load, stages = bench.paced(bench.gw.target, rate)
+            paced["gateway"].append(load)
+            stage_runs.append(stages)
+        medians = {k: median_load(v) for k, v in paced.items()}
+        report(bench, results, medians, rate, median_stages(stage_runs))
+
+
+def median_stages(runs: list[Stages]) -> Stages:
+    """Each stage's p50 and p99, the medians over the rounds that logged it."""
+    found = {stage for run in runs for stage in run}
+    return {
+        stage: (
+            statistics.median(run[stage][0] for run in runs if stage in run),
+            statistics.median(run[stage][1] for run in runs if stage in run),
+        )
+        for stage in measure.STAGES
+        if stage in found
+    }
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -134,6 +134,7 @@ class Target:
     pid: int
     pinned: bool = True
     admin_port: int = 0  # the gateway's (/metrics)
+    access_log: Path | None = None  # the gateway's stdout
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,10 @@ class Stack:
     def serve(self, name: str, config: Path, start_timeout_s: float = 120) -> Target:
         """`gateway serve`, running until the stack closes."""
         # The access log goes to a file, as it would in production, not to /dev/null.
-        gateway = GatewayProcess(config, _ENV, stdout=self.tmp / f"{config.stem}-access.log")
+        access_log = self.tmp / f"{config.stem}-access.log"
+        gateway = GatewayProcess(config, _ENV, stdout=access_log)
         self._exit.callback(gateway.stop)
         gateway.start(start_timeout_s)  # it seeds the config's tenants before it listens
-        return Target(name, gateway.port, gateway.pid, admin_port=gateway.admin_port)
+        return Target(
+            name, gateway.port, gateway.pid, admin_port=gateway.admin_port, access_log=access_log
+        )

@@ -32,11 +32,12 @@ _TRACEPARENT_CHARS = 64
 class Outcome:
     """What the stages learned about one request, for its access-log line."""
 
-    __slots__ = ("decision", "tenant", "upstream_s", "streamed_bytes")
+    __slots__ = ("decision", "tenant", "quota_s", "upstream_s", "streamed_bytes")
 
     def __init__(self) -> None:
         self.decision = FORWARDED
         self.tenant: str | None = None  # once admitted
+        self.quota_s: float | None = None  # the quota check and charge, once made
         self.upstream_s: float | None = None  # to the upstream's answer head (or failure)
         self.streamed_bytes = 0  # a streamed answer's body, counted as it was sent
 
@@ -90,7 +91,7 @@ class AccessLog:
         body = response.body
         sent = len(body) if type(body) is bytes else outcome.streamed_bytes
         tenant = outcome.tenant
-        upstream_s = outcome.upstream_s
+        quota_s, upstream_s = outcome.quota_s, outcome.upstream_s
         tp = request.headers.get("traceparent")
         if self._text:  # the same fields; client strings quoted as in JSON
             line = (
@@ -99,6 +100,7 @@ class AccessLog:
                 f"{outcome.decision} route={route}"
                 f" tenant={'-' if tenant is None else json_string(tenant)} request_id={rid}"
                 f" traceparent={'-' if tp is None else json_string(tp[:_TRACEPARENT_CHARS])}"
+                f" quota_ms={'-' if quota_s is None else f'{quota_s * 1000:.3f}'}"
                 f" upstream_ms={'-' if upstream_s is None else f'{upstream_s * 1000:.3f}'}"
                 f" total_ms={total_s * 1000:.3f}"
                 f" bytes_in={request.body_bytes_read} bytes_out={sent}\n"
@@ -112,6 +114,7 @@ class AccessLog:
                 f'"route":"{route}","method":"{request.method}",'
                 f'"path":{json_string(request.path)},"status":{response.status},'
                 f'"decision":"{outcome.decision}",'
+                f'"quota_ms":{"null" if quota_s is None else f"{quota_s * 1000:.3f}"},'
                 f'"upstream_ms":{"null" if upstream_s is None else f"{upstream_s * 1000:.3f}"},'
                 f'"total_ms":{total_s * 1000:.3f},'
                 f'"bytes_in":{request.body_bytes_read},"bytes_out":{sent},'

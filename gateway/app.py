@@ -155,7 +155,11 @@ async def _serve(
             outcome.decision = access.IDEMPOTENT_REPLAY
             return idempotency.replay(claimed.stored, rid)
         claim = claimed
-        await metering.check()
+        checking = time.perf_counter()
+        try:
+            await metering.check()
+        finally:  # refused or not: how long the counter store took to answer
+            outcome.quota_s = time.perf_counter() - checking
         response = await _forward(
             request, runtime, plan, rid, outcome, skip, upstream_extra,
             warning + metering.headers, claim.body.chunks() if claim is not None else None,

@@ -34,7 +34,7 @@ ADMIN_TOKEN = "access-log-admin-token-ADMINSECRET"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 FIELDS = {
     "ts", "level", "logger", "request_id", "traceparent", "tenant", "route", "method", "path",
-    "status", "decision", "upstream_ms", "total_ms", "bytes_in", "bytes_out", "client",
+    "status", "decision", "quota_ms", "upstream_ms", "total_ms", "bytes_in", "bytes_out", "client",
 }  # fmt: skip
 
 
@@ -155,7 +155,8 @@ async def test_each_request_gets_a_json_line_and_no_secret_reaches_any_log(
     assert first["traceparent"] == TRACEPARENT and first["tenant"] == "acme"
     assert (first["route"], first["method"], first["status"]) == ("api", "GET", 200)
     assert (first["decision"], first["client"], first["bytes_in"]) == ("forwarded", "127.0.0.1", 0)
-    assert first["upstream_ms"] > 0 and first["total_ms"] >= first["upstream_ms"]
+    assert first["upstream_ms"] > 0 and first["quota_ms"] > 0
+    assert first["total_ms"] >= first["upstream_ms"] + first["quota_ms"]
     assert first["bytes_out"] > 0 and re.fullmatch(r"[0-9a-f]{32}", first["request_id"])
     assert by_path["/v1/b"]["bytes_in"] == 10
     decisions = [(line["path"], line["status"], line["decision"], line["tenant"]) for line in lines]
@@ -174,7 +175,10 @@ async def test_each_request_gets_a_json_line_and_no_secret_reaches_any_log(
         ("/v1/j", 401, "unauthenticated", None),
         ("/v1/m", 401, "unauthenticated", None),
     ]
-    assert by_path["/v1/e"]["upstream_ms"] is None
+    assert by_path["/v1/e"]["upstream_ms"] is None and by_path["/v1/e"]["quota_ms"] > 0
+    # No quota to check: on a route without one, before authentication, on a replay.
+    assert by_path["/open/i"]["quota_ms"] is None and by_path["/v1/f"]["quota_ms"] is None
+    assert [line["quota_ms"] for line in lines if line["path"] == "/v1/c"][1] is None
     logged = out + "".join(gateway.log_lines)
     assert [json.loads(line) for line in gateway.log_lines]  # stderr is JSON too
     found = {name for name, secret in secrets.items() if secret in logged}
@@ -237,7 +241,7 @@ async def test_text_format_and_the_off_switch(
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO gateway\.access: \"127\.0\.0\.1\" GET "
         r"\"/download\" 200 forwarded route=all tenant=- request_id=[0-9a-f]{32} "
-        rf"traceparent=\"{TRACEPARENT}\" upstream_ms=[\d.]+ total_ms=[\d.]+ "
+        rf"traceparent=\"{TRACEPARENT}\" quota_ms=- upstream_ms=[\d.]+ total_ms=[\d.]+ "
         r"bytes_in=0 bytes_out=200000",
         lines[0],
     ), lines[0]
