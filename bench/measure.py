@@ -204,11 +204,8 @@ def stages(access_log: Path, offset: int) -> dict[str, tuple[float, float]]:
             times["quota_ms"].append(quota)
             times["upstream_ms"].append(upstream)
             times["own_ms"].append(record["total_ms"] - quota - upstream)
-    return {
-        stage: (percentile(sorted(values), 50), percentile(sorted(values), 99))
-        for stage, values in times.items()
-        if values
-    }
+    found = {stage: sorted(values) for stage, values in times.items() if values}
+    return {stage: (percentile(v, 50), percentile(v, 99)) for stage, v in found.items()}
 
 
 # One hey process ticks all its workers at once, sending bursts; single-worker
