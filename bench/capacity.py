@@ -2,10 +2,9 @@
 
 Each part's busy cores are the rate times its CPU per request (per usage event
 for the worker and PostgreSQL; one event per request here); divided by a safe
-utilization and rounded up, the processes (one core each) to run. The request
-memos a Redis keeps for MEMO_TTL_MS add memory in proportion to the rate.
-Usage: python -m bench.capacity --gateway-us N --redis-us N --worker-us N
---postgres-us N [--memo-bytes N], with figures from `bash scripts/bench`.
+utilization and rounded up, the processes (one core each) to run. Usage:
+python -m bench.capacity --gateway-us N --redis-us N --worker-us N
+--postgres-us N, with figures from `bash scripts/bench`.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-
-from gateway.quota import keyspace
 
 RATES = (100_000, 1_000_000)
 
@@ -47,7 +44,6 @@ class Costs:
     redis_us: float
     worker_us: float
     postgres_us: float
-    memo_bytes: float = 0.0  # one request memo's Redis memory, 0: not measured
 
     def of(self, part: str) -> float:
         return float(getattr(self, f"{part}_us"))
@@ -63,11 +59,6 @@ def processes(us_per_request: float, rate: float, utilization: float) -> int:
     return math.ceil(busy_cores(us_per_request, rate) / utilization)
 
 
-def memo_gib(memo_bytes: float, rate: float) -> float:
-    """Redis memory held by the request memos at a steady `rate` (each kept MEMO_TTL_MS)."""
-    return rate * keyspace.MEMO_TTL_MS / 1000 * memo_bytes / 2**30
-
-
 def report(costs: Costs, rates: tuple[int, ...] = RATES) -> None:
     """A Markdown table: each part's µs, utilization and, per rate, the arithmetic and count."""
     header = ["part", "µs/req", "utilization", *(f"{rate:,} req/s" for rate in rates)]
@@ -81,22 +72,14 @@ def report(costs: Costs, rates: tuple[int, ...] = RATES) -> None:
             for rate in rates
         ]
         print(f"| {part.unit} | {us:,.1f} | {part.utilization:.0%} | " + " | ".join(cells) + " |")
-    if costs.memo_bytes:
-        cells = [
-            f"{rate:,} × {keyspace.MEMO_TTL_MS // 1000} s × {costs.memo_bytes:,.0f} B = "
-            f"**{memo_gib(costs.memo_bytes, rate):,.1f} GiB**"
-            for rate in rates
-        ]
-        print("| Redis memory for request memos | | | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     for part in PARTS:
         parser.add_argument(f"--{part.name}-us", type=float, required=True)
-    parser.add_argument("--memo-bytes", type=float, default=0.0)
     args = parser.parse_args()
-    report(Costs(args.gateway_us, args.redis_us, args.worker_us, args.postgres_us, args.memo_bytes))
+    report(Costs(args.gateway_us, args.redis_us, args.worker_us, args.postgres_us))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Redis memory after a load: keys by kind, the request memos apart, bytes per tenant-meter.
 
 The gateway's keys follow gateway/quota/keyspace.py (`q:{s7}:c:<tenant>:...`):
-the third part names the kind. The usage streams and the request memos grow
-with the traffic, not with the tenants, so they are measured apart.
+the third part names the kind. The usage streams grow with the traffic, not
+with the tenants, and the request memos with the calls in flight: both are
+measured apart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RedisMemory:
     sampled_bytes: dict[str, float]  # key kind -> mean MEMORY USAGE of a sample
     streams_bytes: int
     stream_entries: int
+    memos: int  # request memos present (deleted once answered: those of the last rounds)
     memo_bytes: float  # used_memory freed per request memo deleted
     tenant_bytes: int  # used_memory less the streams, without the memos, over the baseline
 
@@ -80,6 +82,7 @@ def measure(client: redis.Redis, baseline: int) -> RedisMemory:
         sampled_bytes=sampled,
         streams_bytes=streams,
         stream_entries=sum(int(client.xlen(s)) for s in STREAMS),
+        memos=len(memos),
         memo_bytes=(with_memos - without_memos) / max(len(memos), 1),
         tenant_bytes=without_memos - baseline,
     )
@@ -95,9 +98,11 @@ def notes(memory: RedisMemory) -> list[str]:
         f"Redis memory after the tenant runs. Keys present (MEMORY USAGE SAMPLES 0 of up to "
         f"{MEMORY_SAMPLE_KEYS:,} per kind, without the expiry table's entry): {kinds}.",
         f"Left out: the usage streams ({memory.stream_entries:,} entries in "
-        f"{memory.streams_bytes:,} B not yet trimmed by the worker's housekeeping) and the request "
-        f"memos (one per request, kept {keyspace.MEMO_TTL_MS // 1000} s; deleting them freed "
-        f"{memory.memo_bytes:,.0f} B of used_memory each). What remains over the baseline taken "
+        f"{memory.streams_bytes:,} B not yet trimmed by the worker's housekeeping) and the "
+        f"request memos ({memory.memos:,} left: each is deleted with the gateway's next round "
+        f"once its call is answered, and kept {keyspace.MEMO_TTL_MS // 1000} s only when the "
+        f"answer was lost; deleting them freed {memory.memo_bytes:,.0f} B of used_memory each). "
+        "What remains over the baseline taken "
         f"before any load, {memory.tenant_bytes:,} B, is {memory.per_tenant_meter:,.0f} B per "
         "counter key: the tenant-meter's counter and, while the tenant is active, its "
         "rate-limit state, with the hash-table and expiry entries of both.",

@@ -305,7 +305,6 @@ def report(
             redis_us=many_tenants.redis_us,
             worker_us=many_tenants.worker_us,
             postgres_us=many_tenants.postgres_us,
-            memo_bytes=memory.memo_bytes,
         )
     )
     return tenants_ratio, routes_ratio

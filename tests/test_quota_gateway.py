@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.app_keys import LIVE, QUOTA
 from gateway.auth.jwt import mint
@@ -368,6 +369,24 @@ async def test_a_request_refused_503_is_never_charged_even_if_its_check_runs_lat
         assert await store.level("acme", "api_calls", period) == 1
     finally:
         await store.close()
+
+
+async def test_answered_requests_leave_no_memo_in_redis(
+    redis_gateway: RedisGateway, redis_server: RedisServer
+) -> None:
+    # A memo only serves a call whose answer was lost: kept for every request for
+    # MEMO_TTL_MS, they would hold Redis's memory in proportion to the traffic.
+    gw = await redis_gateway()
+    assert (await call(gw, "acme", "GET", "/v1/respond/x?status=500"))[0] == 500  # refunded
+    statuses = [(await call(gw, "acme"))[0] for _ in range(7)]
+    assert statuses == [200] * 6 + [402]
+    assert (await call(gw, "beta"))[0] == 200  # its round deletes the memos before it
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        memos = [key async for key in client.scan_iter(match="q:*:m:*")]
+    finally:
+        await client.aclose()
+    assert [key.decode().rsplit(":", 2)[1] for key in memos] == ["beta"]
 
 
 async def test_a_plan_change_keeps_the_usage_and_applies_the_new_limits_at_once(

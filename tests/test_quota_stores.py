@@ -105,6 +105,20 @@ async def test_a_retried_request_id_replays_and_charges_once(store: CounterStore
     assert await store.level("acme", "api_calls", months()[1]) == 1
 
 
+async def test_a_forgotten_id_is_new_again(store: CounterStore) -> None:
+    # The engine forgets an id once it has the answer: the memo goes (Redis: with
+    # the next round), where it would otherwise be kept for MEMO_TTL_MS.
+    current = months()[1]
+    await store.check_and_charge(charge(api(limit=SOFT), request_id="r-1"))
+    await store.apply_once("acme", "op-1", [("api_calls", current, 1)])
+    store.forget("acme", "r-1")
+    store.forget("acme", "op-1")
+    await store.check_and_charge(charge(api(limit=SOFT), request_id="r-2"))
+    assert not (await store.check_and_charge(charge(api(limit=SOFT), request_id="r-1"))).replayed
+    assert await store.apply_once("acme", "op-1", [("api_calls", current, 1)])
+    assert await store.level("acme", "api_calls", current) == 5
+
+
 async def test_all_or_nothing_between_quota_and_rate_limit(store: CounterStore) -> None:
     both = [await store.check_and_charge(charge(api(), rates=(PER_SECOND,))) for _ in range(3)]
     assert [r.decision.allowed for r in both] == [True, True, False]

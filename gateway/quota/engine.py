@@ -160,10 +160,14 @@ class QuotaEngine:
     async def check(self, request: ChargeRequest) -> ChargeResult:
         """The store's decision; StoreUnavailable is the caller's to handle."""
         try:
-            return await self.store.check_and_charge(request)
+            result = await self.store.check_and_charge(request)
         except StoreLost as exc:
             self._schedule_restore(exc.shard)
             raise
+        # Answered: nothing is sent under this id again (a shadow charge has its own),
+        # so its memo need not wait out its TTL in the store (Redis: ~190 B a request).
+        self.store.forget(request.tenant, request.request_id)
+        return result
 
     async def prepare(self) -> None:
         """Before serving: restore the shards the store lost (a new process's memory
@@ -312,6 +316,10 @@ class QuotaEngine:
                 self._schedule_restore(exc.shard)
             self.pending.add(operation_id, tenant, adjustments, context)
             self._schedule_retry()
+            return
+        # Answered at the first try: never retried (a pending write keeps its memo, as
+        # a spool replayed after a crash may send it again).
+        self.store.forget(tenant, operation_id)
 
     def _schedule_retry(self) -> None:
         if self._closing:  # what is pending stays in the spool for the next process

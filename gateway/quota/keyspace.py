@@ -14,7 +14,10 @@ from gateway.clock import to_us
 from gateway.quota.periods import Period
 
 PREFIX = "q"
-MEMO_TTL_MS = 600_000  # how long a request id's first answer is remembered
+# How long a call's memo (its first answer, or a void or applied marker) is kept
+# when the gateway does not delete it: an answered call's goes with the next
+# round (`CounterStore.forget`); one whose answer was lost waits for its retry.
+MEMO_TTL_MS = 600_000
 COUNTER_GRACE_MS = 7 * 86_400_000  # counters outlive their period for the usage view
 
 

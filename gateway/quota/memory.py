@@ -125,6 +125,9 @@ class MemoryStore:
                 break
             del self._memo[first]
 
+    def forget(self, tenant: str, operation_id: str) -> None:
+        self._memo.pop(keyspace.memo_key(tenant, _SHARDS, operation_id), None)
+
     async def void(self, request: ChargeRequest) -> None:
         self._check_whole()
         now_us = self._clock_us()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -21,6 +22,9 @@ from gateway.quota.queue import EventQueue
 
 log = logging.getLogger("gateway.quota")
 POOL_CONNECTIONS = 64
+# Keys waiting for a round to delete them (`ScriptPipeline.forget`); past this many
+# (no round goes out: Redis unreachable) the rest are left to expire by themselves.
+FORGET_MAX = 100_000
 
 Client = aioredis.Redis | RedisCluster
 
@@ -88,7 +92,8 @@ class ScriptPipeline:
 
     Each EVALSHA still runs atomically on its own; batching only spares the
     per-call client work and system calls, which dominate at high rates.
-    Entries that hit NOSCRIPT never ran, so resending them is safe.
+    Entries that hit NOSCRIPT never ran, so resending them is safe. Keys to delete
+    (`forget`) go with the next round, as one DEL before its calls.
 
     With a separate usage queue, a script returns its events with its answer
     ({answer, events...}); they go to the queue here, whether or not the caller
@@ -110,6 +115,13 @@ class ScriptPipeline:
         self._sha = hashlib.sha1(source.encode()).hexdigest()
         self._calls: Coalescer[Call, Any] = Coalescer(self._round, "redis-pipeline")
         self._conn: AbstractConnection | None = None  # held between rounds (one Redis)
+        self._forgotten: list[str] = []
+
+    def forget(self, key: str) -> None:
+        """Delete `key` with the next round, without waiting for it; if that round
+        fails, the key is not deleted (it must expire by itself)."""
+        if len(self._forgotten) < FORGET_MAX:
+            self._forgotten.append(key)
 
     def call(self, key_list: list[str], args: list[int | str]) -> asyncio.Future[Any]:
         return self._calls.submit((CallTemplate(self._sha, key_list, args), ()))
@@ -158,14 +170,21 @@ class ScriptPipeline:
         return results
 
     async def _send(self, calls: list[Call]) -> list[Any]:
+        forgotten, self._forgotten = self._forgotten, []
         if isinstance(self._client, RedisCluster):
             pipe = self._client.pipeline(transaction=False)
+            # One DEL per hash tag: a cluster command's keys must share a slot.
+            by_tag: dict[str, list[str]] = {}
+            for key in forgotten:
+                by_tag.setdefault(key[key.find("{") : key.find("}") + 1], []).append(key)
+            for keys in by_tag.values():
+                pipe.execute_command("DEL", *keys)
             for template, values in calls:
                 key_list, args = template.lists(values)
                 # execute_command, not evalsha: a cluster pipeline refuses the
                 # latter by name, yet routes the command by its keys all the same.
                 pipe.execute_command("EVALSHA", self._sha, len(key_list), *key_list, *args)
-            return list(await pipe.execute(raise_on_error=False))
+            return list(await pipe.execute(raise_on_error=False))[len(by_tag) :]
         # One Redis: the frames are written here, their fixed parts encoded once
         # (CallTemplate), and sent in one write on one connection (redis-py's
         # packing of every argument cost more than the rest of the call).
@@ -180,11 +199,17 @@ class ScriptPipeline:
         try:
             if kept:
                 await pool.ensure_connection(conn)  # as the pool checks one it hands out
-            await conn.send_packed_command(self._frames(calls), check_health=False)
+            frames = self._frames(calls)
+            if forgotten:
+                frames = _delete(forgotten) + frames
+            await conn.send_packed_command(frames, check_health=False)
             results: list[Any] = []
             # One socket timeout for the batch's answers, not one per answer (what
             # redis-py's read_response sets up unless told to wait without one).
             async with asyncio.timeout(conn.socket_timeout):
+                if forgotten:  # how many existed: nobody asks
+                    with contextlib.suppress(ResponseError):
+                        await conn.read_response(timeout=math.inf)
                 for _ in calls:
                     try:
                         results.append(await conn.read_response(timeout=math.inf))
@@ -215,6 +240,11 @@ class ScriptPipeline:
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def _delete(keys: list[str]) -> bytes:
+    """`DEL keys...` in RESP (one Redis: keys of any hash tag together)."""
+    return b"*%d\r\n$3\r\nDEL\r\n" % (len(keys) + 1) + b"".join(_bulk(key.encode()) for key in keys)
 
 
 def _text(value: bytes | str) -> str:

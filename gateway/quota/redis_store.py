@@ -280,6 +280,11 @@ class RedisStore:
         finally:
             self._metrics.duration.labels(what).observe(time.perf_counter() - started)
 
+    def forget(self, tenant: str, operation_id: str) -> None:
+        # With the checks, the most frequent round; an apply_once's memo is written by
+        # the time its answer came, so the deletion can only come after it.
+        self._checks.forget(keyspace.memo_key(tenant, self._shards, operation_id))
+
     async def void(self, request: ChargeRequest) -> None:
         key_list, args = self._encode(request, mode="void")
         if await self._script("void", self._checks, key_list, args) in (b"E", "E"):

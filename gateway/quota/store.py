@@ -120,6 +120,13 @@ class Counters(Protocol):
         """
         ...
 
+    def forget(self, tenant: str, operation_id: str) -> None:
+        """The caller has the answer of `operation_id`'s call and makes no other call under
+        it: the memo kept for a retry whose answer was lost may go (Redis: with the
+        store's next round). Never after a call that failed or timed out, whose memo a
+        void or a spooled retry still needs; a memo not forgotten expires by itself."""
+        ...
+
     async def level(self, tenant: str, meter: str, period: Period | None) -> int:
         """A counter's usage in `period`, or (period None) a gauge's level."""
         ...
