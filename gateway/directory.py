@@ -4,6 +4,9 @@ The ledger is the source of truth. Entries are dropped when another process
 announces a change (see `invalidation`), within a second; the TTL is only a
 backstop for a lost message. When the ledger cannot be reached, an expired
 entry is still served: a database blip must not lock paying tenants out.
+Misses are looked up together: those that come while a lookup is under way
+go in the next one, one query for all of them (a fleet restarted with cold
+caches would otherwise make two queries per tenant).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
+from gateway.batching import Coalescer
 from gateway.ledger.db import LedgerUnavailable
 from gateway.ledger.records import ApiKey, Tenant
 from gateway.ledger.store import Ledger
@@ -138,14 +142,28 @@ class Directory:
         self._clock = clock
         self._touched: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._tenant_lookups: Coalescer[str, Tenant | None] = Coalescer(
+            self._lookup_tenants, "tenant-lookups"
+        )
+        self._key_lookups: Coalescer[str, ApiKey | None] = Coalescer(
+            self._lookup_keys, "api-key-lookups"
+        )
 
     async def tenant(self, tenant_id: str) -> Tenant | None:
         """The tenant, or None if there is no such tenant."""
-        return await self._tenants.get(tenant_id, self.ledger.get_tenant)
+        return await self._tenants.get(tenant_id, self._tenant_lookups.submit)
 
     async def api_key(self, prefix: str) -> ApiKey | None:
         """The key record with this prefix, revoked or not; None if unknown."""
-        return await self._keys.get(prefix, self.ledger.get_api_key)
+        return await self._keys.get(prefix, self._key_lookups.submit)
+
+    async def _lookup_tenants(self, tenant_ids: list[str]) -> list[Tenant | None]:
+        found = await self.ledger.get_tenants(tenant_ids)
+        return [found.get(tenant_id) for tenant_id in tenant_ids]
+
+    async def _lookup_keys(self, prefixes: list[str]) -> list[ApiKey | None]:
+        found = await self.ledger.get_api_keys(prefixes)
+        return [found.get(prefix) for prefix in prefixes]
 
     def invalidate(self, kind: str, key: str) -> None:
         """Forget one entry: `kind` is "tenant" or "api_key"."""
@@ -173,6 +191,8 @@ class Directory:
             log.warning("could not record the use of API key %s", prefix)
 
     async def close(self) -> None:
-        """Wait for background writes."""
+        """Wait for background writes; stop looking up."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._tenant_lookups.close()
+        await self._key_lookups.close()

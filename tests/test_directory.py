@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -35,11 +36,11 @@ class SlowLedger:
             raise LedgerUnavailable("ledger down")
         return value
 
-    async def get_tenant(self, tenant_id: str) -> Tenant | None:
-        return await self._read(self.tenants.get(tenant_id))
+    async def get_tenants(self, tenant_ids: list[str]) -> dict[str, Tenant]:
+        return await self._read({t: self.tenants[t] for t in tenant_ids if t in self.tenants})
 
-    async def get_api_key(self, prefix: str) -> ApiKey | None:
-        return await self._read(self.keys.get(prefix))
+    async def get_api_keys(self, prefixes: list[str]) -> dict[str, ApiKey]:
+        return await self._read({p: self.keys[p] for p in prefixes if p in self.keys})
 
 
 def tenant(disabled: bool = False) -> Tenant:
@@ -57,6 +58,21 @@ async def test_concurrent_misses_read_the_ledger_once() -> None:
     directory = make(ledger)
     results = await asyncio.gather(*(directory.tenant("acme") for _ in range(100)))
     assert all(r == tenant() for r in results) and ledger.reads == 1
+
+
+async def test_concurrent_misses_of_many_tenants_are_read_together() -> None:
+    ledger = SlowLedger()
+    for i in range(100):
+        ledger.tenants[f"t{i}"] = replace(tenant(), id=f"t{i}")
+    ledger.delay_s = 0.01
+    directory = make(ledger)
+    # A fleet restarted with cold caches: each request another tenant's.
+    first = asyncio.create_task(directory.tenant("t0"))
+    await asyncio.sleep(0.002)  # its read is under way: the others wait for the next
+    results = await asyncio.gather(*(directory.tenant(f"t{i}") for i in range(1, 100)))
+    assert [r.id if r else None for r in [await first, *results]] == [f"t{i}" for i in range(100)]
+    assert ledger.reads == 2
+    assert await directory.tenant("ghost") is None and ledger.reads == 3
 
 
 async def test_a_load_in_flight_during_an_invalidation_is_not_kept() -> None:

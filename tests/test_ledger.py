@@ -145,6 +145,24 @@ async def test_overrides_and_current_credits_round_trip(ledger: Ledger) -> None:
         await ledger.add_credit("ghost", current)
 
 
+async def test_batched_lookups_find_what_single_ones_find(ledger: Ledger) -> None:
+    ids = [f"t{i:03d}" for i in range(300)]  # more than one query's worth (LOOKUP_BATCH)
+    for tenant_id in ids:
+        await ledger.create_tenant_if_missing(tenant(tenant_id), now=T0)
+        await ledger.add_api_key(api_key(f"k-{tenant_id}", tenant_id))
+    current = Credit("api_calls", T0, T0 + timedelta(days=31), 100)
+    await ledger.add_credit("t299", current, now=T0)
+    asked = ["ghost", *ids, "t007", "t299"]  # unknown ids are left out, repeats found once
+    found = await ledger.get_tenants(asked, now=T0)
+    assert sorted(found) == ids
+    assert found["t299"] == await ledger.get_tenant("t299", now=T0)
+    assert found["t299"].credits == (current,) and found["t007"].credits == ()
+    keys = await ledger.get_api_keys(["k-ghost", *(f"k-{t}" for t in ids)])
+    assert sorted(keys) == [f"k-{t}" for t in ids]
+    assert keys["k-t123"] == await ledger.get_api_key("k-t123")
+    assert await ledger.get_tenants([]) == {} and await ledger.get_api_keys([]) == {}
+
+
 async def test_naive_datetimes_are_refused(ledger: Ledger) -> None:
     naive = datetime(2024, 1, 1)
     with pytest.raises(ValueError, match="timezone-aware"):

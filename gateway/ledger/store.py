@@ -43,6 +43,7 @@ _PUT_TENANT = f"""
     RETURNING {TENANT_COLUMNS}
 """
 _GET_TENANT = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+LOOKUP_BATCH = 256  # ids per query of a batched lookup (`get_tenants`, `get_api_keys`)
 _TENANT_BY_CUSTOMER = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE stripe_customer = $1"
 _LIST_TENANTS = f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id LIMIT $1"
 _LIST_TENANTS_AFTER = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id > $2 ORDER BY id LIMIT $1"
@@ -137,6 +138,19 @@ def _api_key(row: dict[str, Any]) -> ApiKey:
     )
 
 
+def _padded(values: list[str]) -> list[str]:
+    """`values` (not empty) with the last repeated up to a power of two: a batched
+    query's `IN` list then has one of a few lengths, so PostgreSQL sees a few
+    statements, not one per batch size (each prepared and cached per connection)."""
+    size = 1 << (len(values) - 1).bit_length()
+    return values + [values[-1]] * (size - len(values))
+
+
+def _marks(first: int, count: int) -> str:
+    """`$first, ..., $(first + count - 1)`: the placeholders of an `IN` list."""
+    return ", ".join(f"${i}" for i in range(first, first + count))
+
+
 def _tenant_args(tenant: Tenant, now: datetime | None) -> tuple[Any, ...]:
     return (
         tenant.id,
@@ -187,6 +201,22 @@ class Ledger:
         credits = await self.db.fetch(_CURRENT_CREDITS, tenant_id, at)
         return replace(tenant_of(row), credits=tuple(_credit(c) for c in credits))
 
+    async def get_tenants(
+        self, tenant_ids: Sequence[str], *, now: datetime | None = None
+    ) -> dict[str, Tenant]:
+        """Those of `tenant_ids` that exist, by id, with their credits (as `get_tenant`):
+        two queries per `LOOKUP_BATCH` ids, where `get_tenant` makes two per tenant."""
+        found: dict[str, Tenant] = {}
+        unique = list(dict.fromkeys(tenant_ids))
+        for start in range(0, len(unique), LOOKUP_BATCH):
+            ids = _padded(unique[start : start + LOOKUP_BATCH])
+            rows = await self.db.fetch(
+                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id IN ({_marks(1, len(ids))})", *ids
+            )
+            for tenant in await self.with_credits([tenant_of(row) for row in rows], now=now):
+                found[tenant.id] = tenant
+        return found
+
     async def current_credits(self, now: datetime) -> dict[str, tuple[Credit, ...]]:
         """Every tenant's credits for periods not over at `now` (few: one query for all)."""
         rows = await self.db.fetch(
@@ -205,11 +235,11 @@ class Ledger:
         if not tenants:
             return []
         at = datetime.now(UTC) if now is None else utc(now)
-        marks = ", ".join(f"${i}" for i in range(2, 2 + len(tenants)))
+        ids = _padded([t.id for t in tenants])
         rows = await self.db.fetch(
             f"SELECT tenant_id, {_CREDIT_COLUMNS} FROM credits WHERE period_end > $1 "
-            f"AND tenant_id IN ({marks}) ORDER BY id",
-            at, *(t.id for t in tenants),
+            f"AND tenant_id IN ({_marks(2, len(ids))}) ORDER BY id",
+            at, *ids,
         )  # fmt: skip
         credits: dict[str, list[Credit]] = {}
         for row in rows:
@@ -272,6 +302,22 @@ class Ledger:
             maybe_utc(key.revoked_at),
             maybe_utc(key.last_used_at),
         )
+
+    async def get_api_keys(self, prefixes: Sequence[str]) -> dict[str, ApiKey]:
+        """Those of `prefixes` that exist, by prefix: one query per `LOOKUP_BATCH`."""
+        found: dict[str, ApiKey] = {}
+        unique = list(dict.fromkeys(prefixes))
+        for start in range(0, len(unique), LOOKUP_BATCH):
+            chunk = _padded(unique[start : start + LOOKUP_BATCH])
+            rows = await self.db.fetch(
+                f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE prefix IN "
+                f"({_marks(1, len(chunk))})",
+                *chunk,
+            )
+            for row in rows:
+                key = _api_key(row)
+                found[key.prefix] = key
+        return found
 
     async def get_api_key(self, prefix: str) -> ApiKey | None:
         """The key with `prefix`, revoked or not, or None."""
