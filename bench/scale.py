@@ -251,6 +251,8 @@ def scrape(target: Target) -> tuple[str, float]:
 
 
 _STATUS = re.compile(r'^gateway_requests_total\{[^}]*status="(\d+)"[^}]*\} ([\d.e+]+)$', re.M)
+# Why a request failed inside the gateway: the counter store's and the ledger's failed calls.
+_FAILED = re.compile(r"^gateway_(counter_store|ledger)_errors_total\{([^}]*)\} ([\d.e+]+)$", re.M)
 
 
 def _gateway_notes(bench: ScaleBench) -> list[str]:
@@ -264,6 +266,13 @@ def _gateway_notes(bench: ScaleBench) -> list[str]:
         for status, count in _STATUS.findall(text):
             statuses[status] = statuses.get(status, 0) + float(count)
         answered = ", ".join(f"{n:,.0f} × {status}" for status, n in sorted(statuses.items()))
+        failed = [
+            f"{float(n):,.0f} {what.replace('_', ' ')} ({labels.replace(chr(34), '')})"
+            for what, labels, n in _FAILED.findall(text)
+            if float(n)
+        ]
+        if failed:
+            answered += "; failed calls: " + ", ".join(failed)
         series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
         notes.append(
             f"Gateway with {routes:,} route(s): up in {bench.start_s[routes]:.1f} s, RSS "
