@@ -54,8 +54,30 @@ _HEAD = script_args.HEAD
 _VARYING_HEAD = ("event_fields", "operation_id")
 
 
-def _expire(answer: asyncio.Future[Any]) -> None:
-    if not answer.done():
+# A call's timer that falls due this late found the event loop busy.
+BUSY_LATE_S = 0.005
+
+
+def _expire(
+    answer: asyncio.Future[Any], timeout_s: float, due: float, grace_until: float | None = None
+) -> None:
+    """A call's timer: its answer fails with TimeoutError unless it came meanwhile.
+
+    A timer that falls due late found the loop busy (other requests' work, a
+    collection), and an answer that came meanwhile still waits to be read, which
+    takes a few more turns of that busy loop. Then the timer looks again every
+    BUSY_LATE_S for up to one more timeout, so that a busy gateway does not take
+    its own lateness for the store's.
+    """
+    if answer.done():
+        return
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    if grace_until is None and now - due > BUSY_LATE_S:
+        grace_until = now + timeout_s
+    if grace_until is not None and now < grace_until:
+        loop.call_later(BUSY_LATE_S, _expire, answer, timeout_s, now + BUSY_LATE_S, grace_until)
+    else:
         answer.set_exception(TimeoutError("no answer within the counter store's timeout"))
 
 
@@ -254,14 +276,15 @@ class RedisStore:
     async def _answer(self, what: str, answer: asyncio.Future[Any]) -> Any:
         """A script call's answer within the timeout; `_guard` for a pipelined call, at the
         cost of one timer rather than a timeout context."""
-        timer = asyncio.get_running_loop().call_later(self._timeout_s, _expire, answer)
+        loop, timeout_s = asyncio.get_running_loop(), self._timeout_s
+        timer = loop.call_later(timeout_s, _expire, answer, timeout_s, loop.time() + timeout_s)
         try:
             return await answer
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.failed(what, exc)
             raise _unavailable(what, exc) from exc
         finally:
-            timer.cancel()
+            timer.cancel()  # a busy loop's later looks find the answer done
 
     def _meter_key(self, tenant: str, meter: str, period: Period | None) -> str:
         if period is None:
