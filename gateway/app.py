@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -32,6 +33,7 @@ from gateway.headers import request_id
 from gateway.http.message import BodyTimeout, ClientDisconnected, Handler, Request, Response
 from gateway.ledger.events import EventContext
 from gateway.ledger.usage_ledger import UsageLedger
+from gateway.lifecycle import stop_task, watch_lag
 from gateway.metrics import (
     GATEWAY,
     UNMATCHED,
@@ -230,6 +232,12 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
         access_log.flush()  # the listener has stopped: these are the last lines
 
 
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    watching = asyncio.create_task(watch_lag(app[METRICS].loop_lag.observe), name="loop-lag")
+    yield
+    await stop_task(watching)
+
+
 async def _quota_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     if not needs_quota(config):
@@ -347,6 +355,7 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry) -> web.Applic
     if config.logging.access_log:
         app[ACCESS_LOG] = access.AccessLog.for_config(config)
     app.cleanup_ctx.append(_access_log_ctx)
+    app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_quota_ctx)
     app.cleanup_ctx.append(_runtime_ctx)

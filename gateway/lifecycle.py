@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("gateway")
 STOP_TIMEOUT_S = 2.0
+LAG_SAMPLE_S = 0.25  # how often `watch_lag` sets its timer
 
 
 async def stop_task(task: asyncio.Task[None] | None, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -74,6 +75,16 @@ async def pause(stopping: asyncio.Event, seconds: float) -> None:
             await stopping.wait()
     except TimeoutError:
         pass
+
+
+async def watch_lag(observe: Callable[[float], None], every_s: float = LAG_SAMPLE_S) -> None:
+    """Until cancelled: how late the event loop wakes from each sleep of `every_s`
+    (how long the process's other work held its callbacks back), to `observe`."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every_s
+        await asyncio.sleep(every_s)
+        observe(max(0.0, loop.time() - due))
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -35,6 +35,9 @@ def method_label(method: str) -> str:
     return method if method in HTTP_METHODS else "OTHER"
 
 
+_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
 class ProxyMetrics:
     """What the public listener does, per route."""
 
@@ -83,6 +86,14 @@ class ProxyMetrics:
             "Requests refused 429 by a per-client limit, by reason (upstream_share, "
             "per_ip, failed_auth).",
             ["reason"],
+            registry=registry,
+        )
+
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late the process's event loop ran a timer set every 0.25 s: how long "
+            "its requests' next steps wait behind the others' work for its CPU.",
+            buckets=_LAG_BUCKETS_S,
             registry=registry,
         )
 

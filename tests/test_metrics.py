@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from gateway.config import parse
+from gateway.lifecycle import LAG_SAMPLE_S
 from gateway.quota.tally import OTHER_TENANTS, TenantTallies
 from gateway.server import Gateway
 from tests.conftest import MakeGateway, gateway_config
@@ -236,6 +238,26 @@ async def test_process_collectors_on_a_gateway_own_registry(
         await gw.stop()
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"} <= names
     assert "python_gc_collections_total" in names
+
+
+async def test_a_held_event_loop_shows_in_its_lag(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(gateway_config(upstream.url))
+    # The process's CPU busy elsewhere for a second: every timer runs late.
+    asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+    await asyncio.sleep(LAG_SAMPLE_S * 2)
+
+    async def sampled() -> bool:
+        samples = await scrape(gw)
+        return value(samples, "gateway_event_loop_lag_seconds_count") >= 2
+
+    await eventually(sampled)
+    samples = await scrape(gw)
+    count = value(samples, "gateway_event_loop_lag_seconds_count")
+    # The sample that spanned the hold was at least its length less one interval late.
+    assert value(samples, "gateway_event_loop_lag_seconds_bucket", le="0.5") < count
+    assert value(samples, "gateway_event_loop_lag_seconds_sum") >= 1.0 - LAG_SAMPLE_S
 
 
 async def test_the_metrics_listener_serves_metrics_and_probes_but_not_the_admin_api(
