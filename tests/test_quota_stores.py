@@ -263,7 +263,7 @@ def test_a_busy_process_does_not_take_its_own_lateness_for_the_stores(
     # process busy with other requests): the answer came long before the loop
     # could read it, and the timer is due by then too. On uvloop, as the gateway
     # runs, timers go before the sockets in each turn of the loop.
-    async def scenario() -> bool:
+    async def scenario() -> tuple[bool, int]:
         store = await whole(await RedisStore.open(redis_server.url, 16, timeout_ms=50))
         await store.check_and_charge(charge(api()))  # the script loaded: one round trip a call
         send = Connection.send_packed_command
@@ -274,12 +274,13 @@ def test_a_busy_process_does_not_take_its_own_lateness_for_the_stores(
 
         monkeypatch.setattr(Connection, "send_packed_command", sent_then_busy)
         try:
-            return (await store.check_and_charge(charge(api()))).decision.allowed
+            allowed = (await store.check_and_charge(charge(api()))).decision.allowed
+            return allowed, await store.level("acme", "api_calls", months()[1])  # a call alone
         finally:
             monkeypatch.undo()
             await store.close()
 
-    assert uvloop.run(scenario())
+    assert uvloop.run(scenario()) == (True, 2)
 
 
 async def test_a_voided_request_charges_nothing_whenever_it_runs(store: CounterStore) -> None:

@@ -10,6 +10,7 @@ id replays the first answer and charges nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from gateway.clock import to_us
 from gateway.ledger.events import EventContext, adjustment_kind
 from gateway.metrics import StoreMetrics
 from gateway.quota import keyspace, script_args
+from gateway.quota.deadline import expire, pass_on
 from gateway.quota.periods import Period
 from gateway.quota.plan import ChargePlan
 from gateway.quota.queue import EventQueue
@@ -52,33 +54,6 @@ log = logging.getLogger("gateway.quota")
 # The check's arguments that differ from one request to the next (besides its memo key).
 _HEAD = script_args.HEAD
 _VARYING_HEAD = ("event_fields", "operation_id")
-
-
-# A call's timer that falls due this late found the event loop busy.
-BUSY_LATE_S = 0.005
-
-
-def _expire(
-    answer: asyncio.Future[Any], timeout_s: float, due: float, grace_until: float | None = None
-) -> None:
-    """A call's timer: its answer fails with TimeoutError unless it came meanwhile.
-
-    A timer that falls due late found the loop busy (other requests' work, a
-    collection), and an answer that came meanwhile still waits to be read, which
-    takes a few more turns of that busy loop. Then the timer looks again every
-    BUSY_LATE_S for up to one more timeout, so that a busy gateway does not take
-    its own lateness for the store's.
-    """
-    if answer.done():
-        return
-    loop = asyncio.get_running_loop()
-    now = loop.time()
-    if grace_until is None and now - due > BUSY_LATE_S:
-        grace_until = now + timeout_s
-    if grace_until is not None and now < grace_until:
-        loop.call_later(BUSY_LATE_S, _expire, answer, timeout_s, now + BUSY_LATE_S, grace_until)
-    else:
-        answer.set_exception(TimeoutError("no answer within the counter store's timeout"))
 
 
 def _unavailable(what: str, exc: BaseException) -> BaseException:
@@ -277,7 +252,7 @@ class RedisStore:
         """A script call's answer within the timeout; `_guard` for a pipelined call, at the
         cost of one timer rather than a timeout context."""
         loop, timeout_s = asyncio.get_running_loop(), self._timeout_s
-        timer = loop.call_later(timeout_s, _expire, answer, timeout_s, loop.time() + timeout_s)
+        timer = loop.call_later(timeout_s, expire, answer, timeout_s, loop.time() + timeout_s)
         try:
             return await answer
         except (RedisError, OSError, TimeoutError) as exc:
@@ -292,15 +267,16 @@ class RedisStore:
         return keyspace.counter_key(tenant, self._shards, meter, period.key)
 
     async def _guard(self, what: str, call: Awaitable[Any]) -> Any:
-        """A call of its own (not pipelined), timed as one round trip."""
+        """A call of its own (not pipelined), timed as one round trip; within the timeout
+        as `_answer` keeps it, and cancelled past it."""
         started = time.perf_counter()
+        running = asyncio.ensure_future(call)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        running.add_done_callback(functools.partial(pass_on, answer))
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await call
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._metrics.failed(what, exc)
-            raise _unavailable(what, exc) from exc
+            return await self._answer(what, answer)
         finally:
+            running.cancel()
             self._metrics.duration.labels(what).observe(time.perf_counter() - started)
 
     def forget(self, tenant: str, operation_id: str) -> None:
