@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -146,6 +146,13 @@ def _padded(values: list[str]) -> list[str]:
     return values + [values[-1]] * (size - len(values))
 
 
+def _batches(values: Sequence[str]) -> Iterator[list[str]]:
+    """`values` without repeats, `LOOKUP_BATCH` at a time, each batch `_padded`."""
+    unique = list(dict.fromkeys(values))
+    for start in range(0, len(unique), LOOKUP_BATCH):
+        yield _padded(unique[start : start + LOOKUP_BATCH])
+
+
 def _marks(first: int, count: int) -> str:
     """`$first, ..., $(first + count - 1)`: the placeholders of an `IN` list."""
     return ", ".join(f"${i}" for i in range(first, first + count))
@@ -207,9 +214,7 @@ class Ledger:
         """Those of `tenant_ids` that exist, by id, with their credits (as `get_tenant`):
         two queries per `LOOKUP_BATCH` ids, where `get_tenant` makes two per tenant."""
         found: dict[str, Tenant] = {}
-        unique = list(dict.fromkeys(tenant_ids))
-        for start in range(0, len(unique), LOOKUP_BATCH):
-            ids = _padded(unique[start : start + LOOKUP_BATCH])
+        for ids in _batches(tenant_ids):
             rows = await self.db.fetch(
                 f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id IN ({_marks(1, len(ids))})", *ids
             )
@@ -306,9 +311,7 @@ class Ledger:
     async def get_api_keys(self, prefixes: Sequence[str]) -> dict[str, ApiKey]:
         """Those of `prefixes` that exist, by prefix: one query per `LOOKUP_BATCH`."""
         found: dict[str, ApiKey] = {}
-        unique = list(dict.fromkeys(prefixes))
-        for start in range(0, len(unique), LOOKUP_BATCH):
-            chunk = _padded(unique[start : start + LOOKUP_BATCH])
+        for chunk in _batches(prefixes):
             rows = await self.db.fetch(
                 f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE prefix IN "
                 f"({_marks(1, len(chunk))})",
